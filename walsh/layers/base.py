@@ -1,0 +1,123 @@
+"""The common base of every linear layer in the library, and the dense ``TernaryLinear``.
+
+A layer keeps fp32 latent weights (ZeRO-friendly ordinary parameters). Per forward it derives
+the effective weight (ternary absmean codes times scale, straight-through, or the latent weight
+itself when ``ternary=False``) and runs its algebra's product. Every layer exposes
+``dense_weight()`` -> [out, in], the exact effective matrix, so that
+``layer(x) == x @ layer.dense_weight().T (+ bias)``; tests hold every fast path to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from walsh.quant import TERNARY_RMS_RETENTION, act_quant_ste, ternary_quantize, ternary_ste
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Cast ``x`` to the autocast dtype when autocast is on, so element-wise work runs narrow."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+class StructuredLinear(nn.Module):
+    """Base: latent ``weight`` [A, n_out, n_in] (A = 1 for dense), optional ternary and bias.
+
+    Args:
+        in_features, out_features: the layer's dense shape; both divisible by ``blocks``.
+        blocks: A, the number of algebra components (1 for dense).
+        ternary: quantize the latent weight to {-1, 0, +1} * gamma each forward.
+        per_component_scale: one absmean gamma per algebra component instead of per tensor.
+        act_bits: None, or 8 for per-token 8-bit activation quantization (straight-through).
+        bias: add a full-precision bias (off in the LM, LLaMA style).
+        init_scale: extra factor on the init std (1 / sqrt(2 n_layer) for residual outputs).
+    """
+
+    weight_decay_names: tuple[str, ...] = ("weight",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocks: int = 1,
+        ternary: bool = True,
+        per_component_scale: bool = False,
+        act_bits: int | None = None,
+        bias: bool = False,
+        init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        for name, val in (("in_features", in_features), ("out_features", out_features)):
+            if val % blocks:
+                raise ValueError(f"{name}={val} is not divisible by the algebra dim {blocks}")
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None or 8, got {act_bits}")
+        self.in_features, self.out_features, self.blocks = in_features, out_features, blocks
+        self.n_in, self.n_out = in_features // blocks, out_features // blocks
+        self.ternary, self.per_component_scale = ternary, per_component_scale
+        self.act_bits, self.init_scale = act_bits, init_scale
+        self.weight = nn.Parameter(torch.empty(blocks, self.n_out, self.n_in))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.reset_parameters()
+
+    # -- init -------------------------------------------------------------------------------
+    def fan_in(self) -> int:
+        """Effective fan-in of one output (in for dense and Cayley-Dickson, n_in for Walsh)."""
+        return self.in_features
+
+    def reset_parameters(self) -> None:
+        std = self.init_scale / math.sqrt(self.fan_in())
+        if self.ternary:
+            std /= TERNARY_RMS_RETENTION  # rounding removes variance; keep the gain ~1
+        with torch.no_grad():
+            nn.init.normal_(self.weight, 0.0, std)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    # -- weights ----------------------------------------------------------------------------
+    def effective_weight(self) -> torch.Tensor:
+        """[A, n_out, n_in]: gamma * Q (straight-through) if ternary, else the latent weight."""
+        if self.ternary:
+            return ternary_ste(self.weight, self.per_component_scale)
+        return self.weight
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ternary codes int8 [A, n_out, n_in] and the absmean scale (for export and tests)."""
+        return ternary_quantize(self.weight, self.per_component_scale)
+
+    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return act_quant_ste(x, self.act_bits) if self.act_bits else x
+
+    # -- accounting -------------------------------------------------------------------------
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token of the computation this layer really runs (2 per MAC)."""
+        return 2 * self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, A={self.blocks}, "
+            f"ternary={self.ternary}, act_bits={self.act_bits}, bias={self.bias is not None}"
+        )
+
+
+class TernaryLinear(StructuredLinear):
+    """Dense BitLinear (A = 1). With ``ternary=False`` it is a plain ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, **kw) -> None:
+        kw.pop("blocks", None)
+        super().__init__(in_features, out_features, blocks=1, **kw)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.effective_weight()[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)

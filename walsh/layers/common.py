@@ -1,0 +1,60 @@
+"""RMSNorm, rotary position embedding and the SwiGLU feed-forward block.
+
+These are the non-structured pieces of the LLaMA-style block. RMSNorm computes in fp32 (eps 1e-6)
+and returns the input dtype; RoPE (theta 10000) rotates pairs (x[2i], x[2i+1]) of each head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., C] -> [..., C]
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_cache(
+    seq_len: int, head_dim: int, theta: float = 10000.0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape [seq_len, head_dim // 2] (fp32)."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    ang = torch.outer(torch.arange(seq_len, device=device).float(), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [T, D/2] (already offset to the tokens' positions)."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); ``make`` builds each linear of the configured algebra."""
+
+    def __init__(self, make, dim: int, hidden: int, out_scale: float) -> None:
+        super().__init__()
+        self.gate = make(dim, hidden)
+        self.up = make(dim, hidden)
+        self.down = make(hidden, dim, init_scale=out_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
+        return self.down(F.silu(self.gate(x)) * self.up(x))

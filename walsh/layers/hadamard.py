@@ -1,0 +1,94 @@
+"""Walsh-Hadamard structured linear layer (the "Hadamard 32D" layer), A = 2^k blocks.
+
+With X[g] the A input slices (n_in each), alpha [A, n_in], beta [A, n_out] (init 1, no decay):
+    U = H (alpha * X)      across the block axis, a real O(A log A) butterfly (``fwht``)
+    Y_g = W_g U_g          A independent [n_out, n_in] GEMMs (one batched ``bmm``)
+    out = beta * (H Y)     flattened
+Closed form (a dyadic convolution): out_h = beta_h * sum_k V_{h^k} (alpha_k * x_k) with
+V_m = (1/A) sum_g (-1)^popcount(g & m) W_g.  Parameters in*out/A + A*(n_in + n_out).
+
+Two implementations with the same result, chosen by ``impl`` (a config value, never an
+environment switch):
+- ``"blocks"`` (default): the structured path above, in*out/A multiply-adds per token plus
+  (in + out) log2(A) additions.
+- ``"dense"``: materialize the closed form [out, in] once per forward and run one GEMM (dense
+  FLOPs, but one cuBLAS call; measured in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from walsh.algebra import _is_power_of_two, fwht
+from walsh.layers.base import StructuredLinear, autocast_input
+
+WALSH_IMPLS = ("blocks", "dense")
+
+
+class WalshLinear(StructuredLinear):
+    """``in -> out`` layer with ``blocks`` Walsh-Hadamard-mixed blocks."""
+
+    weight_decay_names = ("weight",)  # alpha and beta are gains: never decayed
+
+    def __init__(
+        self, in_features: int, out_features: int, blocks: int = 32, impl: str = "blocks", **kw
+    ) -> None:
+        if not _is_power_of_two(blocks) or blocks < 2:
+            raise ValueError(f"Walsh blocks must be a power of two >= 2, got {blocks}")
+        if impl not in WALSH_IMPLS:
+            raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
+        self.impl = impl
+        super().__init__(in_features, out_features, blocks=blocks, **kw)
+        self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
+        self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
+
+    def fan_in(self) -> int:
+        return self.n_in  # each output sees one block's worth of (mixed) inputs
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "alpha"):
+            with torch.no_grad():
+                self.alpha.fill_(1.0)
+                self.beta.fill_(1.0)
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in]: block (h, k) = diag(beta_h) V_{h^k} diag(alpha_k)."""
+        a = self.blocks
+        w = self.effective_weight()  # [A, n_out, n_in]
+        v = fwht(w, dim=0, normalized=True) / math.sqrt(a)  # V_m = (1/A) sum_g H_mg W_g
+        idx = torch.arange(a, device=w.device)
+        blocks = v[idx[:, None] ^ idx[None, :]]  # [A(h), A(k), n_out, n_in]
+        blocks = blocks * self.beta[:, None, :, None] * self.alpha[None, :, None, :]
+        return blocks.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        x = self.quantize_input(x)
+        if self.impl == "dense":
+            return F.linear(x, self.dense_weight(), self.bias)
+        x = autocast_input(x)
+        lead = x.shape[:-1]
+        a, dt = self.blocks, x.dtype
+        # [N, in] -> [A, N, n_in]: the block axis leads so the bmm needs no further copy.
+        u = x.reshape(-1, a, self.n_in).transpose(0, 1) * self.alpha.to(dt)[:, None, :]
+        u = fwht(u, dim=0)
+        w = self.effective_weight().to(dt)  # [A, n_out, n_in]
+        y = torch.bmm(u, w.transpose(1, 2))  # [A, N, n_out]
+        y = fwht(y, dim=0) * self.beta.to(y.dtype)[:, None, :]
+        out = y.transpose(0, 1).reshape(*lead, self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def flops_per_token(self) -> int:
+        if self.impl == "dense":
+            return 2 * self.in_features * self.out_features
+        log_a = int(math.log2(self.blocks))
+        scales = self.in_features + self.out_features  # alpha and beta multiplies
+        transforms = (self.in_features + self.out_features) * log_a
+        return 2 * self.in_features * self.out_features // self.blocks + transforms + scales
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", impl={self.impl}"

@@ -1,0 +1,138 @@
+"""``WalshConfig``: the typed, validated description of one Walsh LM.
+
+A plain dataclass (the model library depends on torch alone); every inconsistency is raised at
+construction time as a ``ValueError`` that names the field and the allowed values. The pipeline's
+pydantic schema wraps this class, so YAML and presets meet the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from walsh.algebra import CD_DIMS, _is_power_of_two
+
+ALGEBRAS = ("dense", "cayley_dickson", "walsh")
+EMBEDDINGS = ("tied", "hash")
+DEFAULT_ALGEBRA_DIM = {"dense": 1, "cayley_dickson": 8, "walsh": 32}
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % p for p in range(2, math.isqrt(n) + 1))
+
+
+@dataclass
+class WalshConfig:
+    # shape
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_hidden: int | None = None  # None: 8/3 * n_embd rounded up to a multiple of lcm(A, 64)
+    # algebra of q, k, v, o, gate, up, down
+    algebra: str = "dense"
+    algebra_dim: int | None = None  # None: 1 (dense), 8 (cayley_dickson), 32 (walsh)
+    walsh_impl: str = "blocks"  # "blocks" (structured) | "dense" (materialized closed form)
+    ternary: bool = False
+    per_component_scale: bool = False  # one absmean gamma per algebra component
+    act_bits: int | None = None  # None | 8: per-token activation quantization
+    bias: bool = False
+    # head mixing
+    head_mix: bool = False
+    head_mix_dim: int | None = None  # None: the algebra's dim
+    mixer_ternary: bool = False
+    # embeddings and loss
+    embedding: str = "tied"  # "tied" | "hash"
+    hash_tables: int = 2
+    hash_buckets: int = 1021
+    hash_seed: int = 0
+    embed_std: float = 0.02
+    loss_chunk_tokens: int = 2048  # tokens per chunk of the fused linear cross-entropy
+    # position and norm
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"WalshConfig.{key}: {msg}")
+
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "loss_chunk_tokens"):
+            val = getattr(self, key)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise bad(key, f"must be a positive integer, got {val!r}")
+        if self.algebra not in ALGEBRAS:
+            raise bad("algebra", f"must be one of {ALGEBRAS}, got {self.algebra!r}")
+        if self.algebra_dim is None:
+            self.algebra_dim = DEFAULT_ALGEBRA_DIM[self.algebra]
+        a = self.algebra_dim
+        if self.algebra == "dense" and a != 1:
+            raise bad("algebra_dim", f"must be 1 for the dense algebra, got {a}")
+        if self.algebra == "cayley_dickson" and a not in CD_DIMS[1:]:
+            raise bad("algebra_dim", f"cayley_dickson needs one of {CD_DIMS[1:]}, got {a}")
+        if self.algebra == "walsh" and (not _is_power_of_two(a) or a < 2):
+            raise bad("algebra_dim", f"walsh needs a power of two >= 2, got {a}")
+        if self.walsh_impl not in ("blocks", "dense"):
+            raise bad("walsh_impl", f"must be 'blocks' or 'dense', got {self.walsh_impl!r}")
+        if self.n_embd % self.n_head:
+            raise bad("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise bad("n_head", f"head dim {self.n_embd // self.n_head} must be even (RoPE)")
+        if self.n_embd % a:
+            raise bad("n_embd", f"{self.n_embd} is not divisible by algebra_dim={a}")
+        if self.mlp_hidden is None:
+            mult = a * 64 // math.gcd(a, 64)
+            self.mlp_hidden = mult * math.ceil(8 * self.n_embd / 3 / mult)
+        elif self.mlp_hidden < 1 or self.mlp_hidden % a:
+            raise bad("mlp_hidden", f"{self.mlp_hidden} must be positive and divisible by {a}")
+        if self.act_bits not in (None, 8):
+            raise bad("act_bits", f"must be null or 8, got {self.act_bits!r}")
+        if self.head_mix:
+            if self.head_mix_dim is None:
+                if self.algebra == "dense":
+                    raise bad("head_mix", "the dense algebra has no mixing group; set head_mix_dim")
+                self.head_mix_dim = a
+            g = self.head_mix_dim
+            ok = g in CD_DIMS[1:] if self.mixer_kind == "cayley_dickson" else _is_power_of_two(g)
+            if not ok or g < 2:
+                raise bad("head_mix_dim", f"{g} is not a valid {self.mixer_kind} group size")
+            if self.n_head % g:
+                raise bad("n_head", f"{self.n_head} is not divisible by the mixing group {g}")
+        if self.embedding not in EMBEDDINGS:
+            raise bad("embedding", f"must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.embedding == "hash":
+            if self.hash_tables not in (2, 3):
+                raise bad("hash_tables", f"must be 2 or 3, got {self.hash_tables}")
+            if not _is_prime(self.hash_buckets):
+                raise bad("hash_buckets", f"must be prime, got {self.hash_buckets}")
+            if self.hash_tables == 2 and self.hash_buckets**2 < self.vocab_size:
+                raise bad(
+                    "hash_buckets",
+                    f"2 tables need hash_buckets^2 >= vocab_size={self.vocab_size}",
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mixer_kind(self) -> str:
+        """The mixer family: Walsh mixing for the walsh algebra, Cayley-Dickson otherwise."""
+        return "walsh" if self.algebra == "walsh" else "cayley_dickson"
+
+    def replace(self, **changes) -> WalshConfig:
+        """A validated copy with ``changes``; derived fields are recomputed unless given."""
+        base = dataclasses.asdict(self)
+        if "algebra" in changes and "algebra_dim" not in changes:
+            base["algebra_dim"] = None
+        if {"n_embd", "algebra", "algebra_dim"} & changes.keys() and "mlp_hidden" not in changes:
+            base["mlp_hidden"] = None
+        if {"algebra", "algebra_dim"} & changes.keys() and "head_mix_dim" not in changes:
+            base["head_mix_dim"] = None
+        base.update(changes)
+        return WalshConfig(**base)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

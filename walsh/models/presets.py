@@ -1,0 +1,62 @@
+"""Named model presets, as code.
+
+Naming: ``dense`` is the full-precision (bf16 under autocast) baseline, ``bitnet`` the dense
+ternary BitLinear model, ``walsh-o`` octonion (Cayley-Dickson A = 8) ternary with head mixing,
+``walsh-h`` Walsh-Hadamard (A = 32) ternary. The size suffix names the *shape* (12 x 768 or
+24 x 1024, GPT-2 small / medium); structured models of a shape have far fewer parameters, which
+``WalshLM.num_params()`` reports.
+
+``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
+and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from walsh.models.config import WalshConfig
+
+SHAPES = {
+    "125m": dict(n_layer=12, n_embd=768, n_head=12),
+    "350m": dict(n_layer=24, n_embd=1024, n_head=16),
+}
+
+
+def _family(kind: str, size: str) -> WalshConfig:
+    shape = dict(SHAPES[size])
+    name = f"{kind}-{size}"
+    if kind == "dense":
+        return WalshConfig(name=name, algebra="dense", ternary=False, **shape)
+    if kind == "bitnet":
+        return WalshConfig(name=name, algebra="dense", ternary=True, **shape)
+    if kind == "walsh-o":
+        shape["n_head"] = 8 if size == "125m" else 16  # divisible by the octonion group
+        return WalshConfig(
+            name=name, algebra="cayley_dickson", algebra_dim=8, ternary=True, head_mix=True,
+            **shape,
+        )
+    if kind == "walsh-h":
+        return WalshConfig(name=name, algebra="walsh", algebra_dim=32, ternary=True, **shape)
+    raise KeyError(kind)
+
+
+def tiny() -> WalshConfig:
+    """A 2-layer octonion model with head mixing: fast on CPU, for tests and the quickstart."""
+    return WalshConfig(
+        name="tiny", vocab_size=50257, block_size=256, n_layer=2, n_head=8, n_embd=128,
+        algebra="cayley_dickson", algebra_dim=8, ternary=True, head_mix=True,
+    )
+
+
+presets: dict[str, Callable[[], WalshConfig]] = {"tiny": tiny}
+for _kind in ("dense", "bitnet", "walsh-o", "walsh-h"):
+    for _size in SHAPES:
+        presets[f"{_kind}-{_size}"] = lambda k=_kind, s=_size: _family(k, s)
+
+
+def get_preset(name: str, **overrides) -> WalshConfig:
+    """The preset ``name`` with ``overrides`` applied (validated)."""
+    if name not in presets:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(presets)}")
+    cfg = presets[name]()
+    return cfg.replace(**overrides) if overrides else cfg

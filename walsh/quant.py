@@ -1,0 +1,63 @@
+"""Ternary (BitNet b1.58) weight quantization and 8-bit per-token activation quantization.
+
+Weights: gamma = mean(|W|) (over the whole tensor, or per algebra component along dim 0),
+codes Q = clip(round(W / gamma), -1, 1), effective weight gamma * Q (the scale is re-applied).
+The straight-through estimator W + (gamma*Q - W).detach() makes dL/dW = dL/dW_eff.
+
+Activations (optional, ``act_bits=8``): per token s = 127 / max|x|,
+x_q = clip(round(x * s), -128, 127) / s, straight-through.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-5
+
+# Fraction of a unit Gaussian's RMS that survives absmean ternary rounding: the effective
+# weight is +-gamma (gamma = sigma * sqrt(2/pi)) wherever |w| > gamma / 2, else 0, so
+# E[w_eff^2] / sigma^2 = (2/pi) * P(|z| > sqrt(2/pi) / 2). Layers divide their init std by this
+# so that ternary and float layers have the same gain (MODEL_SPEC section 4).
+_T = math.sqrt(2.0 / math.pi) / 2.0
+TERNARY_RMS_RETENTION = math.sqrt((2.0 / math.pi) * math.erfc(_T / math.sqrt(2.0)))
+
+
+def absmean_scale(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
+    """gamma = mean|w|; a scalar, or shape [A, 1, ..., 1] per component (dim 0) if asked."""
+    if per_component:
+        dims = tuple(range(1, w.ndim))
+        return w.abs().mean(dim=dims, keepdim=True).clamp(min=EPS)
+    return w.abs().mean().clamp(min=EPS)
+
+
+def ternary_quantize(
+    w: torch.Tensor, per_component: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(codes int8 in {-1, 0, 1}, scale)`` with ``scale * codes`` the effective weight."""
+    with torch.no_grad():
+        scale = absmean_scale(w.float(), per_component)
+        codes = torch.clamp(torch.round(w.float() / scale), -1, 1).to(torch.int8)
+    return codes, scale
+
+
+def ternary_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
+    """Effective weight gamma * Q with a straight-through gradient to the latent ``w``.
+
+    Shapes: ``w`` any, returns the same shape and dtype. gamma is treated as a constant in the
+    backward pass (the BitNet recipe).
+    """
+    with torch.no_grad():
+        scale = absmean_scale(w, per_component)
+        w_eff = torch.clamp(torch.round(w / scale), -1, 1) * scale
+    return w + (w_eff - w).detach()
+
+
+def act_quant_ste(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-token (last dim) absmax quantization to ``bits`` with a straight-through gradient."""
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        s = qmax / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+        xq = torch.clamp(torch.round(x * s), -qmax - 1, qmax) / s
+    return x + (xq - x).detach()
