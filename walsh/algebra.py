@@ -26,7 +26,7 @@ def _is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cd_signs(dim: int) -> tuple[tuple[int, ...], ...]:
     """Multiplication signs s(i, j) of the Cayley-Dickson algebra of dimension ``dim``.
 
@@ -58,7 +58,7 @@ def _check_cd_dim(dim: int) -> None:
 
 
 def cayley_dickson_table(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(index[dim, dim] long, sign[dim, dim] float32)``: e_i e_j = sign[i,j] e_{index[i,j]}."""
+    """``(index[dim, dim] long, sign[dim, dim] float32)``: e_i e_j = sign[i,j] e_{index[i,j]}."""
     _check_cd_dim(dim)
     ar = torch.arange(dim)
     index = ar[:, None] ^ ar[None, :]
@@ -67,7 +67,7 @@ def cayley_dickson_table(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cd_multiply(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Product of algebra elements ``x[..., A] * y[..., A]`` (used by tests and the mixers' docs)."""
+    """Product of algebra elements ``x[..., A] * y[..., A]`` (a reference for tests)."""
     dim = x.shape[-1]
     index, sign = cayley_dickson_table(dim)
     sign = sign.to(x.dtype)
@@ -85,7 +85,7 @@ def cd_conjugate(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_signs(dim: int) -> tuple[tuple[int, ...], ...]:
     s = _cd_signs(dim)
     return tuple(tuple(s[j][i ^ j] for j in range(dim)) for i in range(dim))

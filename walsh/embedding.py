@@ -31,7 +31,7 @@ def hash_indices(vocab_size: int, buckets: int, tables: int, seed: int = 0) -> t
     t = torch.arange(vocab_size, dtype=torch.long)
     if tables == 2:
         if buckets * buckets < vocab_size:
-            raise ValueError(f"2 hash tables need buckets^2 >= vocab_size ({buckets}, {vocab_size})")
+            raise ValueError(f"2 hash tables need buckets^2 >= V ({buckets}^2 < {vocab_size})")
         return torch.stack((t % buckets, (t // buckets) % buckets), dim=1)
     if tables != 3:
         raise ValueError(f"hash tables must be 2 or 3, got {tables}")

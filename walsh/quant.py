@@ -46,12 +46,14 @@ def ternary_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
     """Effective weight gamma * Q with a straight-through gradient to the latent ``w``.
 
     Shapes: ``w`` any, returns the same shape and dtype. gamma is treated as a constant in the
-    backward pass (the BitNet recipe).
+    backward pass (the BitNet recipe). Written w_eff + (w - w.detach()) rather than
+    w + (w_eff - w).detach(): the same gradient, but the forward value is exactly gamma * Q
+    (the latter rounds by an ulp wherever |w| > 2 gamma, so exports would not bit-match).
     """
     with torch.no_grad():
         scale = absmean_scale(w, per_component)
         w_eff = torch.clamp(torch.round(w / scale), -1, 1) * scale
-    return w + (w_eff - w).detach()
+    return w_eff + (w - w.detach())
 
 
 def act_quant_ste(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -60,4 +62,4 @@ def act_quant_ste(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     with torch.no_grad():
         s = qmax / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
         xq = torch.clamp(torch.round(x * s), -qmax - 1, qmax) / s
-    return x + (xq - x).detach()
+    return xq + (x - x.detach())

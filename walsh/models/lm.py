@@ -27,6 +27,7 @@ from walsh.layers import (
     make_linear,
     rope_cache,
 )
+from walsh.layers.mixers import _Mixer
 from walsh.loss import linear_cross_entropy
 from walsh.models.config import WalshConfig
 
@@ -159,12 +160,10 @@ class WalshLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         embedding = sum(p.numel() for p in self.embed.parameters())
         tern_layers = [m for m in self.structured_layers() if m.ternary]
-        ternary = sum(m.weight.numel() for m in tern_layers)
-        mixers = [m for m in self.modules() if isinstance(m, WalshMixer) and m.ternary]
-        ternary += sum(m.weight.numel() for m in mixers)
-        scales = sum(
-            m.blocks if m.per_component_scale else 1 for m in tern_layers
-        ) + len(mixers)
+        mixers = [m for m in self.modules() if isinstance(m, _Mixer) and m.ternary]
+        ternary = sum(m.weight.numel() for m in tern_layers + mixers)
+        scales = sum(m.blocks if m.per_component_scale else 1 for m in tern_layers)
+        scales += len(mixers)
         return {
             "total": total,
             "embedding": embedding,
@@ -182,16 +181,7 @@ class WalshLM(nn.Module):
         c = self.config
         t = c.block_size if seq_len is None else seq_len
         fwd = sum(m.flops_per_token() for m in self.structured_layers())
-        fwd += sum(
-            m.flops_per_token()
-            for m in self.modules()
-            if isinstance(m, WalshMixer | CayleyDicksonMixer)
-        )
-        # CayleyDicksonMixer wraps a CayleyDicksonLinear already counted once per group above;
-        # remove that single count (its own method multiplies by the group count).
-        fwd -= sum(
-            m.mix.flops_per_token() for m in self.modules() if isinstance(m, CayleyDicksonMixer)
-        )
+        fwd += sum(m.flops_per_token() for m in self.modules() if isinstance(m, _Mixer))
         fwd += c.n_layer * 2 * t * c.n_embd + 2 * c.n_embd * c.vocab_size
         return 3 * fwd if training else fwd
 
@@ -201,6 +191,6 @@ class WalshLM(nn.Module):
         decay = {
             f"{name}.weight" if name else "weight"
             for name, m in self.named_modules()
-            if isinstance(m, StructuredLinear) and not name.endswith("mixer.mix")
+            if isinstance(m, StructuredLinear)
         }
         return {name: name in decay for name, _ in self.named_parameters()}

@@ -1,0 +1,1 @@
+"""Data staging: sources, tokenizer resolution, packing, webdataset shards and their manifest."""

@@ -1,0 +1,1 @@
+"""Training pipeline: config, trainer, loader, checkpointing, tracking, benchmarks and the CLI."""

@@ -1,0 +1,44 @@
+"""The ``walsh`` console script. Subcommands import their modules lazily so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import bench_train, model_cli
+
+    p = argparse.ArgumentParser(
+        prog="walsh",
+        description="Pretrain ternary hyper-complex structured language models.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="inspect presets, run a smoke test").add_subparsers(
+        dest="model_command", required=True
+    )
+    info = model.add_parser("info", help="print a preset's config, parameters and FLOPs")
+    model_cli.add_info_arguments(info)
+    info.set_defaults(func=model_cli.info)
+    smoke = model.add_parser("smoke", help="train a tiny model on a pattern, then generate")
+    model_cli.add_smoke_arguments(smoke)
+    smoke.set_defaults(func=model_cli.smoke)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
+        dest="bench_command", required=True
+    )
+    train = bench.add_parser("train", help="tok/s and peak memory of training steps")
+    bench_train.add_arguments(train)
+    train.set_defaults(func=bench_train.main)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Suite-wide test settings (the only conftest at the root of tests/; there are no __init__.py)."""
+
+import os
+
+import pytest
+import torch
+
+# The CI and developer machines have 2 cores: more intra-op threads than cores only thrash.
+# WALSH_TEST_THREADS overrides (e.g. on a bigger box).
+torch.set_num_threads(int(os.environ.get("WALSH_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked `gpu` when CUDA is unavailable."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
