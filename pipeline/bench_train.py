@@ -37,6 +37,7 @@ def parse_overrides(items: list[str]) -> dict:
 def bench_one(
     name: str, overrides: dict, seq_len: int, batch: int, steps: int, warmup: int,
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
+    compile_scope: str = "blocks",
 ) -> dict:
     cfg = get_preset(name, **overrides)
     if cfg.block_size < seq_len:
@@ -45,7 +46,15 @@ def bench_one(
     model = WalshLM(cfg).to(device)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
-    fwd_bwd = torch.compile(model) if compile_model else model
+    fwd_bwd = model
+    if compile_model and compile_scope == "model":
+        fwd_bwd = torch.compile(model)
+    elif compile_model:
+        # torchtitan style: one compiled graph per block, reused by all identical blocks,
+        # so compile time does not grow with depth; the loss is compiled on its own.
+        for block in model.blocks:
+            block.compile()
+        model.loss = torch.compile(model.loss)
     gen = torch.Generator(device="cpu").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
@@ -77,7 +86,8 @@ def bench_one(
     flops = model.flops_per_token(seq_len)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {
-        "preset": name, "overrides": overrides, "compile": compile_model, "seq_len": seq_len,
+        "preset": name, "overrides": overrides, "compile": compile_model,
+        "compile_scope": compile_scope if compile_model else None, "seq_len": seq_len,
         "batch": batch, "tok_s": tokens / dt, "ms_step": 1e3 * dt, "peak_gib": peak,
         "tflops": flops * tokens / dt / 1e12, "flops_per_token": flops, "warmup_s": warm_s,
     }
@@ -91,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
+    p.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                   help="compile each transformer block (default) or the whole model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -109,23 +121,24 @@ def main(args: argparse.Namespace) -> list[dict]:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# device={dev_name} torch={torch.__version__} dtype={dtype_name} "
-          f"T={args.seq_len} B={args.batch} steps={args.steps} overrides={overrides}")
+          f"T={args.seq_len} B={args.batch} steps={args.steps} overrides={overrides} "
+          f"compile_scope={args.compile_scope}")
     header = (f"{'preset':<16}{'compile':>8}{'tok/s':>12}{'ms/step':>10}{'TFLOP/s':>10}"
-              f"{'peak GiB':>10}")
+              f"{'peak GiB':>10}{'warmup s':>10}")
     rows = []
     for name in args.presets:
         for comp in modes:
             r = bench_one(name, overrides, args.seq_len, args.batch, args.steps, args.warmup,
-                          comp, device, dtype)
+                          comp, device, dtype, args.compile_scope)
             rows.append(r)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the finished model is garbage now
             print(f"{r['preset']:<16}{str(comp):>8}{r['tok_s']:>12,.0f}{r['ms_step']:>10.1f}"
-                  f"{r['tflops']:>10.1f}{r['peak_gib']:>10.2f}", flush=True)
+                  f"{r['tflops']:>10.1f}{r['peak_gib']:>10.2f}{r['warmup_s']:>10.1f}", flush=True)
     print(header)
     for r in rows:
         print(f"{r['preset']:<16}{str(r['compile']):>8}{r['tok_s']:>12,.0f}{r['ms_step']:>10.1f}"
-              f"{r['tflops']:>10.1f}{r['peak_gib']:>10.2f}")
+              f"{r['tflops']:>10.1f}{r['peak_gib']:>10.2f}{r['warmup_s']:>10.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "torch": torch.__version__, "rows": rows}, f, indent=1)

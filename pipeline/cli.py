@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import bench_train, model_cli
+    from pipeline import bench_loss, bench_train, model_cli
 
     p = argparse.ArgumentParser(
         prog="walsh",
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = bench.add_parser("train", help="tok/s and peak memory of training steps")
     bench_train.add_arguments(train)
     train.set_defaults(func=bench_train.main)
+    loss = bench.add_parser("loss", help="peak memory of the chunked vs the full cross-entropy")
+    bench_loss.add_arguments(loss)
+    loss.set_defaults(func=bench_loss.main)
     return p
 
 

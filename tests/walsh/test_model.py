@@ -240,7 +240,7 @@ def _walsh_flops(i: int, o: int, a: int) -> int:
 
 
 def test_flops_walsh_h_125m_by_hand():
-    model = _meta_model(get_preset("walsh-h-125m"))
+    model = _meta_model(get_preset("walsh-h-125m", walsh_impl="blocks"))
     V_, C, L, F_, A, T = 50257, 768, 12, 2048, 32, 1024
     per_layer = 4 * _walsh_flops(C, C, A) + 2 * _walsh_flops(C, F_, A) + _walsh_flops(F_, C, A)
     assert 4 * _walsh_flops(C, C, A) == 4 * (36864 + 7680 + 1536)  # written out once
@@ -250,6 +250,10 @@ def test_flops_walsh_h_125m_by_hand():
     # far below the dense model of the same shape
     dense = _meta_model(get_preset("dense-125m")).flops_per_token(T)
     assert model.flops_per_token(T) < dense / 2
+    # the preset's default materialized path runs one dense GEMM per layer: dense FLOPs
+    materialized = _meta_model(get_preset("walsh-h-125m"))
+    assert materialized.config.walsh_impl == "dense"
+    assert materialized.flops_per_token(T) == dense
 
 
 def test_flops_walsh_o_125m_by_hand():

@@ -143,10 +143,14 @@ class WalshLM(nn.Module):
         h = self.hidden(idx)
         if targets is None:
             return self.logits(h)
-        c = self.config
+        return self.loss(h, targets)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean CE of the tied head on h [B, T, C] against targets [B, T]; a method of its own
+        so that the pipeline can compile it separately from the blocks."""
         return linear_cross_entropy(
-            h.reshape(-1, c.n_embd), self.embed.table(), targets.reshape(-1),
-            chunk=c.loss_chunk_tokens,
+            h.reshape(-1, self.config.n_embd), self.embed.table(), targets.reshape(-1),
+            chunk=self.config.loss_chunk_tokens,
         )
 
     # -- accounting -------------------------------------------------------------------------
