@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, KeyError) as err:  # config errors: one clear line, no traceback
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"walsh: error: {msg}", file=sys.stderr)
+        return 2
     return 0
 
 

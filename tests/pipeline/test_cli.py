@@ -1,0 +1,82 @@
+"""The ``walsh`` console script: help, preset info, the smoke run and the benchmarks on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.bench_train import parse_overrides
+from pipeline.cli import main
+
+
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def test_help_lists_subcommands():
+    res = run_cli("--help")
+    assert res.returncode == 0, res.stderr
+    for sub in ("model", "bench"):
+        assert sub in res.stdout
+
+
+def test_model_info_prints_hand_checked_counts(capsys):
+    main(["model", "info", "dense-125m"])
+    out = capsys.readouterr().out
+    # V*C + L*(4C^2 + 3*C*F + 2C) + C with V=50257, C=768, L=12, F=2048
+    assert f"{50257 * 768 + 12 * (4 * 768**2 + 3 * 768 * 2048 + 2 * 768) + 768:,}" in out
+    assert "flops/token (train, T=1024)" in out
+
+
+def test_model_info_unknown_preset_names_it():
+    res = run_cli("model", "info", "dense-9000m")
+    assert res.returncode != 0
+    assert "dense-9000m" in res.stderr
+
+
+def test_model_info_bad_override_names_field():
+    res = run_cli("model", "info", "walsh-o-125m", "--set", "n_head=12")
+    assert res.returncode != 0
+    assert "n_head" in res.stderr
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["n_layer=3", "ternary=false", "act_bits=null", "algebra=walsh"]) == {
+        "n_layer": 3, "ternary": False, "act_bits": None, "algebra": "walsh",
+    }
+    with pytest.raises(SystemExit, match="key=value"):
+        parse_overrides(["n_layer"])
+
+
+def test_bench_train_cpu_writes_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    main([
+        "bench", "train", "--presets", "tiny", "--seq-len", "32", "--batch", "2", "--steps", "2",
+        "--warmup", "1", "--compile", "off", "--device", "cpu", "--set", "vocab_size=256",
+        "--json", str(out),
+    ])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["compile"], r["batch"], r["seq_len"]) for r in rows] == [
+        ("tiny", False, 2, 32)
+    ]
+    assert rows[0]["tok_s"] > 0 and rows[0]["flops_per_token"] > 0
+
+
+def test_bench_loss_cpu_agrees_with_full_ce(capsys):
+    main(["bench", "loss", "--tokens", "64", "--dim", "16", "--vocab", "100", "--chunks", "24",
+          "--dtype", "fp32", "--device", "cpu", "--repeats", "1"])
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+    rows = {ln[0]: ln for ln in lines if ln and ln[0] in ("full", "chunked")}
+    assert float(rows["chunked"][-1]) < 1e-5  # |dloss| against full CE
+
+
+def test_smoke_learns_the_pattern(capsys):
+    main(["model", "smoke", "--steps", "60"])
+    out = capsys.readouterr().out
+    assert "matches the pattern on 100%" in out
