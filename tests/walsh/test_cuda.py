@@ -15,11 +15,13 @@ from walsh.models import WalshLM, get_preset
 pytestmark = pytest.mark.gpu
 
 CASES = {
-    "dense": dict(algebra="dense", ternary=False),
-    "bitnet": dict(algebra="dense", ternary=True),
+    "dense": dict(algebra="dense", ternary=False, head_mix=False),
+    "bitnet": dict(algebra="dense", ternary=True, head_mix=False),
     "octonion-mix": dict(algebra="cayley_dickson", algebra_dim=8, ternary=True, head_mix=True),
-    "walsh-blocks": dict(algebra="walsh", algebra_dim=32, walsh_impl="blocks", ternary=True),
-    "walsh-dense": dict(algebra="walsh", algebra_dim=32, walsh_impl="dense", ternary=True),
+    "walsh-blocks": dict(algebra="walsh", algebra_dim=32, walsh_impl="blocks", ternary=True,
+                         head_mix=False),
+    "walsh-dense": dict(algebra="walsh", algebra_dim=32, walsh_impl="dense", ternary=True,
+                        head_mix=False),
 }
 
 
