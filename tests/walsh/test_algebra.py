@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import itertools
-import zlib
 
 import pytest
 import torch
+from _helpers import rel_err
 
 from walsh.algebra import (
     cayley_dickson_table,
@@ -33,14 +33,8 @@ SPEC_TABLE_8 = """
 """
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from the test id: fresh inputs per test, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def basis(dim: int, i: int, dtype=torch.float64) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import rel_err
 
 from walsh.generate import generate, sample_next
 from walsh.models import KVCache, WalshConfig, WalshLM
@@ -12,8 +13,6 @@ from walsh.models import KVCache, WalshConfig, WalshLM
 V, BLOCK = 256, 64
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def small(**kw) -> WalshConfig:

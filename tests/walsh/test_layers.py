@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
+from _helpers import rel_err
 
 from walsh.algebra import cd_multiply, hadamard_matrix, layer_sign_matrix
 from walsh.layers import CayleyDicksonLinear, TernaryLinear, WalshLinear
@@ -33,16 +32,8 @@ def case_id(case) -> str:
     return f"{kind}{a}" + (f"-{impl}" if impl else "") + f"-{n_in}x{n_out}"
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """Seeds the global RNG (layer init) and returns a generator, both from the test id."""
-    seed = zlib.crc32(request.node.nodeid.encode())
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed + 1)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_layer(kind, a, impl, in_f, out_f, **kw):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import rel_err
 
 from walsh.loss import linear_cross_entropy, naive_linear_cross_entropy
 
 N, C, V = 37, 16, 101
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_inputs(seed: int = 0, n: int = N, dtype=torch.float32):

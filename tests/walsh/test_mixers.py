@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
+from _helpers import rel_err
 
 from walsh.algebra import hadamard_matrix, layer_sign_matrix
 from walsh.layers import CayleyDicksonMixer, WalshMixer
@@ -14,16 +13,8 @@ from walsh.layers import CayleyDicksonMixer, WalshMixer
 MIX_CASES = [(8, 5, 2), (8, 3, 4), (8, 6, 8), (16, 3, 16)]
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """Seeds the global RNG and returns a generator, both from the test id."""
-    seed = zlib.crc32(request.node.nodeid.encode())
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed + 1)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_mixer(kind: str, n_head: int, head_dim: int, group: int, ternary: bool = False):

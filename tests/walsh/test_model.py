@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import rel_err
 
 from walsh.models import WalshConfig, WalshLM, get_preset
 
@@ -22,8 +23,6 @@ def small(**kw) -> WalshConfig:
     return WalshConfig(**base)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # Every algebra, hash embeddings on (2 and 3 tables alternate), head mixing where n_head allows.

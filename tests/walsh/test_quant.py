@@ -4,10 +4,10 @@ activation quantization (MODEL_SPEC section 1)."""
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
+from _helpers import rel_err
 
 from walsh.quant import TERNARY_RMS_RETENTION, act_quant_ste, ternary_quantize, ternary_ste
 
@@ -32,14 +32,8 @@ CODES_PER_COMPONENT = [
 ]
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from the test id: fresh inputs per test, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # -- ternary_quantize ---------------------------------------------------------------------------
