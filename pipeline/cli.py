@@ -7,6 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_prep import cli as data_cli
     from pipeline import bench_loss, bench_train, model_cli
 
     p = argparse.ArgumentParser(
@@ -14,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain ternary hyper-complex structured language models.",
     )
     sub = p.add_subparsers(dest="command", required=True)
+
+    data_cli.register(sub)  # walsh data stage|verify|inspect
 
     model = sub.add_parser("model", help="inspect presets, run a smoke test").add_subparsers(
         dest="model_command", required=True
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss = bench.add_parser("loss", help="peak memory of the chunked vs the full cross-entropy")
     bench_loss.add_arguments(loss)
     loss.set_defaults(func=bench_loss.main)
+    data_cli.register_bench(bench)  # walsh bench staging
     return p
 
 
