@@ -8,7 +8,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as data_cli
-    from pipeline import bench_loss, bench_train, model_cli
+    from pipeline import bench_loss, bench_train, launch, model_cli
 
     p = argparse.ArgumentParser(
         prog="walsh",
@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     data_cli.register(sub)  # walsh data stage|verify|inspect
+
+    train = sub.add_parser("train", help="train a model (DeepSpeed ZeRO; torchrun launcher)")
+    launch.add_arguments(train)
+    train.set_defaults(func=launch.main)
 
     model = sub.add_parser("model", help="inspect presets, run a smoke test").add_subparsers(
         dest="model_command", required=True
@@ -31,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench_command", required=True
     )
-    train = bench.add_parser("train", help="tok/s and peak memory of training steps")
-    bench_train.add_arguments(train)
-    train.set_defaults(func=bench_train.main)
+    btrain = bench.add_parser("train", help="tok/s and peak memory of training steps")
+    bench_train.add_arguments(btrain)
+    btrain.set_defaults(func=bench_train.main)
     loss = bench.add_parser("loss", help="peak memory of the chunked vs the full cross-entropy")
     bench_loss.add_arguments(loss)
     loss.set_defaults(func=bench_loss.main)

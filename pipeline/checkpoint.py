@@ -1,0 +1,130 @@
+"""Checkpoints: DeepSpeed shards + per-rank loader and RNG state + step, with an atomic ``latest``.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000200/            DeepSpeed's files (model + optimizer shards of every rank)
+        rank00000.pt ...      this rank's loader state and RNG states
+        config.yaml           the resolved run config
+    latest                    text: the tag of the newest *complete* checkpoint
+
+Every rank saves its part, all ranks meet at a barrier, and only then rank 0 rewrites ``latest``
+(temp file + rename) and prunes checkpoints beyond ``keep_last``. A run killed mid-save leaves
+``latest`` on the previous complete checkpoint, so resuming never reads a partial one.
+
+``export_fp32`` consolidates a ZeRO checkpoint into one fp32 state dict (DeepSpeed's
+zero_to_fp32) that loads into ``WalshLM``.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_prep.manifest import atomic_write_bytes
+
+LATEST = "latest"
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_torch_atomic(obj, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save(engine, run_dir: str | Path, step: int, rank_state: dict, config_yaml: str,
+         keep_last: int) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory."""
+    root, tag = ckpt_root(run_dir), tag_for(step)
+    rank = dist.get_rank()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    _save_torch_atomic({"step": step, **rank_state}, root / tag / f"rank{rank:05d}.pt")
+    if rank == 0:
+        atomic_write_bytes(root / tag / "config.yaml", config_yaml.encode())
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        atomic_write_bytes(root / LATEST, tag.encode())
+        _prune(root, keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    path = ckpt_root(run_dir) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not (ckpt_root(run_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{path} points at {tag!r}, which does not exist")
+    return tag
+
+
+def load_latest(engine, run_dir: str | Path) -> dict | None:
+    """Load the newest complete checkpoint into ``engine``; returns this rank's state or None."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    root = ckpt_root(run_dir)
+    engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                           load_lr_scheduler_states=False)
+    rank = dist.get_rank()
+    path = root / tag / f"rank{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no state for rank {rank}; was the checkpoint written with another world "
+            "size? (resuming on a different rank count needs the universal checkpoint path)"
+        )
+    return torch.load(path, weights_only=False)
+
+
+def export_fp32(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    """Consolidate checkpoint ``tag`` (default: latest) into ``out`` (a torch state dict of
+    fp32 tensors keyed like ``WalshLM.state_dict()``), written atomically."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_root(run_dir)}: no checkpoint to export")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root(run_dir)), tag=tag)
+    state = {k: v.float().contiguous() for k, v in state.items()}
+    out = Path(out)
+    _save_torch_atomic(state, out)
+    return out

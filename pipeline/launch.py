@@ -1,0 +1,62 @@
+"""``walsh train CONFIG [key=value ...]``: validate, then launch the training function.
+
+Launchers (``--launcher``):
+- ``torchrun`` (default until the Ray launcher lands): ``torch.distributed.run --standalone``
+  with ``cluster.workers`` processes on this machine, each running ``pipeline.train_entry``;
+  for several nodes run ``torchrun ... -m pipeline.train_entry`` yourself (see its docstring).
+- ``none``: the training function in this process (a world of one; debugging).
+
+Every config error (unknown key, wrong type, model dims, manifest vocab, batch divisibility)
+is raised here, before any process or engine starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from data_prep.manifest import Manifest
+from pipeline.config import check_against_manifest, load, resolve_batch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config (see configs/train/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.steps=100 optim.lr=1e-3")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, FLOPs, batch and memory estimate")
+    p.add_argument("--launcher", choices=["torchrun", "none"], default="torchrun")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine (default: cluster.workers)")
+    p.add_argument("--trace-data", action="store_true",
+                   help="record a sha1 of every consumed micro batch under RUN_DIR/data_trace/")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load(args.config, args.overrides)
+    nproc = args.nproc or cfg.cluster.workers
+    if args.launcher == "none":
+        nproc = 1
+    if args.dry_run:
+        from pipeline.dry_run import describe
+
+        print(describe(cfg, world_size=nproc))
+        return 0
+    resolve_batch(cfg, nproc)
+    check_against_manifest(cfg, Manifest.load(cfg.data.path), nproc)
+    extra = ["--trace-data"] if args.trace_data else []
+    if args.launcher == "none":
+        from pipeline.trainer import train
+
+        train(cfg, trace_data=args.trace_data)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "pipeline.train_entry", args.config,
+           *args.overrides, *extra]
+    print("[walsh] " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=os.environ.copy())
+    if rc:
+        raise SystemExit(rc)
+    return 0

@@ -1,0 +1,43 @@
+"""Everything that changes how the single-device model runs, applied in one place.
+
+The model library knows nothing of ranks or compilers; the trainer calls ``parallelize`` once,
+before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
+
+- activation checkpointing (``train.activation_checkpointing``): each block's forward is
+  recomputed in backward (non-reentrant ``torch.utils.checkpoint``);
+- ``torch.compile`` (``train.compile``): each transformer block compiled on its own, so one
+  graph serves all identical blocks and compile time does not grow with depth, plus the loss
+  (``model.loss``) compiled separately: eager, the chunked cross-entropy costs about half of a
+  125M step (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import RunConfig
+
+
+def _checkpointed(forward):
+    """The block's own forward, recomputed in backward. Replacing the bound method (not
+    wrapping the module) keeps parameter names, so checkpoints load into a plain WalshLM."""
+
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """Move to ``device`` and apply activation checkpointing and compilation per config."""
+    model = model.to(device)
+    if cfg.train.activation_checkpointing:
+        for block in model.blocks:
+            block.forward = _checkpointed(block.forward)
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()
+        model.loss = torch.compile(model.loss)
+    return model

@@ -1,0 +1,246 @@
+"""The training function: one process of a data-parallel DeepSpeed ZeRO run.
+
+``train(cfg)`` runs inside whatever launched it (torchrun, the deepspeed launcher, a Ray Train
+worker, or a plain single process, for which it sets up a world of one). Every rank:
+
+1. validates the config against the manifest (before any engine exists),
+2. builds the single-device ``WalshLM`` with the same seed on every rank, applies the
+   parallelism (``pipeline.parallelize``) and ``deepspeed.initialize`` (ZeRO 0-3),
+3. resumes from ``<run_dir>/checkpoints/latest`` if present (weights, optimizer, loader, RNG),
+4. loops over micro steps: forward under autocast, a NaN/inf guard agreed by all ranks,
+   backward, ``engine.step()`` (DeepSpeed accumulates and clips; the lr and weight decay of the
+   schedule are set just before each optimizer step),
+5. logs, evaluates, checkpoints every k steps and at the end.
+
+NaN guard: a micro batch whose loss is not finite on any rank is skipped by every rank (no
+backward, no step), counted, and the run stops after ``train.max_bad_steps`` in a row.
+Non-finite gradients behind a finite loss are not caught (the clipped norm is logged).
+
+Precision: ``bf16`` keeps fp32 master weights in the engine and runs the forward under
+``torch.autocast(bfloat16)`` (the ternary quantizers see fp32 latents, as MODEL_SPEC asks);
+``auto`` means bf16 on GPU, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.manifest import Manifest
+from pipeline import checkpoint
+from pipeline.config import RunConfig, check_against_manifest, resolve_batch, total_steps
+from pipeline.loader import TokenLoader
+from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
+from pipeline.optim import apply_schedule, build_optimizer
+from pipeline.parallelize import parallelize
+from walsh.models import WalshLM
+
+log = logging.getLogger("walsh.train")
+
+MetricsFn = Callable[[dict, int], None]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
+    """Join (or create, for a lone process) the process group; returns rank, world, device."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain single process: a world of one on loopback
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    use_cuda = torch.cuda.is_available() and cfg.cluster.gpus_per_worker > 0
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int) -> dict:
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": False},  # fp32 master params; bf16 compute comes from autocast
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _all_mean(x: torch.Tensor) -> float:
+    x = x.detach().float().clone()
+    dist.all_reduce(x)
+    return x.item() / dist.get_world_size()
+
+
+def _any(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, micro: int,
+             device: torch.device, dtype) -> float:
+    """Mean loss over ``eval_batches`` fixed validation batches per rank (same every time)."""
+    loader = TokenLoader(manifest, cfg.data.val_split, cfg.data.seq_len, micro, rank, world,
+                         0, cfg.train.seed, shuffle=False)
+    engine.eval()
+    total = torch.zeros((), device=device)
+    with torch.no_grad():
+        for _ in range(cfg.train.eval_batches):
+            batch = next(loader).to(device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+                total += engine(batch[:, :-1], batch[:, 1:]).float()
+    engine.train()
+    return _all_mean(total / cfg.train.eval_batches)
+
+
+class _Trace:
+    """Optional record of every consumed micro batch: '<micro index> <sha1>' per line."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool) -> None:
+        self.file = None
+        if enabled:
+            (run_dir / "data_trace").mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "data_trace" / f"rank{rank:05d}.txt", "a")  # noqa: SIM115
+
+    def add(self, index: int, batch: torch.Tensor) -> None:
+        if self.file:
+            digest = hashlib.sha1(batch.numpy().tobytes()).hexdigest()
+            self.file.write(f"{index} {digest}\n")
+            self.file.flush()
+
+
+def train(cfg: RunConfig, metrics_fn: MetricsFn | None = None, trace_data: bool = False) -> dict:
+    """Train per ``cfg``; returns a summary dict (step, last loss, val loss, run dir)."""
+    import deepspeed
+
+    manifest = Manifest.load(cfg.data.path)
+    check_against_manifest(cfg, manifest, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world, device = init_distributed(cfg)
+    micro, accum, global_batch = resolve_batch(cfg, world)
+    total = total_steps(cfg, world)
+    run_dir = Path(cfg.train.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        print(f"[walsh] resolved config (world {world}, device {device}):\n{cfg.to_yaml()}",
+              flush=True)
+
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    model = WalshLM(cfg.walsh_config())
+    flops = model.flops_per_token(cfg.data.seq_len)
+    optimizer = build_optimizer(model, cfg, device)
+    model = parallelize(model, cfg, device)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro, accum, global_batch)
+    )
+    dtype = autocast_dtype(cfg, device)
+    loader = TokenLoader(manifest, cfg.data.train_split, cfg.data.seq_len, micro, rank, world,
+                         cfg.data.num_workers, cfg.train.seed)
+
+    step, micro_index = 0, 0
+    state = checkpoint.load_latest(engine, run_dir)
+    if state is not None:
+        step, micro_index = state["step"], state["micro_index"]
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"[walsh] resumed from {checkpoint.latest_tag(run_dir)} at step {step}",
+                  flush=True)
+
+    def save() -> None:
+        rank_state = {"micro_index": micro_index, "loader": loader.state_dict(),
+                      "rng": checkpoint.rng_state()}
+        t0 = time.perf_counter()
+        checkpoint.save(engine, run_dir, step, rank_state, cfg.to_yaml(), cfg.train.keep_last)
+        if rank == 0:
+            emit({"checkpoint_s": time.perf_counter() - t0}, step)
+
+    metrics_file = run_dir / "metrics.jsonl"
+
+    def emit(values: dict, at: int) -> None:
+        if rank != 0:
+            return
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps({"step": at, **values}) + "\n")
+        if metrics_fn is not None:
+            metrics_fn(values, at)
+
+    trace = _Trace(run_dir, rank, trace_data)
+    meter = Throughput(flops, world, device_peak_tflops(device, cfg.train.peak_tflops))
+    tokens_per_step = global_batch * cfg.data.seq_len
+    bad_in_a_row, skipped, losses, last, val = 0, 0, [], float("nan"), None
+    while step < total:
+        batch = next(loader)
+        trace.add(micro_index, batch)
+        micro_index += 1
+        batch = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+            loss = engine(batch[:, :-1], batch[:, 1:])
+        if _any(not torch.isfinite(loss).item(), device):
+            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+            if rank == 0:
+                print(f"[walsh] non-finite loss at step {step}: micro batch skipped "
+                      f"({bad_in_a_row} in a row)", flush=True)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}); stopping at step {step}"
+                )
+            continue
+        bad_in_a_row = 0
+        engine.backward(loss)
+        losses.append(loss.detach())
+        boundary = engine.is_gradient_accumulation_boundary()
+        lr = apply_schedule(engine.optimizer, cfg, step, total) if boundary else None
+        engine.step()
+        if not boundary:
+            continue
+        step += 1
+        meter.add(tokens_per_step)
+        if step % cfg.train.log_interval == 0 or step == total:
+            last = _all_mean(torch.stack(losses).mean())
+            gn = engine.get_global_grad_norm()
+            emit({"loss": last, "lr": lr, "grad_norm": float(gn) if gn is not None else None,
+                  "tokens_seen": step * tokens_per_step, "skipped_micro_batches": skipped,
+                  "epoch": loader.epoch, **meter.read(), **memory_stats(device)}, step)
+            if rank == 0:
+                print(f"[walsh] step {step}/{total} loss {last:.4f} lr {lr:.3e}", flush=True)
+        losses = [] if step % cfg.train.log_interval == 0 else losses
+        if step % cfg.train.eval_interval == 0 or step == total:
+            val = evaluate(engine, cfg, manifest, rank, world, micro, device, dtype)
+            emit({"val_loss": val}, step)
+            meter.read()  # evaluation time stays out of the next tokens/s reading
+        if step % cfg.train.ckpt_interval == 0 or step == total:
+            save()
+            meter.read()
+    return {"step": step, "loss": last, "val_loss": val, "run_dir": str(run_dir),
+            "skipped_micro_batches": skipped}
