@@ -181,3 +181,30 @@ def test_config_errors_before_any_engine(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.global_batch"):
         main(parser.parse_args([str(path), "model.overrides.vocab_size=256", "--nproc", "3"]))
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.mark.timeout(240)
+def test_nan_guard_skips_then_stops(data_dir, tmp_path):
+    """An infinite embedding init makes every loss NaN (RMSNorm: inf * 0): each micro batch is
+    skipped (no update) and the run stops after train.max_bad_steps in a row."""
+    cfg = run_config(data_dir, tmp_path / "run", max_bad_steps=3)
+    cfg["model"]["overrides"]["embed_std"] = float("inf")
+    res = cli("train", str(write_config(tmp_path, cfg)), "--launcher", "none")
+    assert res.returncode != 0
+    assert "3 non-finite losses in a row (train.max_bad_steps=3)" in res.stdout + res.stderr
+    assert res.stdout.count("micro batch skipped") == 3
+
+
+def test_dry_run_starts_nothing(data_dir, tmp_path):
+    cfg = run_config(data_dir, tmp_path / "run")
+    res = cli("train", str(write_config(tmp_path, cfg)), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    cfg_model = from_dict(cfg).walsh_config()
+    assert f"{WalshLM(cfg_model).num_params()['total']:,}" in res.stdout
+    assert not (tmp_path / "run").exists()
