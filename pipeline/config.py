@@ -1,0 +1,484 @@
+"""The run configuration: YAML -> typed, validated ``RunConfig``.
+
+Strict on purpose: every section forbids unknown keys, so a typo fails before any Ray worker or
+DeepSpeed engine starts instead of silently training with a default. Every error is a
+``ConfigError`` (a ``ValueError``) whose message names the file, the dotted key, the problem and,
+for a choice, the allowed values -- one line per problem.
+
+Layout of a train YAML (every section but ``data`` and ``train`` has defaults)::
+
+    name: my-run
+    model: {preset: walsh-o-125m, overrides: {n_layer: 6}}   # or the shorthand  model: tiny
+    data: {path: data/fineweb-edu-10bt, seq_len: 1024}
+    optim: {...}; schedule: {...}; train: {steps: 1000}; tracking: {...}; cluster: {...}
+
+Dotted overrides (``train.steps=50 model.overrides.n_layer=4 tracking.uri=null``) are applied to
+the raw YAML before validation, with values parsed by ``yaml.safe_load``.
+
+``RunConfig.walsh_config()`` (not ``model_config``: pydantic reserves that name for its settings)
+builds the ``WalshConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from walsh.models.config import WalshConfig
+from walsh.models.presets import get_preset, presets
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file (if any) and the dotted key."""
+
+
+class _KeyedError(ValueError):
+    """Raised inside validators so the formatter can name ``loc + key`` instead of the section."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(msg)
+        self.key, self.msg = key, msg
+
+
+_STRICT = ConfigDict(extra="forbid")
+_WALSH_FIELDS = tuple(f.name for f in dataclasses.fields(WalshConfig))
+_WALSH_ERR = re.compile(r"^WalshConfig\.(\w+): (.*)$", re.S)
+
+
+# -- sections ---------------------------------------------------------------------------------
+class ModelCfg(BaseModel):
+    """A named preset (code) plus field overrides; validated by building the ``WalshConfig``."""
+
+    model_config = _STRICT
+    preset: str = "tiny"
+    overrides: dict[str, Any] = {}
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in presets:
+            raise ValueError(f"unknown model preset {v!r}; known: {', '.join(sorted(presets))}")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key not in _WALSH_FIELDS:
+                raise _KeyedError(
+                    str(key), f"unknown model field (allowed: {', '.join(_WALSH_FIELDS)})"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _builds(self) -> ModelCfg:
+        try:
+            self.build()
+        except ConfigError as err:
+            key, _, msg = str(err).partition(": ")
+            raise _KeyedError(key.removeprefix("model.").removeprefix("model"), msg) from err
+        return self
+
+    def build(self) -> WalshConfig:
+        """``get_preset(preset, **overrides)``; a WalshConfig error is re-raised as a
+        ``ConfigError`` naming ``model.overrides.<field>`` (or ``model.preset`` when the field
+        comes from the preset and conflicts with the overrides)."""
+        try:
+            return get_preset(self.preset, **self.overrides)
+        except KeyError as err:
+            raise ConfigError(f"model.preset: {err.args[0] if err.args else err}") from err
+        except TypeError as err:  # a field WalshConfig does not take
+            raise ConfigError(f"model.overrides: {err}") from err
+        except ValueError as err:
+            m = _WALSH_ERR.match(str(err))
+            if not m:
+                raise ConfigError(f"model: {err}") from err
+            field, msg = m.groups()
+            if field in self.overrides:
+                raise ConfigError(f"model.overrides.{field}: {msg}") from err
+            raise ConfigError(
+                f"model.preset: {field} of preset {self.preset!r} conflicts with the overrides: "
+                f"{msg} (set model.overrides.{field})"
+            ) from err
+
+
+class DataCfg(BaseModel):
+    model_config = _STRICT
+    path: str  # a staged dataset directory (manifest.json + shards)
+    seq_len: StrictInt = Field(1024, gt=0)
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: StrictInt = Field(0, ge=0)  # dataloader workers per rank
+
+
+class OptimCfg(BaseModel):
+    model_config = _STRICT
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_embeddings: bool = False
+    fused: bool = False  # DeepSpeed FusedAdam, GPU only
+    muon_lr: float = Field(0.02, gt=0)
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for i, b in enumerate(v):
+            if not 0 <= b < 1:
+                raise _KeyedError(f"[{i}]", f"must be in [0, 1), got {b}")
+        return v
+
+
+class ScheduleCfg(BaseModel):
+    """LR multiplier over steps. ``two_stage`` is BitNet's: stage 1 goes linearly from 1.0 to
+    ``stage1_end_ratio`` at ``stage_boundary``; stage 2 starts at ``stage2_start_ratio`` (an
+    explicit, intended drop) and decays linearly to ``min_lr_ratio`` with weight decay
+    ``stage2_weight_decay``. Both levels are config values so that no cliff is accidental."""
+
+    model_config = _STRICT
+    kind: Literal["cosine", "wsd", "two_stage", "constant"] = "cosine"
+    warmup_steps: StrictInt = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: final fraction of steps spent decaying
+    stage_boundary: float = Field(0.5, gt=0, lt=1)  # two_stage: where stage 2 starts
+    stage1_end_ratio: float = Field(0.5, ge=0, le=1)
+    stage2_start_ratio: float = Field(0.3, ge=0, le=1)
+    stage2_weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _stage2_decays(self) -> ScheduleCfg:
+        if self.kind == "two_stage" and self.min_lr_ratio > self.stage2_start_ratio:
+            raise _KeyedError(
+                "min_lr_ratio",
+                f"two_stage decays from stage2_start_ratio={self.stage2_start_ratio} down to "
+                f"min_lr_ratio, which is larger ({self.min_lr_ratio})",
+            )
+        return self
+
+
+class TrainCfg(BaseModel):
+    model_config = _STRICT
+    steps: StrictInt | None = Field(None, gt=0)
+    token_budget: StrictInt | None = Field(None, gt=0)
+    micro_batch: StrictInt = Field(8, gt=0)  # sequences per rank per micro step
+    global_batch: StrictInt | None = Field(None, gt=0)  # per optimizer step; None: micro*world
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    ckpt_interval: StrictInt = Field(1000, gt=0)
+    keep_last: StrictInt = Field(3, gt=0)
+    eval_interval: StrictInt = Field(500, gt=0)
+    eval_batches: StrictInt = Field(20, gt=0)
+    log_interval: StrictInt = Field(10, gt=0)
+    seed: StrictInt = 0
+    max_bad_steps: StrictInt = Field(10, gt=0)  # NaN/inf steps in a row before stopping
+    run_dir: str = "runs/default"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
+
+    @field_validator("token_budget", mode="before")
+    @classmethod
+    def _scientific_budget(cls, v: Any) -> Any:
+        """Accept 2.5e9 (a float, or a string as YAML 1.1 reads it) when it is a whole number."""
+        if isinstance(v, (str, float)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except ValueError:
+                return v
+            if f.is_integer():
+                return int(f)
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainCfg:
+        if self.steps is None and self.token_budget is None:
+            raise _KeyedError("steps", "set exactly one of train.steps / train.token_budget")
+        if self.steps is not None and self.token_budget is not None:
+            raise _KeyedError(
+                "token_budget",
+                "train.steps and train.token_budget are exclusive; set exactly one "
+                f"(got steps={self.steps}, token_budget={self.token_budget})",
+            )
+        return self
+
+
+class TrackingCfg(BaseModel):
+    model_config = _STRICT
+    enabled: bool = True
+    uri: str | None = None  # None: sqlite:///<run_dir>/mlflow.db, or MLFLOW_TRACKING_URI
+    experiment: str = "walsh"
+    run_name: str | None = None
+
+
+class ClusterCfg(BaseModel):
+    model_config = _STRICT
+    workers: StrictInt = Field(1, gt=0)  # training processes
+    gpus_per_worker: float = Field(1, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    address: str | None = None  # Ray address; None: local, or RAY_ADDRESS
+
+
+class RunConfig(BaseModel):
+    model_config = _STRICT
+    name: str = "run"
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
+    train: TrainCfg
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
+    cluster: ClusterCfg = Field(default_factory=ClusterCfg)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset_shorthand(cls, v: Any) -> Any:
+        return {"preset": v} if isinstance(v, str) else v
+
+    def walsh_config(self) -> WalshConfig:
+        """The model's config, with ``block_size`` raised to ``data.seq_len`` if smaller (RoPE
+        tables must cover the training window)."""
+        cfg = self.model.build()
+        if cfg.block_size < self.data.seq_len:
+            cfg = cfg.replace(block_size=self.data.seq_len)
+        return cfg
+
+    def to_yaml(self) -> str:
+        """The resolved config (every default filled in); loads back to an equal RunConfig."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (for MLflow params), e.g. ``{"optim.lr": 3e-4}``."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("["):
+            out += part
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that the path ``loc`` (of section names) leads to."""
+    cls: type[BaseModel] = RunConfig
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _describe(err: dict) -> tuple[str, str]:
+    """(dotted key, problem) for one pydantic error dict."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind, ctx = err["type"], err.get("ctx") or {}
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        allowed = f" (allowed: {', '.join(section.model_fields)})" if section else ""
+        return _dotted(loc), f"unknown key{allowed}"
+    if kind == "missing":
+        return _dotted(loc), "required key is missing"
+    if kind in ("literal_error", "enum"):
+        section = _section_at(loc[:-1])
+        field = section.model_fields.get(loc[-1]) if section else None
+        choices = typing.get_args(field.annotation) if field else ()
+        allowed = ", ".join(map(repr, choices)) if choices else ctx.get("expected", "?")
+        return _dotted(loc), f"must be one of {allowed} (got {got!r})"
+    if kind == "value_error" and isinstance(ctx.get("error"), _KeyedError):
+        e = ctx["error"]
+        return _dotted((*loc, e.key) if e.key else loc), e.msg
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "model_attributes_type":
+        msg = f"{msg} (got {got!r})"
+    return _dotted(loc) or "<top level>", msg
+
+
+def _format(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        key, msg = _describe(e)
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+    """Validate a raw dict (parsed YAML) into a ``RunConfig``; errors become ``ConfigError``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(source, err)) from None
+
+
+def _schema_child(cls: Any, part: str) -> Any:
+    """The type under key ``part`` of ``cls`` (a section class or ``dict``), or raise KeyError."""
+    if cls is dict:
+        return dict
+    field = cls.model_fields.get(part)
+    if field is None:
+        raise KeyError(", ".join(cls.model_fields))
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if typing.get_origin(ann) is dict:
+        return dict
+    return None  # a leaf
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> dict:
+    """Apply dotted ``key=value`` overrides to ``raw`` in place (values via ``yaml.safe_load``);
+    keys are checked against the schema, and free-form maps (``model.overrides``) get new keys."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{source}: override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            msg = f"{source}: {key}: unparsable override value {text!r}: {err}"
+            raise ConfigError(msg) from None
+        parts = key.split(".")
+        node, cls = raw, RunConfig
+        for i, part in enumerate(parts):
+            where = ".".join(parts[: i + 1])
+            if cls is None:
+                raise ConfigError(f"{source}: {key}: {'.'.join(parts[:i])} is not a section")
+            try:
+                child = _schema_child(cls, part)
+            except KeyError as err:
+                at = "" if where == key else f" {where}"
+                msg = f"{source}: {key}: unknown key{at} (allowed: {err.args[0]})"
+                raise ConfigError(msg) from None
+            if i == len(parts) - 1:
+                node[part] = value
+                break
+            nxt = node.get(part)
+            if cls is RunConfig and part == "model" and isinstance(nxt, str):
+                nxt = {"preset": nxt}  # the shorthand `model: tiny`
+            if nxt is None:
+                nxt = {}
+            if not isinstance(nxt, dict) or child is None:
+                raise ConfigError(f"{source}: {key}: {where} is not a section")
+            node[part] = nxt
+            node, cls = nxt, child
+    return raw
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply dotted ``key=value`` overrides, validate strictly."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read the config: {err.strerror or err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping, got {type(raw).__name__}")
+    return from_dict(apply_overrides(raw, list(overrides), source), source)
+
+
+# -- derived quantities and cross-checks ------------------------------------------------------
+def resolve_batch(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro_batch, grad_accum, global_batch) for ``world_size`` ranks."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    micro = cfg.train.micro_batch
+    per_step = micro * world_size
+    glob = cfg.train.global_batch if cfg.train.global_batch is not None else per_step
+    if glob % per_step:
+        raise ConfigError(
+            f"train.global_batch: {glob} is not a multiple of train.micro_batch ({micro}) * "
+            f"world size ({world_size}) = {per_step}"
+        )
+    return micro, glob // per_step, glob
+
+
+def total_steps(cfg: RunConfig, world_size: int) -> int:
+    """Optimizer steps: ``train.steps``, or the token budget over tokens per step (rounded up)."""
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    _, _, glob = resolve_batch(cfg, world_size)
+    return math.ceil(cfg.train.token_budget / (glob * cfg.data.seq_len))
+
+
+def check_against_manifest(cfg: RunConfig, manifest, world_size: int = 1) -> None:
+    """Fail early if the staged data cannot feed this model/run: a tokenizer vocab larger than
+    the model's, a missing or empty split, or a split too small to give every stream
+    (rank x dataloader worker) one chunk (the loader's rule) and one ``[seq_len + 1]`` window."""
+    where = f"data.path={cfg.data.path}"
+    model_vocab = cfg.walsh_config().vocab_size
+    data_vocab = manifest.tokenizer.vocab_size
+    if data_vocab > model_vocab:
+        raise ConfigError(
+            f"model.overrides.vocab_size: the model's vocab_size {model_vocab} is smaller than "
+            f"the dataset tokenizer's {data_vocab} ({manifest.tokenizer.name}, {where})"
+        )
+    streams = max(1, world_size) * max(1, cfg.data.num_workers)
+    window = cfg.data.seq_len + 1
+    for key, split in (("data.train_split", cfg.data.train_split),
+                       ("data.val_split", cfg.data.val_split)):
+        shards = manifest.split(split)
+        tokens = sum(s.tokens for s in shards)
+        if not shards:
+            have = ", ".join(manifest.splits) or "none"
+            raise ConfigError(f"{key}: split {split!r} is not in {where} (splits: {have})")
+        if tokens == 0:
+            raise ConfigError(f"{key}: split {split!r} of {where} is empty")
+        chunks = sum(s.samples for s in shards)
+        if chunks < streams:  # pipeline.loader gives every stream whole chunks
+            raise ConfigError(
+                f"{key}: split {split!r} of {where} has {chunks} chunks, fewer than the {streams} "
+                f"streams (world size {world_size} x max(1, data.num_workers)); every stream "
+                "needs at least one chunk"
+            )
+        if tokens < streams * window:
+            raise ConfigError(
+                f"{key}: split {split!r} of {where} has {tokens} tokens, fewer than one window "
+                f"of data.seq_len + 1 = {window} tokens for each of {streams} streams "
+                f"(world size {world_size} x data.num_workers {cfg.data.num_workers})"
+            )
