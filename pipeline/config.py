@@ -236,6 +236,7 @@ class ClusterCfg(BaseModel):
     gpus_per_worker: float = Field(1, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     address: str | None = None  # Ray address; None: local, or RAY_ADDRESS
+    max_failures: StrictInt = Field(2, ge=0)  # Ray restarts of a failed worker group
 
 
 class RunConfig(BaseModel):
@@ -253,6 +254,17 @@ class RunConfig(BaseModel):
     @classmethod
     def _preset_shorthand(cls, v: Any) -> Any:
         return {"preset": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _muon_needs_whole_matrices(self) -> RunConfig:
+        # ZeRO 1-3 hand the optimizer flattened partitions; Muon orthogonalizes whole matrices
+        if self.optim.name == "muon" and self.train.zero_stage != 0:
+            raise _KeyedError(
+                "optim.name",
+                f"muon needs unflattened parameters: set train.zero_stage: 0 "
+                f"(got {self.train.zero_stage})",
+            )
+        return self
 
     def walsh_config(self) -> WalshConfig:
         """The model's config, with ``block_size`` raised to ``data.seq_len`` if smaller (RoPE

@@ -1,7 +1,10 @@
 """``walsh train CONFIG [key=value ...]``: validate, then launch the training function.
 
 Launchers (``--launcher``):
-- ``torchrun`` (default until the Ray launcher lands): ``torch.distributed.run --standalone``
+- ``ray`` (default): a Ray Train ``TorchTrainer`` with ``cluster.workers`` workers on an
+  embedded local Ray, or on the cluster named by ``--address`` / ``RAY_ADDRESS`` /
+  ``cluster.address`` (``pipeline.ray_launch``).
+- ``torchrun``: ``torch.distributed.run --standalone``
   with ``cluster.workers`` processes on this machine, each running ``pipeline.train_entry``;
   for several nodes run ``torchrun ... -m pipeline.train_entry`` yourself (see its docstring).
 - ``none``: the training function in this process (a world of one; debugging).
@@ -27,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. train.steps=100 optim.lr=1e-3")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, parameters, FLOPs, batch and memory estimate")
-    p.add_argument("--launcher", choices=["torchrun", "none"], default="torchrun")
+    p.add_argument("--launcher", choices=["ray", "torchrun", "none"], default="ray")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, cluster.address, else local)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes on this machine (default: cluster.workers)")
     p.add_argument("--trace-data", action="store_true",
@@ -51,6 +56,12 @@ def main(args: argparse.Namespace) -> int:
         from pipeline.trainer import train
 
         train(cfg, trace_data=args.trace_data)
+        return 0
+    if args.launcher == "ray":
+        from pipeline.ray_launch import run
+
+        run(args.config, args.overrides, args.address, args.trace_data)
+        print(f"[walsh] finished; metrics in {cfg.train.run_dir}/metrics.jsonl", flush=True)
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "pipeline.train_entry", args.config,

@@ -42,6 +42,7 @@ from pipeline.loader import TokenLoader
 from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
 from pipeline.optim import apply_schedule, build_optimizer
 from pipeline.parallelize import parallelize
+from pipeline.tracking import Tracker
 from walsh.models import WalshLM
 
 log = logging.getLogger("walsh.train")
@@ -108,9 +109,14 @@ def _any(flag: bool, device: torch.device) -> bool:
 
 def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, micro: int,
              device: torch.device, dtype) -> float:
-    """Mean loss over ``eval_batches`` fixed validation batches per rank (same every time)."""
-    loader = TokenLoader(manifest, cfg.data.val_split, cfg.data.seq_len, micro, rank, world,
-                         0, cfg.train.seed, shuffle=False)
+    """Mean loss over ``eval_batches`` fixed validation batches per rank (same every time).
+
+    A small validation split may hold fewer chunks than there are ranks: then ranks share
+    streams (rank r reads stream r mod chunks), which only repeats work, never hangs."""
+    n_chunks = sum(s.samples for s in manifest.split(cfg.data.val_split))
+    eval_world = min(world, n_chunks)
+    loader = TokenLoader(manifest, cfg.data.val_split, cfg.data.seq_len, micro,
+                         rank % eval_world, eval_world, 0, cfg.train.seed, shuffle=False)
     engine.eval()
     total = torch.zeros((), device=device)
     with torch.no_grad():
@@ -138,8 +144,11 @@ class _Trace:
             self.file.flush()
 
 
-def train(cfg: RunConfig, metrics_fn: MetricsFn | None = None, trace_data: bool = False) -> dict:
-    """Train per ``cfg``; returns a summary dict (step, last loss, val loss, run dir)."""
+def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool = False) -> dict:
+    """Train per ``cfg``; returns a summary dict (step, last loss, val loss, run dir).
+
+    ``report_fn(metrics, step)`` is called on every rank at every log step (Ray Train's
+    ``report`` wants all workers); MLflow tracking and ``metrics.jsonl`` are rank 0's."""
     import deepspeed
 
     manifest = Manifest.load(cfg.data.path)
@@ -157,6 +166,7 @@ def train(cfg: RunConfig, metrics_fn: MetricsFn | None = None, trace_data: bool 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model = WalshLM(cfg.walsh_config())
     flops = model.flops_per_token(cfg.data.seq_len)
+    tracker = Tracker(cfg, run_dir, model.num_params()) if rank == 0 else None
     optimizer = build_optimizer(model, cfg, device)
     model = parallelize(model, cfg, device)
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -191,8 +201,7 @@ def train(cfg: RunConfig, metrics_fn: MetricsFn | None = None, trace_data: bool 
             return
         with open(metrics_file, "a") as f:
             f.write(json.dumps({"step": at, **values}) + "\n")
-        if metrics_fn is not None:
-            metrics_fn(values, at)
+        tracker.log(values, at)
 
     trace = _Trace(run_dir, rank, trace_data)
     meter = Throughput(flops, world, device_peak_tflops(device, cfg.train.peak_tflops))
@@ -234,6 +243,8 @@ def train(cfg: RunConfig, metrics_fn: MetricsFn | None = None, trace_data: bool 
                   "epoch": loader.epoch, **meter.read(), **memory_stats(device)}, step)
             if rank == 0:
                 print(f"[walsh] step {step}/{total} loss {last:.4f} lr {lr:.3e}", flush=True)
+            if report_fn is not None:
+                report_fn({"loss": last, "step": step}, step)
         losses = [] if step % cfg.train.log_interval == 0 else losses
         if step % cfg.train.eval_interval == 0 or step == total:
             val = evaluate(engine, cfg, manifest, rank, world, micro, device, dtype)
@@ -242,5 +253,7 @@ def train(cfg: RunConfig, metrics_fn: MetricsFn | None = None, trace_data: bool 
         if step % cfg.train.ckpt_interval == 0 or step == total:
             save()
             meter.read()
+    if tracker is not None:
+        tracker.close()
     return {"step": step, "loss": last, "val_loss": val, "run_dir": str(run_dir),
             "skipped_micro_batches": skipped}
