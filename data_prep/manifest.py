@@ -11,8 +11,10 @@ Each shard sample is one chunk of contiguous tokens: ``{"__key__": "{split}-{chu
 EOT after each; only the last chunk of a split may be shorter).
 
 The manifest records the tokenizer (name, ranks sha256, vocab size, EOT id), dtype, chunk length,
-source and revision, filters, the split rule, totals, and per shard its name, split, samples,
-tokens and sha256. ``Manifest.load(dir)`` validates it and names the file and key on error.
+source and revision, filters, the split rule, totals (documents, tokens, chunks per split; what
+each filter dropped and what bad input was skipped), the dataset fingerprint, and per shard its
+name, split, samples, tokens and sha256. ``Manifest.load(dir)`` validates it and names the file
+and key on error.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Manifest:
     totals: dict
     shards: list[ShardInfo]
     revision: str | None = None
+    # sha256 of what decides the output bytes (config + inputs); a rerun into the directory
+    # with a different one is refused
+    fingerprint: str | None = None
     format: str = FORMAT
     root: Path | None = field(default=None, compare=False)
 
@@ -103,7 +108,8 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
-            raise ManifestError(f"{path}: no manifest (not a staged dataset, or staging unfinished)")
+            raise ManifestError(
+                f"{path}: no manifest (not a staged dataset, or staging unfinished)")
         try:
             raw = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -149,7 +155,8 @@ class Manifest:
             tokenizer=tokenizer, dtype=dtype, chunk_tokens=need(raw, "chunk_tokens", int, ""),
             source=need(raw, "source", dict, ""), filters=need(raw, "filters", dict, ""),
             split_rule=need(raw, "split_rule", dict, ""), totals=need(raw, "totals", dict, ""),
-            shards=shards, revision=raw.get("revision"), format=fmt, root=root,
+            shards=shards, revision=raw.get("revision"), fingerprint=raw.get("fingerprint"),
+            format=fmt, root=root,
         )
 
 
@@ -163,6 +170,7 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the dataset is read by other users and nodes
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import webdataset as wds
 from data_prep.manifest import ShardInfo
 
 TAR_MTIME = 0.0  # fixed, for byte-identical shards
+SHARD_MODE = 0o644  # mkstemp makes 0600; shards are read by other users and nodes
 
 
 def shard_name(split: str, index: int) -> str:
@@ -57,6 +58,7 @@ def write_shard(
             f.flush()
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
+        os.chmod(tmp, SHARD_MODE)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

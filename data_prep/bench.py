@@ -1,0 +1,167 @@
+"""``walsh bench staging``: staging throughput next to bare tiktoken on the same text and cores.
+
+Generates a corpus of at least ``--mb`` MB of text in the FineWeb-Edu parquet schema (documents
+assembled from paragraphs of the builtin python-docs corpus with a seeded RNG, so it is
+English-like technical text and the same on every run), then in one process measures:
+
+- bare ``Encoding.encode_ordinary_batch`` over all the texts, with 1 and N threads;
+- staging (``data_prep.stage.stage``) with 1 and N Ray workers, Ray started beforehand and its
+  start-up time reported apart (it is a fixed cost, not throughput);
+
+and prints tokens/s, tokens/s per core, staging as a share of bare per core (the goal is at
+least 80%), the scaling from 1 to N workers, and whether the outputs are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mb", type=float, default=64.0, help="corpus size in MB of text (>= 50)")
+    p.add_argument("--files", type=int, default=16, help="parquet files in the corpus")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="worker counts to stage with (default: 1 and all CPUs)")
+    p.add_argument("--tokenizer", default="r50k_base", help="tiktoken name or ranks file path")
+    p.add_argument("--dir", help="work directory (default: a temporary one, removed)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+
+
+def make_corpus(out: Path, mb: float, files: int, seed: int = 0) -> tuple[int, int]:
+    """Write ``files`` parquet files holding >= ``mb`` MB of text; returns (docs, bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep import builtin
+    from data_prep.config import BuiltinSource
+
+    paragraphs: list[str] = []
+    for task in builtin.plan(BuiltinSource()).tasks:
+        for piece in task.pieces:
+            for batch in builtin.read(piece):
+                for text in batch.texts:
+                    paragraphs += [p for p in text.split("\n\n") if len(p) > 40]
+    rng = random.Random(seed)
+    target = int(mb * 1e6)
+    per_file = -(-target // files)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = total = 0
+    for f in range(files):
+        texts, size = [], 0
+        while size < per_file:
+            text = "\n\n".join(rng.choices(paragraphs, k=rng.randint(2, 24)))
+            texts.append(text)
+            size += len(text.encode())
+        n = len(texts)
+        table = pa.table({
+            "text": texts, "id": [f"<urn:uuid:bench-{f:03d}-{i:07d}>" for i in range(n)],
+            "url": [f"https://docs.python.org/bench/{f}/{i}" for i in range(n)],
+            "score": [rng.uniform(2.5, 5.0) for _ in range(n)],
+            "int_score": [rng.randint(3, 5) for _ in range(n)],
+            "language": ["en"] * n, "token_count": [0] * n,
+        })
+        pq.write_table(table, out / f"{f:03d}_00000.parquet", row_group_size=1024)
+        docs += n
+        total += size
+    return docs, total
+
+
+def bare(enc, texts: list[str], threads: int) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
+    return tokens + len(texts), time.perf_counter() - t0  # + one EOT per document, as staged
+
+
+def main(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from data_prep import tokenizer
+    from data_prep.stage import stage
+
+    cores = os.cpu_count() or 1
+    workers = args.workers or sorted({1, cores})
+    tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="walsh-bench-staging-")
+    work = Path(args.dir or tmp.name)
+    try:
+        corpus = work / "corpus"
+        t0 = time.perf_counter()
+        docs, nbytes = make_corpus(corpus, args.mb, args.files)
+        print(f"corpus: {nbytes / 1e6:.1f} MB of text, {docs:,} documents, {args.files} parquet "
+              f"files ({time.perf_counter() - t0:.1f} s to generate); {cores} CPU cores")
+        enc = tokenizer.load(args.tokenizer)
+        texts = [t for f in sorted(corpus.glob("*.parquet"))
+                 for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+        rows = []
+        for n in workers:
+            tokens, secs = bare(enc, texts, n)
+            rows.append({"run": f"bare encode_ordinary_batch, {n} thread(s)", "cores": n,
+                         "tokens": tokens, "seconds": secs})
+        del texts
+        digests = {}
+        for n in workers:
+            rows.append(_stage_run(stage, corpus, work / f"out-{n}", n, args.tokenizer))
+            digests[n] = _digest(work / f"out-{n}")
+        bare1 = rows[0]["tokens"] / rows[0]["seconds"]
+        for r in rows:
+            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+            r["per_core"] = r["tokens_per_s"] / r["cores"]
+            r["vs_bare_1_core"] = r["per_core"] / bare1
+        print("\n| run | cores | tokens | seconds | tokens/s | tokens/s per core | per core vs "
+              "bare 1 thread |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['run']} | {r['cores']} | {r['tokens']:,} | {r['seconds']:.2f} | "
+                  f"{r['tokens_per_s']:,.0f} | {r['per_core']:,.0f} | "
+                  f"{100 * r['vs_bare_1_core']:.0f}% |")
+        staged = [r for r in rows if r["run"].startswith("staging")]
+        bares = {r["cores"]: r for r in rows if r["run"].startswith("bare")}
+        for r in staged:
+            share = r["tokens_per_s"] / bares[r["cores"]]["tokens_per_s"]
+            with_start = r["tokens"] / (r["seconds"] + r["ray_start_s"])
+            print(f"staging with {r['cores']} worker(s): {100 * share:.0f}% of bare with "
+                  f"{r['cores']} thread(s); Ray start-up {r['ray_start_s']:.1f} s (excluded; "
+                  f"with it: {with_start:,.0f} tokens/s)")
+        if len(staged) > 1:
+            print(f"scaling 1 -> {staged[-1]['cores']} workers: "
+                  f"{staged[-1]['tokens_per_s'] / staged[0]['tokens_per_s']:.2f}x; bare 1 -> "
+                  f"{staged[-1]['cores']} threads: "
+                  f"{bares[staged[-1]['cores']]['tokens_per_s'] / bare1:.2f}x")
+        same = len(set(digests.values())) == 1
+        print(f"outputs byte-identical across worker counts {workers}: {'yes' if same else 'NO'}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "identical": same,
+                                                   "mb": nbytes / 1e6, "docs": docs}, indent=1))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _stage_run(stage, corpus: Path, out: Path, n: int, tok: str) -> dict:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=n, include_dashboard=False, logging_level="WARNING")
+    ray_start = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        m = stage({"source": {"type": "files", "paths": [str(corpus)]}, "out": str(out),
+                   "tokenizer": tok, "workers": n}, progress=False)
+        secs = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"run": f"staging, {n} Ray worker(s)", "cores": n, "tokens": m.total_tokens,
+            "seconds": secs, "ray_start_s": ray_start}
+
+
+def _digest(directory: Path) -> str:
+    from data_prep.shards import sha256_file
+
+    return json.dumps({p.name: sha256_file(p) for p in sorted(directory.iterdir())
+                       if p.is_file()})
