@@ -73,14 +73,21 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int) -> dict:
+def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int,
+                     dtype: torch.dtype | None) -> dict:
+    """DeepSpeed's config. Mixed precision is DeepSpeed's ``torch_autocast`` (fp32 master
+    weights, bf16 compute): an autocast opened around the engine is switched *off* inside it
+    (that silently ran the first GPU trainer runs in fp32, 8x slower). Gradients are reduced
+    in fp32 (no module is listed as lower-precision safe)."""
     return {
+        "torch_autocast": {"enabled": dtype is not None, "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": False},  # fp32 master params; bf16 compute comes from autocast
+        "bf16": {"enabled": False},  # fp32 master params; bf16 compute comes from torch_autocast
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -108,7 +115,7 @@ def _any(flag: bool, device: torch.device) -> bool:
 
 
 def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, micro: int,
-             device: torch.device, dtype) -> float:
+             device: torch.device) -> float:
     """Mean loss over ``eval_batches`` fixed validation batches per rank (same every time).
 
     A small validation split may hold fewer chunks than there are ranks: then ranks share
@@ -122,8 +129,7 @@ def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, 
     with torch.no_grad():
         for _ in range(cfg.train.eval_batches):
             batch = next(loader).to(device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
-                total += engine(batch[:, :-1], batch[:, 1:]).float()
+            total += engine(batch[:, :-1], batch[:, 1:]).float()
     engine.train()
     return _all_mean(total / cfg.train.eval_batches)
 
@@ -169,10 +175,9 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     tracker = Tracker(cfg, run_dir, model.num_params()) if rank == 0 else None
     optimizer = build_optimizer(model, cfg, device)
     model = parallelize(model, cfg, device)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro, accum, global_batch)
-    )
-    dtype = autocast_dtype(cfg, device)
+    ds_config = deepspeed_config(cfg, micro, accum, global_batch, autocast_dtype(cfg, device))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=ds_config)
     loader = TokenLoader(manifest, cfg.data.train_split, cfg.data.seq_len, micro, rank, world,
                          cfg.data.num_workers, cfg.train.seed)
 
@@ -212,8 +217,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         trace.add(micro_index, batch)
         micro_index += 1
         batch = batch.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
-            loss = engine(batch[:, :-1], batch[:, 1:])
+        loss = engine(batch[:, :-1], batch[:, 1:])  # bf16 autocast inside, per deepspeed_config
         if _any(not torch.isfinite(loss).item(), device):
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             if rank == 0:
@@ -247,7 +251,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
                 report_fn({"loss": last, "step": step}, step)
         losses = [] if step % cfg.train.log_interval == 0 else losses
         if step % cfg.train.eval_interval == 0 or step == total:
-            val = evaluate(engine, cfg, manifest, rank, world, micro, device, dtype)
+            val = evaluate(engine, cfg, manifest, rank, world, micro, device)
             emit({"val_loss": val}, step)
             meter.read()  # evaluation time stays out of the next tokens/s reading
         if step % cfg.train.ckpt_interval == 0 or step == total:

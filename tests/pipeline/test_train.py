@@ -208,3 +208,32 @@ def test_dry_run_starts_nothing(data_dir, tmp_path):
     cfg_model = from_dict(cfg).walsh_config()
     assert f"{WalshLM(cfg_model).num_params()['total']:,}" in res.stdout
     assert not (tmp_path / "run").exists()
+
+
+AUTOCAST_PROBE = """
+import sys, torch, deepspeed
+from pipeline.config import load
+from pipeline.trainer import autocast_dtype, deepspeed_config, init_distributed
+from walsh.models import WalshLM
+cfg = load(sys.argv[1], ["train.precision=bf16"])
+rank, world, device = init_distributed(cfg)
+model = WalshLM(cfg.walsh_config())
+seen = []
+model.blocks[0].attn.q.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+opt = torch.optim.AdamW(model.parameters())
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+    config=deepspeed_config(cfg, 4, 1, 4, autocast_dtype(cfg, device)))
+engine(torch.randint(0, 256, (4, 32)), torch.randint(0, 256, (4, 32)))
+print("DTYPES", seen, next(model.parameters()).dtype)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_bf16_autocast_runs_inside_the_engine(data_dir, tmp_path):
+    """precision bf16: the layers compute in bf16 inside DeepSpeed's forward (an autocast
+    opened outside the engine is switched off by DeepSpeed), master weights stay fp32."""
+    cfg = write_config(tmp_path, run_config(data_dir, tmp_path / "run"))
+    res = subprocess.run([sys.executable, "-c", AUTOCAST_PROBE, str(cfg)], capture_output=True,
+                         text=True, timeout=200, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "DTYPES [torch.bfloat16] torch.float32" in res.stdout
