@@ -120,9 +120,11 @@ def verify_command(args: argparse.Namespace) -> None:
     for p in report.problems:
         print(f"  problem: {p}")
     if not report.ok:
+        failed = [c.shard.name for c in report.checks if c.problems]
+        totals = [p for p in report.problems if p.startswith("split ")]
         raise verify.VerifyError(
-            f"{args.dir}: {len(report.problems)} problem(s): " + "; ".join(report.problems[:3])
-            + (" ..." if len(report.problems) > 3 else ""))
+            f"{args.dir}: {len(report.problems)} problem(s) (listed above); shards failing: "
+            f"{', '.join(failed) or 'none'}" + (f"; {'; '.join(totals)}" if totals else ""))
     total = sum(c.tokens for c in report.checks)
     print(f"{args.dir}: OK, {len(report.checks)} shards, {total:,} tokens match the manifest")
     if not args.no_decode:

@@ -61,10 +61,11 @@ def stage(config: StageConfig | dict, *, address: str | None = None, progress: b
     cfg = config if isinstance(config, StageConfig) else config_mod.from_dict(config)
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
-    spec = tokenizer.resolve(cfg.tokenizer)
+    tokenizer.check(cfg.tokenizer)  # cheap checks first: an offline hub fails in < 1 s
     plan = sources.plan(cfg.source, task_mb=cfg.task_mb, needs=filters.needs(cfg.filters))
     if not plan.tasks:
         raise StageError("the source has no inputs")
+    spec = tokenizer.resolve(cfg.tokenizer)
     identity = {**cfg.output_identity(), "tokenizer": vars(spec.info()), "format": FORMAT,
                 "inputs": plan.description, "revision": plan.revision}
     fp = config_mod.fingerprint(identity)
@@ -124,9 +125,9 @@ def check_out_dir(out: Path, fp: str, identity: dict) -> Manifest | None:
         except (OSError, json.JSONDecodeError) as err:
             raise StageError(f"{marker}: unreadable ({err}); delete {out} and stage again") \
                 from None
-        if old.get("fingerprint") != fp:
-            differ = sorted(k for k in set(old) | set(identity)
-                            if k != "fingerprint" and old.get(k) != identity.get(k))
+        old, new = _loose(old), _loose(identity)
+        if old != new:
+            differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise StageError(
                 f"{out} holds an unfinished staging of a different dataset (it differs in: "
                 f"{', '.join(differ)}). Stage into another directory, or delete {out} first.")
@@ -137,6 +138,18 @@ def check_out_dir(out: Path, fp: str, identity: dict) -> Manifest | None:
         raise StageError(f"{out} is not empty and holds no walsh dataset (found "
                          f"{', '.join(foreign[:5])}); stage into a new or empty directory")
     return None
+
+
+def _loose(identity: dict) -> dict:
+    """The identity an unfinished staging may resume under: the same input paths, whatever
+    their sizes (a fixed or regenerated file is re-read: its task identity, and so its part
+    name, holds its size and mtime)."""
+    out = {k: v for k, v in identity.items() if k != "fingerprint"}
+    inputs = dict(out.get("inputs", {}))
+    if "files" in inputs:
+        inputs["files"] = [f["path"] for f in inputs["files"]]
+    out["inputs"] = inputs
+    return out
 
 
 def _describe(source: dict) -> str:
@@ -201,7 +214,7 @@ def _task(task: Task, spec_box: list, spec_sha: str, cfg: StageConfig, parts_dir
         spec = _SPECS[spec_sha] = ray.get(spec_box[0])
     report = None
     if board is not None:
-        report = lambda rows, tokens: board.report.remote(task.index, rows, tokens)  # noqa: E731
+        report = lambda rows, tokens: board.report.remote(task.index, rows, tokens)
     return parts.build_part(task, spec, cfg, Path(parts_dir), key, report)
 
 
@@ -282,7 +295,7 @@ def pack(out: Path, selected, spec, cfg: StageConfig, plan, fp: str, progress: b
         "tokens": {s: counts[s][1] for s in parts.SPLITS},
         "chunks": {s: sum(x.samples for x in shards if x.split == s) for s in parts.SPLITS},
         "shards": {s: sum(1 for x in shards if x.split == s) for s in parts.SPLITS},
-        "rows_read": rows, "inputs": len(selected),
+        "rows_read": rows,
         "dropped": {k: dropped.get(k, 0) for k in filters.FILTER_ORDER},
         "skipped": dict(sorted(skipped.items())),
     }

@@ -122,6 +122,17 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name or name.endswith(".tiktoken") or Path(name).is_file()
 
 
+def check(name_or_path: str) -> None:
+    """Fail now (no I/O beyond a stat) on an unknown name or a missing file."""
+    if _looks_like_path(name_or_path):
+        if not Path(name_or_path).expanduser().is_file():
+            raise TokenizerError(f"tokenizer file {name_or_path}: no such file")
+    elif name_or_path not in tiktoken.list_encoding_names():
+        raise TokenizerError(f"unknown tokenizer {name_or_path!r}: use one of "
+                             f"{sorted(tiktoken.list_encoding_names())} or the path of a "
+                             "tiktoken ranks file")
+
+
 def resolve(name_or_path: str, *, whisper_pip_args: tuple[str, ...] = ()) -> EncodingSpec:
     """Resolve a tokenizer name or ranks path to an :class:`EncodingSpec` (see module doc)."""
     if _looks_like_path(name_or_path):
@@ -131,10 +142,7 @@ def resolve(name_or_path: str, *, whisper_pip_args: tuple[str, ...] = ()) -> Enc
         except OSError as err:
             raise TokenizerError(f"tokenizer file {path}: {err.strerror or err}") from err
         return spec_from_ranks(parse_ranks(data, str(path)), name_or_path)
-    names = tiktoken.list_encoding_names()
-    if name_or_path not in names:
-        raise TokenizerError(f"unknown tokenizer {name_or_path!r}: use one of {sorted(names)} "
-                             "or the path of a tiktoken ranks file")
+    check(name_or_path)
     constructor = tiktoken.registry.ENCODING_CONSTRUCTORS[name_or_path]
     cached = _cache_path(R50K_URL)
     if name_or_path == "r50k_base" and not (cached and cached.is_file()) \
@@ -142,7 +150,7 @@ def resolve(name_or_path: str, *, whisper_pip_args: tuple[str, ...] = ()) -> Enc
         return _whisper_spec(whisper_pip_args)
     try:
         params = constructor()  # tiktoken: its cache, else its download (hash-checked)
-    except Exception as err:  # noqa: BLE001 - any download failure leads to the fallback
+    except Exception as err:  # any download failure leads to the fallback
         if name_or_path != "r50k_base":
             raise TokenizerError(f"tokenizer {name_or_path!r}: not in tiktoken's cache and the "
                                  f"download failed ({err}); pass a ranks file path") from err

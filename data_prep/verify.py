@@ -72,7 +72,7 @@ def check_shard(m: Manifest, shard: ShardInfo, first_chunk: int, last: bool) -> 
                                   f"{m.tokenizer.vocab_size}")
             lengths.append(arr.size)
             c.eots += int(np.count_nonzero(arr == m.tokenizer.eot_id))
-    except Exception as err:  # noqa: BLE001 - whatever the tar reader says, it is unreadable
+    except Exception as err:  # whatever the tar reader raises, the shard is unreadable
         c.problems.append(f"{shard.name}: unreadable after {len(lengths)} samples "
                           f"({type(err).__name__}: {err})")
     c.samples, c.tokens = len(lengths), int(sum(lengths))
@@ -166,8 +166,8 @@ def inspect(directory: str | os.PathLike, split: str = "train", index: int = 0,
                      f"{docs:>11,} {toks:>15,} {toks / max(docs, 1):>9.1f} {mb:>9.1f}")
     drops = ", ".join(f"{k} {v:,}" for k, v in t.get("dropped", {}).items()) or "none"
     skips = ", ".join(f"{k} {v:,}" for k, v in t.get("skipped", {}).items()) or "none"
-    lines.append(f"read       {t.get('rows_read', 0):,} rows from {t.get('inputs', 0):,} "
-                 f"inputs; dropped: {drops}; skipped: {skips}")
+    lines.append(f"read       {t.get('rows_read', 0):,} rows; dropped: {drops}; skipped: "
+                 f"{skips}")
     if m.split(split):
         lines.append(f"--- {split} chunk {index}, first {n_tokens} tokens ---")
         lines.append(decode_sample(m, split, index, n_tokens))

@@ -161,7 +161,7 @@ def tree_digest(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def helpers():
     """Module-level helpers for test files (tests/ has no packages to import them from)."""
     import types
