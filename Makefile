@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 quickstart: install
-	$(WALSH) model smoke
+	$(WALSH) quickstart
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

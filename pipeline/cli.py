@@ -8,7 +8,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as data_cli
-    from pipeline import bench_loss, bench_train, launch, model_cli
+    from pipeline import bench_loss, bench_train, launch, model_cli, quickstart
 
     p = argparse.ArgumentParser(
         prog="walsh",
@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (DeepSpeed ZeRO; torchrun launcher)")
     launch.add_arguments(train)
     train.set_defaults(func=launch.main)
+
+    qs = sub.add_parser("quickstart", help="stage the builtin corpus, train tiny, sample")
+    quickstart.add_arguments(qs)
+    qs.set_defaults(func=quickstart.main)
 
     model = sub.add_parser("model", help="inspect presets, run a smoke test").add_subparsers(
         dest="model_command", required=True
