@@ -133,8 +133,10 @@ def check(name_or_path: str) -> None:
                              "tiktoken ranks file")
 
 
-def resolve(name_or_path: str, *, whisper_pip_args: tuple[str, ...] = ()) -> EncodingSpec:
-    """Resolve a tokenizer name or ranks path to an :class:`EncodingSpec` (see module doc)."""
+def resolve(name_or_path: str, *, fetch: bool = True,
+            whisper_pip_args: tuple[str, ...] = ()) -> EncodingSpec:
+    """Resolve a tokenizer name or ranks path to an :class:`EncodingSpec` (see module doc).
+    ``fetch=False`` stops after the cache (for ``verify``/``inspect``, which only decode)."""
     if _looks_like_path(name_or_path):
         path = Path(name_or_path).expanduser()
         try:
@@ -145,13 +147,16 @@ def resolve(name_or_path: str, *, whisper_pip_args: tuple[str, ...] = ()) -> Enc
     check(name_or_path)
     constructor = tiktoken.registry.ENCODING_CONSTRUCTORS[name_or_path]
     cached = _cache_path(R50K_URL)
-    if name_or_path == "r50k_base" and not (cached and cached.is_file()) \
-            and not _reachable(R50K_URL):
-        return _whisper_spec(whisper_pip_args)
+    if name_or_path == "r50k_base" and not (cached and cached.is_file()):
+        if not fetch:
+            raise TokenizerError(f"r50k_base is not in tiktoken's cache ({cached}); pass the "
+                                 "ranks file path")
+        if not _reachable(R50K_URL):
+            return _whisper_spec(whisper_pip_args)
     try:
         params = constructor()  # tiktoken: its cache, else its download (hash-checked)
     except Exception as err:  # any download failure leads to the fallback
-        if name_or_path != "r50k_base":
+        if name_or_path != "r50k_base" or not fetch:
             raise TokenizerError(f"tokenizer {name_or_path!r}: not in tiktoken's cache and the "
                                  f"download failed ({err}); pass a ranks file path") from err
         return _whisper_spec(whisper_pip_args)

@@ -130,7 +130,7 @@ def decode_sample(m: Manifest, split: str, index: int, n_tokens: int) -> str:
     from data_prep import tokenizer
 
     try:
-        spec = tokenizer.resolve(m.tokenizer.name)
+        spec = tokenizer.resolve(m.tokenizer.name, fetch=False)
     except ValueError as err:
         return f"(cannot decode: {err})"
     if spec.ranks_sha256 != m.tokenizer.ranks_sha256:

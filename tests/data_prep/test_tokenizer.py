@@ -132,3 +132,25 @@ def test_whisper_fallback_explains_when_pip_fails(offline_pip):
         tokenizer.fetch_whisper_ranks(url="https://example.invalid/x",
                                       pip_args=_pip_offline(offline_pip))
     assert time.perf_counter() - t0 < 60
+
+
+def test_r50k_resolution_order_cache_then_whisper(tmp_path, monkeypatch, ranks_file):
+    """No cache and tiktoken's host unreachable: r50k_base comes from the whisper fallback,
+    whose file lands in the cache; fetch=False (verify, inspect) never goes past the cache."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(TokenizerError, match="r50k_base is not in tiktoken's cache"):
+        tokenizer.resolve("r50k_base", fetch=False)
+    calls = []
+
+    def fake_fetch(**kwargs):
+        calls.append(kwargs)
+        target = tokenizer._cache_path(tokenizer.R50K_URL)
+        target.write_bytes(ranks_file.read_bytes())
+        return target
+
+    monkeypatch.setattr(tokenizer, "_reachable", lambda url, timeout=2.0: False)
+    monkeypatch.setattr(tokenizer, "fetch_whisper_ranks", fake_fetch)
+    spec = tokenizer.resolve("r50k_base")
+    assert len(calls) == 1 and spec.name == "r50k_base"
+    assert spec.ranks_sha256 == hashlib.sha256(ranks_file.read_bytes()).hexdigest()
+    assert tokenizer._cache_path(tokenizer.R50K_URL).is_file()
