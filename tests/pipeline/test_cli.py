@@ -80,3 +80,14 @@ def test_smoke_learns_the_pattern(capsys):
     main(["model", "smoke", "--steps", "60"])
     out = capsys.readouterr().out
     assert "matches the pattern on 100%" in out
+
+
+def test_train_overrides_may_follow_options(capsys):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[2] / "configs/train/cpu-smoke.yaml"
+    assert main(["train", str(cfg), "--dry-run", "train.steps=7", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "lr: 0.5" in out
+    res = run_cli("train", str(cfg), "--dry-run", "--bogus")
+    assert res.returncode == 2 and "--bogus" in res.stderr
