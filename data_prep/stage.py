@@ -85,11 +85,14 @@ def stage(config: StageConfig | dict, *, address: str | None = None, progress: b
         reused = len(done)
         with ray_session(cfg.workers, address) as (ray, workers):
             run_tasks(ray, plan.tasks, keys, spec, cfg, parts_dir, workers, done, progress)
+        ran = len(done) - reused
         ordered = []
         for t in plan.tasks:
             if t.index not in done:
                 break
             ordered.append(done[t.index])
+        if cfg.max_docs is None and cfg.max_tokens is None:
+            assert len(ordered) == len(plan.tasks), "every task must have finished"
         selected = packing.select_parts(ordered, cfg.max_docs, cfg.max_tokens)
         manifest = pack(out, selected, spec, cfg, plan, fp, progress)
         manifest.save(out)
@@ -98,7 +101,7 @@ def stage(config: StageConfig | dict, *, address: str | None = None, progress: b
                 p.unlink()
         if not cfg.keep_parts:
             shutil.rmtree(parts_dir, ignore_errors=True)
-    _summary(log, manifest, out, time.perf_counter() - t0, len(plan.tasks) - reused, reused)
+    _summary(log, manifest, out, time.perf_counter() - t0, ran, reused)
     return manifest
 
 

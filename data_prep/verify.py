@@ -152,8 +152,8 @@ def inspect(directory: str | os.PathLike, split: str = "train", index: int = 0,
         f"source     {src.get('type')}: {what}" + (f" @ {m.revision}" if m.revision else ""),
         f"tokenizer  {tok.name} (vocab {tok.vocab_size:,}, EOT {tok.eot_id}, ranks "
         f"{tok.ranks_sha256[:12]}); {m.dtype}; chunks of {m.chunk_tokens:,} tokens",
-        f"filters    {m.filters}; split: val_fraction {m.split_rule.get('val_fraction')} "
-        f"by {m.split_rule.get('key')}",
+        f"filters    {', '.join(f'{k}={v}' for k, v in m.filters.items()) or 'none'}; split: "
+        f"val_fraction {m.split_rule.get('val_fraction')} by {m.split_rule.get('key')}",
         f"{'split':6} {'shards':>7} {'chunks':>8} {'documents':>11} {'tokens':>15} "
         f"{'tok/doc':>9} {'MB':>9}",
     ]
