@@ -13,12 +13,15 @@ import hashlib
 import json
 import os
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+HERE = Path(__file__).parent
 
 # Ray reads these at import and init: loopback only, no token auth (ARCHITECTURE.md section 7).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -147,12 +150,22 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray (2 CPUs) for the session; stage() uses a running Ray when there is one."""
+    """One local Ray (2 CPUs) for the data_prep tests; stage() uses a running Ray when there
+    is one. Shut down when the run leaves this folder (below), so it never lingers under the
+    other packages' tests."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None or Path(str(nextitem.path)).parent != HERE:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
