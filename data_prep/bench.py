@@ -9,7 +9,9 @@ English-like technical text and the same on every run), then in one process meas
   start-up time reported apart (it is a fixed cost, not throughput);
 
 and prints tokens/s, tokens/s per core, staging as a share of bare per core (the goal is at
-least 80%), the scaling from 1 to N workers, and whether the outputs are byte-identical. On a
+least 80%), the same per CPU-second actually used (the CPU time of the tasks plus the driver's,
+which other load on the machine does not inflate; it leaves out Ray's own processes and worker
+start-up), the scaling from 1 to N workers, and whether the outputs are byte-identical. On a
 shared machine use ``--repeats``: the runs are interleaved and the best of each is kept; the
 load average before and after is printed so a reader can judge the contention.
 """
@@ -77,10 +79,11 @@ def make_corpus(out: Path, mb: float, files: int, seed: int = 0) -> tuple[int, i
     return docs, total
 
 
-def bare(enc, texts: list[str], threads: int) -> tuple[int, float]:
-    t0 = time.perf_counter()
+def bare(enc, texts: list[str], threads: int) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
-    return tokens + len(texts), time.perf_counter() - t0  # + one EOT per document, as staged
+    return {"tokens": tokens + len(texts),  # + one EOT per document, as staged
+            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -106,8 +109,7 @@ def main(args: argparse.Namespace) -> None:
         digests = set()
         for rep in range(args.repeats):  # interleaved, so every run sees the same conditions
             for n in workers:
-                tokens, secs = bare(enc, texts, n)
-                samples.setdefault(("bare", n), []).append({"tokens": tokens, "seconds": secs})
+                samples.setdefault(("bare", n), []).append(bare(enc, texts, n))
             for n in workers:
                 out = work / f"out-{n}-{rep}"
                 samples.setdefault(("staging", n), []).append(
@@ -138,13 +140,17 @@ def report(samples: dict, identical: bool, workers: list[int]) -> list[dict]:
     bare = {r["cores"]: r for r in rows if r["kind"] == "bare"}
     staged = {r["cores"]: r for r in rows if r["kind"] == "staging"}
     bare1 = bare[workers[0]]["tokens_per_s"] / workers[0]
+    cpu1 = bare[workers[0]]["tokens"] / bare[workers[0]]["cpu_s"]
     print("\n| run | cores | tokens | seconds | tokens/s | tokens/s per core | per core vs "
-          "bare 1 thread |\n|---|---|---|---|---|---|---|")
+          "bare 1 thread | tokens per CPU-s | vs bare 1 thread |\n|---|---|---|---|---|---|---|"
+          "---|---|")
     for r in rows:
         r["per_core"] = r["tokens_per_s"] / r["cores"]
+        r["per_cpu_s"] = r["tokens"] / r["cpu_s"]
         print(f"| {r['run']} | {r['cores']} | {r['tokens']:,} | {r['seconds']:.2f} | "
               f"{r['tokens_per_s']:,.0f} | {r['per_core']:,.0f} | "
-              f"{100 * r['per_core'] / bare1:.0f}% |")
+              f"{100 * r['per_core'] / bare1:.0f}% | {r['per_cpu_s']:,.0f} | "
+              f"{100 * r['per_cpu_s'] / cpu1:.0f}% |")
     for n, r in staged.items():
         with_start = r["tokens"] / (r["seconds"] + r["ray_start_s"])
         print(f"staging with {n} worker(s): {100 * r['tokens_per_s'] / bare[n]['tokens_per_s']:.0f}"
@@ -171,13 +177,15 @@ def _stage_run(corpus: Path, out: Path, n: int, tok: str) -> dict:
     ray.init(num_cpus=n, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = stage({"source": {"type": "files", "paths": [str(corpus)]}, "out": str(out),
-                   "tokenizer": tok, "workers": n}, progress=False)
-        secs = time.perf_counter() - t0
+                   "tokenizer": tok, "workers": n, "keep_parts": True}, progress=False)
+        secs, driver_cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         ray.shutdown()
-    return {"tokens": m.total_tokens, "seconds": secs, "ray_start_s": ray_start}
+    tasks_cpu = sum(json.loads(p.read_text())["cpu_s"] for p in out.glob(".parts/*/meta.json"))
+    return {"tokens": m.total_tokens, "seconds": secs, "ray_start_s": ray_start,
+            "cpu_s": tasks_cpu + driver_cpu, "tasks_cpu_s": tasks_cpu}
 
 
 def _digest(directory: Path) -> str:
