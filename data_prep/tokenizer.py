@@ -9,7 +9,8 @@ else, so the GPT-2 BPE (``r50k_base``, 50257 ids, EOT 50256) is resolved in this
    tokens); any other file gets the GPT-2 split pattern and ``<|endoftext|>`` as the id after
    its last rank;
 2. tiktoken's cache (``TIKTOKEN_CACHE_DIR``), read by tiktoken itself;
-3. tiktoken's download (only tried when its host answers, so an offline box does not wait);
+3. tiktoken's download (for ``r50k_base`` only tried when its host answers within 2 s, so an
+   offline box does not wait);
 4. the same ranks file inside the ``openai-whisper`` sdist on the package index
    (``whisper/assets/gpt2.tiktoken``), fetched with pip, verified by sha256 and written into
    tiktoken's cache under the key tiktoken looks for, so step 2 finds it next time.
