@@ -31,6 +31,22 @@ def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths are the cwd's), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlartifacts`` beside the
+    database (as ``mlflow server`` does). MLflow's own default is ``./mlruns`` of whatever the
+    current directory is, which is a Ray Train worker's scratch directory under Ray. None for
+    a server (it decides) or any other store."""
+    db = sqlite_path(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
+
+
 def _git() -> dict[str, str]:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -78,13 +94,17 @@ class Tracker:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.tracking.experiment)
+        self._experiment(cfg.tracking.experiment)
         id_file = self.run_dir / RUN_ID_FILE
         if id_file.is_file():  # a resumed job continues its run
-            self.run_id = id_file.read_text().strip()
-            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
-            print(f"[walsh] MLflow: continuing run {self.run_id} at {self.uri}", flush=True)
-            return
+            run_id = id_file.read_text().strip()
+            if run_id and self._exists(run_id):
+                self.run_id = run_id
+                mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+                print(f"[walsh] MLflow: continuing run {self.run_id} at {self.uri}", flush=True)
+                return
+            print(f"[walsh] MLflow: run {run_id} (from {id_file}) is not at {self.uri}; "
+                  "starting a new run", flush=True)
         run = mlflow.start_run(run_name=cfg.tracking.run_name or cfg.name,
                                log_system_metrics=True)
         self.run_id = run.info.run_id
@@ -95,6 +115,32 @@ class Tracker:
         mlflow.set_tags(run_tags())
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
         print(f"[walsh] MLflow: run {self.run_id} at {self.uri}", flush=True)
+
+    def _experiment(self, name: str) -> None:
+        """Select experiment ``name``, creating it with ``artifact_root`` if it is new."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        client = mlflow.MlflowClient(self.uri)
+        if client.get_experiment_by_name(name) is None:
+            try:
+                client.create_experiment(name, artifact_location=artifact_root(self.uri))
+            except MlflowException as err:  # created meanwhile by another job: fine
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        mlflow.set_experiment(name)
+
+    def _exists(self, run_id: str) -> bool:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.MlflowClient(self.uri).get_run(run_id)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def _disable(self, err: Exception) -> None:
         if self.active:

@@ -9,3 +9,174 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the relative error every float comparison in the suite uses."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
+
+
+# -- training runs on a tiny pattern dataset (pipeline tests) ---------------------------------
+# The same data and run config as tests/pipeline/test_train.py, shared here so that the Ray
+# launcher and tracking tests train exactly what the torchrun tests train.
+PATTERN_VOCAB, PATTERN_CHUNK = 256, 512
+
+
+def stage_pattern(root, seed: int = 0):
+    """train: 4 shards x 6 chunks, val: 1 shard x 2 chunks, of a noisy 37-token cycle."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from data_prep.manifest import Manifest, TokenizerInfo
+    from data_prep.shards import write_shard
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    vocab, chunk = PATTERN_VOCAB, PATTERN_CHUNK
+    rng = np.random.default_rng(seed)
+    cycle = rng.integers(0, vocab - 1, 37)
+    shards, chunk_no = [], {"train": 0, "val": 0}
+    for split, n_shards, per in (("train", 4, 6), ("val", 1, 2)):
+        for i in range(n_shards):
+            chunks = []
+            for _ in range(per):
+                pos = rng.integers(0, 37)
+                tok = np.resize(np.roll(cycle, -pos), chunk).astype(np.uint16)
+                noise = rng.random(chunk) < 0.05
+                tok[noise] = rng.integers(0, vocab - 1, noise.sum())
+                chunks.append(tok)
+            shards.append(write_shard(root, split, i, chunk_no[split], chunks))
+            chunk_no[split] += per
+    Manifest(
+        tokenizer=TokenizerInfo("test-bytes", "0" * 64, vocab, vocab - 1), dtype="uint16",
+        chunk_tokens=chunk, source={"kind": "test"}, filters={}, split_rule={"kind": "test"},
+        totals={}, shards=shards,
+    ).save(root)
+    return root
+
+
+def pattern_run_config(data, run_dir, **train) -> dict:
+    """The tiny model (vocab 256, n_embd 64, 2 layers, seq_len 32), 2 workers, ZeRO-2, fp32,
+    12 steps; ``train`` overrides keys of the ``train`` section."""
+    return {
+        "name": "test",
+        "model": {"preset": "tiny", "overrides": {
+            "vocab_size": PATTERN_VOCAB, "block_size": 64, "n_embd": 64, "n_head": 8,
+            "n_layer": 2}},
+        "data": {"path": str(data), "seq_len": 32},
+        "optim": {"lr": 2e-2, "weight_decay": 0.01},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {"steps": 12, "micro_batch": 4, "global_batch": 16, "zero_stage": 2,
+                  "log_interval": 2, "eval_interval": 6, "eval_batches": 2,
+                  "ckpt_interval": 4, "keep_last": 2, "run_dir": str(run_dir),
+                  "precision": "fp32", "seed": 3, **train},
+        "tracking": {"enabled": False},
+        "cluster": {"workers": 2, "gpus_per_worker": 0},
+    }
+
+
+def write_yaml(path, obj):
+    from pathlib import Path
+
+    import yaml
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(obj))
+    return Path(path)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """Rank 0's ``<run_dir>/metrics.jsonl``, one dict per line."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line)
+            for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_trace(run_dir) -> dict[int, dict[int, str]]:
+    """rank -> micro index -> sha1 from ``--trace-data`` files (a later line for the same index
+    overrides an earlier one; a line cut short by a SIGKILL is dropped)."""
+    from pathlib import Path
+
+    out = {}
+    for f in sorted((Path(run_dir) / "data_trace").glob("rank*.txt")):
+        rows = [line.split() for line in f.read_text().splitlines()]
+        out[int(f.stem[4:])] = {int(r[0]): r[1] for r in rows if len(r) == 2 and len(r[1]) == 40}
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- subprocesses: `walsh` commands, servers, and cleaning up after them ----------------------
+def walsh_env(**extra: str) -> dict[str, str]:
+    """A copy of this environment for a `walsh` subprocess: one intra-op thread per process,
+    unbuffered output, no cluster or tracking server inherited from the caller's shell."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def start_walsh(args, log, env=None, cwd=None):
+    """``python -m pipeline.cli ARGS`` in a session of its own (see ``kill_session``), stdout
+    and stderr into the file ``log``."""
+    import subprocess
+    import sys
+
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env or walsh_env(),
+                                cwd=cwd, start_new_session=True)
+
+
+def finish_walsh(proc, log, timeout: float) -> str:
+    """Wait for ``proc`` (from ``start_walsh``); on a timeout kill its session. Asserts exit 0;
+    returns the log."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        raise AssertionError(
+            f"timed out after {timeout} s:\n{Path(log).read_text()[-6000:]}") from None
+    out = Path(log).read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def session_procs(sid: int) -> list:
+    """The live processes of session ``sid``: a process started with ``start_new_session=True``
+    (sid = its pid) and everything it spawned that did not start a session of its own, even
+    after they were re-parented (Ray's raylet, workers, dashboard; `ray start`'s daemons)."""
+    import os
+
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (only what the test itself started)."""
+    import psutil
+
+    procs = session_procs(sid)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=15)
