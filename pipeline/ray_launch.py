@@ -97,9 +97,12 @@ def prepare_env(address: str | None) -> None:
 
 
 def init_ray(cfg: RunConfig, address: str | None) -> None:
-    """Join ``address``, or start the embedded local instance. Call ``prepare_env`` first."""
+    """Join ``address``, or start the embedded local instance. Call ``prepare_env`` first.
+    A Ray this process already runs (e.g. the quickstart's, after staging) is used as it is."""
     import ray
 
+    if ray.is_initialized():
+        return
     if address:
         pin = "://" not in address and _is_loopback(address)  # a one-machine cluster
         ray.init(address=address,
