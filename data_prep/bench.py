@@ -174,7 +174,7 @@ def _stage_run(corpus: Path, out: Path, n: int, tok: str) -> dict:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=n, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
     try:
         t0, c0 = time.perf_counter(), time.process_time()

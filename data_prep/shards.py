@@ -67,7 +67,10 @@ def write_shard(
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` of every sample of one shard, in order."""
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode()
+    """Yield ``(key, tokens)`` of every sample of one shard, in order. No node or worker
+    splitting (the caller decides who reads what) and a fixed seed (the global ``random`` is
+    left alone, so a trainer's RNG state stays exact)."""
+    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None,
+                        workersplitter=None, seed=0).decode()
     for sample in ds:
         yield sample["__key__"], sample["tokens.npy"]

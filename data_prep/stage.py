@@ -193,7 +193,7 @@ def ray_session(workers: int | None, address: str | None):
         return
     if local:
         n = workers or os.cpu_count() or 1
-        ray.init(num_cpus=n, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level="WARNING")
     else:
         ray.init(address=address, logging_level="WARNING")
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
