@@ -7,7 +7,6 @@ holding a repeating token pattern, so a tiny model's loss must fall within a few
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,66 +14,28 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
 import yaml
+from _helpers import (
+    pattern_run_config,
+    read_metrics,
+    read_trace,
+    stage_pattern,
+)
 
-from data_prep.manifest import Manifest, TokenizerInfo
-from data_prep.shards import write_shard
 from pipeline.checkpoint import export_fp32
 from pipeline.config import ConfigError, from_dict
 from walsh.models import WalshLM
 
 pytestmark = pytest.mark.multiprocess
-VOCAB, CHUNK = 256, 512
-
-
-def stage_pattern(root: Path, seed: int = 0) -> Path:
-    """train: 4 shards x 6 chunks, val: 1 shard x 2 chunks, of a noisy 37-token cycle."""
-    rng = np.random.default_rng(seed)
-    cycle = rng.integers(0, VOCAB - 1, 37)
-    shards, chunk_no = [], {"train": 0, "val": 0}
-    for split, n_shards, per in (("train", 4, 6), ("val", 1, 2)):
-        for i in range(n_shards):
-            chunks = []
-            for _ in range(per):
-                pos = rng.integers(0, 37)
-                tok = np.resize(np.roll(cycle, -pos), CHUNK).astype(np.uint16)
-                noise = rng.random(CHUNK) < 0.05
-                tok[noise] = rng.integers(0, VOCAB - 1, noise.sum())
-                chunks.append(tok)
-            shards.append(write_shard(root, split, i, chunk_no[split], chunks))
-            chunk_no[split] += per
-    Manifest(
-        tokenizer=TokenizerInfo("test-bytes", "0" * 64, VOCAB, VOCAB - 1), dtype="uint16",
-        chunk_tokens=CHUNK, source={"kind": "test"}, filters={}, split_rule={"kind": "test"},
-        totals={}, shards=shards,
-    ).save(root)
-    return root
+run_config = pattern_run_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return stage_pattern(tmp_path_factory.mktemp("data"))
-
-
-def run_config(data: Path, run_dir: Path, **train) -> dict:
-    return {
-        "name": "test",
-        "model": {"preset": "tiny", "overrides": {
-            "vocab_size": VOCAB, "block_size": 64, "n_embd": 64, "n_head": 8, "n_layer": 2}},
-        "data": {"path": str(data), "seq_len": 32},
-        "optim": {"lr": 2e-2, "weight_decay": 0.01},
-        "schedule": {"kind": "cosine", "warmup_steps": 2},
-        "train": {"steps": 12, "micro_batch": 4, "global_batch": 16, "zero_stage": 2,
-                  "log_interval": 2, "eval_interval": 6, "eval_batches": 2,
-                  "ckpt_interval": 4, "keep_last": 2, "run_dir": str(run_dir),
-                  "precision": "fp32", "seed": 3, **train},
-        "tracking": {"enabled": False},
-        "cluster": {"workers": 2, "gpus_per_worker": 0},
-    }
 
 
 def write_config(tmp: Path, cfg: dict) -> Path:
@@ -97,20 +58,16 @@ def finish(proc: subprocess.Popen, timeout: int = 240) -> str:
     return out
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train_with_two_processes(stage, data_dir, tmp_path):
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path, run_config(data_dir, run_dir, zero_stage=stage))
     finish(torchrun(cfg))
-    losses = [m["loss"] for m in metrics(run_dir) if "loss" in m]
+    losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert len(losses) == 6
     assert losses[-1] < 0.6 * losses[0], losses  # the pattern is learnable: loss falls clearly
-    assert any("val_loss" in m for m in metrics(run_dir))
+    assert any("val_loss" in m for m in read_metrics(run_dir))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000008", "step_00000012"]  # keep_last = 2
@@ -118,16 +75,6 @@ def test_zero_stages_train_with_two_processes(stage, data_dir, tmp_path):
     state = torch.load(export_fp32(run_dir, tmp_path / "fp32.pt"), weights_only=True)
     model = WalshLM(from_dict(run_config(data_dir, run_dir)).walsh_config())
     model.load_state_dict(state, strict=True)
-
-
-def _trace(run_dir: Path) -> dict[int, dict[int, str]]:
-    """rank -> micro index -> sha1 (a later line for the same index overrides an earlier one)."""
-    out = {}
-    for f in sorted((run_dir / "data_trace").glob("rank*.txt")):
-        rows = [line.split() for line in f.read_text().splitlines()]
-        # a SIGKILL can cut the last line short: keep whole records only
-        out[int(f.stem[4:])] = {int(r[0]): r[1] for r in rows if len(r) == 2 and len(r[1]) == 40}
-    return out
 
 
 @pytest.mark.timeout(600)
@@ -162,7 +109,7 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert _trace(straight_dir) == _trace(killed_dir)  # the same batches, in the same order
+    assert read_trace(straight_dir) == read_trace(killed_dir)  # the same batches, in the same order
 
 
 def test_config_errors_before_any_engine(data_dir, tmp_path):
