@@ -46,6 +46,10 @@ $(STAMP): pyproject.toml
 	fi
 	$(PYTHON) -c 'import torch; print(f"torch=={torch.__version__}")' > $(CONSTRAINTS)
 	PIP_CONSTRAINT="$(CONSTRAINTS)$${PIP_CONSTRAINT:+ $$PIP_CONSTRAINT}" $(PIP) install -e ".[dev]"
+	@# cache the GPT-2 ranks while the package index is reachable, so staging works offline later
+	@$(PYTHON) -c 'from data_prep.tokenizer import load; load("r50k_base")' \
+		&& echo "GPT-2 tokenizer (r50k_base) cached" \
+		|| echo "warning: could not cache the GPT-2 tokenizer now; staging will fetch it"
 	@touch $@
 
 quickstart: install
