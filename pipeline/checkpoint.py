@@ -11,14 +11,23 @@ Every rank saves its part, all ranks meet at a barrier, and only then rank 0 rew
 (temp file + rename) and prunes checkpoints beyond ``keep_last``. A run killed mid-save leaves
 ``latest`` on the previous complete checkpoint, so resuming never reads a partial one.
 
+Resuming on another world size: ZeRO shards are per rank, so a checkpoint written by W ranks is
+first converted by rank 0 with DeepSpeed's ``ds_to_universal`` into ``<tag>_universal/`` (temp
+name, then rename) and loaded with ``checkpoint.load_universal``. The loader then restarts at the
+epoch boundary its slowest saved stream had reached (``TokenLoader.load_state_dict`` warns), and
+every rank draws fresh RNG states: the loss curve continues, the exact batch order does not.
+
 ``export_fp32`` consolidates a ZeRO checkpoint into one fp32 state dict (DeepSpeed's
 zero_to_fp32) that loads into ``WalshLM``.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +37,8 @@ import torch.distributed as dist
 from data_prep.manifest import atomic_write_bytes
 
 LATEST = "latest"
+META = "meta.json"
+UNIVERSAL = "_universal"
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
@@ -71,6 +82,8 @@ def save(engine, run_dir: str | Path, step: int, rank_state: dict, config_yaml: 
     _save_torch_atomic({"step": step, **rank_state}, root / tag / f"rank{rank:05d}.pt")
     if rank == 0:
         atomic_write_bytes(root / tag / "config.yaml", config_yaml.encode())
+        meta = {"step": step, "world_size": dist.get_world_size()}
+        atomic_write_bytes(root / tag / META, json.dumps(meta).encode())
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         atomic_write_bytes(root / LATEST, tag.encode())
@@ -82,9 +95,10 @@ def save(engine, run_dir: str | Path, step: int, rank_state: dict, config_yaml: 
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(UNIVERSAL))
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(root / f"{old.name}{UNIVERSAL}", ignore_errors=True)
 
 
 def latest_tag(run_dir: str | Path) -> str | None:
@@ -97,21 +111,58 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tag
 
 
+def saved_world_size(run_dir: str | Path) -> int | None:
+    """World size that wrote the latest checkpoint (None: no checkpoint, or one without meta)."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    meta = ckpt_root(run_dir) / tag / META
+    return json.loads(meta.read_text())["world_size"] if meta.is_file() else None
+
+
+def needs_universal(run_dir: str | Path, world_size: int) -> bool:
+    saved = saved_world_size(run_dir)
+    return saved is not None and saved != world_size
+
+
+def _convert_universal(root: Path, tag: str) -> str:
+    """Rank 0 converts ``tag`` to DeepSpeed's universal format once; all ranks wait."""
+    out = root / f"{tag}{UNIVERSAL}"
+    if dist.get_rank() == 0 and not out.is_dir():
+        tmp = root / f".{tag}{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             str(root / tag), "--output_folder", str(tmp), "--inject_missing_state"],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        tmp.rename(out)
+    dist.barrier()
+    return out.name
+
+
 def load_latest(engine, run_dir: str | Path) -> dict | None:
-    """Load the newest complete checkpoint into ``engine``; returns this rank's state or None."""
+    """Load the newest complete checkpoint into ``engine``; returns this rank's state or None.
+
+    Written by another world size: load its universal conversion (the engine must have been
+    built with ``checkpoint.load_universal``), return rank 0's loader state without RNG."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
     root = ckpt_root(run_dir)
+    rank = dist.get_rank()
+    if needs_universal(run_dir, dist.get_world_size()):
+        engine.load_checkpoint(str(root), tag=_convert_universal(root, tag),
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+        state = torch.load(root / tag / "rank00000.pt", weights_only=False)
+        state.pop("rng", None)
+        return state
     engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                            load_lr_scheduler_states=False)
-    rank = dist.get_rank()
     path = root / tag / f"rank{rank:05d}.pt"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no state for rank {rank}; was the checkpoint written with another world "
-            "size? (resuming on a different rank count needs the universal checkpoint path)"
-        )
+        raise FileNotFoundError(f"{path}: no state for rank {rank} (and no {META} to tell "
+                                "which world size wrote the checkpoint)")
     return torch.load(path, weights_only=False)
 
 

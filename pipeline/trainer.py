@@ -176,6 +176,8 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     optimizer = build_optimizer(model, cfg, device)
     model = parallelize(model, cfg, device)
     ds_config = deepspeed_config(cfg, micro, accum, global_batch, autocast_dtype(cfg, device))
+    if checkpoint.needs_universal(run_dir, world):  # saved by another world size
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=ds_config)
     loader = TokenLoader(manifest, cfg.data.train_split, cfg.data.seq_len, micro, rank, world,
@@ -186,7 +188,8 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     if state is not None:
         step, micro_index = state["step"], state["micro_index"]
         loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
+        if "rng" in state:  # absent after a world-size change: fresh draws
+            checkpoint.set_rng_state(state["rng"])
         if rank == 0:
             print(f"[walsh] resumed from {checkpoint.latest_tag(run_dir)} at step {step}",
                   flush=True)

@@ -7,6 +7,7 @@ holding a repeating token pattern, so a tiny model's loss must fall within a few
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -184,3 +185,26 @@ def test_bf16_autocast_runs_inside_the_engine(data_dir, tmp_path):
                          text=True, timeout=200, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DTYPES [torch.bfloat16] torch.float32" in res.stdout
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(before, after, data_dir, tmp_path):
+    """ZeRO-2 shards saved by `before` ranks are converted to DeepSpeed's universal format and
+    loaded by `after` ranks; the loss curve continues from the checkpoint."""
+    run_dir = tmp_path / "run"
+    first = run_config(data_dir, run_dir, steps=4, ckpt_interval=4, global_batch=8)
+    first["cluster"]["workers"] = before
+    finish(torchrun(write_config(tmp_path, first), nproc=before))
+    second = run_config(data_dir, run_dir, steps=8, ckpt_interval=4, global_batch=8)
+    second["cluster"]["workers"] = after
+    (tmp_path / "b").mkdir()
+    out = finish(torchrun(write_config(tmp_path / "b", second), nproc=after))
+    assert "resumed from step_00000004 at step 4" in out
+    assert (run_dir / "checkpoints" / "step_00000004_universal").is_dir()
+    losses = {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+    assert losses[8] < losses[4] < losses[2]  # continues downward, no restart from scratch
+    assert json.loads((run_dir / "checkpoints" / "step_00000008" / "meta.json").read_text()) == {
+        "step": 8, "world_size": after}
+    state = torch.load(export_fp32(run_dir, tmp_path / "fp32.pt"), weights_only=True)
+    WalshLM(from_dict(second).walsh_config()).load_state_dict(state, strict=True)
