@@ -470,10 +470,12 @@ def check_against_manifest(cfg: RunConfig, manifest, world_size: int = 1) -> Non
             f"model.overrides.vocab_size: the model's vocab_size {model_vocab} is smaller than "
             f"the dataset tokenizer's {data_vocab} ({manifest.tokenizer.name}, {where})"
         )
-    streams = max(1, world_size) * max(1, cfg.data.num_workers)
     window = cfg.data.seq_len + 1
-    for key, split in (("data.train_split", cfg.data.train_split),
-                       ("data.val_split", cfg.data.val_split)):
+    train_streams = max(1, world_size) * max(1, cfg.data.num_workers)
+    # evaluation reads min(world, val chunks) streams without loader workers (ranks share
+    # streams when the validation split is small), so it needs one chunk and one window
+    for key, split, streams in (("data.train_split", cfg.data.train_split, train_streams),
+                                ("data.val_split", cfg.data.val_split, 1)):
         shards = manifest.split(split)
         tokens = sum(s.tokens for s in shards)
         if not shards:
