@@ -32,14 +32,19 @@ def absmean_scale(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
     return w.abs().mean().clamp(min=EPS)
 
 
+def _codes(w: torch.Tensor, per_component: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, gamma): Q = clip(round(w / gamma), -1, 1) in w's dtype, gamma = absmean; no grad."""
+    with torch.no_grad():
+        scale = absmean_scale(w, per_component)
+        return torch.clamp(torch.round(w / scale), -1, 1), scale
+
+
 def ternary_quantize(
     w: torch.Tensor, per_component: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(codes int8 in {-1, 0, 1}, scale)`` with ``scale * codes`` the effective weight."""
-    with torch.no_grad():
-        scale = absmean_scale(w.float(), per_component)
-        codes = torch.clamp(torch.round(w.float() / scale), -1, 1).to(torch.int8)
-    return codes, scale
+    codes, scale = _codes(w.detach().float(), per_component)
+    return codes.to(torch.int8), scale
 
 
 def ternary_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
@@ -50,10 +55,15 @@ def ternary_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
     w + (w_eff - w).detach(): the same gradient, but the forward value is exactly gamma * Q
     (the latter rounds by an ulp wherever |w| > 2 gamma, so exports would not bit-match).
     """
-    with torch.no_grad():
-        scale = absmean_scale(w, per_component)
-        w_eff = torch.clamp(torch.round(w / scale), -1, 1) * scale
-    return w_eff + (w - w.detach())
+    codes, scale = _codes(w, per_component)
+    return codes * scale + (w - w.detach())
+
+
+def ternary_codes_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
+    """The codes Q themselves (forward exactly in {-1, 0, 1}), with the straight-through
+    gradient of w / gamma: for layers that scale Q by a learned gain instead of gamma."""
+    codes, scale = _codes(w, per_component)
+    return codes + (w - w.detach()) / scale
 
 
 def act_quant_ste(x: torch.Tensor, bits: int = 8) -> torch.Tensor:

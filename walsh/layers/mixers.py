@@ -27,7 +27,7 @@ from torch import nn
 from walsh.algebra import fwht, layer_sign_matrix
 from walsh.layers.base import autocast_input
 from walsh.layers.cayley_dickson import cd_materialize
-from walsh.quant import absmean_scale
+from walsh.quant import ternary_codes_ste
 
 
 class _Mixer(nn.Module):
@@ -45,9 +45,7 @@ class _Mixer(nn.Module):
         """[A, D, D]: M, or gain * Q (straight-through) for a ternary mixer."""
         if not self.ternary:
             return self.weight
-        z = self.weight / absmean_scale(self.weight).detach()
-        q = torch.clamp(torch.round(z.detach()), -1, 1) + (z - z.detach())
-        return self.gain * q
+        return self.gain * ternary_codes_ste(self.weight)
 
 
 class CayleyDicksonMixer(_Mixer):
