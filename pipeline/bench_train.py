@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from pipeline.parallelize import compile_blocks
 from walsh.models import WalshLM, get_preset, presets
 
 
@@ -50,11 +51,7 @@ def bench_one(
     if compile_model and compile_scope == "model":
         fwd_bwd = torch.compile(model)
     elif compile_model:
-        # torchtitan style: one compiled graph per block, reused by all identical blocks,
-        # so compile time does not grow with depth; the loss is compiled on its own.
-        for block in model.blocks:
-            block.compile()
-        model.loss = torch.compile(model.loss)
+        compile_blocks(model)  # exactly what the trainer does (pipeline.parallelize)
     gen = torch.Generator(device="cpu").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
