@@ -108,10 +108,12 @@ def _all_mean(x: torch.Tensor) -> float:
     return x.item() / dist.get_world_size()
 
 
-def _any(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
+def _nonfinite_anywhere(loss: torch.Tensor) -> bool:
+    """True if the loss is NaN/inf on any rank: the flag is formed and all-reduced on the
+    device, so the micro step pays one host sync, not two."""
+    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
 
 def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, micro: int,
@@ -221,7 +223,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         micro_index += 1
         batch = batch.to(device, non_blocking=True)
         loss = engine(batch[:, :-1], batch[:, 1:])  # bf16 autocast inside, per deepspeed_config
-        if _any(not torch.isfinite(loss).item(), device):
+        if _nonfinite_anywhere(loss):
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             if rank == 0:
                 print(f"[walsh] non-finite loss at step {step}: micro batch skipped "
@@ -252,7 +254,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
                 print(f"[walsh] step {step}/{total} loss {last:.4f} lr {lr:.3e}", flush=True)
             if report_fn is not None:
                 report_fn({"loss": last, "step": step}, step)
-        losses = [] if step % cfg.train.log_interval == 0 else losses
+            losses = []
         if step % cfg.train.eval_interval == 0 or step == total:
             val = evaluate(engine, cfg, manifest, rank, world, micro, device)
             emit({"val_loss": val}, step)
