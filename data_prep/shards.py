@@ -9,6 +9,7 @@ once complete (a reader never sees a partial shard). Samples: ``{"__key__": "{sp
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data_prep.manifest import ShardInfo
 
 TAR_MTIME = 0.0  # fixed, for byte-identical shards
+TOKENS_EXT = "tokens.npy"
 SHARD_MODE = 0o644  # mkstemp makes 0600; shards are read by other users and nodes
 
 
@@ -66,11 +69,40 @@ def write_shard(
     return ShardInfo(name=target.name, split=split, samples=samples, tokens=tokens, sha256=digest)
 
 
+def read_samples(
+    path: str | os.PathLike, first: int = 0, stop: int | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, tokens)`` of samples ``first <= i < stop`` (``stop`` None: to the end) of
+    one shard, in file order: the one reader of the shard format (verify, inspect, the loader).
+
+    Reads the tar sequentially with webdataset's tar iterator (no node or worker splitting, no
+    shuffling, no RNG use); samples before ``first`` are read through but not decoded, and reading
+    stops after sample ``stop - 1``. A sample without ``tokens.npy`` or a shard with fewer than
+    ``stop`` samples raises ``RuntimeError`` naming the file."""
+    index, key, found = -1, None, True
+    with open(path, "rb") as f:
+        for item in tar_file_iterator(f):
+            prefix, suffix = base_plus_ext(item["fname"])
+            if prefix is None:
+                continue
+            if prefix != key:
+                if not found:
+                    raise RuntimeError(f"{path}: sample {key!r} has no {TOKENS_EXT}")
+                index, key, found = index + 1, prefix, index + 1 < first
+                if stop is not None and index >= stop:
+                    return
+            if index >= first and suffix.lower() == TOKENS_EXT:
+                found = True
+                yield key, np.load(io.BytesIO(item["data"]), allow_pickle=False)
+                if stop is not None and index == stop - 1:
+                    return
+    if not found:
+        raise RuntimeError(f"{path}: sample {key!r} has no {TOKENS_EXT}")
+    if stop is not None:
+        raise RuntimeError(f"{path}: the shard ends after {index + 1} samples, the manifest "
+                           f"promised at least {stop}")
+
+
 def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` of every sample of one shard, in order. No node or worker
-    splitting (the caller decides who reads what) and a fixed seed (the global ``random`` is
-    left alone, so a trainer's RNG state stays exact)."""
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None,
-                        workersplitter=None, seed=0).decode()
-    for sample in ds:
-        yield sample["__key__"], sample["tokens.npy"]
+    """Yield ``(key, tokens)`` of every sample of one shard, in order."""
+    return read_samples(path)

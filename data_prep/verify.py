@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.manifest import Manifest, ShardInfo
-from data_prep.shards import read_shard, sample_key, sha256_file
+from data_prep.shards import read_samples, read_shard, sample_key, sha256_file
 
 
 class VerifyError(ValueError):
@@ -118,9 +118,7 @@ def first_chunk(m: Manifest, split: str, index: int = 0) -> np.ndarray:
     rest = index
     for shard in m.split(split):
         if rest < shard.samples:
-            for i, (_, arr) in enumerate(read_shard(m.path(shard))):
-                if i == rest:
-                    return arr
+            return next(read_samples(m.path(shard), rest, rest + 1))[1]
         rest -= shard.samples
     raise ValueError(f"{m.root}: split {split!r} has no chunk {index}")
 

@@ -57,7 +57,6 @@ Neither the global torch RNG (the DataLoader gets its own generator), numpy's no
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -65,14 +64,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data_prep.manifest import Manifest
+from data_prep.shards import read_samples
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_TOKENS_EXT = "tokens.npy"
 
 
 def stream_ranges(n_chunks: int, n_streams: int) -> list[tuple[int, int]]:
@@ -88,35 +86,6 @@ def _role_batches(batches: int, role: int, workers: int) -> int:
     """How many of a rank's first ``batches`` batches came from role ``role`` (batch b from role
     ``b % workers``)."""
     return max(0, (batches - role + workers - 1) // workers)
-
-
-def _read_samples(path: str, first: int, stop: int) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` of samples ``first <= i < stop`` of one shard, in file order.
-
-    Reads the tar sequentially with webdataset's tar iterator (no node or worker splitting, no
-    shuffling, no RNG use); samples before ``first`` are read through but not decoded, and reading
-    stops after sample ``stop - 1``."""
-    index, key, found = -1, None, True
-    with open(path, "rb") as f:
-        for item in tar_file_iterator(f):
-            prefix, suffix = base_plus_ext(item["fname"])
-            if prefix is None:
-                continue
-            if prefix != key:
-                if not found:
-                    raise RuntimeError(f"{path}: sample {key!r} has no {_TOKENS_EXT}")
-                index, key, found = index + 1, prefix, index + 1 < first
-                if index >= stop:
-                    return
-            if index >= first and suffix.lower() == _TOKENS_EXT:
-                found = True
-                yield key, np.load(io.BytesIO(item["data"]), allow_pickle=False)
-                if index == stop - 1:
-                    return
-    if not found:
-        raise RuntimeError(f"{path}: sample {key!r} has no {_TOKENS_EXT}")
-    raise RuntimeError(f"{path}: the shard ends after {index + 1} samples, the manifest "
-                       f"promised at least {stop}")
 
 
 class _Plan:
@@ -221,7 +190,7 @@ class _Plan:
                 shard = int(order[i])
                 start = int(starts[i])
                 first, stop = pos - start, min(int(self.samples[shard]), b - start)
-                for j, (key, arr) in enumerate(_read_samples(self.paths[shard], first, stop)):
+                for j, (key, arr) in enumerate(read_samples(self.paths[shard], first, stop)):
                     want = self.chunk_len(shard, first + j)
                     if arr.dtype != self.dtype or arr.ndim != 1 or arr.shape[0] != want:
                         raise RuntimeError(
