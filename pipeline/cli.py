@@ -6,6 +6,16 @@ import argparse
 import sys
 
 
+def _command(sub, name: str, help: str, add_arguments, func) -> None:
+    p = sub.add_parser(name, help=help)
+    add_arguments(p)
+    p.set_defaults(func=func)
+
+
+def _group(sub, name: str, help: str):
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as data_cli
     from pipeline import bench_loss, bench_train, launch, model_cli, quickstart
@@ -17,34 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     data_cli.register(sub)  # walsh data stage|verify|inspect
+    _command(sub, "train", "train a model (DeepSpeed ZeRO; Ray Train, torchrun or in-process)",
+             launch.add_arguments, launch.main)
+    _command(sub, "quickstart", "stage the builtin corpus, train tiny, sample",
+             quickstart.add_arguments, quickstart.main)
 
-    train = sub.add_parser("train", help="train a model (DeepSpeed ZeRO; torchrun launcher)")
-    launch.add_arguments(train)
-    train.set_defaults(func=launch.main)
+    model = _group(sub, "model", "inspect presets, run a smoke test")
+    _command(model, "info", "print a preset's config, parameters and FLOPs",
+             model_cli.add_info_arguments, model_cli.info)
+    _command(model, "smoke", "train a tiny model on a pattern, then generate",
+             model_cli.add_smoke_arguments, model_cli.smoke)
 
-    qs = sub.add_parser("quickstart", help="stage the builtin corpus, train tiny, sample")
-    quickstart.add_arguments(qs)
-    qs.set_defaults(func=quickstart.main)
-
-    model = sub.add_parser("model", help="inspect presets, run a smoke test").add_subparsers(
-        dest="model_command", required=True
-    )
-    info = model.add_parser("info", help="print a preset's config, parameters and FLOPs")
-    model_cli.add_info_arguments(info)
-    info.set_defaults(func=model_cli.info)
-    smoke = model.add_parser("smoke", help="train a tiny model on a pattern, then generate")
-    model_cli.add_smoke_arguments(smoke)
-    smoke.set_defaults(func=model_cli.smoke)
-
-    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
-        dest="bench_command", required=True
-    )
-    btrain = bench.add_parser("train", help="tok/s and peak memory of training steps")
-    bench_train.add_arguments(btrain)
-    btrain.set_defaults(func=bench_train.main)
-    loss = bench.add_parser("loss", help="peak memory of the chunked vs the full cross-entropy")
-    bench_loss.add_arguments(loss)
-    loss.set_defaults(func=bench_loss.main)
+    bench = _group(sub, "bench", "benchmarks that print figures")
+    _command(bench, "train", "tok/s and peak memory of training steps",
+             bench_train.add_arguments, bench_train.main)
+    _command(bench, "loss", "peak memory of the chunked vs the full cross-entropy",
+             bench_loss.add_arguments, bench_loss.main)
     data_cli.register_bench(bench)  # walsh bench staging
     return p
 
