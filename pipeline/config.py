@@ -135,7 +135,10 @@ class OptimCfg(BaseModel):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     decay_embeddings: bool = False
-    fused: bool = False  # DeepSpeed FusedAdam, GPU only
+    # AdamW's implementation: "auto" = torch's fused kernel on CUDA, foreach on CPU; "deepspeed"
+    # = DeepSpeed's FusedAdam (a JIT-built op, GPU only). Measured on one H100 (dense-125m,
+    # docs/benchmarks.md), foreach costs several percent of a step against fused.
+    impl: Literal["auto", "foreach", "fused", "deepspeed"] = "auto"
     muon_lr: float = Field(0.02, gt=0)
     muon_momentum: float = Field(0.95, ge=0, lt=1)
 
@@ -195,6 +198,15 @@ class TrainCfg(BaseModel):
     compile: bool = False
     activation_checkpointing: bool = False
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
+    # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)
+    profile_steps: tuple[StrictInt, StrictInt] | None = None
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 < v[0] < v[1]:
+            raise _KeyedError("", f"must be [start, stop] with 0 < start < stop, got {list(v)}")
+        return v
 
     @field_validator("token_budget", mode="before")
     @classmethod

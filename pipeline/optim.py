@@ -107,11 +107,17 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device):
     if o.name == "muon":
         return ComponentMuon(model, cfg)
     groups = param_groups(model, cfg)
-    if o.fused and device.type == "cuda":
+    cuda = device.type == "cuda"
+    if o.impl in ("fused", "deepspeed") and not cuda:
+        raise ValueError(f"optim.impl={o.impl!r} needs a CUDA device; use 'auto' or 'foreach' "
+                         f"on {device.type}")
+    if o.impl == "deepspeed":
         from deepspeed.ops.adam import FusedAdam  # JIT-built op; GPU only
 
         return FusedAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    fused = o.impl == "fused" or (o.impl == "auto" and cuda)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_multiplier(cfg: RunConfig, step: int, total: int) -> float:

@@ -8,13 +8,20 @@ worker, or a plain single process, for which it sets up a world of one). Every r
    parallelism (``pipeline.parallelize``) and ``deepspeed.initialize`` (ZeRO 0-3),
 3. resumes from ``<run_dir>/checkpoints/latest`` if present (weights, optimizer, loader, RNG),
 4. loops over micro steps: forward under autocast, a NaN/inf guard agreed by all ranks,
-   backward, ``engine.step()`` (DeepSpeed accumulates and clips; the lr and weight decay of the
+   backward, ``engine.step()`` (DeepSpeed accumulates; ZeRO 1-3 clip inside DeepSpeed, ZeRO 0
+   clips here with torch's foreach ``clip_grad_norm_``; the lr and weight decay of the
    schedule are set just before each optimizer step),
 5. logs, evaluates, checkpoints every k steps and at the end.
 
 NaN guard: a micro batch whose loss is not finite on any rank is skipped by every rank (no
 backward, no step), counted, and the run stops after ``train.max_bad_steps`` in a row.
 Non-finite gradients behind a finite loss are not caught (the clipped norm is logged).
+
+Host overhead (measured on one H100, docs/benchmarks.md): a 125M step is ~45 ms of GPU work and
+the host must keep up. DeepSpeed's stage-0 clipping runs one norm kernel per parameter and its
+world-of-one all-reduce flattens and copies every gradient, together 10-15% of a walsh-h step;
+so at stage 0 the trainer clips with one foreach norm and, in a world of one, skips the
+all-reduce. Batches are copied from pinned memory.
 
 Precision: ``bf16`` keeps fp32 master weights in the engine and runs the forward under
 ``torch.autocast(bfloat16)`` (the ternary quantizers see fp32 latents, as MODEL_SPEC asks);
@@ -42,6 +49,7 @@ from pipeline.loader import TokenLoader
 from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
 from pipeline.optim import apply_schedule, build_optimizer
 from pipeline.parallelize import parallelize
+from pipeline.profiling import StepProfiler
 from pipeline.tracking import Tracker
 from walsh.models import WalshLM
 
@@ -85,7 +93,8 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int,
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.train.grad_clip,
+        # stage 0: clipped by the trainer (one foreach norm, not DeepSpeed's per-parameter loop)
+        "gradient_clipping": cfg.train.grad_clip if cfg.train.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": False},  # fp32 master params; bf16 compute comes from torch_autocast
         "fp16": {"enabled": False},
@@ -182,8 +191,11 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         ds_config["checkpoint"] = {"load_universal": True}
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=ds_config)
+    own_clip = cfg.train.zero_stage == 0 and cfg.train.grad_clip > 0
+    if cfg.train.zero_stage == 0 and world == 1:
+        engine.enable_backward_allreduce = False  # nothing to reduce; spares a flatten + copy
     loader = TokenLoader(manifest, cfg.data.train_split, cfg.data.seq_len, micro, rank, world,
-                         cfg.data.num_workers, cfg.train.seed)
+                         cfg.data.num_workers, cfg.train.seed, pin_memory=device.type == "cuda")
 
     step, micro_index = 0, 0
     state = checkpoint.load_latest(engine, run_dir)
@@ -214,9 +226,11 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         tracker.log(values, at)
 
     trace = _Trace(run_dir, rank, trace_data)
+    profiler = StepProfiler(run_dir, rank, cfg.train.profile_steps, device)
     meter = Throughput(flops, world, device_peak_tflops(device, cfg.train.peak_tflops))
     tokens_per_step = global_batch * cfg.data.seq_len
     bad_in_a_row, skipped, losses, last, val = 0, 0, [], float("nan"), None
+    grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own clipped norm
     while step < total:
         batch = next(loader)
         trace.add(micro_index, batch)
@@ -239,14 +253,18 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         losses.append(loss.detach())
         boundary = engine.is_gradient_accumulation_boundary()
         lr = apply_schedule(engine.optimizer, cfg, step, total) if boundary else None
+        if boundary and own_clip:  # gradients are already reduced by engine.backward
+            grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(),
+                                                       cfg.train.grad_clip, foreach=True)
         engine.step()
         if not boundary:
             continue
         step += 1
         meter.add(tokens_per_step)
+        profiler.after_step(step)
         if step % cfg.train.log_interval == 0 or step == total:
             last = _all_mean(torch.stack(losses).mean())
-            gn = engine.get_global_grad_norm()
+            gn = grad_norm if own_clip else engine.get_global_grad_norm()
             emit({"loss": last, "lr": lr, "grad_norm": float(gn) if gn is not None else None,
                   "tokens_seen": step * tokens_per_step, "skipped_micro_batches": skipped,
                   "epoch": loader.epoch, **meter.read(), **memory_stats(device)}, step)

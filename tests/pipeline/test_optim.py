@@ -108,3 +108,13 @@ def test_muon_updates_each_algebra_component_as_a_matrix():
         assert s.min() > 0.3 * s.max(), s
     # the embedding (not a hidden matrix) moved through AdamW
     assert opt.adamw.state[model.embed.weight]["step"] == 1
+
+
+def test_adamw_impl_auto_is_foreach_on_cpu_and_fused_needs_cuda():
+    model, cpu = small_model(), torch.device("cpu")
+    opt = build_optimizer(model, cfg_with(), cpu)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    for impl in ("fused", "deepspeed"):
+        with pytest.raises(ValueError, match=f"optim.impl='{impl}' needs a CUDA device"):
+            build_optimizer(model, cfg_with(optim={"impl": impl}), cpu)

@@ -78,6 +78,25 @@ def test_zero_stages_train_with_two_processes(stage, data_dir, tmp_path):
     model.load_state_dict(state, strict=True)
 
 
+@pytest.mark.timeout(400)
+def test_stage0_own_clipping_matches_deepspeeds(data_dir, tmp_path):
+    """ZeRO 0 clips in the trainer (one foreach norm over the all-reduced gradients), ZeRO 2
+    inside DeepSpeed: with 2 ranks and accumulation, the same run logs the same gradient norms
+    and losses (fp32; only the summation order differs)."""
+    logs = {}
+    for stage in (0, 2):
+        run_dir = tmp_path / f"run{stage}"
+        (tmp_path / f"c{stage}").mkdir()
+        cfg = run_config(data_dir, run_dir, zero_stage=stage, steps=6, grad_clip=0.5)
+        finish(torchrun(write_config(tmp_path / f"c{stage}", cfg)))
+        logs[stage] = [(m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
+    assert len(logs[0]) == 3
+    for (l0, g0), (l2, g2) in zip(logs[0], logs[2], strict=True):
+        assert g0 is not None and g2 is not None
+        assert abs(g0 - g2) <= 1e-4 * g2, logs
+        assert abs(l0 - l2) <= 1e-4 * l2, logs
+
+
 @pytest.mark.timeout(600)
 def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
@@ -147,6 +166,20 @@ def test_nan_guard_skips_then_stops(data_dir, tmp_path):
     assert res.returncode != 0
     assert "3 non-finite losses in a row (train.max_bad_steps=3)" in res.stdout + res.stderr
     assert res.stdout.count("micro batch skipped") == 3
+
+
+@pytest.mark.timeout(240)
+def test_profile_window_writes_a_summary_and_a_trace(data_dir, tmp_path):
+    """train.profile_steps=[3, 5]: rank 0 profiles steps 4-5 and writes both files; the
+    summary's step count is the window's."""
+    cfg = run_config(data_dir, tmp_path / "run", steps=6, profile_steps=[3, 5])
+    res = cli("train", str(write_config(tmp_path, cfg)), "--launcher", "none")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = (tmp_path / "run" / "profile" / "summary.txt").read_text()
+    assert summary.startswith("steps 2: wall "), summary[:200]
+    assert "aten::" in summary  # the ops table is there
+    trace = json.loads((tmp_path / "run" / "profile" / "trace.json").read_text())
+    assert trace["traceEvents"], "empty trace"
 
 
 def test_dry_run_starts_nothing(data_dir, tmp_path):
