@@ -10,6 +10,11 @@ import torch
 # WALSH_TEST_THREADS overrides (e.g. on a bigger box).
 torch.set_num_threads(int(os.environ.get("WALSH_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
+# Without a GPU the Triton kernels (walsh.kernels) run in Triton's interpreter on CPU tensors.
+# It must be set before triton.jit decorates them, i.e. before any walsh.kernels import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked `gpu` when CUDA is unavailable."""

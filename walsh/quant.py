@@ -47,16 +47,18 @@ def ternary_quantize(
     return codes.to(torch.int8), scale
 
 
-def ternary_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
+def ternary_ste(w: torch.Tensor, per_component: bool = False,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Effective weight gamma * Q with a straight-through gradient to the latent ``w``.
 
-    Shapes: ``w`` any, returns the same shape and dtype. gamma is treated as a constant in the
-    backward pass (the BitNet recipe). Written w_eff + (w - w.detach()) rather than
+    Shapes: ``w`` any, returns the same shape in ``out_dtype`` (default w's dtype). gamma is
+    treated as a constant in the backward pass (the BitNet recipe). Written w_eff + (w - w.detach()) rather than
     w + (w_eff - w).detach(): the same gradient, but the forward value is exactly gamma * Q
     (the latter rounds by an ulp wherever |w| > 2 gamma, so exports would not bit-match).
     """
     codes, scale = _codes(w, per_component)
-    return codes * scale + (w - w.detach())
+    w_eff = codes * scale + (w - w.detach())
+    return w_eff if out_dtype is None else w_eff.to(out_dtype)
 
 
 def ternary_codes_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:

@@ -52,6 +52,9 @@ CAUSAL_CASES = {
                               head_mix=True, head_mix_dim=4, mixer_ternary=True),
     "walsh32-dense-mix4": dict(algebra="walsh", algebra_dim=32, walsh_impl="dense", ternary=True,
                                head_mix=True, head_mix_dim=4),
+    "walsh32-triton": dict(algebra="walsh", algebra_dim=32, walsh_impl="triton", ternary=True),
+    "walsh4-triton-mix4": dict(algebra="walsh", algebra_dim=4, walsh_impl="triton", ternary=True,
+                               head_mix=True, head_mix_dim=4),
 }
 
 

@@ -7,12 +7,15 @@ With X[g] the A input slices (n_in each), alpha [A, n_in], beta [A, n_out] (init
 Closed form (a dyadic convolution): out_h = beta_h * sum_k V_{h^k} (alpha_k * x_k) with
 V_m = (1/A) sum_g (-1)^popcount(g & m) W_g.  Parameters in*out/A + A*(n_in + n_out).
 
-Two implementations with the same result, chosen by ``impl`` (a config value, never an
+Three implementations with the same result, chosen by ``impl`` (a config value, never an
 environment switch):
 - ``"blocks"`` (default): the structured path above, in*out/A multiply-adds per token plus
-  (in + out) log2(A) additions.
+  (in + out) log2(A) additions, in plain PyTorch (the reference).
 - ``"dense"``: materialize the closed form [out, in] once per forward and run one GEMM (dense
   FLOPs, but one cuBLAS call; measured in docs/benchmarks.md).
+- ``"triton"``: the structured path with each transform fused with its gain and layout change
+  (``walsh.kernels.walsh_transform``) and the ternary weight quantized by one fused kernel
+  (``walsh.kernels.ternary``); needs ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 from walsh.algebra import _is_power_of_two, fwht
 from walsh.layers.base import StructuredLinear, autocast_input
 
-WALSH_IMPLS = ("blocks", "dense")
+WALSH_IMPLS = ("blocks", "dense", "triton")
 
 
 class WalshLinear(StructuredLinear):
@@ -42,6 +45,11 @@ class WalshLinear(StructuredLinear):
         if impl not in WALSH_IMPLS:
             raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
         self.impl = impl
+        if impl == "triton":  # fail at build time, naming the config value, if triton is absent
+            try:
+                import walsh.kernels.walsh_transform  # noqa: F401
+            except ImportError as e:
+                raise ImportError(f"walsh_impl='triton' needs the triton package: {e}") from e
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
@@ -71,6 +79,8 @@ class WalshLinear(StructuredLinear):
         if self.impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         x = autocast_input(x)
+        if self.impl == "triton":
+            return self._forward_triton(x)
         lead = x.shape[:-1]
         a, dt = self.blocks, x.dtype
         # [N, in] -> [A, N, n_in]: the block axis leads so the bmm needs no further copy.
@@ -80,6 +90,20 @@ class WalshLinear(StructuredLinear):
         y = torch.bmm(u, w.transpose(1, 2))  # [A, N, n_out]
         y = fwht(y, dim=0) * self.beta.to(y.dtype)[:, None, :]
         out = y.transpose(0, 1).reshape(*lead, self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        from walsh.kernels.ternary import ternary_ste
+        from walsh.kernels.walsh_transform import walsh_in, walsh_out
+
+        dt = x.dtype
+        u = walsh_in(x.reshape(-1, self.in_features), self.alpha.to(dt))  # [A, N, n_in]
+        if self.ternary:
+            w = ternary_ste(self.weight, self.per_component_scale, dt)  # [A, n_out, n_in]
+        else:
+            w = self.weight.to(dt)
+        y = torch.bmm(u, w.transpose(1, 2))  # [A, N, n_out]
+        out = walsh_out(y, self.beta.to(dt)).view(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
     def flops_per_token(self) -> int:

@@ -1,0 +1,185 @@
+"""Triton kernels against their naive references (walsh.kernels): forward and every gradient on
+a grid with odd sizes, fp32 (1e-5) and bf16 (1e-2) relative bounds, fresh random inputs each
+run (the seed is in every failure message), outputs written into NaN-poisoned buffers.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; the tests
+marked ``gpu`` repeat them at the 125M model's shapes on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _helpers import rel_err
+
+pytest.importorskip("triton")
+
+from walsh import quant  # noqa: E402
+from walsh.kernels import ternary as tk  # noqa: E402
+from walsh.kernels import walsh_transform as wt  # noqa: E402
+from walsh.layers import WalshLinear  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+# -- fused ternary quantization ---------------------------------------------------------------
+@pytest.mark.parametrize("shape,per_component", [((8, 33, 17), True), ((8, 33, 17), False),
+                                                 ((37, 51), False), ((2, 5, 1031), True),
+                                                 ((1,), False)])
+def test_ternary_codes_exact_and_scale_matches(shape, per_component, seed):
+    w = torch.randn(shape, device=DEV) * 0.02
+    scale = tk.absmean_scale(w, per_component)
+    ref_scale = quant.absmean_scale(w, per_component)
+    assert scale.shape == ref_scale.shape
+    assert rel_err(scale, ref_scale) < 1e-6, seed  # fp32 sums in another order
+    out = torch.full(shape, float("nan"), device=DEV)
+    codes = torch.full(shape, 7, dtype=torch.int8, device=DEV)
+    tk.ternary_apply(w, scale, per_component, torch.float32, True, out=out, codes=codes)
+    ref_codes = torch.clamp(torch.round(w / scale), -1, 1)  # torch's rule, same gamma
+    assert torch.equal(codes, ref_codes.to(torch.int8)), seed
+    assert torch.equal(out, ref_codes * scale), seed  # gamma * Q exactly
+
+
+def test_ternary_ties_round_half_to_even():
+    """|w / gamma| exactly 1/2 gives 0 (like torch.round), 3/2 and beyond give +-1."""
+    w = torch.tensor([0.5, -0.5, 1.5, -1.5, 0.50001, -0.49999, 4.0, 0.0], device=DEV)
+    scale = torch.ones((), device=DEV)
+    _, codes = tk.ternary_apply(w, scale, False, torch.float32, True)
+    assert codes.tolist() == [0, 0, 1, -1, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("per_component", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_ternary_ste_forward_and_gradient(per_component, out_dtype, seed):
+    w = (torch.randn(4, 19, 23, device=DEV) * 0.02).requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    out = tk.ternary_ste(w, per_component, out_dtype)
+    ref = quant.ternary_ste(w_ref, per_component, out_dtype)
+    assert out.dtype == out_dtype and out.shape == w.shape
+    assert rel_err(out, ref) < TOL[out_dtype], seed
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    assert w.grad.dtype == torch.float32
+    assert torch.equal(w.grad, w_ref.grad), seed  # straight through: exactly g (cast)
+
+
+def test_ternary_quantize_matches_reference(seed):
+    w = torch.randn(8, 24, 40, device=DEV)
+    codes, scale = tk.ternary_quantize(w, per_component=True)
+    ref_codes, ref_scale = quant.ternary_quantize(w, per_component=True)
+    assert rel_err(scale, ref_scale) < 1e-6, seed
+    mismatch = (codes != ref_codes).sum().item()
+    assert mismatch <= 2, (seed, mismatch)  # only where |w/gamma| sits within an ulp of 1/2
+
+
+# -- Walsh-Hadamard transforms ----------------------------------------------------------------
+GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 3), (2, 3, 1), (32, 1, 24)]
+
+
+@pytest.mark.parametrize("a,n,lanes", GRID)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walsh_in_forward_and_grads(a, n, lanes, dtype, seed):
+    x = torch.randn(n, a * lanes, device=DEV, dtype=dtype, requires_grad=True)
+    alpha = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
+    xr, ar = (t.detach().float().requires_grad_() for t in (x, alpha))
+    poisoned = torch.full((a, n, lanes), float("nan"), device=DEV, dtype=dtype)
+    raw = wt.walsh_in_raw(x.detach(), alpha.detach(), a, out=poisoned)
+    u, ref = wt.walsh_in(x, alpha), wt.walsh_in_naive(xr, ar)
+    assert rel_err(raw, ref) < TOL[dtype] and rel_err(u, ref) < TOL[dtype], seed
+    g = torch.randn_like(ref)
+    (u.float() * g).sum().backward()
+    (ref * g).sum().backward()
+    assert rel_err(x.grad, xr.grad) < TOL[dtype], seed
+    assert rel_err(alpha.grad, ar.grad) < TOL[dtype], seed
+
+
+@pytest.mark.parametrize("a,n,lanes", GRID)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walsh_out_forward_and_grads(a, n, lanes, dtype, seed):
+    y = torch.randn(a, n, lanes, device=DEV, dtype=dtype, requires_grad=True)
+    beta = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
+    yr, br = (t.detach().float().requires_grad_() for t in (y, beta))
+    poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
+    raw = wt.walsh_out_raw(y.detach(), beta.detach(), a, out=poisoned)
+    out, ref = wt.walsh_out(y, beta), wt.walsh_out_naive(yr, br)
+    assert rel_err(raw, ref) < TOL[dtype] and rel_err(out, ref) < TOL[dtype], seed
+    g = torch.randn_like(ref)
+    (out.float() * g).sum().backward()
+    (ref * g).sum().backward()
+    assert rel_err(y.grad, yr.grad) < TOL[dtype], seed
+    assert rel_err(beta.grad, br.grad) < TOL[dtype], seed
+
+
+def test_walsh_transform_rejects_bad_gains():
+    x = torch.randn(3, 12, device=DEV)
+    with pytest.raises(ValueError, match="power of two"):
+        wt.walsh_in(x, torch.ones(3, 4, device=DEV))
+    with pytest.raises(ValueError, match="gain dtype"):
+        wt.walsh_in(x, torch.ones(4, 3, device=DEV, dtype=torch.bfloat16))
+
+
+# -- the layer --------------------------------------------------------------------------------
+@pytest.mark.parametrize("ternary", [True, False])
+def test_walsh_linear_triton_equals_blocks(ternary, seed):
+    ref = WalshLinear(40, 24, blocks=8, impl="blocks", ternary=ternary, bias=True).to(DEV)
+    fast = WalshLinear(40, 24, blocks=8, impl="triton", ternary=ternary, bias=True).to(DEV)
+    with torch.no_grad():
+        ref.alpha.add_(0.3 * torch.randn_like(ref.alpha))
+        ref.beta.add_(0.3 * torch.randn_like(ref.beta))
+        ref.bias.normal_()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 40, device=DEV)
+    xr = x.clone().requires_grad_()
+    xf = x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fast(xf)
+    assert out_f.shape == out_r.shape == (2, 7, 24)
+    assert rel_err(out_f, out_r) < 1e-5, seed
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < 1e-5, seed
+    for name, p in ref.named_parameters():
+        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < 1e-5, (name, seed)
+
+
+def test_custom_ops_trace_without_graph_breaks(seed):
+    """torch.compile sees each kernel as one op (fullgraph: any graph break raises)."""
+    layer = WalshLinear(64, 32, blocks=32, impl="triton", ternary=True).to(DEV)
+    x = torch.randn(5, 64, device=DEV, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert rel_err(out, layer(x)) < 1e-6, seed
+    out.sum().backward()
+    assert x.grad is not None and layer.alpha.grad is not None
+
+
+# -- full shapes on the GPU -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768)])
+def test_walsh_linear_full_shape_cuda(in_f, out_f, dtype, seed):
+    ref = WalshLinear(in_f, out_f, blocks=32, impl="blocks", ternary=True).cuda()
+    fast = WalshLinear(in_f, out_f, blocks=32, impl="triton", ternary=True).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(16 * 1024, in_f, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_r, out_f_ = ref(xr), fast(xf)
+    assert rel_err(out_f_, out_r) < TOL[dtype], seed
+    g = torch.randn_like(out_r)
+    (out_r.float() * g).sum().backward()
+    (out_f_.float() * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < TOL[dtype], seed
+    for name, p in ref.named_parameters():
+        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < TOL[dtype], name

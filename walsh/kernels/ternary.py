@@ -1,0 +1,123 @@
+"""Fused ternary weight quantization (absmean, codes, scaled effective weight) in two passes.
+
+``ternary_ste(w, per_component=False, out_dtype=None)`` is the kernel twin of
+``walsh.quant.ternary_ste`` (the naive reference, same signature): forward gamma * Q written
+directly in ``out_dtype`` (bf16 under autocast: half the bytes of an fp32 copy plus a cast),
+backward the straight-through identity (dL/dw = dL/dw_eff, cast to w's dtype).
+
+Passes over w [G, M] (G = A components if ``per_component`` else 1, M elements each):
+1. ``_abs_partial_kernel``: partial sums of |w| per (group, block) into [G, P]; the P partials
+   are summed by torch in a fixed order, so the scale is deterministic (no atomics): a resumed
+   run reproduces its weights bit for bit.
+2. ``_ternary_apply_kernel``: Q = sign(w) * (|w / gamma| > 1/2), which equals
+   clip(round(w / gamma), -1, 1) for every input (round-half-even sends +-1/2 to 0), with an
+   IEEE division (``div_rn``) so that the codes match torch's exactly for the same gamma.
+
+Code order (Liger style): kernels, launchers, autograd Function, functional.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from walsh.quant import EPS
+
+BLOCK = 1024
+
+
+# -- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _abs_partial_kernel(w_ptr, part_ptr, M, P, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    p = tl.program_id(1)
+    offs = p * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + g * M + offs, mask=offs < M, other=0.0).to(tl.float32)
+    tl.store(part_ptr + g * P + p, tl.sum(tl.abs(w), axis=0))
+
+
+@triton.jit
+def _ternary_apply_kernel(w_ptr, scale_ptr, out_ptr, codes_ptr, M,
+                          WRITE_CODES: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    w = tl.load(w_ptr + g * M + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + g)
+    r = tl.math.div_rn(w, tl.zeros_like(w) + s)
+    q = tl.where(r > 0.5, 1.0, tl.where(r < -0.5, -1.0, 0.0))
+    tl.store(out_ptr + g * M + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CODES:
+        tl.store(codes_ptr + g * M + offs, q.to(tl.int8), mask=mask)
+
+
+# -- launchers --------------------------------------------------------------------------------
+def _groups(w: torch.Tensor, per_component: bool) -> tuple[torch.Tensor, int, int]:
+    w2 = w.detach().contiguous()
+    g = w.shape[0] if per_component else 1
+    return w2, g, w2.numel() // g
+
+
+def absmean_scale(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
+    """gamma (fp32): a scalar, or [A, 1, ..., 1] per component, as ``walsh.quant``'s."""
+    w2, g, m = _groups(w, per_component)
+    p = triton.cdiv(m, BLOCK)
+    part = torch.empty(g, p, device=w.device, dtype=torch.float32)
+    _abs_partial_kernel[(g, p)](w2, part, m, p, BLOCK=BLOCK)
+    scale = (part.sum(dim=1) / m).clamp(min=EPS)  # [G]
+    return scale.view(g, *([1] * (w.ndim - 1))) if per_component else scale.reshape(())
+
+
+def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
+                  out_dtype: torch.dtype, write_codes: bool = False,
+                  out: torch.Tensor | None = None, codes: torch.Tensor | None = None):
+    """(gamma * Q in out_dtype, int8 codes or None) for a given fp32 ``scale``; ``out`` and
+    ``codes``: contiguous buffers to write into (tests poison them)."""
+    w2, g, m = _groups(w, per_component)
+    if out is None:
+        out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
+    if codes is None:
+        codes = torch.empty(w.shape, device=w.device, dtype=torch.int8) if write_codes else out
+    grid = (g, triton.cdiv(m, BLOCK))
+    _ternary_apply_kernel[grid](w2, scale.reshape(-1).contiguous(), out, codes, m,
+                                WRITE_CODES=write_codes, BLOCK=BLOCK)
+    return out, (codes if write_codes else None)
+
+
+# -- autograd (a custom op, so torch.compile keeps it as one node) ----------------------------
+@torch.library.custom_op("walsh::ternary_ste", mutates_args=())
+def _ternary_ste_op(w: torch.Tensor, per_component: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    out, _ = ternary_apply(w, absmean_scale(w, per_component), per_component, out_dtype)
+    return out
+
+
+@_ternary_ste_op.register_fake
+def _(w, per_component, out_dtype):
+    return torch.empty_like(w, dtype=out_dtype)
+
+
+def _setup(ctx, inputs, output):
+    ctx.w_dtype = inputs[0].dtype
+
+
+def _backward(ctx, grad):  # straight through: dL/dw = dL/dw_eff
+    return grad.to(ctx.w_dtype), None, None
+
+
+_ternary_ste_op.register_autograd(_backward, setup_context=_setup)
+
+
+# -- functional -------------------------------------------------------------------------------
+def ternary_ste(w: torch.Tensor, per_component: bool = False,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Effective weight gamma * Q [same shape as w] in ``out_dtype`` (default w's dtype), with
+    the straight-through gradient; the fused twin of ``walsh.quant.ternary_ste``."""
+    return _ternary_ste_op(w, per_component, out_dtype or w.dtype)
+
+
+def ternary_quantize(w: torch.Tensor, per_component: bool = False):
+    """(int8 codes, fp32 scale) like ``walsh.quant.ternary_quantize``, in the same two passes."""
+    scale = absmean_scale(w, per_component)
+    _, codes = ternary_apply(w, scale, per_component, torch.float32, write_codes=True)
+    return codes, scale

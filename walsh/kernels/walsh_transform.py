@@ -1,0 +1,198 @@
+"""The Walsh-Hadamard layer's two block transforms, each fused with its gain and layout change.
+
+WalshLinear (``walsh.layers.hadamard``) computes, for x [N, A*n_in], alpha [A, n_in],
+beta [A, n_out] and S = 1/sqrt(A), H the Sylvester Hadamard matrix (+-1):
+    u = walsh_in(x, alpha)      [A, N, n_in]   u[h, i, j] = S sum_g H[h, g] alpha[g, j] x[i, g*n_in + j]
+    y = bmm(u, W^T)             [A, N, n_out]  the A small GEMMs (cuBLAS, batched)
+    out = walsh_out(y, beta)    [N, A*n_out]   out[i, h*n_out + j] = beta[h, j] S sum_g H[h, g] y[g, i, j]
+Each transform is one kernel pass: read the [A, tile] slab once, scale, multiply by H on the
+tensor cores (``tl.dot``; A >= 16) or by broadcast sums (A < 16), write in the other layout.
+The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's PyTorch code.
+
+Backward reuses the forward kernels (H is symmetric, so each transform's adjoint is the other
+one): d walsh_in: dx = alpha * walsh_out(du, 1), dalpha = sum_i x * walsh_out(du, 1);
+d walsh_out: dy = walsh_in(dout, beta), dbeta = sum_i dout * walsh_out(y, 1) (recomputed, so
+nothing [N, A*n]-sized is saved beyond the op's inputs).
+
+Precision: the slab is held in fp32; H (+-1) and bf16 inputs are exact in TF32, so 16-bit
+inputs use a TF32 ``tl.dot`` (alpha * x is rounded to TF32's 10 mantissa bits, finer than bf16's
+rounding in the naive path), products accumulate in fp32, and S and beta are applied in fp32
+before the one rounding to the output dtype (the naive butterfly rounds at each of its log2(A)
+stages). fp32 inputs use an IEEE ``tl.dot`` (no TF32): fp32 matches the reference to ~1e-7.
+
+Code order: kernel, launcher, autograd (custom ops), functional, naive references.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from walsh.algebra import fwht
+
+BLOCK_COLS = 64
+
+
+# -- kernel -----------------------------------------------------------------------------------
+@triton.jit
+def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, NL, L, inv_sqrt_a,
+                  A: tl.constexpr, LOG_A: tl.constexpr, IN_MODE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """One [A, BLOCK] slab of the logical matrix M[g, c], c = i * L + j (token i, lane j).
+    IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, c], scale alpha[g, j] before H.
+    else:    src block-major y[g, c], dst token-major out[i, h*L + j], scale beta[h, j] after H."""
+    rows = tl.arange(0, A)[:, None]                       # [A, 1]: g (src) or h (dst)
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
+    mask = (c < NL) & (rows < A)
+    i = c // L
+    j = c - i * L
+    token_major = i * (A * L) + rows * L + j              # [A, BLOCK]
+    block_major = rows * NL + c
+    src_off = token_major if IN_MODE else block_major
+    dst_off = block_major if IN_MODE else token_major
+    x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rows * L + j, mask=mask, other=0.0).to(tl.float32)
+    if IN_MODE and HAS_SCALE:
+        x = x * s
+    # H[h, g] = (-1)^popcount(h & g), built in registers
+    hh = tl.arange(0, A)[:, None]
+    gg = tl.arange(0, A)[None, :]
+    bits = hh & gg
+    par = tl.zeros([A, A], dtype=tl.int32)
+    for b in tl.static_range(LOG_A):
+        par += (bits >> b) & 1
+    h_mat = 1.0 - 2.0 * (par & 1).to(tl.float32)          # [A, A]
+    if USE_DOT:
+        if IEEE:  # fp32 inputs: exact products, no TF32
+            y = tl.dot(h_mat, x, input_precision="ieee")
+        else:  # 16-bit inputs: +-1 and bf16 values are exact in TF32, so TF32 loses nothing
+            y = tl.dot(h_mat, x, input_precision="tf32")
+    else:
+        y = tl.sum(h_mat[:, :, None] * x[None, :, :], axis=1)
+    y = y * inv_sqrt_a
+    if (not IN_MODE) and HAS_SCALE:
+        y = y * s
+    tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launcher ---------------------------------------------------------------------------------
+def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
+            in_mode: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    src = src.contiguous()
+    shape = (a, n_tok, lanes) if in_mode else (n_tok, a * lanes)
+    dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
+    if dst.shape != shape or not dst.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
+    nl = n_tok * lanes
+    if nl == 0:
+        return dst
+    scale_arg = scale.contiguous() if scale is not None else src
+    grid = (triton.cdiv(nl, BLOCK_COLS),)
+    _walsh_kernel[grid](src, dst, scale_arg, nl, lanes, 1.0 / math.sqrt(a), A=a,
+                        LOG_A=int(math.log2(a)), IN_MODE=in_mode, HAS_SCALE=scale is not None,
+                        USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BLOCK=BLOCK_COLS)
+    return dst
+
+
+def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> int:
+    a = scale.shape[0]
+    if a < 2 or a & (a - 1):
+        raise ValueError(f"{name}: blocks must be a power of two >= 2, got {a}")
+    if scale.dtype != t.dtype:
+        raise ValueError(f"{name}: gain dtype {scale.dtype} != input dtype {t.dtype}")
+    return a
+
+
+def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, A*L] -> [A, N, L] (no autograd); ``out``: a buffer to write into (tests poison it)."""
+    lanes = x.shape[-1] // a
+    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out)
+
+
+def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """[A, N, L] -> [N, A*L] (no autograd)."""
+    return _launch(y, beta, a, y.shape[2], y.shape[1], in_mode=False, out=out)
+
+
+# -- autograd: custom ops, so torch.compile keeps each transform as one graph node -----------
+@torch.library.custom_op("walsh::walsh_in", mutates_args=())
+def _walsh_in_op(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return walsh_in_raw(x, alpha, alpha.shape[0])
+
+
+@_walsh_in_op.register_fake
+def _(x, alpha):
+    a = alpha.shape[0]
+    return x.new_empty(a, x.shape[0], x.shape[1] // a)
+
+
+def _in_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _in_backward(ctx, du):
+    x, alpha = ctx.saved_tensors
+    a, lanes = alpha.shape
+    # the ops (not the raw launchers), so that compile can trace the backward with fake tensors
+    t = _walsh_out_op(du, torch.ones_like(alpha))                        # [N, A*L] = S H du
+    dx = t * alpha.reshape(1, -1)
+    dalpha = (t.float() * x.float()).reshape(-1, a, lanes).sum(0).to(alpha.dtype)
+    return dx, dalpha
+
+
+_walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
+
+
+@torch.library.custom_op("walsh::walsh_out", mutates_args=())
+def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return walsh_out_raw(y, beta, beta.shape[0])
+
+
+@_walsh_out_op.register_fake
+def _(y, beta):
+    return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
+
+
+def _out_backward(ctx, dout):
+    y, beta = ctx.saved_tensors
+    a, lanes = beta.shape
+    dy = _walsh_in_op(dout, beta)                                        # [A, N, L]
+    z = _walsh_out_op(y, torch.ones_like(beta))                          # recomputed S H y
+    dbeta = (dout.float() * z.float()).reshape(-1, a, lanes).sum(0).to(beta.dtype)
+    return dy, dbeta
+
+
+_walsh_out_op.register_autograd(_out_backward, setup_context=_in_setup)
+
+
+# -- functional -------------------------------------------------------------------------------
+def walsh_in(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x [N, A*L], alpha [A, L] (x's dtype) -> u [A, N, L] = S H (alpha * x) per token."""
+    _check("walsh_in", x, alpha)
+    return _walsh_in_op(x, alpha)
+
+
+def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major."""
+    _check("walsh_out", y, beta)
+    return _walsh_out_op(y, beta)
+
+
+# -- naive references (same signatures) -------------------------------------------------------
+def walsh_in_naive(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    a, lanes = alpha.shape
+    u = x.reshape(-1, a, lanes).transpose(0, 1) * alpha[:, None, :]     # [A, N, L]
+    return fwht(u, dim=0)
+
+
+def walsh_out_naive(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    a, n_tok, lanes = y.shape
+    out = fwht(y, dim=0) * beta[:, None, :]                              # [A, N, L]
+    return out.transpose(0, 1).reshape(n_tok, a * lanes)
