@@ -52,9 +52,10 @@ def ternary_ste(w: torch.Tensor, per_component: bool = False,
     """Effective weight gamma * Q with a straight-through gradient to the latent ``w``.
 
     Shapes: ``w`` any, returns the same shape in ``out_dtype`` (default w's dtype). gamma is
-    treated as a constant in the backward pass (the BitNet recipe). Written w_eff + (w - w.detach()) rather than
-    w + (w_eff - w).detach(): the same gradient, but the forward value is exactly gamma * Q
-    (the latter rounds by an ulp wherever |w| > 2 gamma, so exports would not bit-match).
+    treated as a constant in the backward pass (the BitNet recipe). Written
+    w_eff + (w - w.detach()) rather than w + (w_eff - w).detach(): the same gradient, but the
+    forward value is exactly gamma * Q (the latter rounds by an ulp wherever |w| > 2 gamma, so
+    exports would not bit-match).
     """
     codes, scale = _codes(w, per_component)
     w_eff = codes * scale + (w - w.detach())

@@ -2,9 +2,9 @@
 
 WalshLinear (``walsh.layers.hadamard``) computes, for x [N, A*n_in], alpha [A, n_in],
 beta [A, n_out] and S = 1/sqrt(A), H the Sylvester Hadamard matrix (+-1):
-    u = walsh_in(x, alpha)      [A, N, n_in]   u[h, i, j] = S sum_g H[h, g] alpha[g, j] x[i, g*n_in + j]
-    y = bmm(u, W^T)             [A, N, n_out]  the A small GEMMs (cuBLAS, batched)
-    out = walsh_out(y, beta)    [N, A*n_out]   out[i, h*n_out + j] = beta[h, j] S sum_g H[h, g] y[g, i, j]
+    u = walsh_in(x, alpha)    [A, N, n_in]   u[h,i,j] = S sum_g H[h,g] alpha[g,j] x[i, g n_in + j]
+    y = bmm(u, W^T)           [A, N, n_out]  the A small GEMMs (cuBLAS, batched)
+    out = walsh_out(y, beta)  [N, A*n_out]   out[i, h n_out + j] = beta[h,j] S sum_g H[h,g] y[g,i,j]
 Each transform is one kernel pass: read the [A, tile] slab once, scale, multiply by H on the
 tensor cores (``tl.dot``; A >= 16) or by broadcast sums (A < 16), write in the other layout.
 The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's PyTorch code.
