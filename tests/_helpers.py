@@ -11,6 +11,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def small_config(vocab_size: int = 256, block_size: int = 32, n_embd: int = 128, **kw):
+    """A 2-layer, 8-head WalshConfig over a 256-token vocabulary (the tiny preset's shape);
+    ``kw`` sets any other field (algebra, ternary, head mixing, ...)."""
+    from walsh.models import WalshConfig
+
+    return WalshConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2,
+                       n_head=kw.pop("n_head", 8), n_embd=n_embd, **kw)
+
+
 # -- training runs on a tiny pattern dataset (pipeline tests) ---------------------------------
 # The same data and run config as tests/pipeline/test_train.py, shared here so that the Ray
 # launcher and tracking tests train exactly what the torchrun tests train.

@@ -3,22 +3,17 @@ eos handling, the context-length guard and batch/row consistency."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from _helpers import rel_err
+from _helpers import rel_err, small_config
 
 from walsh.generate import generate, sample_next
-from walsh.models import KVCache, WalshConfig, WalshLM
+from walsh.models import KVCache, WalshLM
 
 V, BLOCK = 256, 64
-
-
-
-
-def small(**kw) -> WalshConfig:
-    base = dict(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=8, n_embd=64)
-    base.update(kw)
-    return WalshConfig(**base)
+small = functools.partial(small_config, vocab_size=V, block_size=BLOCK, n_embd=64)
 
 
 MODELS = {

@@ -87,38 +87,33 @@ def test_ternary_quantize_matches_reference(seed):
 GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 3), (2, 3, 1), (32, 1, 24)]
 
 
-@pytest.mark.parametrize("a,n,lanes", GRID)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_walsh_in_forward_and_grads(a, n, lanes, dtype, seed):
-    x = torch.randn(n, a * lanes, device=DEV, dtype=dtype, requires_grad=True)
-    alpha = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
-    xr, ar = (t.detach().float().requires_grad_() for t in (x, alpha))
-    poisoned = torch.full((a, n, lanes), float("nan"), device=DEV, dtype=dtype)
-    raw = wt.walsh_in_raw(x.detach(), alpha.detach(), a, out=poisoned)
-    u, ref = wt.walsh_in(x, alpha), wt.walsh_in_naive(xr, ar)
-    assert rel_err(raw, ref) < TOL[dtype] and rel_err(u, ref) < TOL[dtype], seed
-    g = torch.randn_like(ref)
-    (u.float() * g).sum().backward()
-    (ref * g).sum().backward()
-    assert rel_err(x.grad, xr.grad) < TOL[dtype], seed
-    assert rel_err(alpha.grad, ar.grad) < TOL[dtype], seed
+# which: (fused op, raw launcher, naive reference, input shape for (a, n, lanes))
+TRANSFORMS = {
+    "walsh_in": (wt.walsh_in, wt.walsh_in_raw, wt.walsh_in_naive,
+                 lambda a, n, lanes: ((n, a * lanes), (a, n, lanes))),
+    "walsh_out": (wt.walsh_out, wt.walsh_out_raw, wt.walsh_out_naive,
+                  lambda a, n, lanes: ((a, n, lanes), (n, a * lanes))),
+}
 
 
+@pytest.mark.parametrize("which", list(TRANSFORMS))
 @pytest.mark.parametrize("a,n,lanes", GRID)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_walsh_out_forward_and_grads(a, n, lanes, dtype, seed):
-    y = torch.randn(a, n, lanes, device=DEV, dtype=dtype, requires_grad=True)
-    beta = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
-    yr, br = (t.detach().float().requires_grad_() for t in (y, beta))
-    poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
-    raw = wt.walsh_out_raw(y.detach(), beta.detach(), a, out=poisoned)
-    out, ref = wt.walsh_out(y, beta), wt.walsh_out_naive(yr, br)
+def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
+    op, raw_op, naive, shapes = TRANSFORMS[which]
+    in_shape, out_shape = shapes(a, n, lanes)
+    x = torch.randn(in_shape, device=DEV, dtype=dtype, requires_grad=True)
+    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
+    xr, gr = (t.detach().float().requires_grad_() for t in (x, gain))
+    poisoned = torch.full(out_shape, float("nan"), device=DEV, dtype=dtype)
+    raw = raw_op(x.detach(), gain.detach(), a, out=poisoned)
+    out, ref = op(x, gain), naive(xr, gr)
     assert rel_err(raw, ref) < TOL[dtype] and rel_err(out, ref) < TOL[dtype], seed
     g = torch.randn_like(ref)
     (out.float() * g).sum().backward()
     (ref * g).sum().backward()
-    assert rel_err(y.grad, yr.grad) < TOL[dtype], seed
-    assert rel_err(beta.grad, br.grad) < TOL[dtype], seed
+    assert rel_err(x.grad, xr.grad) < TOL[dtype], seed
+    assert rel_err(gain.grad, gr.grad) < TOL[dtype], seed
 
 
 def test_walsh_transform_rejects_bad_gains():

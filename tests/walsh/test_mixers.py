@@ -90,30 +90,20 @@ def test_ternary_mixer_identity_at_init(kind, n_head, head_dim, group, gen):
     assert rel_err(out, o) < 1e-6, f"out/in RMS = {(out.norm() / o.norm()).item():.4g}"
 
 
+@pytest.mark.parametrize("kind", ("cd", "walsh"))
 @pytest.mark.parametrize("ternary", (False, True))
 @pytest.mark.parametrize("n_head,head_dim,group", MIX_CASES)
-def test_cd_mixer_matches_spec_formula(n_head, head_dim, group, ternary, gen):
-    """After randomizing, the CD mixer equals m_i = sum_j S[i,j] O_j M_{i^j} (rel < 1e-5)."""
-    mixer = make_mixer("cd", n_head, head_dim, group, ternary=ternary)
+def test_mixer_matches_spec(kind, n_head, head_dim, group, ternary, gen):
+    """After randomizing, the CD mixer equals m_i = sum_j S[i,j] O_j M_{i^j} and the Walsh
+    mixer equals transform / per-head multiply / transform (rel < 1e-5)."""
+    ref = {"cd": cd_mixer_ref, "walsh": walsh_mixer_ref}[kind]
+    mixer = make_mixer(kind, n_head, head_dim, group, ternary=ternary)
     randomize(mixer)
     o = torch.randn(2, 3, n_head, head_dim, generator=gen)
     with torch.no_grad():
         out = mixer(o)
-        assert rel_err(out, cd_mixer_ref(mixer, o)) < 1e-5
+        assert rel_err(out, ref(mixer, o)) < 1e-5
         assert rel_err(out, o) > 1e-2  # really mixing
-
-
-@pytest.mark.parametrize("ternary", (False, True))
-@pytest.mark.parametrize("n_head,head_dim,group", MIX_CASES)
-def test_walsh_mixer_matches_spec_recipe(n_head, head_dim, group, ternary, gen):
-    """After randomizing, the Walsh mixer equals transform / per-head multiply / transform."""
-    mixer = make_mixer("walsh", n_head, head_dim, group, ternary=ternary)
-    randomize(mixer)
-    o = torch.randn(2, 3, n_head, head_dim, generator=gen)
-    with torch.no_grad():
-        out = mixer(o)
-        assert rel_err(out, walsh_mixer_ref(mixer, o)) < 1e-5
-        assert rel_err(out, o) > 1e-2
 
 
 @pytest.mark.parametrize("kind", ("cd", "walsh"))

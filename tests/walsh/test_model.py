@@ -3,26 +3,21 @@ weight-decay mask, FLOP accounting, bf16 autocast and the block-size guard (MODE
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import rel_err
+from _helpers import rel_err, small_config
 
 from walsh.models import WalshConfig, WalshLM, get_preset
 
 V, T_BLOCK = 256, 32
 
 
-def small(**kw) -> WalshConfig:
-    """A 2-layer, 128-wide model over a 256-token vocabulary (tiny preset shape)."""
-    base = dict(vocab_size=V, block_size=T_BLOCK, n_layer=2, n_head=8, n_embd=128)
-    base.update(kw)
-    return WalshConfig(**base)
-
-
+small = functools.partial(small_config, vocab_size=V, block_size=T_BLOCK)  # 128 wide
 
 
 # Every algebra, hash embeddings on (2 and 3 tables alternate), head mixing where n_head allows.

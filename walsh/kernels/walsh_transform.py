@@ -7,7 +7,8 @@ beta [A, n_out] and S = 1/sqrt(A), H the Sylvester Hadamard matrix (+-1):
     out = walsh_out(y, beta)  [N, A*n_out]   out[i, h n_out + j] = beta[h,j] S sum_g H[h,g] y[g,i,j]
 Each transform is one kernel pass: read the [A, tile] slab once, scale, multiply by H on the
 tensor cores (``tl.dot``; A >= 16) or by broadcast sums (A < 16), write in the other layout.
-The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's PyTorch code.
+The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's ``blocks`` path
+(``walsh.layers.hadamard``), re-exported here.
 
 Backward reuses the forward kernels (H is symmetric, so each transform's adjoint is the other
 one): d walsh_in: dx = alpha * walsh_out(du, 1), dalpha = sum_i x * walsh_out(du, 1);
@@ -20,7 +21,7 @@ rounding in the naive path), products accumulate in fp32, and S and beta are app
 before the one rounding to the output dtype (the naive butterfly rounds at each of its log2(A)
 stages). fp32 inputs use an IEEE ``tl.dot`` (no TF32): fp32 matches the reference to ~1e-7.
 
-Code order: kernel, launcher, autograd (custom ops), functional, naive references.
+Code order: kernel, launcher, autograd (custom ops), functional.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.algebra import fwht
+# the naive references (same signatures), re-exported beside their kernels
+from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
 BLOCK_COLS = 64
 
@@ -99,13 +101,12 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     return dst
 
 
-def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> int:
+def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
     a = scale.shape[0]
     if a < 2 or a & (a - 1):
         raise ValueError(f"{name}: blocks must be a power of two >= 2, got {a}")
     if scale.dtype != t.dtype:
         raise ValueError(f"{name}: gain dtype {scale.dtype} != input dtype {t.dtype}")
-    return a
 
 
 def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
@@ -183,16 +184,3 @@ def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major."""
     _check("walsh_out", y, beta)
     return _walsh_out_op(y, beta)
-
-
-# -- naive references (same signatures) -------------------------------------------------------
-def walsh_in_naive(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    a, lanes = alpha.shape
-    u = x.reshape(-1, a, lanes).transpose(0, 1) * alpha[:, None, :]     # [A, N, L]
-    return fwht(u, dim=0)
-
-
-def walsh_out_naive(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    a, n_tok, lanes = y.shape
-    out = fwht(y, dim=0) * beta[:, None, :]                              # [A, N, L]
-    return out.transpose(0, 1).reshape(n_tok, a * lanes)

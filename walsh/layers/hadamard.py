@@ -28,8 +28,26 @@ from torch import nn
 
 from walsh.algebra import _is_power_of_two, fwht
 from walsh.layers.base import StructuredLinear, autocast_input
+from walsh.quant import ternary_ste
 
 WALSH_IMPLS = ("blocks", "dense", "triton")
+
+
+# The block transforms of the structured path, in PyTorch: the "blocks" implementation and the
+# naive references of the fused kernels in walsh.kernels.walsh_transform (same signatures).
+def walsh_in_naive(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x [N, A*L], alpha [A, L] -> u [A, N, L] = S H (alpha * x) per token, S = 1/sqrt(A)."""
+    a, lanes = alpha.shape
+    # the block axis leads so the bmm that follows needs no further copy
+    u = x.reshape(-1, a, lanes).transpose(0, 1) * alpha[:, None, :]  # [A, N, L]
+    return fwht(u, dim=0)
+
+
+def walsh_out_naive(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """y [A, N, L], beta [A, L] -> out [N, A*L] = beta * (S H y), token-major."""
+    a, n_tok, lanes = y.shape
+    out = fwht(y, dim=0) * beta[:, None, :]  # [A, N, L]
+    return out.transpose(0, 1).reshape(n_tok, a * lanes)
 
 
 class WalshLinear(StructuredLinear):
@@ -79,31 +97,20 @@ class WalshLinear(StructuredLinear):
         if self.impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         x = autocast_input(x)
-        if self.impl == "triton":
-            return self._forward_triton(x)
-        lead = x.shape[:-1]
-        a, dt = self.blocks, x.dtype
-        # [N, in] -> [A, N, n_in]: the block axis leads so the bmm needs no further copy.
-        u = x.reshape(-1, a, self.n_in).transpose(0, 1) * self.alpha.to(dt)[:, None, :]
-        u = fwht(u, dim=0)
-        w = self.effective_weight().to(dt)  # [A, n_out, n_in]
-        y = torch.bmm(u, w.transpose(1, 2))  # [A, N, n_out]
-        y = fwht(y, dim=0) * self.beta.to(y.dtype)[:, None, :]
-        out = y.transpose(0, 1).reshape(*lead, self.out_features)
-        return out + self.bias if self.bias is not None else out
-
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        from walsh.kernels.ternary import ternary_ste
-        from walsh.kernels.walsh_transform import walsh_in, walsh_out
-
         dt = x.dtype
-        u = walsh_in(x.reshape(-1, self.in_features), self.alpha.to(dt))  # [A, N, n_in]
+        if self.impl == "triton":  # the same three steps, each a fused kernel
+            from walsh.kernels.ternary import ternary_ste as quantize
+            from walsh.kernels.walsh_transform import walsh_in as t_in
+            from walsh.kernels.walsh_transform import walsh_out as t_out
+        else:
+            quantize, t_in, t_out = ternary_ste, walsh_in_naive, walsh_out_naive
+        u = t_in(x.reshape(-1, self.in_features), self.alpha.to(dt))  # [A, N, n_in]
         if self.ternary:
-            w = ternary_ste(self.weight, self.per_component_scale, dt)  # [A, n_out, n_in]
+            w = quantize(self.weight, self.per_component_scale, dt)  # [A, n_out, n_in]
         else:
             w = self.weight.to(dt)
         y = torch.bmm(u, w.transpose(1, 2))  # [A, N, n_out]
-        out = walsh_out(y, self.beta.to(dt)).view(*x.shape[:-1], self.out_features)
+        out = t_out(y, self.beta.to(dt)).view(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
     def flops_per_token(self) -> int:

@@ -9,8 +9,8 @@ ternary BitLinear model, ``walsh-o`` octonion (Cayley-Dickson A = 8) ternary wit
 ``walsh-h-*`` runs the Walsh layers with ``walsh_impl="dense"`` (the closed form materialized
 once per step, one GEMM): measured on one H100 with torch.compile it trains 1.65x (12 x 768) and
 2.1x (24 x 1024) faster than the structured ``"blocks"`` path in pure PyTorch (docs/benchmarks.md).
-Both compute the same function; ``walsh_impl="blocks"`` is the structured path (in*out/A
-multiply-adds) that the fused kernels will make the fast one.
+All three implementations compute the same function; ``walsh_impl="triton"`` runs the
+structured path (in*out/A multiply-adds) with fused kernels, not yet timed on a GPU.
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
