@@ -5,7 +5,7 @@ installation carries: the pydoc topic pages (``pydoc_data.topics``) and the docs
 standard library. Docstrings are read with ``ast`` from the source files, never by importing the
 modules (imports have side effects, ``antigravity`` opens a browser). The order is sorted and
 therefore deterministic for a given Python version, which the manifest records as the revision.
-About 2 MB of text (0.5M GPT-2 tokens) on Python 3.11.
+About 2 MB of text (0.73M GPT-2 tokens) on Python 3.11.7.
 """
 
 from __future__ import annotations

@@ -19,12 +19,15 @@ and key on error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 FORMAT = "walsh-shards/1"
 MANIFEST = "manifest.json"
@@ -160,14 +163,16 @@ class Manifest:
         )
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` via a temp file in the same directory, fsync, then rename:
-    a reader sees the old file or the new one, never a partial one."""
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``target`` through: a temp file in the same directory, fsynced and
+    renamed into place when the block ends, removed if it raises. A reader sees the old file or
+    the new one, never a partial one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the dataset is read by other users and nodes
@@ -175,3 +180,9 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically (``atomic_file``)."""
+    with atomic_file(target) as f:
+        f.write(data)

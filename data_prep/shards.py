@@ -8,22 +8,22 @@ once complete (a reader never sees a partial shard). Samples: ``{"__key__": "{sp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from data_prep.manifest import ShardInfo
+from data_prep.manifest import ShardInfo, atomic_file
 
 TAR_MTIME = 0.0  # fixed, for byte-identical shards
 TOKENS_EXT = "tokens.npy"
-SHARD_MODE = 0o644  # mkstemp makes 0600; shards are read by other users and nodes
 
 
 def shard_name(split: str, index: int) -> str:
@@ -42,35 +42,51 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class HashingFile:
+    """A file wrapper that feeds every byte written or read through ``hash`` (one pass over a
+    shard both writes or reads it and hashes it)."""
+
+    def __init__(self, f: BinaryIO, hash=None) -> None:
+        self.f, self.hash = f, hash or hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.hash.update(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """Hash whatever is left unread (a tar reader stops before the end padding)."""
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
 def write_shard(
     directory: str | os.PathLike, split: str, index: int, first_chunk: int,
     chunks: Iterable[np.ndarray],
 ) -> ShardInfo:
-    """Write ``chunks`` (1-D token arrays) as shard ``{split}-{index:06d}.tar`` atomically."""
-    directory = Path(directory)
-    target = directory / shard_name(split, index)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    """Write ``chunks`` (1-D token arrays) as shard ``{split}-{index:06d}.tar`` atomically,
+    hashing the bytes as they are written."""
+    target = Path(directory) / shard_name(split, index)
     samples = tokens = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with wds.TarWriter(f, mtime=TAR_MTIME, user="walsh", group="walsh") as w:
-                for i, chunk in enumerate(chunks):
-                    w.write({"__key__": sample_key(split, first_chunk + i), "tokens.npy": chunk})
-                    samples += 1
-                    tokens += int(chunk.shape[0])
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.chmod(tmp, SHARD_MODE)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return ShardInfo(name=target.name, split=split, samples=samples, tokens=tokens, sha256=digest)
+    with atomic_file(target) as f:
+        hf = HashingFile(f)
+        with wds.TarWriter(hf, mtime=TAR_MTIME, user="walsh", group="walsh") as w:
+            for i, chunk in enumerate(chunks):
+                w.write({"__key__": sample_key(split, first_chunk + i), "tokens.npy": chunk})
+                samples += 1
+                tokens += int(chunk.shape[0])
+    return ShardInfo(name=target.name, split=split, samples=samples, tokens=tokens,
+                     sha256=hf.hash.hexdigest())
 
 
 def read_samples(
-    path: str | os.PathLike, first: int = 0, stop: int | None = None
+    path: str | os.PathLike, first: int = 0, stop: int | None = None,
+    fileobj: BinaryIO | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(key, tokens)`` of samples ``first <= i < stop`` (``stop`` None: to the end) of
     one shard, in file order: the one reader of the shard format (verify, inspect, the loader).
@@ -78,9 +94,10 @@ def read_samples(
     Reads the tar sequentially with webdataset's tar iterator (no node or worker splitting, no
     shuffling, no RNG use); samples before ``first`` are read through but not decoded, and reading
     stops after sample ``stop - 1``. A sample without ``tokens.npy`` or a shard with fewer than
-    ``stop`` samples raises ``RuntimeError`` naming the file."""
+    ``stop`` samples raises ``RuntimeError`` naming the file. ``fileobj``: read from this open
+    file instead of opening ``path`` (e.g. a ``HashingFile``); ``path`` still names it."""
     index, key, found = -1, None, True
-    with open(path, "rb") as f:
+    with open(path, "rb") if fileobj is None else contextlib.nullcontext(fileobj) as f:
         for item in tar_file_iterator(f):
             prefix, suffix = base_plus_ext(item["fname"])
             if prefix is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.manifest import Manifest, ShardInfo
-from data_prep.shards import read_samples, read_shard, sample_key, sha256_file
+from data_prep.shards import HashingFile, read_samples, sample_key
 
 
 class VerifyError(ValueError):
@@ -53,13 +53,31 @@ def check_shard(m: Manifest, shard: ShardInfo, first_chunk: int, last: bool) -> 
     if not path.is_file():
         c.problems.append(f"{shard.name}: missing")
         return c
-    digest = sha256_file(path)
-    if digest != shard.sha256:
-        c.problems.append(f"{shard.name}: sha256 mismatch (manifest {shard.sha256[:16]}..., "
-                          f"file {digest[:16]}...)")
     lengths = []
+    with open(path, "rb") as raw:  # one pass: the samples are read and the bytes hashed
+        hashed = HashingFile(raw)
+        _read_into(c, m, shard, path, hashed, first_chunk, lengths)
+        digest = hashed.hexdigest_to_end()
+    if digest != shard.sha256:
+        c.problems.insert(0, f"{shard.name}: sha256 mismatch (manifest {shard.sha256[:16]}..., "
+                             f"file {digest[:16]}...)")
+    c.samples, c.tokens = len(lengths), int(sum(lengths))
+    full = lengths[:-1] if last else lengths
+    if any(n != m.chunk_tokens for n in full) or (lengths and lengths[-1] > m.chunk_tokens):
+        c.problems.append(f"{shard.name}: chunks not of {m.chunk_tokens} tokens")
+    if c.samples != shard.samples:
+        c.problems.append(f"{shard.name}: {c.samples} samples, the manifest says {shard.samples}")
+    if c.tokens != shard.tokens:
+        c.problems.append(f"{shard.name}: {c.tokens:,} tokens, the manifest says "
+                          f"{shard.tokens:,}")
+    return c
+
+
+def _read_into(c: ShardCheck, m: Manifest, shard: ShardInfo, path: Path, f: HashingFile,
+               first_chunk: int, lengths: list[int]) -> None:
+    """Check every sample of the open shard ``f``; append lengths, EOTs and problems to ``c``."""
     try:
-        for i, (key, arr) in enumerate(read_shard(path)):
+        for i, (key, arr) in enumerate(read_samples(path, fileobj=f)):
             want = sample_key(shard.split, first_chunk + i)
             if key != want:
                 c.problems.append(f"{shard.name}: sample {i} has key {key!r}, expected {want!r}")
@@ -75,16 +93,6 @@ def check_shard(m: Manifest, shard: ShardInfo, first_chunk: int, last: bool) -> 
     except Exception as err:  # whatever the tar reader raises, the shard is unreadable
         c.problems.append(f"{shard.name}: unreadable after {len(lengths)} samples "
                           f"({type(err).__name__}: {err})")
-    c.samples, c.tokens = len(lengths), int(sum(lengths))
-    full = lengths[:-1] if last else lengths
-    if any(n != m.chunk_tokens for n in full) or (lengths and lengths[-1] > m.chunk_tokens):
-        c.problems.append(f"{shard.name}: chunks not of {m.chunk_tokens} tokens")
-    if c.samples != shard.samples:
-        c.problems.append(f"{shard.name}: {c.samples} samples, the manifest says {shard.samples}")
-    if c.tokens != shard.tokens:
-        c.problems.append(f"{shard.name}: {c.tokens:,} tokens, the manifest says "
-                          f"{shard.tokens:,}")
-    return c
 
 
 def verify(directory: str | os.PathLike, threads: int | None = None) -> Report:

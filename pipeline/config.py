@@ -136,8 +136,7 @@ class OptimCfg(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     decay_embeddings: bool = False
     # AdamW's implementation: "auto" = torch's fused kernel on CUDA, foreach on CPU; "deepspeed"
-    # = DeepSpeed's FusedAdam (a JIT-built op, GPU only). Measured on one H100 (dense-125m,
-    # docs/benchmarks.md), foreach costs several percent of a step against fused.
+    # = DeepSpeed's FusedAdam (a JIT-built op, GPU only; its build failed on the H100 image).
     impl: Literal["auto", "foreach", "fused", "deepspeed"] = "auto"
     muon_lr: float = Field(0.02, gt=0)
     muon_momentum: float = Field(0.95, ge=0, lt=1)

@@ -15,8 +15,9 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   store scores; the SwiGLU MLP at 8/3 C is close to their 4C GELU MLP), twice that in fp32. With
   activation checkpointing: the layer inputs (B * T * C per layer) plus one layer recomputed.
 * working weights: every structured layer materializes its effective (quantized) dense matrix
-  ``out x in`` in the compute dtype and autograd keeps it for backward (Walsh ``blocks`` layers
-  keep only their A x n_out x n_in blocks), plus the embedding table cast for the tied head.
+  ``out x in`` in the compute dtype and autograd keeps it for backward (Walsh ``blocks`` and
+  ``triton`` layers keep only their A x n_out x n_in blocks), plus the embedding table cast
+  for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` fp32 logits and their gradient (chunk * V * 4 * 2).
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
@@ -51,7 +52,7 @@ def _working_weight_numel(model: WalshLM) -> int:
     wc = model.config
     n = wc.vocab_size * wc.n_embd  # embedding table cast for the tied head
     for layer in model.structured_layers():
-        blocks_only = wc.algebra == "walsh" and wc.walsh_impl == "blocks"
+        blocks_only = wc.algebra == "walsh" and wc.walsh_impl != "dense"
         n += layer.weight.numel() if blocks_only else layer.in_features * layer.out_features
     return n
 

@@ -3,7 +3,7 @@
 1. stage ``builtin:python-docs`` (text that ships with Python) with the GPT-2 tokenizer into
    ``DIR/data`` (configs/data/python-docs.yaml),
 2. train the ``tiny`` preset with Ray Train workers and DeepSpeed ZeRO-2
-   (configs/train/quickstart.yaml; gloo on CPU, the GPUs when present) into ``DIR/run``,
+   (configs/train/quickstart.yaml; on CPU: gloo, fp32) into ``DIR/run``,
    tracked in MLflow (``sqlite:///DIR/run/mlflow.db``),
 3. export the consolidated fp32 weights, load them into ``WalshLM`` and print a sample,
 4. say where to look: ``mlflow ui --backend-store-uri ...``.

@@ -21,7 +21,7 @@ Host overhead (measured on one H100, docs/benchmarks.md): a 125M step is ~45 ms 
 the host must keep up. DeepSpeed's stage-0 clipping runs one norm kernel per parameter and its
 world-of-one all-reduce flattens and copies every gradient, together 10-15% of a walsh-h step;
 so at stage 0 the trainer clips with one foreach norm and, in a world of one, skips the
-all-reduce. Batches are copied from pinned memory.
+all-reduce. With loader workers (``data.num_workers``), batches arrive pinned.
 
 Precision: ``bf16`` keeps fp32 master weights in the engine and runs the forward under
 ``torch.autocast(bfloat16)`` (the ternary quantizers see fp32 latents, as MODEL_SPEC asks);
@@ -184,8 +184,9 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     model = WalshLM(cfg.walsh_config())
     flops = model.flops_per_token(cfg.data.seq_len)
     tracker = Tracker(cfg, run_dir, model.num_params()) if rank == 0 else None
-    optimizer = build_optimizer(model, cfg, device)
+    # on the device first: optimizers (ComponentMuon's per-component views) hold its storage
     model = parallelize(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
     ds_config = deepspeed_config(cfg, micro, accum, global_batch, autocast_dtype(cfg, device))
     if checkpoint.needs_universal(run_dir, world):  # saved by another world size
         ds_config["checkpoint"] = {"load_universal": True}

@@ -189,3 +189,16 @@ def kill_session(sid: int) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(procs, timeout=15)
+
+
+def wait_for_checkpoint(run_dir, tag: str, proc, timeout: float = 240) -> None:
+    """Poll until RUN_DIR/checkpoints/latest names ``tag``, ``proc`` ends, or ``timeout`` s."""
+    import time
+    from pathlib import Path
+
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text() == tag:
+            return
+        time.sleep(0.05)

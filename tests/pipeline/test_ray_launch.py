@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from _helpers import (
     session_procs,
     stage_pattern,
     start_walsh,
+    wait_for_checkpoint,
     walsh_env,
     write_yaml,
 )
@@ -149,12 +149,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_bit_identically(straight, dat
     log = tmp_path / "log.txt"
     proc = start_walsh(["train", config, "--trace-data"], log, ENV)
     try:
-        latest = run_dir / "checkpoints" / "latest"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if latest.is_file() and latest.read_text() == "step_00000004":
-                break
-            time.sleep(0.05)
+        wait_for_checkpoint(run_dir, "step_00000004", proc)
         assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()
         workers = {p.pid: p for p in train_workers(proc.pid)}
         assert len(workers) == 2, workers
@@ -163,7 +158,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_bit_identically(straight, dat
         victim = workers[int(rank0.group(1))]
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
-        at_kill = latest.read_text()
+        at_kill = (run_dir / "checkpoints" / "latest").read_text()
         assert at_kill in ("step_00000004", "step_00000008"), at_kill  # mid-run
         out = finish_walsh(proc, log, timeout=300)
     finally:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -24,6 +23,7 @@ from _helpers import (
     read_metrics,
     read_trace,
     stage_pattern,
+    wait_for_checkpoint,
 )
 
 from pipeline.checkpoint import export_fp32
@@ -107,12 +107,7 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
     finish(torchrun(straight, "--trace-data"))
 
     proc = torchrun(killed, "--trace-data")
-    latest = killed_dir / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text() == "step_00000004":
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(killed_dir, "step_00000004", proc)
     assert proc.poll() is None, "the run ended before it could be killed"
     # torchrun starts its workers in sessions of their own: kill the whole tree, at once
     tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
@@ -120,7 +115,7 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([p for p in psutil.process_iter() if p.pid in tree], timeout=30)
-    assert latest.read_text() in ("step_00000004", "step_00000008")
+    assert (killed_dir / "checkpoints" / "latest").read_text() in ("step_00000004", "step_00000008")
     out = finish(torchrun(killed, "--trace-data"))
     assert "resumed from step_0000000" in out
 
