@@ -7,18 +7,17 @@ worker, or a plain single process, for which it sets up a world of one). Every r
 2. builds the single-device ``WalshLM`` with the same seed on every rank, applies the
    parallelism (``pipeline.parallelize``) and ``deepspeed.initialize`` (ZeRO 0-3),
 3. resumes from ``<run_dir>/checkpoints/latest`` if present (weights, optimizer, loader, RNG),
-4. loops over micro steps: forward under autocast, a NaN/inf guard agreed by all ranks,
-   backward, ``engine.step()`` (DeepSpeed accumulates; ZeRO 1-3 clip inside DeepSpeed, ZeRO 0
-   clips here with torch's foreach ``clip_grad_norm_``; the lr and weight decay of the
-   schedule are set just before each optimizer step),
+4. loops over micro steps: forward (bf16 autocast inside the engine), backward,
+   ``engine.step()`` (DeepSpeed accumulates; ZeRO 1-3 clip inside DeepSpeed, ZeRO 0 clips
+   here with torch's foreach ``clip_grad_norm_``; the lr and weight decay of the schedule are
+   set just before each optimizer step; the NaN/inf guard, ``pipeline.guard``, skips a step
+   whose loss or gradients are not finite, without a host sync per step),
 5. logs, evaluates, checkpoints every k steps and at the end.
 
-NaN guard: a micro batch whose loss is not finite on any rank is skipped by every rank (no
-backward, no step), counted, and the run stops after ``train.max_bad_steps`` in a row.
-Non-finite gradients behind a finite loss are not caught (the clipped norm is logged).
-
 Host overhead (measured on one H100, docs/benchmarks.md): a 125M step is ~45 ms of GPU work and
-the host must keep up. DeepSpeed's stage-0 clipping runs one norm kernel per parameter and its
+the host must keep up, so nothing in the loop may wait for the GPU: DeepSpeed's throughput
+timer (a device synchronize at every forward and step) is switched off, and the NaN guard keeps
+its flag on the device. DeepSpeed's stage-0 clipping runs one norm kernel per parameter and its
 world-of-one all-reduce flattens and copies every gradient, together 10-15% of a walsh-h step;
 so at stage 0 the trainer clips with one foreach norm and, in a world of one, skips the
 all-reduce. With loader workers (``data.num_workers``), batches arrive pinned.
@@ -45,6 +44,7 @@ import torch.distributed as dist
 from data_prep.manifest import Manifest
 from pipeline import checkpoint
 from pipeline.config import RunConfig, check_against_manifest, resolve_batch, total_steps
+from pipeline.guard import StepGuard
 from pipeline.loader import TokenLoader
 from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
 from pipeline.optim import apply_schedule, build_optimizer
@@ -101,6 +101,10 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer calls cuda.synchronize() at every forward and every
+        # step(): it drained the GPU queue twice per micro step (the trainer meters tokens/s
+        # itself, pipeline.metrics.Throughput)
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
@@ -117,12 +121,10 @@ def _all_mean(x: torch.Tensor) -> float:
     return x.item() / dist.get_world_size()
 
 
-def _nonfinite_anywhere(loss: torch.Tensor) -> bool:
-    """True if the loss is NaN/inf on any rank: the flag is formed and all-reduced on the
-    device, so the micro step pays one host sync, not two."""
-    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
-    dist.all_reduce(flag)
-    return flag.item() > 0
+def _finite_mean(losses: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of the finite losses (those of skipped steps left out); NaN if there are none."""
+    x = torch.stack(losses).float()
+    return torch.where(torch.isfinite(x), x, torch.nan).nanmean()
 
 
 def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, micro: int,
@@ -230,44 +232,42 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     profiler = StepProfiler(run_dir, rank, cfg.train.profile_steps, device)
     meter = Throughput(flops, world, device_peak_tflops(device, cfg.train.peak_tflops))
     tokens_per_step = global_batch * cfg.data.seq_len
-    bad_in_a_row, skipped, losses, last, val = 0, 0, [], float("nan"), None
-    grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own clipped norm
+    guard = StepGuard(engine, cfg.train.zero_stage, world, cfg.train.max_bad_steps, device,
+                      verbose=rank == 0)
+    skipped, losses, step_losses, last, val = 0, [], [], float("nan"), None
+    grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own pre-clip norm
     while step < total:
         batch = next(loader)
         trace.add(micro_index, batch)
         micro_index += 1
         batch = batch.to(device, non_blocking=True)
         loss = engine(batch[:, :-1], batch[:, 1:])  # bf16 autocast inside, per deepspeed_config
-        if _nonfinite_anywhere(loss):
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            if rank == 0:
-                print(f"[walsh] non-finite loss at step {step}: micro batch skipped "
-                      f"({bad_in_a_row} in a row)", flush=True)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise FloatingPointError(
-                    f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}); stopping at step {step}"
-                )
-            continue
-        bad_in_a_row = 0
         engine.backward(loss)
-        losses.append(loss.detach())
+        step_losses.append(loss.detach())
         boundary = engine.is_gradient_accumulation_boundary()
         lr = apply_schedule(engine.optimizer, cfg, step, total) if boundary else None
         if boundary and own_clip:  # gradients are already reduced by engine.backward
             grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(),
                                                        cfg.train.grad_clip, foreach=True)
+        if boundary:
+            guard.before_step(step_losses, grad_norm)
         engine.step()
         if not boundary:
             continue
+        guard.after_step()
+        losses += step_losses
+        step_losses = []
         step += 1
         meter.add(tokens_per_step)
         profiler.after_step(step)
-        if step % cfg.train.log_interval == 0 or step == total:
-            last = _all_mean(torch.stack(losses).mean())
+        log_now = step % cfg.train.log_interval == 0 or step == total
+        if log_now or guard.due(step):
+            skipped = guard.check(step)
+        if log_now:
+            last = _all_mean(_finite_mean(losses))
             gn = grad_norm if own_clip else engine.get_global_grad_norm()
             emit({"loss": last, "lr": lr, "grad_norm": float(gn) if gn is not None else None,
-                  "tokens_seen": step * tokens_per_step, "skipped_micro_batches": skipped,
+                  "tokens_seen": step * tokens_per_step, "skipped_steps": skipped,
                   "epoch": loader.epoch, **meter.read(), **memory_stats(device)}, step)
             if rank == 0:
                 print(f"[walsh] step {step}/{total} loss {last:.4f} lr {lr:.3e}", flush=True)
@@ -284,4 +284,4 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     if tracker is not None:
         tracker.close()
     return {"step": step, "loss": last, "val_loss": val, "run_dir": str(run_dir),
-            "skipped_micro_batches": skipped}
+            "skipped_steps": skipped}
