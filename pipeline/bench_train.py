@@ -3,8 +3,14 @@
 For each preset (and each compile setting asked for) this builds the model with fp32 master
 weights, runs ``--warmup`` untimed steps, then ``--steps`` timed steps under bf16 autocast
 (fp32 on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory and the model's
-own FLOPs per token (so MFU against a given peak is one division away). Random tokens are fine:
-the cost of these layers does not depend on the data.
+own FLOPs per token, the MFU against the device's bf16 dense peak, and each row's speed as a
+multiple of the dense bf16 preset of the same shape when the run has one (``x dense``; the
+kernel issue's goals are stated that way). Random tokens are fine: the cost of these layers does
+not depend on the data.
+
+A preset may carry its own overrides: ``walsh-h-125m:walsh_impl=triton`` (several as
+``name:k=v,k=v``), on top of the ``--set`` ones that apply to every preset; values are YAML,
+as in configs.
 
 A benchmark, never a test: record results in docs/benchmarks.md.
 """
@@ -16,31 +22,53 @@ import json
 import time
 
 import torch
+import yaml
 
+from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import compile_blocks
 from walsh.models import WalshLM, get_preset, presets
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``key=value`` strings -> dict, values parsed as JSON where possible (true, 8, null)."""
+    """``key=value`` strings -> dict, values parsed as YAML, as in configs (true, 8, null)."""
     out = {}
     for item in items:
         if "=" not in item:
             raise SystemExit(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = yaml.safe_load(raw) if raw else raw
     return out
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:k=v,k=v`` -> (preset name, its own overrides)."""
+    name, _, rest = spec.partition(":")
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r} in {spec!r}; "
+                         f"known: {', '.join(sorted(presets))}")
+    return name, parse_overrides(rest.split(",")) if rest else {}
+
+
+def _shape(cfg) -> tuple[int, int]:
+    return cfg.n_layer, cfg.n_embd
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``x_dense``: tok/s over that of the run's dense bf16 row of the same shape and compile
+    setting (None when the run has no such row)."""
+    for r in rows:
+        base = [b for b in rows if b["dense_bf16"] and b["shape"] == r["shape"]
+                and b["compile"] == r["compile"]]
+        r["x_dense"] = r["tok_s"] / base[0]["tok_s"] if base else None
+
+
 def bench_one(
-    name: str, overrides: dict, seq_len: int, batch: int, steps: int, warmup: int,
+    spec: str, overrides: dict, seq_len: int, batch: int, steps: int, warmup: int,
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
-    compile_scope: str = "blocks",
+    compile_scope: str = "blocks", compile_mode: str | None = None,
 ) -> dict:
-    cfg = get_preset(name, **overrides)
+    name, own = parse_spec(spec)
+    cfg = get_preset(name, **{**overrides, **own})
     if cfg.block_size < seq_len:
         cfg = cfg.replace(block_size=seq_len)
     torch.manual_seed(0)
@@ -49,9 +77,9 @@ def bench_one(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
     fwd_bwd = model
     if compile_model and compile_scope == "model":
-        fwd_bwd = torch.compile(model)
+        fwd_bwd = torch.compile(model, mode=compile_mode)
     elif compile_model:
-        compile_blocks(model)  # exactly what the trainer does (pipeline.parallelize)
+        compile_blocks(model, compile_mode)  # exactly what the trainer does (pipeline.parallelize)
     gen = torch.Generator(device="cpu").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
@@ -83,8 +111,10 @@ def bench_one(
     flops = model.flops_per_token(seq_len)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {
-        "preset": name, "overrides": overrides, "compile": compile_model,
-        "compile_scope": compile_scope if compile_model else None, "seq_len": seq_len,
+        "preset": spec, "overrides": {**overrides, **own}, "shape": _shape(cfg),
+        "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compile_model,
+        "compile_scope": compile_scope if compile_model else None, "compile_mode": compile_mode,
+        "seq_len": seq_len,
         "batch": batch, "tok_s": tokens / dt, "ms_step": 1e3 * dt, "peak_gib": peak,
         "tflops": flops * tokens / dt / 1e12, "flops_per_token": flops, "warmup_s": warm_s,
     }
@@ -92,7 +122,8 @@ def bench_one(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", nargs="+", default=["dense-125m", "walsh-o-125m", "walsh-h-125m"],
-                   help=f"model presets (known: {', '.join(sorted(presets))})")
+                   help="model presets, each optionally with its own overrides: "
+                        f"NAME[:k=v,k=v] (known: {', '.join(sorted(presets))})")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--steps", type=int, default=20)
@@ -100,12 +131,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
     p.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
                    help="compile each transformer block (default) or the whole model")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model config overrides applied to every preset, e.g. walsh_impl=dense")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's bf16 dense peak for MFU (default: known GPUs' table)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+HEADER = (f"{'preset':<34}{'compile':>8}{'tok/s':>11}{'x dense':>8}{'ms/step':>9}"
+          f"{'TFLOP/s':>9}{'MFU':>6}{'peak GiB':>9}{'warmup s':>9}")
+
+
+def _line(r: dict) -> str:
+    ratio = f"{r['x_dense']:.2f}" if r.get("x_dense") else "-"
+    mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
+    return (f"{r['preset']:<34}{str(r['compile']):>8}{r['tok_s']:>11,.0f}{ratio:>8}"
+            f"{r['ms_step']:>9.1f}{r['tflops']:>9.1f}{mfu:>6}{r['peak_gib']:>9.2f}"
+            f"{r['warmup_s']:>9.1f}")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -119,23 +167,24 @@ def main(args: argparse.Namespace) -> list[dict]:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# device={dev_name} torch={torch.__version__} dtype={dtype_name} "
           f"T={args.seq_len} B={args.batch} steps={args.steps} overrides={overrides} "
-          f"compile_scope={args.compile_scope}")
-    header = (f"{'preset':<16}{'compile':>8}{'tok/s':>12}{'ms/step':>10}{'TFLOP/s':>10}"
-              f"{'peak GiB':>10}{'warmup s':>10}")
+          f"compile_scope={args.compile_scope} compile_mode={args.compile_mode}")
+    peak = device_peak_tflops(device, args.peak_tflops)
+    for spec in args.presets:
+        parse_spec(spec)  # a typo fails before the first model is built
     rows = []
-    for name in args.presets:
+    for spec in args.presets:
         for comp in modes:
-            r = bench_one(name, overrides, args.seq_len, args.batch, args.steps, args.warmup,
-                          comp, device, dtype, args.compile_scope)
+            r = bench_one(spec, overrides, args.seq_len, args.batch, args.steps, args.warmup,
+                          comp, device, dtype, args.compile_scope, args.compile_mode)
+            r["mfu"] = r["tflops"] / peak if peak else None
             rows.append(r)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the finished model is garbage now
-            print(f"{r['preset']:<16}{str(comp):>8}{r['tok_s']:>12,.0f}{r['ms_step']:>10.1f}"
-                  f"{r['tflops']:>10.1f}{r['peak_gib']:>10.2f}{r['warmup_s']:>10.1f}", flush=True)
-    print(header)
+            print(_line(r), flush=True)
+    add_ratios(rows)
+    print(HEADER)
     for r in rows:
-        print(f"{r['preset']:<16}{str(r['compile']):>8}{r['tok_s']:>12,.0f}{r['ms_step']:>10.1f}"
-              f"{r['tflops']:>10.1f}{r['peak_gib']:>10.2f}{r['warmup_s']:>10.1f}")
+        print(_line(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "torch": torch.__version__, "rows": rows}, f, indent=1)

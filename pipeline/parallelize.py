@@ -41,9 +41,10 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     return model
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
     """Compile each transformer block in place, plus ``model.loss`` on its own (the trainer's
-    and ``walsh bench train``'s one way to compile, so the benchmark measures what trains)."""
+    and ``walsh bench train``'s one way to compile, so the benchmark measures what trains);
+    ``mode``: torch.compile's (the bench tries "reduce-overhead", CUDA graphs)."""
     for block in model.blocks:
-        block.compile()
-    model.loss = torch.compile(model.loss)
+        block.compile(mode=mode)
+    model.loss = torch.compile(model.loss, mode=mode)

@@ -66,6 +66,23 @@ def test_bench_train_cpu_writes_rows(tmp_path):
         ("tiny", False, 2, 32)
     ]
     assert rows[0]["tok_s"] > 0 and rows[0]["flops_per_token"] > 0
+    assert rows[0]["x_dense"] is None  # no dense bf16 row of its shape in the run
+
+
+def test_bench_train_per_preset_overrides_and_ratio_to_dense(tmp_path):
+    out = tmp_path / "bench.json"
+    small = "n_layer=1,n_embd=32,n_head=2"
+    main(["bench", "train", "--presets", f"dense-125m:{small}", f"bitnet-125m:{small},bias=true",
+          "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
+          "--compile", "off", "--device", "cpu", "--set", "vocab_size=128", "--json", str(out)])
+    dense, bitnet, tiny = json.loads(out.read_text())["rows"]
+    assert bitnet["overrides"] == {"vocab_size": 128, "n_layer": 1, "n_embd": 32, "n_head": 2,
+                                   "bias": True}
+    assert dense["x_dense"] == 1.0
+    assert bitnet["x_dense"] == bitnet["tok_s"] / dense["tok_s"]
+    assert tiny["x_dense"] is None  # another shape (2 x 128)
+    with pytest.raises(SystemExit, match="unknown preset 'nope'"):
+        main(["bench", "train", "--presets", "nope:n_layer=1", "--device", "cpu"])
 
 
 def test_bench_loss_cpu_agrees_with_full_ce(capsys):

@@ -116,6 +116,16 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
     assert rel_err(gain.grad, gr.grad) < TOL[dtype], seed
 
 
+@pytest.mark.parametrize("n,a,lanes", [(1, 2, 1), (37, 4, 25), (2500, 32, 3), (1024, 8, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gain_grad_matches_reference(n, a, lanes, dtype, seed):
+    """The gains' gradient: chunked partial sums (1024 rows) against one fp32 sum."""
+    x, y = (torch.randn(n, a * lanes, device=DEV, dtype=dtype) for _ in range(2))
+    out = wt.gain_grad_raw(x, y, a)
+    assert out.shape == (a, lanes) and out.dtype == torch.float32
+    assert rel_err(out, wt.gain_grad_naive(x, y, a)) < 1e-5, seed  # fp32 sums either way
+
+
 def test_walsh_transform_rejects_bad_gains():
     x = torch.randn(3, 12, device=DEV)
     with pytest.raises(ValueError, match="power of two"):
@@ -178,3 +188,19 @@ def test_walsh_linear_full_shape_cuda(in_f, out_f, dtype, seed):
     assert rel_err(xf.grad, xr.grad) < TOL[dtype], seed
     for name, p in ref.named_parameters():
         assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < TOL[dtype], name
+
+
+@pytest.mark.gpu
+def test_walsh_linear_compiled_backward_at_16k_tokens(seed):
+    """Inductor (torch 2.11) once returned the gains' gradient flattened at N = 16k tokens;
+    the compiled layer's gradients must match the eager ones at that size."""
+    layer = WalshLinear(768, 2304, blocks=32, impl="triton", ternary=True).cuda()
+    x = torch.randn(16, 1024, 768, device="cuda")
+    grads = []
+    for f in (layer, torch.compile(layer)):
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            f(x).float().square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    for name, g in grads[0].items():
+        assert grads[1][name].shape == g.shape and rel_err(grads[1][name], g) < 1e-2, name

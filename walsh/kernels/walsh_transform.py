@@ -11,9 +11,10 @@ The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's `
 (``walsh.layers.hadamard``), re-exported here.
 
 Backward reuses the forward kernels (H is symmetric, so each transform's adjoint is the other
-one): d walsh_in: dx = alpha * walsh_out(du, 1), dalpha = sum_i x * walsh_out(du, 1);
-d walsh_out: dy = walsh_in(dout, beta), dbeta = sum_i dout * walsh_out(y, 1) (recomputed, so
-nothing [N, A*n]-sized is saved beyond the op's inputs).
+one): d walsh_in: dx = alpha * walsh_out(du, 1), dalpha = gain_grad(walsh_out(du, 1), x);
+d walsh_out: dy = walsh_in(dout, beta), dbeta = gain_grad(dout, walsh_out(y, 1)) (recomputed,
+so nothing [N, A*n]-sized is saved beyond the op's inputs). ``gain_grad`` (a Triton column
+reduction with fixed-order partial sums, so deterministic) is its own op as well.
 
 Precision: the slab is held in fp32; H (+-1) and bf16 inputs are exact in TF32, so 16-bit
 inputs use a TF32 ``tl.dot`` (alpha * x is rounded to TF32's 10 mantissa bits, finer than bf16's
@@ -21,7 +22,7 @@ rounding in the naive path), products accumulate in fp32, and S and beta are app
 before the one rounding to the output dtype (the naive butterfly rounds at each of its log2(A)
 stages). fp32 inputs use an IEEE ``tl.dot`` (no TF32): fp32 matches the reference to ~1e-7.
 
-Code order: kernel, launcher, autograd (custom ops), functional.
+Code order: naive references, kernels, launchers, autograd (custom ops), functional.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ import triton.language as tl
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
 BLOCK_COLS = 64
+
+
+def gain_grad_naive(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
+    """a, b [N, A*L] -> fp32 [A, L] = sum over tokens of a * b: the gradient of a per-lane gain
+    (alpha or beta) given the upstream gradient and the tensor it multiplied."""
+    return (a.float() * b.float()).sum(0).view(blocks, -1)
 
 
 # -- kernel -----------------------------------------------------------------------------------
@@ -82,6 +89,22 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, NL, L, inv_sqrt_a,
     tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gain_grad_kernel(a_ptr, b_ptr, part_ptr, N, C, CHUNK,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[p, c] = sum of a[r, c] * b[r, c] (fp32) over the rows r of chunk p (CHUNK rows)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)        # [BLOCK_C]
+    start = tl.program_id(1) * CHUNK
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(start, start + CHUNK, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)                             # [BLOCK_R]
+        mask = (rows[:, None] < N) & (cols[None, :] < C)
+        off = rows[:, None].to(tl.int64) * C + cols[None, :]
+        acc += (tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                * tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32))
+    tl.store(part_ptr + tl.program_id(1) * C + cols, tl.sum(acc, axis=0), mask=cols < C)
+
+
 # -- launcher ---------------------------------------------------------------------------------
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,6 +122,24 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
                         LOG_A=int(math.log2(a)), IN_MODE=in_mode, HAS_SCALE=scale is not None,
                         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BLOCK=BLOCK_COLS)
     return dst
+
+
+GAIN_CHUNK, GAIN_ROWS, GAIN_COLS = 1024, 32, 64
+
+
+def gain_grad_raw(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
+    """a, b [N, A*L] -> sum_i a[i] * b[i] as fp32 [A, L] (no autograd): per-chunk partial sums
+    [ceil(N / 1024), A*L] from one kernel, then summed by torch in a fixed order, so the result
+    is deterministic (no atomics)."""
+    a, b = a.contiguous(), b.contiguous()
+    n, c = a.shape
+    chunks = max(triton.cdiv(n, GAIN_CHUNK), 1)
+    part = torch.zeros(chunks, c, device=a.device, dtype=torch.float32)
+    if n > 0:
+        grid = (triton.cdiv(c, GAIN_COLS), chunks)
+        _gain_grad_kernel[grid](a, b, part, n, c, GAIN_CHUNK, BLOCK_R=GAIN_ROWS,
+                                BLOCK_C=GAIN_COLS)
+    return part.sum(0).view(blocks, c // blocks)
 
 
 def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
@@ -123,6 +164,19 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
 
 
 # -- autograd: custom ops, so torch.compile keeps each transform as one graph node -----------
+# The gains' gradient is an op too: written as torch ops (a product, a sum over N, a view to
+# [A, L]), torch 2.11's inductor returned it flattened ([A*L]) once N reached 16k tokens
+# ("CompiledFunctionBackward returned an invalid gradient ... got [768] but expected [32, 24]").
+@torch.library.custom_op("walsh::gain_grad", mutates_args=())
+def _gain_grad_op(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
+    return gain_grad_raw(a, b, blocks)
+
+
+@_gain_grad_op.register_fake
+def _(a, b, blocks):
+    return a.new_empty(blocks, a.shape[1] // blocks, dtype=torch.float32)
+
+
 @torch.library.custom_op("walsh::walsh_in", mutates_args=())
 def _walsh_in_op(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return walsh_in_raw(x, alpha, alpha.shape[0])
@@ -140,12 +194,10 @@ def _in_setup(ctx, inputs, output):
 
 def _in_backward(ctx, du):
     x, alpha = ctx.saved_tensors
-    a, lanes = alpha.shape
     # the ops (not the raw launchers), so that compile can trace the backward with fake tensors
     t = _walsh_out_op(du, torch.ones_like(alpha))                        # [N, A*L] = S H du
     dx = t * alpha.reshape(1, -1)
-    dalpha = (t.float() * x.float()).reshape(-1, a, lanes).sum(0).to(alpha.dtype)
-    return dx, dalpha
+    return dx, _gain_grad_op(t, x, alpha.shape[0]).to(alpha.dtype)
 
 
 _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
@@ -163,11 +215,10 @@ def _(y, beta):
 
 def _out_backward(ctx, dout):
     y, beta = ctx.saved_tensors
-    a, lanes = beta.shape
+    a = beta.shape[0]
     dy = _walsh_in_op(dout, beta)                                        # [A, N, L]
     z = _walsh_out_op(y, torch.ones_like(beta))                          # recomputed S H y
-    dbeta = (dout.float() * z.float()).reshape(-1, a, lanes).sum(0).to(beta.dtype)
-    return dy, dbeta
+    return dy, _gain_grad_op(dout, z, a).to(beta.dtype)
 
 
 _walsh_out_op.register_autograd(_out_backward, setup_context=_in_setup)

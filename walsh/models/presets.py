@@ -2,9 +2,9 @@
 
 Naming: ``dense`` is the full-precision (bf16 under autocast) baseline, ``bitnet`` the dense
 ternary BitLinear model, ``walsh-o`` octonion (Cayley-Dickson A = 8) ternary with head mixing,
-``walsh-h`` Walsh-Hadamard (A = 32) ternary. The size suffix names the *shape* (12 x 768 or
-24 x 1024, GPT-2 small / medium); structured models of a shape have far fewer parameters, which
-``WalshLM.num_params()`` reports.
+``walsh-h`` Walsh-Hadamard (A = 32) ternary. The size suffix names the *shape* (12 x 768,
+24 x 1024 or 24 x 2048: GPT-2 small / medium, GPT-3 XL); structured models of a shape have
+far fewer parameters, which ``WalshLM.num_params()`` reports.
 
 ``walsh-h-*`` runs the Walsh layers with ``walsh_impl="dense"`` (the closed form materialized
 once per step, one GEMM): measured on one H100 with torch.compile it trains 1.65x (12 x 768) and
@@ -25,6 +25,7 @@ from walsh.models.config import WalshConfig
 SHAPES = {
     "125m": dict(n_layer=12, n_embd=768, n_head=12),
     "350m": dict(n_layer=24, n_embd=1024, n_head=16),
+    "1b3": dict(n_layer=24, n_embd=2048, n_head=16),  # the kernel issue's wide shape
 }
 
 

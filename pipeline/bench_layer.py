@@ -1,0 +1,137 @@
+"""``walsh bench layer``: one structured linear layer and each of its kernels against a roofline.
+
+The ceilings are measured first, on the device at hand: the copy bandwidth (a 1 GiB device to
+device copy, read + write bytes over time) and the bf16 GEMM rate (an 8192^3 matmul). Each
+kernel's roofline time is then ``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it
+must move at least once (inputs read, outputs written); ``x roof`` is the measured time over
+that. The layer rows time forward + backward of the whole layer per ``--impls``, against
+``nn.Linear`` in bf16 of the same shape (``x dense``: dense time over the layer's, so > 1 is
+faster than dense).
+
+Shapes: N = ``--tokens`` rows (16 x 1024 by default, the model benchmark's batch), the layer
+``--in-features -> --out-features`` with A = ``--blocks``. bf16 autocast, as in training.
+A benchmark, never a test: record results in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from walsh.layers import WalshLinear
+
+
+def _time_ms(fn, iters: int) -> float:
+    """Median of ``iters`` CUDA-event timings of ``fn`` (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def measure_ceilings(iters: int) -> tuple[float, float]:
+    """(copy GB/s counting read + write, bf16 GEMM TFLOP/s) measured on this device."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), iters)
+    bw = 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = _time_ms(lambda: m @ m, iters)
+    return bw, 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, float, float]]:
+    """(name, thunk, FLOPs, bytes) for each kernel of a Walsh layer's forward and backward."""
+    from walsh.kernels import ternary as tk
+    from walsh.kernels import walsh_transform as wt
+
+    dev, bf = "cuda", torch.bfloat16
+    lin, lout = fin // a, fout // a
+    x = torch.randn(n, fin, device=dev, dtype=bf)
+    u = torch.randn(a, n, lin, device=dev, dtype=bf)
+    y = torch.randn(a, n, lout, device=dev, dtype=bf)
+    dout = torch.randn(n, fout, device=dev, dtype=bf)
+    z = torch.randn(n, fout, device=dev, dtype=bf)
+    alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
+    w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
+    wq = w.to(bf)
+    m = w.numel()
+    return [
+        # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
+        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), 2 * a * n * fin, 2 * 2 * n * fin),
+        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), 2 * a * n * fout, 2 * 2 * n * fout),
+        ("gain_grad", lambda: wt.gain_grad_raw(dout, z, a), 2 * n * fout, 2 * 2 * n * fout),
+        # absmean pass reads w, apply pass reads w and writes bf16
+        ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), 3 * m, 4 * m + 4 * m + 2 * m),
+        ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), 2 * n * fin * fout / a,
+         2 * (n * fin + n * fout + m)),
+    ]
+
+
+def layer_rows(n: int, fin: int, fout: int, a: int, impls: list[str], compile_: bool):
+    """(name, thunk running forward + backward) per implementation, dense nn.Linear first."""
+    dev = "cuda"
+    x = torch.randn(n, fin, device=dev, requires_grad=True)
+    g = torch.randn(n, fout, device=dev, dtype=torch.bfloat16)
+    dense_w = torch.nn.Parameter(torch.randn(fout, fin, device=dev) / math.sqrt(fin))
+
+    def run(f):
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = f(x)
+            out.backward(g)
+        return step
+
+    rows = [("dense nn.Linear bf16", run(lambda t: F.linear(t, dense_w)))]
+    for impl in impls:
+        layer = WalshLinear(fin, fout, blocks=a, impl=impl, ternary=True).to(dev)
+        rows.append((f"walsh {impl}", run(layer)))
+        if compile_:
+            rows.append((f"walsh {impl} compiled", run(torch.compile(layer))))
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=16 * 1024, help="rows N (batch x sequence)")
+    p.add_argument("--in-features", type=int, default=768)
+    p.add_argument("--out-features", type=int, default=3072)
+    p.add_argument("--blocks", type=int, default=32)
+    p.add_argument("--impls", nargs="+", default=["triton", "blocks", "dense"],
+                   help="WalshLinear implementations to time")
+    p.add_argument("--compile", action="store_true", help="also time each layer compiled")
+    p.add_argument("--iters", type=int, default=20)
+
+
+def main(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("walsh bench layer needs a CUDA device (its kernels are Triton)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    n, fin, fout, a = args.tokens, args.in_features, args.out_features, args.blocks
+    bw, tflops = measure_ceilings(args.iters)
+    print(f"# device={torch.cuda.get_device_name()} torch={torch.__version__} N={n} "
+          f"{fin}->{fout} A={a}; measured ceilings: copy {bw:,.0f} GB/s, "
+          f"bf16 GEMM {tflops:,.0f} TFLOP/s")
+    print(f"{'kernel':<24}{'ms':>9}{'roof ms':>9}{'x roof':>8}{'GB/s':>8}{'TFLOP/s':>9}")
+    roof_total = 0.0
+    for name, fn, flops, nbytes in kernel_rows(n, fin, fout, a):
+        ms = _time_ms(fn, args.iters)
+        roof = 1e3 * max(flops / (tflops * 1e12), nbytes / (bw * 1e9))
+        roof_total += roof
+        print(f"{name:<24}{ms:>9.3f}{roof:>9.3f}{ms / roof:>8.2f}"
+              f"{nbytes / ms / 1e6:>8,.0f}{flops / ms / 1e9:>9.1f}")
+    print(f"{'layer':<24}{'ms':>9}{'x dense':>9}")
+    dense_ms = None
+    for name, fn in layer_rows(n, fin, fout, a, args.impls, args.compile):
+        ms = _time_ms(fn, args.iters)
+        dense_ms = dense_ms or ms
+        print(f"{name:<24}{ms:>9.3f}{dense_ms / ms:>9.2f}", flush=True)
