@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_prep.local_ray import use_local_ray_env
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mb", type=float, default=64.0, help="corpus size in MB of text (>= 50)")
@@ -169,8 +171,7 @@ def _stage_run(corpus: Path, out: Path, n: int, tok: str) -> dict:
     """Stage with ``n`` workers in a fresh local Ray (its start-up timed apart)."""
     from data_prep.stage import stage
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    use_local_ray_env()  # before `import ray`
     import ray
 
     t0 = time.perf_counter()

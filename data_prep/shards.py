@@ -118,8 +118,3 @@ def read_samples(
     if stop is not None:
         raise RuntimeError(f"{path}: the shard ends after {index + 1} samples, the manifest "
                            f"promised at least {stop}")
-
-
-def read_shard(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` of every sample of one shard, in order."""
-    return read_samples(path)

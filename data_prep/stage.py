@@ -45,6 +45,7 @@ from tqdm import tqdm
 from data_prep import config as config_mod
 from data_prep import filters, packing, parts, sources, tokenizer
 from data_prep.config import StageConfig
+from data_prep.local_ray import use_local_ray_env
 from data_prep.manifest import FORMAT, MANIFEST, Manifest
 from data_prep.progress import StageProgress
 from data_prep.sources import StageError, Task
@@ -184,8 +185,7 @@ def ray_session(workers: int | None, address: str | None):
     cluster at ``address`` / ``RAY_ADDRESS``."""
     local = address is None and not os.environ.get("RAY_ADDRESS")
     if local:  # must precede `import ray`: Ray reads them at import and at init
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only
+        use_local_ray_env()
     import ray
 
     if ray.is_initialized():

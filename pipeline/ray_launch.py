@@ -32,17 +32,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
+from data_prep.local_ray import free_port, use_local_ray_env
 from pipeline.config import RunConfig, from_dict, load
 from pipeline.tracking import sqlite_path
 
-LOCAL_RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 # Ray Train tees every print() of a worker into its logger as well: each line twice on the
 # console. Propagated to the workers by Ray Train itself.
 QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -69,12 +64,6 @@ def _worker(loop_cfg: dict) -> dict:
                  trace_data=loop_cfg["trace_data"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def resolve_address(cfg: RunConfig, address: str | None) -> str | None:
     """The cluster to join (``--address``, ``RAY_ADDRESS``, ``cluster.address``), or None."""
     return address or os.environ.get("RAY_ADDRESS") or cfg.cluster.address or None
@@ -90,15 +79,14 @@ def prepare_env(address: str | None) -> None:
     for key, val in QUIET_RAY_ENV.items():
         os.environ.setdefault(key, val)
     if address is None:
-        for key, val in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, val)
+        use_local_ray_env()
     elif _is_loopback(address):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def init_ray(cfg: RunConfig, address: str | None) -> None:
     """Join ``address``, or start the embedded local instance. Call ``prepare_env`` first.
-    A Ray this process already runs (e.g. the quickstart's, after staging) is used as it is."""
+    A Ray this process already runs (the caller's own ``ray.init``) is used as it is."""
     import ray
 
     if ray.is_initialized():
@@ -109,13 +97,13 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
                  runtime_env={"env_vars": {"RAY_ADDRESS": address}} if pin else None)
         return
     need = math.ceil(cfg.cluster.workers * cfg.cluster.cpus_per_worker) + 1  # + Train's actors
-    gcs_port = _free_port()
+    gcs_port = free_port()
     before = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the head node only
     try:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
                  _node_ip_address="127.0.0.1", include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
     finally:
         if before is None:

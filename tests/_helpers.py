@@ -111,14 +111,6 @@ def read_trace(run_dir) -> dict[int, dict[int, str]]:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- subprocesses: `walsh` commands, servers, and cleaning up after them ----------------------
 def walsh_env(**extra: str) -> dict[str, str]:
     """A copy of this environment for a `walsh` subprocess: one intra-op thread per process,

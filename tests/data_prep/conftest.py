@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -21,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_prep.local_ray import use_local_ray_env
+
 HERE = Path(__file__).parent
 
 # Ray reads these at import and init: loopback only, no token auth (ARCHITECTURE.md section 7).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+use_local_ray_env()
 
 # The GPT-2 split pattern, written out (not imported) so the independent encoder is independent.
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

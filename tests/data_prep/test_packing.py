@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import config, packing, parts, sources, tokenizer
-from data_prep.shards import read_shard
+from data_prep.shards import read_samples
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_write_split_groups_chunks_into_shards(tmp_path):
     assert [s.samples for s in shards] == [5, 5, 5, 1] and sum(s.tokens for s in shards) == 1000
     keys, back = [], []
     for s in shards:
-        for key, arr in read_shard(tmp_path / s.name):
+        for key, arr in read_samples(tmp_path / s.name):
             keys.append(key)
             back.append(arr)
     assert keys == [f"train-{i:010d}" for i in range(16)]

@@ -21,7 +21,7 @@ import pytest
 
 from data_prep import tokenizer
 from data_prep.manifest import Manifest
-from data_prep.shards import read_shard, sha256_file
+from data_prep.shards import read_samples, sha256_file
 from data_prep.sources import StageError
 from data_prep.stage import stage
 
@@ -59,7 +59,7 @@ def corpus_texts(root: Path) -> list[tuple[str, str]]:
 
 def split_docs(m: Manifest, split: str) -> list[list[int]]:
     """The documents of a split, as token lists, read back from the shards."""
-    arrays = [arr for s in m.split(split) for _, arr in read_shard(m.path(s))]
+    arrays = [arr for s in m.split(split) for _, arr in read_samples(m.path(s))]
     if not arrays:
         return []
     stream = np.concatenate(arrays).tolist()
@@ -310,7 +310,7 @@ def test_large_vocab_is_staged_as_uint32(ray_local, tmp_path, helpers):
     enc = tokenizer.load(str(tok))
     assert m.dtype == "uint32" and m.tokenizer.vocab_size == 65793
     assert m.total_tokens == sum(len(enc.encode_ordinary(d["text"])) + 1 for d in docs)
-    assert all(arr.dtype == np.uint32 for s in m.shards for _, arr in read_shard(m.path(s)))
+    assert all(arr.dtype == np.uint32 for s in m.shards for _, arr in read_samples(m.path(s)))
 
 
 def test_builtin_corpus_stages_offline(ray_local, tmp_path, ranks_file):

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from data_prep.local_ray import free_port
+
 pytestmark = pytest.mark.multiprocess
 
 PROBE = r"""
@@ -85,9 +87,7 @@ except FloatingPointError as e:
                                 "stopping at step 4"),
 ])
 def test_a_skipped_step_changes_nothing(optimizer, stage, mode, stop, tmp_path):
-    from pipeline.trainer import _free_port
-
-    res = subprocess.run([sys.executable, "-c", PROBE, optimizer, str(stage), str(_free_port())],
+    res = subprocess.run([sys.executable, "-c", PROBE, optimizer, str(stage), str(free_port())],
                          capture_output=True, text=True, timeout=220, check=False,
                          cwd=tmp_path)
     out = res.stdout

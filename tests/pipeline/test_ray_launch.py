@@ -24,7 +24,6 @@ import pytest
 import torch
 from _helpers import (
     finish_walsh,
-    free_port,
     kill_session,
     pattern_run_config,
     read_metrics,
@@ -37,6 +36,7 @@ from _helpers import (
     write_yaml,
 )
 
+from data_prep.local_ray import LOCAL_RAY_ENV, free_port
 from pipeline.checkpoint import export_fp32
 from pipeline.config import from_dict
 from walsh.models import WalshLM
@@ -189,8 +189,7 @@ def test_joins_an_existing_cluster_with_address(data_dir, tmp_path):
     # any other ray.init() on this machine would pick it up (short: Ray's socket paths live in it)
     ray_tmp = tempfile.mkdtemp(prefix="wr", dir="/tmp")
     port = free_port()
-    env = walsh_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                    RAY_USAGE_STATS_ENABLED="0")
+    env = walsh_env(**LOCAL_RAY_ENV)
     head_log = tmp_path / "ray-start.txt"
     with open(head_log, "w") as f:  # not a pipe: the daemons it leaves would hold it open
         head = subprocess.Popen(

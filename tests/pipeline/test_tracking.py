@@ -20,7 +20,6 @@ import pytest
 import torch
 from _helpers import (
     finish_walsh,
-    free_port,
     kill_session,
     pattern_run_config,
     read_metrics,
@@ -30,6 +29,7 @@ from _helpers import (
     write_yaml,
 )
 
+from data_prep.local_ray import free_port
 from pipeline.config import from_dict
 from pipeline.tracking import RUN_ID_FILE, Tracker, artifact_root, default_uri
 from walsh.models import WalshLM
