@@ -49,10 +49,6 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, parse_overrides(rest.split(",")) if rest else {}
 
 
-def _shape(cfg) -> tuple[int, int]:
-    return cfg.n_layer, cfg.n_embd
-
-
 def add_ratios(rows: list[dict]) -> None:
     """``x_dense``: tok/s over that of the run's dense bf16 row of the same shape and compile
     setting (None when the run has no such row)."""
@@ -111,7 +107,7 @@ def bench_one(
     flops = model.flops_per_token(seq_len)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {
-        "preset": spec, "overrides": {**overrides, **own}, "shape": _shape(cfg),
+        "preset": spec, "overrides": {**overrides, **own}, "shape": (cfg.n_layer, cfg.n_embd),
         "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compile_model,
         "compile_scope": compile_scope if compile_model else None, "compile_mode": compile_mode,
         "seq_len": seq_len,

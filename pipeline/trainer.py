@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_prep.local_ray import free_port
 from data_prep.manifest import Manifest
 from pipeline import checkpoint
 from pipeline.config import RunConfig, check_against_manifest, resolve_batch, total_steps
@@ -58,19 +58,13 @@ log = logging.getLogger("walsh.train")
 MetricsFn = Callable[[dict, int], None]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """Join (or create, for a lone process) the process group; returns rank, world, device."""
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain single process: a world of one on loopback
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     use_cuda = torch.cuda.is_available() and cfg.cluster.gpus_per_worker > 0
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
@@ -246,10 +240,10 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         step_losses.append(loss.detach())
         boundary = engine.is_gradient_accumulation_boundary()
         lr = apply_schedule(engine.optimizer, cfg, step, total) if boundary else None
-        if boundary and own_clip:  # gradients are already reduced by engine.backward
-            grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(),
-                                                       cfg.train.grad_clip, foreach=True)
         if boundary:
+            if own_clip:  # gradients are already reduced by engine.backward
+                grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(),
+                                                           cfg.train.grad_clip, foreach=True)
             guard.before_step(step_losses, grad_norm)
         engine.step()
         if not boundary:
