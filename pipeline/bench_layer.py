@@ -1,6 +1,7 @@
 """``walsh bench layer``: one structured linear layer and each of its kernels against a roofline.
 
-The ceilings are measured first, on the device at hand: the copy bandwidth (a 1 GiB device to
+Timing is triton's ``do_bench`` (median, L2 flushed before each call). The ceilings are
+measured first, on the device at hand: the copy bandwidth (a 1 GiB device to
 device copy, read + write bytes over time) and the bf16 GEMM rate (an 8192^3 matmul). Each
 kernel's roofline time is then ``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it
 must move at least once (inputs read, outputs written); ``x roof`` is the measured time over
@@ -24,29 +25,22 @@ import torch.nn.functional as F
 from walsh.layers import WalshLinear
 
 
-def _time_ms(fn, iters: int) -> float:
-    """Median of ``iters`` CUDA-event timings of ``fn`` (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def _time_ms(fn, grads=None) -> float:
+    """Median ms of ``fn`` by triton's ``do_bench`` (warm-up, L2 flushed before each call,
+    ``grads`` reset to None so backward never accumulates)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, grad_to_none=grads, return_mode="median")
 
 
-def measure_ceilings(iters: int) -> tuple[float, float]:
+def measure_ceilings() -> tuple[float, float]:
     """(copy GB/s counting read + write, bf16 GEMM TFLOP/s) measured on this device."""
     src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters)
+    ms = _time_ms(lambda: dst.copy_(src))
     bw = 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = _time_ms(lambda: m @ m, iters)
+    ms = _time_ms(lambda: m @ m)
     return bw, 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
@@ -79,7 +73,8 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
 
 
 def layer_rows(n: int, fin: int, fout: int, a: int, impls: list[str], compile_: bool):
-    """(name, thunk running forward + backward) per implementation, dense nn.Linear first."""
+    """(name, thunk running forward + backward, its gradients) per implementation, dense
+    nn.Linear first."""
     dev = "cuda"
     x = torch.randn(n, fin, device=dev, requires_grad=True)
     g = torch.randn(n, fout, device=dev, dtype=torch.bfloat16)
@@ -92,12 +87,13 @@ def layer_rows(n: int, fin: int, fout: int, a: int, impls: list[str], compile_: 
             out.backward(g)
         return step
 
-    rows = [("dense nn.Linear bf16", run(lambda t: F.linear(t, dense_w)))]
+    rows = [("dense nn.Linear bf16", run(lambda t: F.linear(t, dense_w)), [x, dense_w])]
     for impl in impls:
         layer = WalshLinear(fin, fout, blocks=a, impl=impl, ternary=True).to(dev)
-        rows.append((f"walsh {impl}", run(layer)))
+        grads = [x, *layer.parameters()]
+        rows.append((f"walsh {impl}", run(layer), grads))
         if compile_:
-            rows.append((f"walsh {impl} compiled", run(torch.compile(layer))))
+            rows.append((f"walsh {impl} compiled", run(torch.compile(layer)), grads))
     return rows
 
 
@@ -109,7 +105,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", nargs="+", default=["triton", "blocks", "dense"],
                    help="WalshLinear implementations to time")
     p.add_argument("--compile", action="store_true", help="also time each layer compiled")
-    p.add_argument("--iters", type=int, default=20)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -117,21 +112,21 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("walsh bench layer needs a CUDA device (its kernels are Triton)")
     torch.backends.cuda.matmul.allow_tf32 = True
     n, fin, fout, a = args.tokens, args.in_features, args.out_features, args.blocks
-    bw, tflops = measure_ceilings(args.iters)
+    bw, tflops = measure_ceilings()
     print(f"# device={torch.cuda.get_device_name()} torch={torch.__version__} N={n} "
           f"{fin}->{fout} A={a}; measured ceilings: copy {bw:,.0f} GB/s, "
           f"bf16 GEMM {tflops:,.0f} TFLOP/s")
     print(f"{'kernel':<24}{'ms':>9}{'roof ms':>9}{'x roof':>8}{'GB/s':>8}{'TFLOP/s':>9}")
     roof_total = 0.0
     for name, fn, flops, nbytes in kernel_rows(n, fin, fout, a):
-        ms = _time_ms(fn, args.iters)
+        ms = _time_ms(fn)
         roof = 1e3 * max(flops / (tflops * 1e12), nbytes / (bw * 1e9))
         roof_total += roof
         print(f"{name:<24}{ms:>9.3f}{roof:>9.3f}{ms / roof:>8.2f}"
               f"{nbytes / ms / 1e6:>8,.0f}{flops / ms / 1e9:>9.1f}")
     print(f"{'layer':<24}{'ms':>9}{'x dense':>9}")
     dense_ms = None
-    for name, fn in layer_rows(n, fin, fout, a, args.impls, args.compile):
-        ms = _time_ms(fn, args.iters)
+    for name, fn, grads in layer_rows(n, fin, fout, a, args.impls, args.compile):
+        ms = _time_ms(fn, grads)
         dense_ms = dense_ms or ms
         print(f"{name:<24}{ms:>9.3f}{dense_ms / ms:>9.2f}", flush=True)

@@ -11,8 +11,8 @@ The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's `
 (``walsh.layers.hadamard``), re-exported here.
 
 Backward reuses the forward kernels (H is symmetric, so each transform's adjoint is the other
-one): d walsh_in: dx = alpha * walsh_out(du, 1), dalpha = gain_grad(walsh_out(du, 1), x);
-d walsh_out: dy = walsh_in(dout, beta), dbeta = gain_grad(dout, walsh_out(y, 1)) (recomputed,
+one): d walsh_in: dx = alpha * walsh_out(du), dalpha = gain_grad(walsh_out(du), x);
+d walsh_out: dy = walsh_in(dout, beta), dbeta = gain_grad(dout, walsh_out(y)) (recomputed,
 so nothing [N, A*n]-sized is saved beyond the op's inputs). ``gain_grad`` (a Triton column
 reduction with fixed-order partial sums, so deterministic) is its own op as well.
 
@@ -164,9 +164,11 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
 
 
 # -- autograd: custom ops, so torch.compile keeps each transform as one graph node -----------
-# The gains' gradient is an op too: written as torch ops (a product, a sum over N, a view to
-# [A, L]), torch 2.11's inductor returned it flattened ([A*L]) once N reached 16k tokens
-# ("CompiledFunctionBackward returned an invalid gradient ... got [768] but expected [32, 24]").
+# The gains' gradient is an op too. Written as torch ops (a product, a sum over N, a view to
+# [A, L]) inside the backward, the compiled backward under torch 2.11 returned a flat [A*L]
+# gradient once N reached 16k tokens ("CompiledFunctionBackward returned an invalid gradient
+# ... got [768] but expected [32, 24]"; 2k and 4k tokens passed); as an opaque op it does not.
+# The cause inside inductor was not pinned down.
 @torch.library.custom_op("walsh::gain_grad", mutates_args=())
 def _gain_grad_op(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
     return gain_grad_raw(a, b, blocks)
@@ -195,7 +197,7 @@ def _in_setup(ctx, inputs, output):
 def _in_backward(ctx, du):
     x, alpha = ctx.saved_tensors
     # the ops (not the raw launchers), so that compile can trace the backward with fake tensors
-    t = _walsh_out_op(du, torch.ones_like(alpha))                        # [N, A*L] = S H du
+    t = _walsh_out_op(du, None, alpha.shape[0])                          # [N, A*L] = S H du
     dx = t * alpha.reshape(1, -1)
     return dx, _gain_grad_op(t, x, alpha.shape[0]).to(alpha.dtype)
 
@@ -203,25 +205,30 @@ def _in_backward(ctx, du):
 _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 
+# beta None: no gain (S H y only), which the backward passes use; ``blocks`` names A then
 @torch.library.custom_op("walsh::walsh_out", mutates_args=())
-def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    return walsh_out_raw(y, beta, beta.shape[0])
+def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor | None, blocks: int) -> torch.Tensor:
+    return walsh_out_raw(y, beta, blocks)
 
 
 @_walsh_out_op.register_fake
-def _(y, beta):
+def _(y, beta, blocks):
     return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
+
+
+def _out_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
 
 
 def _out_backward(ctx, dout):
     y, beta = ctx.saved_tensors
-    a = beta.shape[0]
+    a = y.shape[0]
     dy = _walsh_in_op(dout, beta)                                        # [A, N, L]
-    z = _walsh_out_op(y, torch.ones_like(beta))                          # recomputed S H y
-    return dy, _gain_grad_op(dout, z, a).to(beta.dtype)
+    z = _walsh_out_op(y, None, a)                                        # recomputed S H y
+    return dy, _gain_grad_op(dout, z, a).to(beta.dtype), None
 
 
-_walsh_out_op.register_autograd(_out_backward, setup_context=_in_setup)
+_walsh_out_op.register_autograd(_out_backward, setup_context=_out_setup)
 
 
 # -- functional -------------------------------------------------------------------------------
@@ -234,4 +241,4 @@ def walsh_in(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major."""
     _check("walsh_out", y, beta)
-    return _walsh_out_op(y, beta)
+    return _walsh_out_op(y, beta, beta.shape[0])

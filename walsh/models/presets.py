@@ -11,7 +11,8 @@ once per step, one GEMM): measured on one H100 with torch.compile it trains 1.65
 2.1x (24 x 1024) faster than the structured ``"blocks"`` path in pure PyTorch (docs/benchmarks.md).
 All three implementations compute the same function; ``walsh_impl="triton"`` runs the
 structured path (in*out/A multiply-adds) with fused kernels, measured slower than the
-materialized path so far (0.34x dense at 12 x 768, 0.65x at 24 x 2048; docs/benchmarks.md).
+materialized path so far (0.32-0.34x dense at 12 x 768, 0.65-0.66x at 24 x 2048;
+docs/benchmarks.md).
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
