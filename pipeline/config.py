@@ -248,6 +248,12 @@ class ClusterCfg(BaseModel):
     cpus_per_worker: float = Field(1, gt=0)
     address: str | None = None  # Ray address; None: local, or RAY_ADDRESS
     max_failures: StrictInt = Field(2, ge=0)  # Ray restarts of a failed worker group
+    # NVLink SHARP multicast (NCCL NVLS, symmetric-memory multimem). Off by default: on shared
+    # multi-GPU hosts a program using it was seen to take the host's GPUs out of service, and
+    # plain NVLink ring/tree all-reduce is what the scaling figures were measured with. true
+    # leaves the NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS
+    # environment as the user set it (pipeline.launch.multicast_env)
+    nvlink_multicast: bool = False
 
 
 class RunConfig(BaseModel):

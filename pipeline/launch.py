@@ -21,7 +21,17 @@ import subprocess
 import sys
 
 from data_prep.manifest import Manifest
-from pipeline.config import check_against_manifest, load, resolve_batch
+from pipeline.config import RunConfig, check_against_manifest, load, resolve_batch
+
+# NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM (cluster.nvlink_multicast)
+MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                     "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_env(cfg: RunConfig) -> dict[str, str]:
+    """What every training process's environment must hold before its first collective: the
+    multicast-off variables unless ``cluster.nvlink_multicast`` is true (then nothing is set)."""
+    return {} if cfg.cluster.nvlink_multicast else dict(MULTICAST_OFF_ENV)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
            f"--nproc_per_node={nproc}", "-m", "pipeline.train_entry", args.config,
            *args.overrides, *extra]
     print("[walsh] " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=os.environ.copy())
+    rc = subprocess.call(cmd, env={**os.environ, **multicast_env(cfg)})
     if rc:
         raise SystemExit(rc)
     return 0

@@ -37,14 +37,19 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
         for block in model.blocks:
             block.forward = _checkpointed(block.forward)
     if cfg.train.compile:
-        compile_blocks(model)
+        # ZeRO-3: the loss reads the tied embedding outside the embedding's forward, where
+        # DeepSpeed has it partitioned (gathered only through its access hooks): traced, it is
+        # an empty tensor, so the loss stays eager there
+        compile_blocks(model, loss=cfg.train.zero_stage != 3)
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
-    """Compile each transformer block in place, plus ``model.loss`` on its own (the trainer's
-    and ``walsh bench train``'s one way to compile, so the benchmark measures what trains);
-    ``mode``: torch.compile's (the bench tries "reduce-overhead", CUDA graphs)."""
+def compile_blocks(model: nn.Module, mode: str | None = None, loss: bool = True) -> None:
+    """Compile each transformer block in place, plus ``model.loss`` on its own unless
+    ``loss`` is false (the trainer's and ``walsh bench train``'s one way to compile, so the
+    benchmark measures what trains); ``mode``: torch.compile's (the bench tries
+    "reduce-overhead", CUDA graphs)."""
     for block in model.blocks:
         block.compile(mode=mode)
-    model.loss = torch.compile(model.loss, mode=mode)
+    if loss:
+        model.loss = torch.compile(model.loss, mode=mode)

@@ -45,6 +45,7 @@ from data_prep.manifest import Manifest
 from pipeline import checkpoint
 from pipeline.config import RunConfig, check_against_manifest, resolve_batch, total_steps
 from pipeline.guard import StepGuard
+from pipeline.launch import multicast_env
 from pipeline.loader import TokenLoader
 from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
 from pipeline.optim import apply_schedule, build_optimizer
@@ -59,8 +60,12 @@ MetricsFn = Callable[[dict, int], None]
 
 
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
-    """Join (or create, for a lone process) the process group; returns rank, world, device."""
+    """Join (or create, for a lone process) the process group; returns rank, world, device.
+    Every launcher passes through here before the first collective (NCCL creates its
+    communicators lazily), so the multicast setting is applied here for all of them."""
     import deepspeed
+
+    os.environ.update(multicast_env(cfg))
 
     if "RANK" not in os.environ:  # a plain single process: a world of one on loopback
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -195,7 +200,9 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
                          cfg.data.num_workers, cfg.train.seed, pin_memory=device.type == "cuda")
 
     step, micro_index = 0, 0
-    state = checkpoint.load_latest(engine, run_dir)
+    t_load = time.perf_counter()
+    state = checkpoint.load_latest(engine, run_dir)  # converts to universal first if needed
+    load_s = time.perf_counter() - t_load
     if state is not None:
         step, micro_index = state["step"], state["micro_index"]
         loader.load_state_dict(state["loader"])
@@ -222,6 +229,8 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
             f.write(json.dumps({"step": at, **values}) + "\n")
         tracker.log(values, at)
 
+    if state is not None:
+        emit({"checkpoint_load_s": load_s}, step)
     trace = _Trace(run_dir, rank, trace_data)
     profiler = StepProfiler(run_dir, rank, cfg.train.profile_steps, device)
     meter = Throughput(flops, world, device_peak_tflops(device, cfg.train.peak_tflops))
