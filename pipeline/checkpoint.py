@@ -154,6 +154,7 @@ def load_latest(engine, run_dir: str | Path) -> dict | None:
     if needs_universal(run_dir, dist.get_world_size()):
         engine.load_checkpoint(str(root), tag=_convert_universal(root, tag),
                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        _steps_to_param_device(engine.optimizer)
         state = torch.load(root / tag / "rank00000.pt", weights_only=False)
         state.pop("rng", None)
         return state
@@ -164,6 +165,21 @@ def load_latest(engine, run_dir: str | Path) -> dict | None:
         raise FileNotFoundError(f"{path}: no state for rank {rank} (and no {META} to tell "
                                 "which world size wrote the checkpoint)")
     return torch.load(path, weights_only=False)
+
+
+def _steps_to_param_device(optimizer) -> None:
+    """The universal loader restores AdamW's ``step`` counters as CPU tensors; torch's fused
+    (and capturable) AdamW wants them on the parameters' device ("state_steps is on cpu" on
+    the first step after a GPU resume). ``optimizer`` is DeepSpeed's ZeRO wrapper (the torch
+    optimizer is its ``.optimizer``) or the torch optimizer itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue  # the foreach/for-loop paths keep step on the CPU on purpose
+        for p in group["params"]:
+            state = inner.state.get(p, {})
+            if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
 
 
 def export_fp32(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:

@@ -186,6 +186,9 @@ class TrainCfg(BaseModel):
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # more of DeepSpeed's "zero_optimization" block (overlap_comm, reduce_bucket_size, ...),
+    # passed through as given and validated by DeepSpeed itself; the stage is zero_stage's
+    zero_options: dict[str, Any] = Field(default_factory=dict)
     ckpt_interval: StrictInt = Field(1000, gt=0)
     keep_last: StrictInt = Field(3, gt=0)
     eval_interval: StrictInt = Field(500, gt=0)
@@ -199,6 +202,13 @@ class TrainCfg(BaseModel):
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)
     profile_steps: tuple[StrictInt, StrictInt] | None = None
+
+    @field_validator("zero_options")
+    @classmethod
+    def _no_stage(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "stage" in v:
+            raise _KeyedError("stage", "set the stage with train.zero_stage")
+        return v
 
     @field_validator("profile_steps")
     @classmethod

@@ -4,7 +4,7 @@ Rank 0 records CPU and CUDA activity from the end of step ``start`` to the end o
 and writes, under ``RUN_DIR/profile/``:
 - ``summary.txt``: wall ms per step, device-busy ms per step (the sum of kernel self time; the
   gap between the two is time the GPU waited for the host), and the ops table sorted by self
-  device time (CPU time when there is no GPU);
+  device time, then (on a GPU) a second table sorted by self CPU time;
 - ``trace.json``: the Chrome/Perfetto trace of the window.
 Other ranks and steps outside the window pay nothing.
 """
@@ -58,6 +58,9 @@ class StepProfiler:
         head = (f"steps {steps}: wall {1e3 * wall_s / steps:.2f} ms/step, device busy "
                 f"{busy_us / 1e3 / steps:.2f} ms/step (kernel self time)\n")
         table = events.table(sort_by=key, row_limit=40, max_name_column_width=70)
+        if self.cuda:  # where the host's time goes, for a step that waits on the host
+            table += "\n" + events.table(sort_by="self_cpu_time_total", row_limit=30,
+                                          max_name_column_width=70)
         (self.out / "summary.txt").write_text(head + table)
         prof.export_chrome_trace(str(self.out / "trace.json"))
         print(f"[walsh] profile: {head.strip()} -> {self.out}", flush=True)

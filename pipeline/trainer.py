@@ -94,7 +94,7 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int,
         "gradient_accumulation_steps": accum,
         # stage 0: clipped by the trainer (one foreach norm, not DeepSpeed's per-parameter loop)
         "gradient_clipping": cfg.train.grad_clip if cfg.train.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": {**cfg.train.zero_options, "stage": cfg.train.zero_stage},
         "bf16": {"enabled": False},  # fp32 master params; bf16 compute comes from torch_autocast
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
