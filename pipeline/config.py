@@ -488,7 +488,8 @@ def total_steps(cfg: RunConfig, world_size: int) -> int:
 def check_against_manifest(cfg: RunConfig, manifest, world_size: int = 1) -> None:
     """Fail early if the staged data cannot feed this model/run: a tokenizer vocab larger than
     the model's, a missing or empty split, or a split too small to give every stream
-    (rank x dataloader worker) one chunk (the loader's rule) and one ``[seq_len + 1]`` window."""
+    (rank x dataloader worker x batch row: the loader's lanes) one chunk (the loader's rule)
+    and one ``[seq_len + 1]`` window."""
     where = f"data.path={cfg.data.path}"
     model_vocab = cfg.walsh_config().vocab_size
     data_vocab = manifest.tokenizer.vocab_size
@@ -498,7 +499,7 @@ def check_against_manifest(cfg: RunConfig, manifest, world_size: int = 1) -> Non
             f"the dataset tokenizer's {data_vocab} ({manifest.tokenizer.name}, {where})"
         )
     window = cfg.data.seq_len + 1
-    train_streams = max(1, world_size) * max(1, cfg.data.num_workers)
+    train_streams = max(1, world_size) * max(1, cfg.data.num_workers) * cfg.train.micro_batch
     # evaluation reads min(world, val chunks) streams without loader workers (ranks share
     # streams when the validation split is small), so it needs one chunk and one window
     for key, split, streams in (("data.train_split", cfg.data.train_split, train_streams),
@@ -514,12 +515,13 @@ def check_against_manifest(cfg: RunConfig, manifest, world_size: int = 1) -> Non
         if chunks < streams:  # pipeline.loader gives every stream whole chunks
             raise ConfigError(
                 f"{key}: split {split!r} of {where} has {chunks} chunks, fewer than the {streams} "
-                f"streams (world size {world_size} x max(1, data.num_workers)); every stream "
-                "needs at least one chunk"
+                f"streams (world size {world_size} x max(1, data.num_workers) x "
+                f"train.micro_batch, one per batch row); every stream needs at least one chunk"
             )
         if tokens < streams * window:
             raise ConfigError(
                 f"{key}: split {split!r} of {where} has {tokens} tokens, fewer than one window "
                 f"of data.seq_len + 1 = {window} tokens for each of {streams} streams "
-                f"(world size {world_size} x data.num_workers {cfg.data.num_workers})"
+                f"(world size {world_size} x data.num_workers {cfg.data.num_workers} x "
+                f"train.micro_batch {cfg.train.micro_batch})"
             )

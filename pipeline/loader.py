@@ -19,11 +19,24 @@ Epochs and the split into streams
     shards that overlap its range. ``N < S`` is a ``ValueError`` (naming the split, N and S):
     some stream would have nothing, and a rank with nothing would hang the others.
 
+Lanes: the rows of a batch come from different places
+    With ``interleave=True`` (training) each role's stream is itself ``B`` lanes, so there are
+    ``S = world_size * max(1, num_workers) * B`` streams and stream
+    ``s = (rank * max(1, num_workers) + worker) * B + row``; row ``i`` of every batch is the next
+    window of lane ``i``. A batch then holds ``B`` windows from ``B`` places of the epoch, and a
+    global batch ``world_size * B`` of them, however it is split over ranks and accumulation
+    steps. Without lanes (``interleave=False``, ``S = world_size * max(1, num_workers)``), a
+    batch is ``B`` consecutive windows of one stream: on a corpus whose neighbouring documents
+    are alike, a 1-rank run's batches were then far less diverse than a 2-rank run's at the same
+    global batch, and its loss curve sat visibly higher (docs/benchmarks.md, issue 6). Evaluation
+    keeps ``interleave=False``: it reads fixed batches of a small split.
+
 Windows and batches
     Each stream is an endless token sequence: the concatenation over epochs ``e = 0, 1, 2, ...``
     of its chunks in that epoch. Windows of ``T + 1`` tokens are cut back to back from it
-    (non-overlapping; a window may span chunks and epochs), and ``B`` consecutive windows make a
-    batch. Every rank therefore always has a next batch, whatever the shard counts.
+    (non-overlapping; a window may span chunks and epochs); a batch takes one window from each
+    of its ``B`` lanes, or ``B`` consecutive windows of its one stream without lanes. Every rank
+    therefore always has a next batch, whatever the shard counts.
 
 Position and state
     Every chunk holds ``manifest.chunk_tokens`` tokens except possibly the split's last chunk (the
@@ -40,13 +53,15 @@ Position and state
     role ``b % W``. The state is the number of batches the rank has consumed, counted in the main
     process as batches are handed out (prefetching does not matter), plus identity fields:
     ``{"batches", "seq_len", "batch_size", "world_size", "num_workers", "seed", "split",
-    "shuffle", "start_epoch", "version": 1}``. Each role's windows consumed follow from
+    "shuffle", "interleave", "start_epoch", "version": 2}`` (a version-1 state, written before
+    lanes existed, reads as ``interleave=False``). Each role's windows consumed follow from
     ``batches``; after a resume at batch ``n`` the DataLoader's worker ``i`` plays role
     ``(i + n) % W`` so that the next batch is exactly the one the saved loader would have yielded.
     All ranks consume batches in lockstep, so the state is the same on every rank.
 
     ``start_epoch`` is 0 unless an approximate restart happened: loading a state saved with a
-    different world size, worker count, sequence length or batch size cannot be exact, so it logs
+    different world size, worker count, sequence length, batch size or lane setting cannot be
+    exact, so it logs
     a warning and restarts every stream at the beginning of the epoch the slowest saved stream was
     in (tokens of that epoch already seen by faster streams are seen again). A different split,
     seed or shuffle flag is a ``ValueError``.
@@ -70,7 +85,7 @@ from data_prep.shards import read_samples
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def stream_ranges(n_chunks: int, n_streams: int) -> list[tuple[int, int]]:
@@ -207,15 +222,15 @@ class _StreamDataset(IterableDataset):
     """The rank's streams as an ``IterableDataset`` of ready batches ``[B, T + 1]`` (long).
 
     ``start_batches`` is the rank's batch count when the iterator starts: DataLoader worker ``i``
-    (0 in-process) plays role ``(i + start_batches) % workers``, stream
-    ``rank * workers + role``, and starts after that role's windows consumed so far."""
+    (0 in-process) plays role ``(i + start_batches) % workers``, whose streams (its ``lanes``)
+    start after the windows that role consumed so far."""
 
     def __init__(self, plan: _Plan, seq_len: int, batch_size: int, rank: int, world_size: int,
-                 workers: int, start_epoch: int, start_batches: int):
+                 workers: int, lanes: int, start_epoch: int, start_batches: int):
         super().__init__()
         self.plan, self.seq_len, self.batch_size = plan, seq_len, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, workers
-        self.start_epoch, self.start_batches = start_epoch, start_batches
+        self.lanes, self.start_epoch, self.start_batches = lanes, start_epoch, start_batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
@@ -225,23 +240,31 @@ class _StreamDataset(IterableDataset):
                                f"{self.workers}")
         return self.batches((worker + self.start_batches) % self.workers)
 
-    def batches(self, role: int) -> Iterator[torch.Tensor]:
-        B, W1 = self.batch_size, self.seq_len + 1
-        a, b = stream_ranges(self.plan.n_chunks, self.world_size * self.workers)[
-            self.rank * self.workers + role]
-        windows = _role_batches(self.start_batches, role, self.workers) * B
-        epoch, offset = self.plan.locate(a, b, self.start_epoch, windows * W1)
-        need, fill = B * W1, 0
-        buf = np.empty(need, dtype=np.int64)
+    def windows(self, stream: int, done: int) -> Iterator[np.ndarray]:
+        """Stream ``stream``'s windows ``[T + 1]`` (int64) after the first ``done``."""
+        W1 = self.seq_len + 1
+        a, b = stream_ranges(self.plan.n_chunks,
+                             self.world_size * self.workers * self.lanes)[stream]
+        epoch, offset = self.plan.locate(a, b, self.start_epoch, done * W1)
+        buf, fill = np.empty(W1, dtype=np.int64), 0
         for piece in self.plan.pieces(a, b, epoch, offset):
             i, n = 0, piece.shape[0]
             while i < n:
-                take = min(need - fill, n - i)
+                take = min(W1 - fill, n - i)
                 buf[fill:fill + take] = piece[i:i + take]
                 fill, i = fill + take, i + take
-                if fill == need:
-                    yield torch.from_numpy(buf).view(B, W1)
-                    buf, fill = np.empty(need, dtype=np.int64), 0
+                if fill == W1:
+                    yield buf
+                    buf, fill = np.empty(W1, dtype=np.int64), 0
+
+    def batches(self, role: int) -> Iterator[torch.Tensor]:
+        per_lane = self.batch_size // self.lanes  # windows per lane per batch: 1 or B
+        done = _role_batches(self.start_batches, role, self.workers) * per_lane
+        first = (self.rank * self.workers + role) * self.lanes
+        lanes = [self.windows(first + i, done) for i in range(self.lanes)]
+        while True:
+            rows = [next(lane) for lane in lanes for _ in range(per_lane)]
+            yield torch.from_numpy(np.stack(rows))  # [B, T + 1]
 
 
 class TokenLoader:
@@ -257,7 +280,7 @@ class TokenLoader:
 
     def __init__(self, manifest: Manifest, split: str, seq_len: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle: bool = True, *, pin_memory: bool = False):
+                 shuffle: bool = True, *, interleave: bool = True, pin_memory: bool = False):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -268,14 +291,18 @@ class TokenLoader:
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle, self.pin_memory = seed, bool(shuffle), pin_memory
+        self.interleave = bool(interleave)
         self._workers = max(1, num_workers)
+        self._lanes = batch_size if self.interleave else 1
         self._plan = _Plan(manifest, split, seed, self.shuffle)
-        n, S = self._plan.n_chunks, world_size * self._workers
+        n, S = self._plan.n_chunks, world_size * self._workers * self._lanes
         if n < S:
+            lanes = f" x batch_size={batch_size} lanes" if self.interleave else ""
             raise ValueError(
                 f"split {split!r} has N={n} chunks, fewer than the S={S} streams "
-                f"(world_size={world_size} x max(1, num_workers)={self._workers}); every stream "
-                f"needs at least one chunk: use fewer ranks or workers, or a smaller chunk_tokens")
+                f"(world_size={world_size} x max(1, num_workers)={self._workers}{lanes}); every "
+                f"stream needs at least one chunk: use fewer ranks, workers or sequences per "
+                f"batch, or a smaller chunk_tokens")
         self._batches = 0
         self._start_epoch = 0
         self._it: Iterator[torch.Tensor] | None = None
@@ -294,7 +321,8 @@ class TokenLoader:
 
     def _start(self) -> Iterator[torch.Tensor]:
         ds = _StreamDataset(self._plan, self.seq_len, self.batch_size, self.rank,
-                            self.world_size, self._workers, self._start_epoch, self._batches)
+                            self.world_size, self._workers, self._lanes, self._start_epoch,
+                            self._batches)
         if self.num_workers == 0:
             return ds.batches(self._batches % self._workers)
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, in_order=True,
@@ -313,7 +341,8 @@ class TokenLoader:
         return {"batches": self._batches, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "world_size": self.world_size,
                 "num_workers": self.num_workers, "seed": self.seed, "split": self.split,
-                "shuffle": self.shuffle, "start_epoch": self._start_epoch,
+                "shuffle": self.shuffle, "interleave": self.interleave,
+                "start_epoch": self._start_epoch,
                 "version": STATE_VERSION}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -327,17 +356,18 @@ class TokenLoader:
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {', '.join(missing)}")
-        if state["version"] != STATE_VERSION:
+        if state["version"] not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state['version']}, this loader reads "
-                             f"{STATE_VERSION}")
+                             f"1 and {STATE_VERSION}")
+        state = {"interleave": False, **state}  # version 1: batches of consecutive windows
         for k in ("split", "seed", "shuffle"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"loader state has {k}={state[k]!r}, this loader "
                                  f"{k}={getattr(self, k)!r}: the data order would differ")
         self._it = None
         start_epoch = int(state.get("start_epoch", 0))
-        changed = [k for k in ("world_size", "num_workers", "seq_len", "batch_size")
-                   if state[k] != getattr(self, k)]
+        changed = [k for k in ("world_size", "num_workers", "seq_len", "batch_size",
+                               "interleave") if state[k] != getattr(self, k)]
         if changed == ["num_workers"] and max(1, state["num_workers"]) == self._workers:
             changed = []  # 0 and 1 workers read the same single stream per rank
         if not changed:
@@ -345,7 +375,8 @@ class TokenLoader:
             return
         epoch = min(self._stream_epochs(int(state["batches"]), start_epoch, state["world_size"],
                                         max(1, state["num_workers"]), state["seq_len"],
-                                        state["batch_size"], ranks=range(state["world_size"])))
+                                        state["batch_size"], state["interleave"],
+                                        ranks=range(state["world_size"])))
         epoch = int(epoch)
         logger.warning(
             "loader state was saved with %s; resuming is approximate: every stream restarts at "
@@ -357,18 +388,20 @@ class TokenLoader:
     def epoch(self) -> float:
         """Epochs completed by this rank's streams, averaged (fractional; for metrics)."""
         e = self._stream_epochs(self._batches, self._start_epoch, self.world_size, self._workers,
-                                self.seq_len, self.batch_size, ranks=[self.rank])
+                                self.seq_len, self.batch_size, self.interleave, ranks=[self.rank])
         return float(np.mean(e))
 
     def _stream_epochs(self, batches: int, start_epoch: int, world_size: int, workers: int,
-                       seq_len: int, batch_size: int, ranks) -> list[float]:
+                       seq_len: int, batch_size: int, interleave: bool, ranks) -> list[float]:
         """Fractional epoch of every stream of ``ranks`` after ``batches`` batches per rank."""
-        ranges = stream_ranges(self._plan.n_chunks, world_size * workers)
+        lanes = batch_size if interleave else 1
+        ranges = stream_ranges(self._plan.n_chunks, world_size * workers * lanes)
         out = []
         for r in ranks:
             for role in range(workers):
-                a, b = ranges[r * workers + role]
-                tokens = _role_batches(batches, role, workers) * batch_size * (seq_len + 1)
-                e, off = self._plan.locate(a, b, start_epoch, tokens)
-                out.append(e + off / self._plan.stream_tokens(e, a, b))
+                windows = _role_batches(batches, role, workers) * (batch_size // lanes)
+                for lane in range(lanes):
+                    a, b = ranges[(r * workers + role) * lanes + lane]
+                    e, off = self._plan.locate(a, b, start_epoch, windows * (seq_len + 1))
+                    out.append(e + off / self._plan.stream_tokens(e, a, b))
         return out

@@ -135,7 +135,8 @@ def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, 
     n_chunks = sum(s.samples for s in manifest.split(cfg.data.val_split))
     eval_world = min(world, n_chunks)
     loader = TokenLoader(manifest, cfg.data.val_split, cfg.data.seq_len, micro,
-                         rank % eval_world, eval_world, 0, cfg.train.seed, shuffle=False)
+                         rank % eval_world, eval_world, 0, cfg.train.seed, shuffle=False,
+                         interleave=False)
     engine.eval()
     total = torch.zeros((), device=device)
     with torch.no_grad():

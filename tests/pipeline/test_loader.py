@@ -1,5 +1,6 @@
 """pipeline.loader: streams over real webdataset shards, every token once per epoch, seeded shard
-order, no hang with fewer shards than streams, exact resume (in-process and DataLoader workers)."""
+order, no hang with fewer shards than streams, exact resume (in-process and DataLoader workers),
+with and without lanes (each batch row its own stream)."""
 
 from __future__ import annotations
 
@@ -69,16 +70,20 @@ def take(loader: TokenLoader, n: int) -> list[torch.Tensor]:
     return out
 
 
-def streams_of(manifest, split, world, workers, n_batches, batch_size=B, **kw):
-    """Tokens each stream yielded (flattened, in order) over ``n_batches`` batches per rank."""
-    W = max(1, workers)
-    streams = {s: [] for s in range(world * W)}
+def streams_of(manifest, split, world, workers, n_batches, batch_size=B, interleave=True, **kw):
+    """Tokens each stream yielded (flattened, in order) over ``n_batches`` batches per rank:
+    with lanes, row ``i`` of a batch of role ``r`` is stream ``r * batch_size + i``."""
+    W, L = max(1, workers), batch_size if interleave else 1
+    streams = {s: [] for s in range(world * W * L)}
     for rank in range(world):
         loader = TokenLoader(manifest, split, T, batch_size, rank=rank, world_size=world,
-                             num_workers=workers, **kw)
+                             num_workers=workers, interleave=interleave, **kw)
         for i, x in enumerate(take(loader, n_batches)):
             assert x.dtype == torch.long and x.shape == (batch_size, T + 1)
-            streams[rank * W + i % W].append(x.reshape(-1).numpy())
+            role = rank * W + i % W
+            for lane in range(L):
+                rows = x[lane * (batch_size // L):(lane + 1) * (batch_size // L)]
+                streams[role * L + lane].append(rows.reshape(-1).numpy())
     return {s: np.concatenate(v) for s, v in streams.items()}
 
 
@@ -98,15 +103,17 @@ def test_stream_ranges():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("interleave", [True, False])
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_token_once_per_epoch(data, world, workers):
+def test_every_token_once_per_epoch(data, world, workers, interleave):
     manifest, chunks = data
     shards = chunks["train"]
-    S = world * max(1, workers)
-    _, lens0 = ref_stream(shards, S, 0, 2)
-    n_batches = max(1, workers) * (2 * max(lens0) // (B * (T + 1)) + 3)
-    streams = streams_of(manifest, "train", world, workers, n_batches)
+    L = B if interleave else 1
+    S = world * max(1, workers) * L
+    longest = max(sum(ref_stream(shards, S, s, 2)[1]) for s in range(S))  # two epochs
+    n_batches = max(1, workers) * (longest // (B // L * (T + 1)) + 3)
+    streams = streams_of(manifest, "train", world, workers, n_batches, interleave=interleave)
     split = np.sort(np.concatenate([c for sh in shards for c in sh])).astype(np.int64)
     epoch0 = []
     for s, got in streams.items():
@@ -138,35 +145,44 @@ def test_shard_order_seeded_per_epoch(data):
     manifest, chunks = data
     shards, total = chunks["train"], sum(len(c) for sh in chunks["train"] for c in sh)
     n = 3 * total // (B * (T + 1)) + 1
-    got = {seed: streams_of(manifest, "train", 1, 0, n, seed=seed)[0] for seed in (0, 1)}
+    one = dict(interleave=False)  # one stream reads the whole split in shard order
+    got = {seed: streams_of(manifest, "train", 1, 0, n, seed=seed, **one)[0] for seed in (0, 1)}
     orders = _shard_orders(got[0], shards, 3)
     assert orders[0] != orders[1]
     assert _shard_orders(got[1], shards, 3) != orders
-    again = streams_of(manifest, "train", 1, 0, n, seed=0)[0]
+    again = streams_of(manifest, "train", 1, 0, n, seed=0, **one)[0]
     np.testing.assert_array_equal(again, got[0])
-    fixed = streams_of(manifest, "train", 1, 0, n, shuffle=False)[0]
+    fixed = streams_of(manifest, "train", 1, 0, n, shuffle=False, **one)[0]
     assert _shard_orders(fixed, shards, 3) == [list(range(len(shards)))] * 3
     np.testing.assert_array_equal(fixed[:total], np.concatenate([c for sh in shards for c in sh]))
 
 
 @pytest.mark.timeout(120)
-def test_fewer_shards_than_streams(tmp_path):
+@pytest.mark.parametrize("interleave", [True, False])
+def test_fewer_shards_than_streams(tmp_path, interleave):
     manifest, chunks = make_dataset(tmp_path, {"train": [8]}, {})
-    # 1 shard, 8 full chunks, 2 ranks x 2 workers = 4 streams of 2 chunks; many epochs each
-    streams = streams_of(manifest, "train", 2, 2, 20)
+    # 1 shard, 8 full chunks, 2 ranks x 2 workers = 4 streams of 2 chunks (lanes: x 2 rows =
+    # 8 streams of 1 chunk); many epochs each
+    L = B if interleave else 1
+    streams = streams_of(manifest, "train", 2, 2, 20, interleave=interleave)
+    assert len(streams) == 4 * L
     for s, got in streams.items():
-        assert len(got) == 10 * B * (T + 1)
-        want, lens = ref_stream(chunks["train"], 4, s, 8)
-        assert lens == [2 * C] * 8
+        assert len(got) == 10 * B // L * (T + 1)
+        want, lens = ref_stream(chunks["train"], 4 * L, s, 8)
+        assert lens == [2 // L * C] * 8
         np.testing.assert_array_equal(got, want[:len(got)])
 
 
 def test_fewer_chunks_than_streams_raises(tmp_path):
     manifest, _ = make_dataset(tmp_path, {"train": [3]}, {})
     with pytest.raises(ValueError, match=r"'train'.*N=3.*S=4"):
-        TokenLoader(manifest, "train", T, B, rank=0, world_size=4)
+        TokenLoader(manifest, "train", T, B, rank=0, world_size=4, interleave=False)
     with pytest.raises(ValueError, match=r"N=3.*S=4"):
-        TokenLoader(manifest, "train", T, B, rank=1, world_size=2, num_workers=2)
+        TokenLoader(manifest, "train", T, B, rank=1, world_size=2, num_workers=2,
+                    interleave=False)
+    with pytest.raises(ValueError, match=r"N=3.*S=4.*batch_size=2 lanes"):  # 2 ranks x 2 rows
+        TokenLoader(manifest, "train", T, B, rank=1, world_size=2)
+    TokenLoader(manifest, "train", T, 3)  # 3 lanes of one chunk each
     with pytest.raises(ValueError, match="'test'"):
         TokenLoader(manifest, "test", T, B)
 
@@ -181,7 +197,7 @@ def _resume_case(manifest, world, workers, k, batch_size=4):
         first = TokenLoader(manifest, "train", T, batch_size, rank=rank, **kw)
         take(first, k)
         state = json.loads(json.dumps(first.state_dict()))
-        assert state["batches"] == k and state["version"] == 1
+        assert state["batches"] == k and state["version"] == 2 and state["interleave"]
         resumed = TokenLoader(manifest, "train", T, batch_size, rank=rank, **kw)
         resumed.load_state_dict(state)
         before = resumed.epoch
@@ -214,10 +230,11 @@ def test_exact_resume_workers(data, k):
 
 def test_changed_world_size_warns_and_restarts_epoch(data, caplog):
     manifest, chunks = data
-    saved = TokenLoader(manifest, "train", T, B, rank=1, world_size=2, seed=3)
+    saved = TokenLoader(manifest, "train", T, B, rank=1, world_size=2, seed=3,
+                        interleave=False)
     take(saved, 9)
     state = saved.state_dict()
-    loader = TokenLoader(manifest, "train", T, B, seed=3)
+    loader = TokenLoader(manifest, "train", T, B, seed=3, interleave=False)
     with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
         loader.load_state_dict(state)
     assert any("world_size=2 (now 1)" in r.getMessage() for r in caplog.records)
@@ -229,7 +246,7 @@ def test_changed_world_size_warns_and_restarts_epoch(data, caplog):
     # the restart is remembered: an exact resume from the new loader's state continues it
     state2 = loader.state_dict()
     assert state2["start_epoch"] == int(e) and state2["batches"] == 3
-    more = TokenLoader(manifest, "train", T, B, seed=3)
+    more = TokenLoader(manifest, "train", T, B, seed=3, interleave=False)
     more.load_state_dict(state2)
     got2 = next(more).reshape(-1).numpy()
     np.testing.assert_array_equal(got2, want[len(got):len(got) + B * (T + 1)])
@@ -265,7 +282,7 @@ def test_uint16_and_short_last_chunk(tmp_path):
     assert manifest.split_tokens("train") == 4 * C + 1
     n = 3 * (4 * C + 1) // (B * (T + 1)) + 1
     for world in (1, 2):
-        streams = streams_of(manifest, "train", world, 0, n)
+        streams = streams_of(manifest, "train", world, 0, n, interleave=False)
         for s, got in streams.items():
             want, _ = ref_stream(shards, world, s, 8)
             assert len(want) >= len(got)
@@ -284,3 +301,27 @@ def test_inconsistent_manifest_raises(data, tmp_path):
     raw["shards"][1]["tokens"] -= C  # not even one short chunk
     with pytest.raises(ValueError, match="train-000001.tar"):
         TokenLoader(Manifest.from_dict(raw, root=manifest.root), "train", T, B)
+
+
+def test_version_one_state_means_no_lanes(data, caplog):
+    """A state saved before lanes existed resumes exactly into a lane-less loader, and
+    approximately (with a warning naming the setting) into the default one."""
+    manifest = data[0]
+    straight = take(TokenLoader(manifest, "train", T, B, seed=3, interleave=False), 6)
+    old = TokenLoader(manifest, "train", T, B, seed=3, interleave=False)
+    take(old, 3)
+    state = old.state_dict()
+    del state["interleave"]
+    state["version"] = 1
+    exact = TokenLoader(manifest, "train", T, B, seed=3, interleave=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+        exact.load_state_dict(state)
+    assert not caplog.records
+    assert all(torch.equal(x, y) for x, y in zip(take(exact, 3), straight[3:]))
+    lanes = TokenLoader(manifest, "train", T, B, seed=3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+        lanes.load_state_dict(state)
+    assert any("interleave=False (now True)" in r.getMessage() for r in caplog.records)
+    state["version"] = 3
+    with pytest.raises(ValueError, match="version 3"):
+        lanes.load_state_dict(state)

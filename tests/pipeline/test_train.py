@@ -257,14 +257,21 @@ def test_zero_with_four_ranks(stage, data_dir, tmp_path):
 
 @pytest.mark.timeout(400)
 def test_loss_parity_one_vs_two_ranks(data_dir, tmp_path):
-    """The same global batch (8) as 1 rank x 2 accumulation steps or 2 ranks x 1: the curves
-    track each other (the batches differ, since streams are per rank, so not bit-equal)."""
+    """The same global batch (8) on 1 rank (8 rows) and on 2 ranks (4 rows each) is the same
+    8 loader lanes, so the same data: the curves agree to fp32 reduction order. As 1 rank x 2
+    accumulation steps of 4 rows (4 lanes, 2 windows each) the data differ but the curve
+    tracks. (Before lanes a rank's rows were consecutive windows of one stream: on the GPU
+    the 1-GPU curve sat 6-9% above the 2-GPU one, docs/benchmarks.md.)"""
     curves = {}
-    for world in (1, 2):
-        cfg = run_config(data_dir, tmp_path / f"run{world}", steps=12, global_batch=8)
+    for name, world, micro in (("one", 1, 8), ("two", 2, 4), ("accum", 1, 4)):
+        cfg = run_config(data_dir, tmp_path / f"run_{name}", steps=12, micro_batch=micro,
+                         global_batch=8)
         cfg["cluster"]["workers"] = world
-        (tmp_path / f"c{world}").mkdir()
-        finish(torchrun(write_config(tmp_path / f"c{world}", cfg), nproc=world))
-        curves[world] = [m["loss"] for m in read_metrics(tmp_path / f"run{world}") if "loss" in m]
-    for a, b in zip(curves[1], curves[2], strict=True):
+        (tmp_path / name).mkdir()
+        finish(torchrun(write_config(tmp_path / name, cfg), nproc=world))
+        curves[name] = [m["loss"] for m in read_metrics(tmp_path / f"run_{name}") if "loss" in m]
+    assert len(curves["one"]) == 6
+    for a, b in zip(curves["one"], curves["two"], strict=True):
+        assert abs(a - b) < 1e-4 * b, curves
+    for a, b in zip(curves["accum"], curves["one"], strict=True):
         assert abs(a - b) < 0.1 * b, curves
