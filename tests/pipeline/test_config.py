@@ -271,7 +271,7 @@ def test_check_against_manifest():
     msg = error(check_against_manifest, cfg, tiny_val, world_size=1)
     assert "data.val_split" in msg and "100 tokens" in msg
     msg = error(check_against_manifest, cfg, manifest(splits={"train": 2048, "val": 500}), 3)
-    assert "data.train_split" in msg and "2 chunks" in msg and "3 streams" in msg
+    assert "data.train_split" in msg and "2 chunks" in msg and "24 streams" in msg  # 3 x 8 rows
     bigger = cfg.model_copy(update={"model": ModelCfg(overrides={"vocab_size": 60_000})})
     check_against_manifest(bigger, manifest(vocab=60_000))
 
@@ -308,3 +308,20 @@ def test_describe_raises_on_bad_batch():
 
 def test_runconfig_is_the_public_type():
     assert isinstance(from_dict(raw()), RunConfig)
+
+
+def test_zero_options_and_multicast():
+    """train.zero_options reaches DeepSpeed's zero_optimization block (the stage stays
+    zero_stage's); NVLink multicast is off unless cluster.nvlink_multicast is set."""
+    from pipeline.launch import multicast_env
+    from pipeline.trainer import deepspeed_config
+
+    cfg = from_dict(raw(train={"steps": 1, "zero_stage": 1,
+                               "zero_options": {"reduce_bucket_size": 1000}}))
+    assert deepspeed_config(cfg, 1, 1, 1, None)["zero_optimization"] == {
+        "reduce_bucket_size": 1000, "stage": 1}
+    msg = error(from_dict, raw(train={"steps": 1, "zero_options": {"stage": 3}}))
+    assert "train.zero_options.stage" in msg and "train.zero_stage" in msg
+    assert multicast_env(cfg) == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                  "NVSHMEM_DISABLE_NVLS": "1"}
+    assert multicast_env(from_dict(raw(cluster={"nvlink_multicast": True}))) == {}

@@ -193,8 +193,11 @@ import sys, torch, deepspeed
 from pipeline.config import load
 from pipeline.trainer import autocast_dtype, deepspeed_config, init_distributed
 from walsh.models import WalshLM
-cfg = load(sys.argv[1], ["train.precision=bf16"])
+import os
+cfg = load(sys.argv[1], ["train.precision=bf16", "train.zero_options={overlap_comm: true}"])
 rank, world, device = init_distributed(cfg)
+print("MULTICAST", [os.environ.get(k) for k in ("NCCL_NVLS_ENABLE",
+      "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")])
 model = WalshLM(cfg.walsh_config())
 seen = []
 model.blocks[0].attn.q.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -204,20 +207,27 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
 engine(torch.randint(0, 256, (4, 32)), torch.randint(0, 256, (4, 32)))
 print("DTYPES", seen, next(model.parameters()).dtype)
 print("TPUT_TIMER", engine.tput_timer.config.enabled)
+print("ZERO", engine.zero_optimization_stage(), engine._config.zero_config.overlap_comm)
 """
 
 
 @pytest.mark.timeout(240)
 def test_bf16_autocast_runs_inside_the_engine(data_dir, tmp_path):
     """precision bf16: the layers compute in bf16 inside DeepSpeed's forward (an autocast
-    opened outside the engine is switched off by DeepSpeed), master weights stay fp32; and the
-    engine is built without DeepSpeed's synchronizing throughput timer."""
+    opened outside the engine is switched off by DeepSpeed), master weights stay fp32; the
+    engine is built without DeepSpeed's synchronizing throughput timer and with the
+    ``train.zero_options`` given; the process has NVLink multicast switched off."""
     cfg = write_config(tmp_path, run_config(data_dir, tmp_path / "run"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                        "NVSHMEM_DISABLE_NVLS")}
     res = subprocess.run([sys.executable, "-c", AUTOCAST_PROBE, str(cfg)], capture_output=True,
-                         text=True, timeout=200, check=False)
+                         text=True, timeout=200, check=False, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DTYPES [torch.bfloat16] torch.float32" in res.stdout
     assert "TPUT_TIMER False" in res.stdout  # its cuda.synchronize() per step is off
+    assert "ZERO 2 True" in res.stdout
+    assert "MULTICAST ['0', '1', '1']" in res.stdout
 
 
 @pytest.mark.timeout(400)
