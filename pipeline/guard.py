@@ -82,6 +82,18 @@ class StepGuard:
         self.streak.add_(1).mul_(b)  # streak = (streak + 1) if bad else 0
         torch.maximum(self.longest, self.streak, out=self.longest)
 
+    def state_dict(self) -> dict[str, int]:
+        """The counters as plain ints, for the checkpoint (one host read, at save time), so a
+        resumed run keeps counting skipped steps and streaks where the saved one stopped."""
+        skipped, streak, longest = (int(v) for v in
+                                    torch.stack([self.skipped, self.streak, self.longest]).tolist())
+        return {"skipped": skipped, "streak": streak, "longest": longest}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for name in ("skipped", "streak", "longest"):
+            getattr(self, name).fill_(int(state[name]))
+        self.reported = int(state["skipped"])  # already printed by the saved run
+
     def due(self, step: int) -> bool:
         """Whether ``check`` should run at ``step``: every step when the host already waited,
         else every ``max_bad`` steps (the trainer adds its log steps)."""

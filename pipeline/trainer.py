@@ -215,7 +215,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
 
     def save() -> None:
         rank_state = {"micro_index": micro_index, "loader": loader.state_dict(),
-                      "rng": checkpoint.rng_state()}
+                      "rng": checkpoint.rng_state(), "guard": guard.state_dict()}
         t0 = time.perf_counter()
         checkpoint.save(engine, run_dir, step, rank_state, cfg.to_yaml(), cfg.train.keep_last)
         if rank == 0:
@@ -238,6 +238,8 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     tokens_per_step = global_batch * cfg.data.seq_len
     guard = StepGuard(engine, cfg.train.zero_stage, world, cfg.train.max_bad_steps, device,
                       verbose=rank == 0)
+    if state is not None and "guard" in state:  # absent in checkpoints before the counters
+        guard.load_state_dict(state["guard"])
     skipped, losses, step_losses, last, val = 0, [], [], float("nan"), None
     grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own pre-clip norm
     while step < total:

@@ -55,12 +55,22 @@ def run(data, bad_steps, max_bad=3):
             losses, step = [], step + 1
             if guard.due(step):
                 guard.check(step)
-    return model, opt, guard.mode, guard.check(step)
+    return model, opt, guard.mode, guard.check(step), guard
 
 gen = torch.Generator().manual_seed(1)
 data = [torch.randn(4, 8, generator=gen) for _ in range(12)]  # 6 steps of 2 micro batches
-model_a, opt_a, mode, skipped = run(data[:8], {1})
+model_a, opt_a, mode, skipped, guard = run(data[:8], {1})
 print("MODE", mode, "SKIPPED", skipped)
+# the counters survive a checkpoint: a restored guard continues the saved streak
+state = guard.state_dict()
+print("STATE", state)
+again = StepGuard(guard.engine, stage, 1, 3, torch.device("cpu"))
+again.load_state_dict({**state, "streak": 2, "longest": 2})
+again._count(torch.tensor(True))
+try:
+    again.check(9)
+except FloatingPointError as e:
+    print("RESTORED", again.state_dict(), e)
 # the reference never saw step 1's batches: the same other batches, one step fewer
 ref = run(data[:2] + data[4:8], set())
 for (pa, pb) in zip(model_a.parameters(), ref[0].parameters()):
@@ -93,5 +103,8 @@ def test_a_skipped_step_changes_nothing(optimizer, stage, mode, stop, tmp_path):
     out = res.stdout
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"MODE {mode} SKIPPED 1" in out
+    assert "STATE {'skipped': 1, 'streak': 0, 'longest': 1}" in out
+    assert ("RESTORED {'skipped': 2, 'streak': 3, 'longest': 3} 3 non-finite steps in a row "
+            "(train.max_bad_steps=3); stopping at step 9") in out
     assert "EQUAL" in out
     assert f"STOPPED {stop}\n" in out
