@@ -36,7 +36,7 @@ from pathlib import Path
 
 from data_prep.local_ray import free_port, use_local_ray_env
 from pipeline.config import RunConfig, from_dict, load
-from pipeline.tracking import sqlite_path
+from pipeline.tracking import configured_uri, sqlite_path
 
 # Ray Train tees every print() of a worker into its logger as well: each line twice on the
 # console. Propagated to the workers by Ray Train itself.
@@ -117,7 +117,7 @@ def worker_config(cfg: RunConfig) -> RunConfig:
     update_train = {"run_dir": str(Path(cfg.train.run_dir).resolve())}
     update_data = {"path": str(Path(cfg.data.path).resolve())}
     tracking = cfg.tracking
-    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    uri = configured_uri(cfg)
     db = sqlite_path(uri) if uri else None
     if db is not None and not db.is_absolute():  # relative to the driver's cwd, not a worker's
         uri = f"sqlite:///{db.resolve()}"

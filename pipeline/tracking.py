@@ -27,6 +27,12 @@ from pipeline.config import RunConfig
 RUN_ID_FILE = "mlflow_run_id"
 
 
+def configured_uri(cfg: RunConfig) -> str | None:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else None (the run's own sqlite file);
+    the one place the precedence lives (the Tracker and the Ray launcher both ask here)."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def default_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
@@ -79,7 +85,7 @@ class Tracker:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, param_counts: dict[str, int]) -> None:
         self.active, self.run_dir = cfg.tracking.enabled, Path(run_dir)
-        self.uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(run_dir)
+        self.uri = configured_uri(cfg) or default_uri(run_dir)
         self.run_id: str | None = None
         if not self.active:
             return
