@@ -198,6 +198,11 @@ class TrainCfg(BaseModel):
     max_bad_steps: StrictInt = Field(10, gt=0)  # NaN/inf steps in a row before stopping
     run_dir: str = "runs/default"
     compile: bool = False
+    # torch.compile's mode for the blocks and the loss; "reduce-overhead" replays CUDA graphs,
+    # which takes the per-kernel launch cost off the host (a walsh-h block launches ~100
+    # kernels: docs/benchmarks.md, 2026-11-30). "default" is torch's default
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)

@@ -5,10 +5,11 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
 
 - activation checkpointing (``train.activation_checkpointing``): each block's forward is
   recomputed in backward (non-reentrant ``torch.utils.checkpoint``);
-- ``torch.compile`` (``train.compile``): each transformer block compiled on its own, so one
-  graph serves all identical blocks and compile time does not grow with depth, plus the loss
-  (``model.loss``) compiled separately: eager, the chunked cross-entropy costs about half of a
-  125M step (docs/benchmarks.md).
+- ``torch.compile`` (``train.compile``, in ``train.compile_mode``): each transformer block
+  compiled on its own, so one graph serves all identical blocks and compile time does not grow
+  with depth, plus the loss (``model.loss``) compiled separately: eager, the chunked
+  cross-entropy costs about half of a 125M step (docs/benchmarks.md). At ZeRO-3 the loss stays
+  eager (it reads the tied embedding, which ZeRO-3 keeps partitioned outside its forward).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
         # ZeRO-3: the loss reads the tied embedding outside the embedding's forward, where
         # DeepSpeed has it partitioned (gathered only through its access hooks): traced, it is
         # an empty tensor, so the loss stays eager there
-        compile_blocks(model, loss=cfg.train.zero_stage != 3)
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        compile_blocks(model, mode, loss=cfg.train.zero_stage != 3)
     return model
 
 

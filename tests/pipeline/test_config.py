@@ -325,3 +325,11 @@ def test_zero_options_and_multicast():
     assert multicast_env(cfg) == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                                   "NVSHMEM_DISABLE_NVLS": "1"}
     assert multicast_env(from_dict(raw(cluster={"nvlink_multicast": True}))) == {}
+
+
+def test_compile_mode():
+    assert from_dict(raw()).train.compile_mode == "default"
+    cfg = from_dict(raw(train={"steps": 1, "compile": True, "compile_mode": "reduce-overhead"}))
+    assert cfg.train.compile_mode == "reduce-overhead"
+    msg = error(from_dict, raw(train={"steps": 1, "compile_mode": "fast"}))
+    assert "train.compile_mode" in msg and "reduce-overhead" in msg
