@@ -199,8 +199,9 @@ class TrainCfg(BaseModel):
     run_dir: str = "runs/default"
     compile: bool = False
     # torch.compile's mode for the blocks and the loss; "reduce-overhead" replays CUDA graphs,
-    # which takes the per-kernel launch cost off the host (a walsh-h block launches ~100
-    # kernels: docs/benchmarks.md, 2026-11-30). "default" is torch's default
+    # which takes the per-kernel launch cost off the host (a 2-GPU walsh-h ZeRO-2 step
+    # launched ~1,900 kernels: docs/benchmarks.md, 2026-11-30); not yet timed in the trainer.
+    # "default" is torch's default
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False
