@@ -24,12 +24,16 @@ Lanes: the rows of a batch come from different places
     ``S = world_size * max(1, num_workers) * B`` streams and stream
     ``s = (rank * max(1, num_workers) + worker) * B + row``; row ``i`` of every batch is the next
     window of lane ``i``. A batch then holds ``B`` windows from ``B`` places of the epoch, and a
-    global batch ``world_size * B`` of them, however it is split over ranks and accumulation
-    steps. Without lanes (``interleave=False``, ``S = world_size * max(1, num_workers)``), a
+    micro step of all ranks ``world_size * B`` of them: the same rows per micro step split over
+    other rank counts read the same data (1 rank x 8 rows = 2 ranks x 4 rows, the same lane
+    ranges). With accumulation a lane gives one window per micro step. Without lanes (``interleave=False``, ``S = world_size * max(1, num_workers)``), a
     batch is ``B`` consecutive windows of one stream: on a corpus whose neighbouring documents
     are alike, a 1-rank run's batches were then far less diverse than a 2-rank run's at the same
     global batch, and its loss curve sat visibly higher (docs/benchmarks.md, issue 6). Evaluation
     keeps ``interleave=False``: it reads fixed batches of a small split.
+    The price: a lane that starts inside a shard reads that shard through up to its start
+    (read, not decoded) at every epoch start and resume, so ``B`` times more streams read more
+    bytes (measured: a 1.6 s first batch with 16 lanes over 128 MiB shards, docs/benchmarks.md).
 
 Windows and batches
     Each stream is an endless token sequence: the concatenation over epochs ``e = 0, 1, 2, ...``
@@ -359,7 +363,10 @@ class TokenLoader:
         if state["version"] not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state['version']}, this loader reads "
                              f"1 and {STATE_VERSION}")
-        state = {"interleave": False, **state}  # version 1: batches of consecutive windows
+        if state["version"] == 1:  # written before lanes: batches of consecutive windows
+            state = {**state, "interleave": False}
+        elif "interleave" not in state:
+            raise ValueError("loader state lacks interleave")
         for k in ("split", "seed", "shuffle"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"loader state has {k}={state[k]!r}, this loader "
@@ -368,8 +375,10 @@ class TokenLoader:
         start_epoch = int(state.get("start_epoch", 0))
         changed = [k for k in ("world_size", "num_workers", "seq_len", "batch_size",
                                "interleave") if state[k] != getattr(self, k)]
-        if changed == ["num_workers"] and max(1, state["num_workers"]) == self._workers:
-            changed = []  # 0 and 1 workers read the same single stream per rank
+        if "num_workers" in changed and max(1, state["num_workers"]) == self._workers:
+            changed.remove("num_workers")  # 0 and 1 workers read the same single stream per rank
+        if "interleave" in changed and self.batch_size == 1 == state["batch_size"]:
+            changed.remove("interleave")  # one row: one lane is the role's one stream
         if not changed:
             self._batches, self._start_epoch = int(state["batches"]), start_epoch
             return

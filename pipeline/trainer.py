@@ -240,7 +240,8 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
                       verbose=rank == 0)
     if state is not None and "guard" in state:  # absent in checkpoints before the counters
         guard.load_state_dict(state["guard"])
-    skipped, losses, step_losses, last, val = 0, [], [], float("nan"), None
+    # skipped starts at the restored count (0 on a fresh run)
+    skipped, losses, step_losses, last, val = guard.reported, [], [], float("nan"), None
     grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own pre-clip norm
     while step < total:
         batch = next(loader)

@@ -325,3 +325,18 @@ def test_version_one_state_means_no_lanes(data, caplog):
     state["version"] = 3
     with pytest.raises(ValueError, match="version 3"):
         lanes.load_state_dict(state)
+    state["version"] = 2  # a version-2 state must say whether it had lanes
+    with pytest.raises(ValueError, match="lacks interleave"):
+        lanes.load_state_dict(state)
+    # one row per batch: with or without lanes it is the same stream, so the resume is exact
+    single = TokenLoader(manifest, "train", T, 1, seed=3, interleave=False)
+    straight1 = take(TokenLoader(manifest, "train", T, 1, seed=3), 5)
+    take(single, 2)
+    one = {**single.state_dict(), "version": 1}
+    del one["interleave"]
+    resumed = TokenLoader(manifest, "train", T, 1, seed=3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+        resumed.load_state_dict(one)
+    assert not caplog.records
+    assert all(torch.equal(x, y) for x, y in zip(take(resumed, 3), straight1[2:]))
