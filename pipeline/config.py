@@ -491,6 +491,14 @@ def total_steps(cfg: RunConfig, world_size: int) -> int:
     return math.ceil(cfg.train.token_budget / (glob * cfg.data.seq_len))
 
 
+def resolved_precision(cfg: RunConfig, device_type: str) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere (the one
+    resolution, for the trainer and the dry run)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
 def check_against_manifest(cfg: RunConfig, manifest, world_size: int = 1) -> None:
     """Fail early if the staged data cannot feed this model/run: a tokenizer vocab larger than
     the model's, a missing or empty split, or a split too small to give every stream

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import RunConfig, resolve_batch, total_steps
+from pipeline.config import RunConfig, resolve_batch, resolved_precision, total_steps
 from walsh.models import WalshLM
 from walsh.models.config import WalshConfig
 
@@ -36,10 +36,8 @@ GIB = 1024**3
 
 
 def precision(cfg: RunConfig, device: str) -> str:
-    """``train.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere."""
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return "bf16" if str(device).startswith("cuda") else "fp32"
+    """``train.precision`` resolved for ``device`` ("cuda", "cuda:1", "cpu")."""
+    return resolved_precision(cfg, str(device).split(":")[0])
 
 
 def meta_model(wc: WalshConfig) -> WalshLM:

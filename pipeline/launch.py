@@ -57,7 +57,9 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         from pipeline.dry_run import describe
 
-        print(describe(cfg, world_size=nproc))
+        # the device the run would use: CUDA only when the config asks for GPUs
+        device = "cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu"
+        print(describe(cfg, world_size=nproc, device=device))
         return 0
     resolve_batch(cfg, nproc)
     check_against_manifest(cfg, Manifest.load(cfg.data.path), nproc)

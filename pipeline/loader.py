@@ -21,19 +21,20 @@ Epochs and the split into streams
 
 Lanes: the rows of a batch come from different places
     With ``interleave=True`` (training) each role's stream is itself ``B`` lanes, so there are
-    ``S = world_size * max(1, num_workers) * B`` streams and stream
-    ``s = (rank * max(1, num_workers) + worker) * B + row``; row ``i`` of every batch is the next
-    window of lane ``i``. A batch then holds ``B`` windows from ``B`` places of the epoch, and a
-    micro step of all ranks ``world_size * B`` of them: the same rows per micro step split over
-    other rank counts read the same data (1 rank x 8 rows = 2 ranks x 4 rows, the same lane
-    ranges). With accumulation a lane gives one window per micro step. Without lanes (``interleave=False``, ``S = world_size * max(1, num_workers)``), a
-    batch is ``B`` consecutive windows of one stream: on a corpus whose neighbouring documents
-    are alike, a 1-rank run's batches were then far less diverse than a 2-rank run's at the same
-    global batch, and its loss curve sat visibly higher (docs/benchmarks.md, issue 6). Evaluation
-    keeps ``interleave=False``: it reads fixed batches of a small split.
-    The price: a lane that starts inside a shard reads that shard through up to its start
-    (read, not decoded) at every epoch start and resume, so ``B`` times more streams read more
-    bytes (measured: a 1.6 s first batch with 16 lanes over 128 MiB shards, docs/benchmarks.md).
+    ``S = world_size * max(1, num_workers) * B`` streams and stream ``s = (rank * max(1,
+    num_workers) + worker) * B + row``; row ``i`` of every batch is the next window of lane
+    ``i``. A batch then holds ``B`` windows from ``B`` places of the epoch, and a micro step of
+    all ranks ``world_size * B`` of them: the same rows per micro step split over other rank
+    counts read the same data (1 rank x 8 rows = 2 ranks x 4 rows, the same lane ranges). With
+    accumulation a lane gives one window per micro step. Without lanes (``interleave=False``,
+    ``S = world_size * max(1, num_workers)``), a batch is ``B`` consecutive windows of one
+    stream: on a corpus whose neighbouring documents are alike, a 1-rank run's batches were then
+    far less diverse than a 2-rank run's at the same global batch, and its loss curve sat
+    visibly higher (docs/benchmarks.md, issue 6). Evaluation keeps ``interleave=False``: it
+    reads fixed batches of a small split.
+    The price: a lane that starts inside a shard reads that shard through up to its start (read,
+    not decoded) at every epoch start and resume, so ``B`` times more streams read more bytes
+    (measured: a 1.6 s first batch with 16 lanes over 128 MiB shards, docs/benchmarks.md).
 
 Windows and batches
     Each stream is an endless token sequence: the concatenation over epochs ``e = 0, 1, 2, ...``

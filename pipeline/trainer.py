@@ -43,7 +43,13 @@ import torch.distributed as dist
 from data_prep.local_ray import free_port
 from data_prep.manifest import Manifest
 from pipeline import checkpoint
-from pipeline.config import RunConfig, check_against_manifest, resolve_batch, total_steps
+from pipeline.config import (
+    RunConfig,
+    check_against_manifest,
+    resolve_batch,
+    resolved_precision,
+    total_steps,
+)
 from pipeline.guard import StepGuard
 from pipeline.launch import multicast_env
 from pipeline.loader import TokenLoader
@@ -108,10 +114,7 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, global_batch: int,
 
 
 def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.train.precision
-    if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if resolved_precision(cfg, device.type) == "bf16" else None
 
 
 def _all_mean(x: torch.Tensor) -> float:

@@ -180,11 +180,13 @@ def test_profile_window_writes_a_summary_and_a_trace(data_dir, tmp_path):
 
 
 def test_dry_run_starts_nothing(data_dir, tmp_path):
-    cfg = run_config(data_dir, tmp_path / "run")
+    cfg = run_config(data_dir, tmp_path / "run", precision="auto")
     res = cli("train", str(write_config(tmp_path, cfg)), "--dry-run")
     assert res.returncode == 0, res.stderr
     cfg_model = from_dict(cfg).walsh_config()
     assert f"{WalshLM(cfg_model).num_params()['total']:,}" in res.stdout
+    # a CPU config (gpus_per_worker 0): auto precision is the trainer's fp32, per process
+    assert "# memory per process (estimate, fp32, world 2" in res.stdout, res.stdout
     assert not (tmp_path / "run").exists()
 
 
