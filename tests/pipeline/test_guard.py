@@ -93,7 +93,11 @@ except FloatingPointError as e:
                            "step 6"),
     ("foreach", 0, "host", "3 non-finite steps in a row (train.max_bad_steps=3); stopping at "
                            "step 4"),
+    ("foreach", 1, "deepspeed", "3 non-finite steps in a row (train.max_bad_steps=3); "
+                                "stopping at step 4"),
     ("foreach", 2, "deepspeed", "3 non-finite steps in a row (train.max_bad_steps=3); "
+                                "stopping at step 4"),
+    ("foreach", 3, "deepspeed", "3 non-finite steps in a row (train.max_bad_steps=3); "
                                 "stopping at step 4"),
 ])
 def test_a_skipped_step_changes_nothing(optimizer, stage, mode, stop, tmp_path):
