@@ -211,9 +211,14 @@ class TrainCfg(BaseModel):
 
     @field_validator("zero_options")
     @classmethod
-    def _no_stage(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _zero_options(cls, v: dict[str, Any]) -> dict[str, Any]:
         if "stage" in v:
             raise _KeyedError("stage", "set the stage with train.zero_stage")
+        if v.get("compute_grad_norm", True) is False:
+            # at ZeRO 1-3 the NaN guard is DeepSpeed's own skip of a non-finite global norm
+            # (pipeline.guard); without the norm a NaN step would be applied silently
+            raise _KeyedError("compute_grad_norm", "must stay true: the NaN/inf guard at ZeRO "
+                              "1-3 relies on DeepSpeed's gradient norm")
         return v
 
     @field_validator("profile_steps")

@@ -322,6 +322,8 @@ def test_zero_options_and_multicast():
         "reduce_bucket_size": 1000, "stage": 1}
     msg = error(from_dict, raw(train={"steps": 1, "zero_options": {"stage": 3}}))
     assert "train.zero_options.stage" in msg and "train.zero_stage" in msg
+    msg = error(from_dict, raw(train={"steps": 1, "zero_options": {"compute_grad_norm": False}}))
+    assert "train.zero_options.compute_grad_norm" in msg and "NaN" in msg
     assert multicast_env(cfg) == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                                   "NVSHMEM_DISABLE_NVLS": "1"}
     assert multicast_env(from_dict(raw(cluster={"nvlink_multicast": True}))) == {}
