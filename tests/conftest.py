@@ -33,3 +33,12 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed + 1)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The staged pattern dataset (``_helpers.stage_pattern``) that the trainer, Ray launcher and
+    tracking tests train on; tests only read it."""
+    from _helpers import stage_pattern
+
+    return stage_pattern(tmp_path_factory.mktemp("data"))

@@ -29,7 +29,6 @@ from _helpers import (
     read_metrics,
     read_trace,
     session_procs,
-    stage_pattern,
     start_walsh,
     wait_for_checkpoint,
     walsh_env,
@@ -45,11 +44,6 @@ pytestmark = pytest.mark.multiprocess
 STEPS = 16  # checkpoints every 4: a kill after the first one lands mid-run
 # Ray folds repeated log lines of different workers into one; the report lines are counted
 ENV = walsh_env(RAY_DEDUP_LOGS="0")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return stage_pattern(tmp_path_factory.mktemp("data"))
 
 
 def ray_config(data: Path, run_dir: Path, **train) -> dict:

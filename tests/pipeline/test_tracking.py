@@ -23,7 +23,6 @@ from _helpers import (
     kill_session,
     pattern_run_config,
     read_metrics,
-    stage_pattern,
     start_walsh,
     walsh_env,
     write_yaml,
@@ -35,11 +34,6 @@ from pipeline.tracking import RUN_ID_FILE, Tracker, artifact_root, default_uri
 from walsh.models import WalshLM
 
 UNAVAILABLE = "MLflow tracking unavailable"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return stage_pattern(tmp_path_factory.mktemp("data"))
 
 
 def tracked_config(data: Path, run_dir: Path, uri: str | None = None, **train) -> dict:

@@ -22,7 +22,6 @@ from _helpers import (
     pattern_run_config,
     read_metrics,
     read_trace,
-    stage_pattern,
     wait_for_checkpoint,
 )
 
@@ -32,11 +31,6 @@ from walsh.models import WalshLM
 
 pytestmark = pytest.mark.multiprocess
 run_config = pattern_run_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return stage_pattern(tmp_path_factory.mktemp("data"))
 
 
 def write_config(tmp: Path, cfg: dict) -> Path:
