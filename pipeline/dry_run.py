@@ -35,11 +35,6 @@ from walsh.models.config import WalshConfig
 GIB = 1024**3
 
 
-def precision(cfg: RunConfig, device: str) -> str:
-    """``train.precision`` resolved for ``device`` ("cuda", "cuda:1", "cpu")."""
-    return resolved_precision(cfg, str(device).split(":")[0])
-
-
 def meta_model(wc: WalshConfig) -> WalshLM:
     """The model on the meta device: shapes and parameter counts without memory or init."""
     with torch.device("meta"):
@@ -64,7 +59,7 @@ def memory_estimate(
     model = model if model is not None else meta_model(cfg.walsh_config())
     wc = model.config
     n_params = model.num_params()["total"]
-    bf16 = precision(cfg, device) == "bf16"
+    bf16 = resolved_precision(cfg, torch.device(device).type) == "bf16"
     p_bytes, g_bytes, o_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     act = 2 if bf16 else 4
     n = world_size
@@ -123,7 +118,7 @@ def describe(cfg: RunConfig, world_size: int, device: str = "cuda") -> str:
     fpt = model.flops_per_token(t)
     tokens_per_step = glob * t
     tokens = steps * tokens_per_step
-    prec = precision(cfg, device)
+    prec = resolved_precision(cfg, torch.device(device).type)
 
     lines = ["# resolved config", cfg.to_yaml().rstrip(), ""]
     lines.append(

@@ -34,7 +34,7 @@ Lanes: the rows of a batch come from different places
     reads fixed batches of a small split.
     The price: a lane that starts inside a shard reads that shard through up to its start (read,
     not decoded) at every epoch start and resume, so ``B`` times more streams read more bytes
-    (measured: a 1.6 s first batch with 16 lanes over 128 MiB shards, docs/benchmarks.md).
+    (measured: a 1.1-1.7 s first batch with 16 lanes over 128 MiB shards, docs/benchmarks.md).
 
 Windows and batches
     Each stream is an endless token sequence: the concatenation over epochs ``e = 0, 1, 2, ...``
@@ -100,6 +100,15 @@ def stream_ranges(n_chunks: int, n_streams: int) -> list[tuple[int, int]]:
     if n_streams < 1:
         raise ValueError(f"n_streams must be >= 1, got {n_streams}")
     return [(s * n_chunks // n_streams, (s + 1) * n_chunks // n_streams) for s in range(n_streams)]
+
+
+def _layout(state: dict[str, Any]) -> dict[str, int]:
+    """The stream layout a loader state implies. Two states with equal layouts read the same
+    streams, so a resume between them is exact: 0 and 1 workers are both one stream per rank,
+    and with one row per batch a lane is the role's one stream."""
+    return {"world_size": state["world_size"], "num_workers": max(1, state["num_workers"]),
+            "seq_len": state["seq_len"], "batch_size": state["batch_size"],
+            "interleave": state["batch_size"] if state["interleave"] else 1}  # lanes per role
 
 
 def _role_batches(batches: int, role: int, workers: int) -> int:
@@ -245,31 +254,44 @@ class _StreamDataset(IterableDataset):
                                f"{self.workers}")
         return self.batches((worker + self.start_batches) % self.workers)
 
-    def windows(self, stream: int, done: int) -> Iterator[np.ndarray]:
-        """Stream ``stream``'s windows ``[T + 1]`` (int64) after the first ``done``."""
-        W1 = self.seq_len + 1
+    def _pieces(self, stream: int, windows_done: int) -> Iterator[np.ndarray]:
+        """Stream ``stream``'s tokens after its first ``windows_done`` windows (lazily: no
+        shard is opened before the first read)."""
         a, b = stream_ranges(self.plan.n_chunks,
                              self.world_size * self.workers * self.lanes)[stream]
-        epoch, offset = self.plan.locate(a, b, self.start_epoch, done * W1)
-        buf, fill = np.empty(W1, dtype=np.int64), 0
-        for piece in self.plan.pieces(a, b, epoch, offset):
-            i, n = 0, piece.shape[0]
-            while i < n:
-                take = min(W1 - fill, n - i)
-                buf[fill:fill + take] = piece[i:i + take]
-                fill, i = fill + take, i + take
-                if fill == W1:
-                    yield buf
-                    buf, fill = np.empty(W1, dtype=np.int64), 0
+        epoch, offset = self.plan.locate(a, b, self.start_epoch,
+                                         windows_done * (self.seq_len + 1))
+        return self.plan.pieces(a, b, epoch, offset)
 
     def batches(self, role: int) -> Iterator[torch.Tensor]:
-        per_lane = self.batch_size // self.lanes  # windows per lane per batch: 1 or B
+        B, W1 = self.batch_size, self.seq_len + 1
+        per_lane = B // self.lanes  # consecutive rows (windows) per lane per batch: 1 or B
         done = _role_batches(self.start_batches, role, self.workers) * per_lane
         first = (self.rank * self.workers + role) * self.lanes
-        lanes = [self.windows(first + i, done) for i in range(self.lanes)]
+        lanes = [_Lane(self._pieces(first + i, done)) for i in range(self.lanes)]
         while True:
-            rows = [next(lane) for lane in lanes for _ in range(per_lane)]
-            yield torch.from_numpy(np.stack(rows))  # [B, T + 1]
+            buf = np.empty((B, W1), dtype=np.int64)
+            for i, lane in enumerate(lanes):  # a lane's rows are contiguous in buf
+                lane.fill(buf[i * per_lane:(i + 1) * per_lane].reshape(-1))
+            yield torch.from_numpy(buf)
+
+
+class _Lane:
+    """One stream, read into the caller's buffers: each token is copied once, from the shard's
+    array into the batch."""
+
+    def __init__(self, pieces: Iterator[np.ndarray]):
+        self.pieces, self.piece, self.pos = pieces, np.empty(0, dtype=np.int64), 0
+
+    def fill(self, dst: np.ndarray) -> None:
+        """Fill the 1-D ``dst`` with the stream's next ``len(dst)`` tokens."""
+        fill, n = 0, dst.shape[0]
+        while fill < n:
+            if self.pos == self.piece.shape[0]:
+                self.piece, self.pos = next(self.pieces), 0
+            take = min(n - fill, self.piece.shape[0] - self.pos)
+            dst[fill:fill + take] = self.piece[self.pos:self.pos + take]
+            fill, self.pos = fill + take, self.pos + take
 
 
 class TokenLoader:
@@ -374,12 +396,8 @@ class TokenLoader:
                                  f"{k}={getattr(self, k)!r}: the data order would differ")
         self._it = None
         start_epoch = int(state.get("start_epoch", 0))
-        changed = [k for k in ("world_size", "num_workers", "seq_len", "batch_size",
-                               "interleave") if state[k] != getattr(self, k)]
-        if "num_workers" in changed and max(1, state["num_workers"]) == self._workers:
-            changed.remove("num_workers")  # 0 and 1 workers read the same single stream per rank
-        if "interleave" in changed and self.batch_size == 1 == state["batch_size"]:
-            changed.remove("interleave")  # one row: one lane is the role's one stream
+        saved, now = _layout(state), _layout(self.state_dict())
+        changed = [k for k in saved if saved[k] != now[k]]
         if not changed:
             self._batches, self._start_epoch = int(state["batches"]), start_epoch
             return
