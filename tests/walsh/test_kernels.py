@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from walsh import quant  # noqa: E402
 from walsh.kernels import ternary as tk  # noqa: E402
+from walsh.kernels import walsh_fused as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
 
@@ -134,11 +135,67 @@ def test_walsh_transform_rejects_bad_gains():
         wt.walsh_in(x, torch.ones(4, 3, device=DEV, dtype=torch.bfloat16))
 
 
+# -- the fused layer kernel -------------------------------------------------------------------
+# (a, n, lanes in, lanes out): more than one token tile (16), contraction chunk and output
+# tile (32 lanes) with ragged ends, A below (broadcast sums) and at (tensor-core dots) 16
+FUSED_GRID = [(32, 37, 3, 5), (32, 17, 24, 40), (16, 33, 40, 7), (8, 20, 7, 9), (4, 5, 33, 2),
+              (2, 9, 6, 20)]
+
+
+@pytest.mark.parametrize("a,n,li,lo", FUSED_GRID)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walsh_linear_fused_forward_and_grads(a, n, li, lo, dtype, seed):
+    x = torch.randn(n, a * li, device=DEV, dtype=dtype, requires_grad=True)
+    w = (torch.randn(a, lo, li, device=DEV) / li**0.5).to(dtype).requires_grad_()
+    alpha = (1 + 0.3 * torch.randn(a, li, device=DEV)).to(dtype).requires_grad_()
+    beta = (1 + 0.3 * torch.randn(a, lo, device=DEV)).to(dtype).requires_grad_()
+    inputs = (x, w, alpha, beta)
+    refs = [t.detach().float().requires_grad_() for t in inputs]
+    poisoned = torch.full((n, a * lo), float("nan"), device=DEV, dtype=dtype)
+    raw = wf.walsh_linear_raw(*(t.detach() for t in inputs), out=poisoned)
+    out, ref = wf.walsh_linear(*inputs), wf.walsh_linear_naive(*refs)
+    assert out.dtype == dtype and out.shape == ref.shape == (n, a * lo)
+    assert rel_err(raw, ref) < TOL[dtype] and rel_err(out, ref) < TOL[dtype], seed
+    # the upstream gradient of a bf16 output is bf16: the reference gets the same values
+    # (dw's bf16 error is ~0.0065 here: dy, u and dw each rounded once, as in any bf16 GEMM)
+    g = torch.randn_like(ref).to(dtype).float()
+    (out.float() * g).sum().backward()
+    (ref * g).sum().backward()
+    for name, t, r in zip(("x", "w", "alpha", "beta"), inputs, refs):
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape, name
+        assert rel_err(t.grad, r.grad) < TOL[dtype], (name, seed)
+
+
+def test_walsh_linear_fused_gradients_are_deterministic(seed):
+    """The gains' gradients are per-tile partial sums added in a fixed order: bit-identical."""
+    a, n, li, lo = 32, 70, 5, 9
+    x = torch.randn(n, a * li, device=DEV)
+    w = torch.randn(a, lo, li, device=DEV)
+    alpha, beta = torch.randn(a, li, device=DEV), torch.randn(a, lo, device=DEV)
+    dout = torch.randn(n, a * lo, device=DEV)
+    first, second = (wf.walsh_linear_backward_raw(dout, x, w, alpha, beta) for _ in range(2))
+    for f, s_ in zip(first, second):
+        assert torch.equal(f, s_), seed
+
+
+def test_walsh_linear_fused_rejects_bad_inputs():
+    x = torch.randn(3, 32, device=DEV)
+    w, alpha, beta = torch.randn(4, 2, 8, device=DEV), torch.ones(4, 8), torch.ones(4, 2)
+    with pytest.raises(ValueError, match="alpha dtype"):
+        wf.walsh_linear(x, w, alpha.to(DEV).double(), beta.to(DEV))
+    with pytest.raises(ValueError, match=r"shapes x \(3, 32\), w \(4, 2, 8\)"):
+        wf.walsh_linear(x, w, torch.ones(4, 7, device=DEV), beta.to(DEV))
+    with pytest.raises(ValueError, match="power of two"):
+        wf.walsh_linear(torch.randn(3, 24, device=DEV), torch.randn(3, 2, 8, device=DEV),
+                        torch.ones(3, 8, device=DEV), torch.ones(3, 2, device=DEV))
+
+
 # -- the layer --------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["triton", "fused"])
 @pytest.mark.parametrize("ternary", [True, False])
-def test_walsh_linear_triton_equals_blocks(ternary, seed):
+def test_walsh_linear_kernels_equal_blocks(impl, ternary, seed):
     ref = WalshLinear(40, 24, blocks=8, impl="blocks", ternary=ternary, bias=True).to(DEV)
-    fast = WalshLinear(40, 24, blocks=8, impl="triton", ternary=ternary, bias=True).to(DEV)
+    fast = WalshLinear(40, 24, blocks=8, impl=impl, ternary=ternary, bias=True).to(DEV)
     with torch.no_grad():
         ref.alpha.add_(0.3 * torch.randn_like(ref.alpha))
         ref.beta.add_(0.3 * torch.randn_like(ref.beta))
@@ -158,9 +215,10 @@ def test_walsh_linear_triton_equals_blocks(ternary, seed):
         assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < 1e-5, (name, seed)
 
 
-def test_custom_ops_trace_without_graph_breaks(seed):
+@pytest.mark.parametrize("impl", ["triton", "fused"])
+def test_custom_ops_trace_without_graph_breaks(impl, seed):
     """torch.compile sees each kernel as one op (fullgraph: any graph break raises)."""
-    layer = WalshLinear(64, 32, blocks=32, impl="triton", ternary=True).to(DEV)
+    layer = WalshLinear(64, 32, blocks=32, impl=impl, ternary=True).to(DEV)
     x = torch.randn(5, 64, device=DEV, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     out = compiled(x)
@@ -172,10 +230,11 @@ def test_custom_ops_trace_without_graph_breaks(seed):
 # -- full shapes on the GPU -------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768)])
-def test_walsh_linear_full_shape_cuda(in_f, out_f, dtype, seed):
+@pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768), (2048, 8192)])
+@pytest.mark.parametrize("impl", ["triton", "fused"])
+def test_walsh_linear_full_shape_cuda(impl, in_f, out_f, dtype, seed):
     ref = WalshLinear(in_f, out_f, blocks=32, impl="blocks", ternary=True).cuda()
-    fast = WalshLinear(in_f, out_f, blocks=32, impl="triton", ternary=True).cuda()
+    fast = WalshLinear(in_f, out_f, blocks=32, impl=impl, ternary=True).cuda()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(16 * 1024, in_f, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -191,10 +250,11 @@ def test_walsh_linear_full_shape_cuda(in_f, out_f, dtype, seed):
 
 
 @pytest.mark.gpu
-def test_walsh_linear_compiled_backward_at_16k_tokens(seed):
+@pytest.mark.parametrize("impl", ["triton", "fused"])
+def test_walsh_linear_compiled_backward_at_16k_tokens(impl, seed):
     """Inductor (torch 2.11) once returned the gains' gradient flattened at N = 16k tokens;
     the compiled layer's gradients must match the eager ones at that size."""
-    layer = WalshLinear(768, 2304, blocks=32, impl="triton", ternary=True).cuda()
+    layer = WalshLinear(768, 2304, blocks=32, impl=impl, ternary=True).cuda()
     x = torch.randn(16, 1024, 768, device="cuda")
     grads = []
     for f in (layer, torch.compile(layer)):

@@ -50,6 +50,9 @@ CAUSAL_CASES = {
     "walsh32-triton": dict(algebra="walsh", algebra_dim=32, walsh_impl="triton", ternary=True),
     "walsh4-triton-mix4": dict(algebra="walsh", algebra_dim=4, walsh_impl="triton", ternary=True,
                                head_mix=True, head_mix_dim=4),
+    "walsh32-fused": dict(algebra="walsh", algebra_dim=32, walsh_impl="fused", ternary=True),
+    "walsh4-fused-mix4": dict(algebra="walsh", algebra_dim=4, walsh_impl="fused", ternary=True,
+                              head_mix=True, head_mix_dim=4),
 }
 
 

@@ -45,7 +45,17 @@ def gain_grad_naive(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tens
     return (a.float() * b.float()).sum(0).view(blocks, -1)
 
 
-# -- kernel -----------------------------------------------------------------------------------
+# -- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
+    """H [A, A] fp32 with H[h, g] = (-1)^popcount(h & g), built in registers."""
+    bits = tl.arange(0, A)[:, None] & tl.arange(0, A)[None, :]
+    par = tl.zeros([A, A], dtype=tl.int32)
+    for b in tl.static_range(LOG_A):
+        par += (bits >> b) & 1
+    return 1.0 - 2.0 * (par & 1).to(tl.float32)
+
+
 @triton.jit
 def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, NL, L, inv_sqrt_a,
                   A: tl.constexpr, LOG_A: tl.constexpr, IN_MODE: tl.constexpr,
@@ -68,14 +78,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, NL, L, inv_sqrt_a,
         s = tl.load(scale_ptr + rows * L + j, mask=mask, other=0.0).to(tl.float32)
     if IN_MODE and HAS_SCALE:
         x = x * s
-    # H[h, g] = (-1)^popcount(h & g), built in registers
-    hh = tl.arange(0, A)[:, None]
-    gg = tl.arange(0, A)[None, :]
-    bits = hh & gg
-    par = tl.zeros([A, A], dtype=tl.int32)
-    for b in tl.static_range(LOG_A):
-        par += (bits >> b) & 1
-    h_mat = 1.0 - 2.0 * (par & 1).to(tl.float32)          # [A, A]
+    h_mat = _hadamard(A, LOG_A)                            # [A, A]
     if USE_DOT:
         if IEEE:  # fp32 inputs: exact products, no TF32
             y = tl.dot(h_mat, x, input_precision="ieee")

@@ -16,10 +16,14 @@ environment switch):
 - ``"triton"``: the structured path with each transform fused with its gain and layout change
   (``walsh.kernels.walsh_transform``) and the ternary weight quantized by one fused kernel
   (``walsh.kernels.ternary``); needs ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU).
+- ``"fused"``: the whole layer (transform, A small GEMMs, transform, gains) as one kernel per
+  token tile (``walsh.kernels.walsh_fused``), so its activations cross HBM once each way, as a
+  dense layer's do; the weight is quantized as in ``"triton"``. Same requirements.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,7 +34,19 @@ from walsh.algebra import _is_power_of_two, fwht
 from walsh.layers.base import StructuredLinear, autocast_input
 from walsh.quant import ternary_ste
 
-WALSH_IMPLS = ("blocks", "dense", "triton")
+WALSH_IMPLS = ("blocks", "dense", "triton", "fused")
+_KERNEL_IMPLS = ("triton", "fused")
+
+
+@functools.cache
+def _kernels() -> dict:
+    """The Triton functions of the kernel implementations (imported once, on first use)."""
+    from walsh.kernels.ternary import ternary_ste as quantize
+    from walsh.kernels.walsh_fused import walsh_linear
+    from walsh.kernels.walsh_transform import walsh_in, walsh_out
+
+    return dict(quantize=quantize, walsh_in=walsh_in, walsh_out=walsh_out,
+                walsh_linear=walsh_linear)
 
 
 # The block transforms of the structured path, in PyTorch: the "blocks" implementation and the
@@ -63,11 +79,11 @@ class WalshLinear(StructuredLinear):
         if impl not in WALSH_IMPLS:
             raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
         self.impl = impl
-        if impl == "triton":  # fail at build time, naming the config value, if triton is absent
+        if impl in _KERNEL_IMPLS:  # fail at build time, naming the config value, if no triton
             try:
-                import walsh.kernels.walsh_transform  # noqa: F401
+                _kernels()
             except ImportError as e:
-                raise ImportError(f"walsh_impl='triton' needs the triton package: {e}") from e
+                raise ImportError(f"walsh_impl={impl!r} needs the triton package: {e}") from e
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
@@ -98,19 +114,22 @@ class WalshLinear(StructuredLinear):
             return F.linear(x, self.dense_weight(), self.bias)
         x = autocast_input(x)
         dt = x.dtype
-        if self.impl == "triton":  # the same three steps, each a fused kernel
-            from walsh.kernels.ternary import ternary_ste as quantize
-            from walsh.kernels.walsh_transform import walsh_in as t_in
-            from walsh.kernels.walsh_transform import walsh_out as t_out
-        else:
-            quantize, t_in, t_out = ternary_ste, walsh_in_naive, walsh_out_naive
-        u = t_in(x.reshape(-1, self.in_features), self.alpha.to(dt))  # [A, N, n_in]
+        k = _kernels() if self.impl in _KERNEL_IMPLS else None
+        quantize = k["quantize"] if k else ternary_ste
         if self.ternary:
             w = quantize(self.weight, self.per_component_scale, dt)  # [A, n_out, n_in]
         else:
             w = self.weight.to(dt)
-        y = torch.bmm(u, w.transpose(1, 2))  # [A, N, n_out]
-        out = t_out(y, self.beta.to(dt)).view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        alpha, beta = self.alpha.to(dt), self.beta.to(dt)
+        if self.impl == "fused":  # one kernel: [N, in] -> [N, out]
+            out = k["walsh_linear"](x2, w, alpha, beta)
+        else:  # the same three steps, each a fused kernel ("triton") or torch ops ("blocks")
+            t_in, t_out = (k["walsh_in"], k["walsh_out"]) if k else (walsh_in_naive,
+                                                                    walsh_out_naive)
+            y = torch.bmm(t_in(x2, alpha), w.transpose(1, 2))  # [A, N, n_in] -> [A, N, n_out]
+            out = t_out(y, beta)  # [N, out]
+        out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
     def flops_per_token(self) -> int:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from walsh.algebra import CD_DIMS, _is_power_of_two
+from walsh.layers.hadamard import WALSH_IMPLS
 
 ALGEBRAS = ("dense", "cayley_dickson", "walsh")
 EMBEDDINGS = ("tied", "hash")
@@ -34,7 +35,8 @@ class WalshConfig:
     # algebra of q, k, v, o, gate, up, down
     algebra: str = "dense"
     algebra_dim: int | None = None  # None: 1 (dense), 8 (cayley_dickson), 32 (walsh)
-    # "blocks" (structured, PyTorch) | "dense" (materialized closed form) | "triton" (fused kernels)
+    # "blocks" (structured, PyTorch) | "dense" (materialized closed form) | "triton" (a fused
+    # kernel per transform) | "fused" (the whole layer in one kernel): walsh.layers.hadamard
     walsh_impl: str = "blocks"
     ternary: bool = False
     per_component_scale: bool = False  # one absmean gamma per algebra component
@@ -75,9 +77,8 @@ class WalshConfig:
             raise bad("algebra_dim", f"cayley_dickson needs one of {CD_DIMS[1:]}, got {a}")
         if self.algebra == "walsh" and (not _is_power_of_two(a) or a < 2):
             raise bad("algebra_dim", f"walsh needs a power of two >= 2, got {a}")
-        if self.walsh_impl not in ("blocks", "dense", "triton"):
-            raise bad("walsh_impl",
-                      f"must be 'blocks', 'dense' or 'triton', got {self.walsh_impl!r}")
+        if self.walsh_impl not in WALSH_IMPLS:
+            raise bad("walsh_impl", f"must be one of {WALSH_IMPLS}, got {self.walsh_impl!r}")
         if self.n_embd % self.n_head:
             raise bad("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:

@@ -1,0 +1,233 @@
+"""The whole Walsh-Hadamard layer in one kernel per token tile: transform, A small GEMMs, transform.
+
+WalshLinear (``walsh.layers.hadamard``) computes, for x [N, A*LI], the effective weight
+w [A, LO, LI], alpha [A, LI], beta [A, LO] and S = 1/sqrt(A), H the Sylvester Hadamard matrix:
+    out[i, h*LO + j] = beta[h, j] S sum_g H[h, g] sum_k w[g, j, k] u[g, i, k]
+    u[g, i, k]       = S sum_g' H[g, g'] alpha[g', k] x[i, g'*LI + k]
+The ``triton`` implementation runs this as three kernels (walsh_in, bmm, walsh_out) and so moves
+the activations four times (x, u, y, out). Here one program owns BM tokens and BD output lanes
+of every block: it reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A]
+tensor-core dot) in registers, multiplies by the weight tile with a batched dot over the A
+blocks ([A, BM, BC] @ [A, BC, BD], fp32 accumulation), and applies H, S and beta before the
+one store. HBM traffic is x, w and out, as for a dense layer, with in*out/A multiply-adds.
+
+The backward uses the same kernel twice; H is symmetric, so the layer's adjoint is the layer
+with the weight transposed and the gains swapped:
+- dx = alpha * S H (w^T (S H (beta * dout))): the kernel on dout with w^T, pre-gain beta and
+  post-gain alpha; it also writes per-tile partial sums of x * (dx before alpha) = dalpha.
+- dbeta = sum_i dout * (S H w u): the forward recomputed without its store, with per-tile
+  partial sums of dout * (out before beta).
+- dw = sum_i dy_g^T u_g with dy = S H (beta * dout), u = S H (alpha * x): the two block-major
+  transforms of ``walsh.kernels.walsh_transform`` and one batched GEMM (cuBLAS).
+Partial sums are added by torch in a fixed order (no atomics), so every gradient is
+deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
+
+Precision: as ``walsh_transform``: slabs in fp32, every dot in TF32 for 16-bit inputs and IEEE
+for fp32. bf16 weights are exact in TF32, and u is rounded to TF32's 10 mantissa bits where the
+unfused path stores it in bf16 (7). The GEMM runs at the TF32 rate (half of bf16's), which is
+ample: the layer does in*out/A multiply-adds per token and is bound by its bytes. (A bf16 dot
+would also be wrong under TRITON_INTERPRET=1 in triton 3.9, whose interpreter multiplies the
+raw bf16 bits; CI tests the kernel there.)
+The naive reference with the same signature is ``walsh_linear_naive`` (the ``blocks`` path).
+
+Code order: naive reference, kernel, launchers, autograd (custom ops), functional.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from walsh.kernels.walsh_transform import _hadamard, walsh_in_raw
+from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
+
+# token rows per program; lanes per contraction chunk and per output tile are chosen per shape
+BLOCK_M = 16
+
+
+def walsh_linear_naive(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
+                       beta: torch.Tensor) -> torch.Tensor:
+    """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] -> out [N, A*LO] (the layer's
+    ``blocks`` path: transform, bmm, transform)."""
+    u = walsh_in_naive(x, alpha)                                    # [A, N, LI]
+    return walsh_out_naive(torch.bmm(u, w.transpose(1, 2)), beta)  # [N, A*LO]
+
+
+# -- kernel -----------------------------------------------------------------------------------
+@triton.jit
+def _mix(h, t, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """H [A, A] (fp32, +-1) times t [A, X] (fp32) -> [A, X]."""
+    if USE_DOT:
+        if IEEE:
+            r = tl.dot(h, t, input_precision="ieee")
+        else:  # 16-bit data: TF32 keeps 10 mantissa bits, more than bf16's 7
+            r = tl.dot(h, t, input_precision="tf32")
+    else:  # A < 16: below the tensor cores' smallest tile
+        r = tl.sum(h[:, :, None] * t[None, :, :], axis=1)
+    return r
+
+
+@triton.jit
+def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, part_ptr,
+                         N, LC, LD, w_sc, w_sd, inv_sqrt_a,
+                         A: tl.constexpr, LOG_A: tl.constexpr, HAS_POST: tl.constexpr,
+                         STORE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
+                         IEEE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                         BD: tl.constexpr):
+    """dst[i, h*LD + d] = post[h, d] S sum_g H[h, g] sum_c w[g, c, d] S (H (pre * src))[g, i, c]
+    for BM tokens i and BD lanes d of every block h; src is token-major [N, A*LC], w [A, ., .]
+    read through strides (w_sc along the contraction c, w_sd along d, LC*LD per block).
+    GAIN: part[tile, h*LD + d] = sum over the tile's tokens of other[i, h*LD + d] * (the
+    value before ``post``)."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    g3 = tl.arange(0, A)[:, None, None]                               # [A, 1, 1]
+    i3 = (pid_m * BM + tl.arange(0, BM))[None, :, None]               # [1, BM, 1]
+    d3 = (pid_d * BD + tl.arange(0, BD))[None, None, :]               # [1, 1, BD]
+    h_mat = _hadamard(A, LOG_A)                                       # [A, A]
+    acc = tl.zeros([A, BM, BD], dtype=tl.float32)
+    for c0 in range(0, LC, BC):
+        c_row = (c0 + tl.arange(0, BC))[None, None, :]                # [1, 1, BC]
+        s_mask = (i3 < N) & (c_row < LC) & (g3 < A)
+        s = tl.load(src_ptr + i3.to(tl.int64) * (A * LC) + g3 * LC + c_row, mask=s_mask,
+                    other=0.0).to(tl.float32)                        # [A, BM, BC]
+        s = s * tl.load(pre_ptr + g3 * LC + c_row, mask=(c_row < LC) & (g3 < A),
+                        other=0.0).to(tl.float32)
+        u = tl.reshape(_mix(h_mat, tl.reshape(s, [A, BM * BC]), USE_DOT, IEEE), [A, BM, BC])
+        u = u * inv_sqrt_a
+        c_col = (c0 + tl.arange(0, BC))[None, :, None]                # [1, BC, 1]
+        w_mask = (c_col < LC) & (d3 < LD) & (g3 < A)
+        wt = tl.load(w_ptr + g3 * (LC * LD) + c_col * w_sc + d3 * w_sd, mask=w_mask,
+                     other=0.0).to(tl.float32)                        # [A, BC, BD]
+        if IEEE:
+            acc = tl.dot(u, wt, acc, input_precision="ieee")          # [A, BM, BD]
+        else:  # bf16 weights are exact in TF32; u is rounded to TF32 (finer than bf16)
+            acc = tl.dot(u, wt, acc, input_precision="tf32")
+    z = tl.reshape(_mix(h_mat, tl.reshape(acc, [A, BM * BD]), USE_DOT, IEEE), [A, BM, BD])
+    z = z * inv_sqrt_a
+    o_mask = (i3 < N) & (d3 < LD) & (g3 < A)
+    o_off = i3.to(tl.int64) * (A * LD) + g3 * LD + d3
+    if GAIN:
+        o = tl.load(other_ptr + o_off, mask=o_mask, other=0.0).to(tl.float32)
+        p = tl.sum(o * z, axis=1)                                     # [A, BD]
+        g2 = tl.arange(0, A)[:, None]
+        d2 = (pid_d * BD + tl.arange(0, BD))[None, :]
+        tl.store(part_ptr + pid_m * (A * LD) + g2 * LD + d2, p, mask=(d2 < LD) & (g2 < A))
+    if STORE:
+        if HAS_POST:
+            z = z * tl.load(post_ptr + g3 * LD + d3, mask=(d3 < LD) & (g3 < A),
+                            other=0.0).to(tl.float32)
+        tl.store(dst_ptr + o_off, z.to(dst_ptr.dtype.element_ty), mask=o_mask)
+
+
+# -- launchers --------------------------------------------------------------------------------
+def _tile(lanes: int) -> int:
+    """Lanes per tile: a power of two in [16, 32] (16 is the tensor cores' smallest K/N)."""
+    return min(max(triton.next_power_of_2(lanes), 16), 32)
+
+
+def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool,
+            out: torch.Tensor | None = None):
+    """Run the kernel over src [N, A*LC]; w [A, LO, LI] is used as [A, LI->LO] (forward) or,
+    with ``transpose_w``, as [A, LO->LI]. Returns (dst [N, A*LD] or None, fp32 gain
+    partial sums reduced to [A, LD] or None)."""
+    a, lo, li = w.shape
+    lc, ld = (lo, li) if transpose_w else (li, lo)
+    w_sc, w_sd = (li, 1) if transpose_w else (1, li)
+    n = src.shape[0]
+    src, w = src.contiguous(), w.contiguous()
+    dst = None
+    if store:
+        dst = torch.empty(n, a * ld, device=src.device, dtype=src.dtype) if out is None else out
+        if dst.shape != (n, a * ld) or not dst.is_contiguous():
+            raise ValueError(f"out must be a contiguous {(n, a * ld)} tensor, "
+                             f"got {tuple(dst.shape)}")
+    tiles = triton.cdiv(n, BLOCK_M)
+    part = torch.zeros(max(tiles, 1), a * ld, device=src.device, dtype=torch.float32) \
+        if gain else None
+    if n > 0:
+        bc, bd = _tile(lc), _tile(ld)
+        dummy = src
+        _walsh_linear_kernel[(tiles, triton.cdiv(ld, bd))](
+            src, w, pre.contiguous(), post.contiguous() if post is not None else dummy,
+            dst if store else dummy, other.contiguous() if gain else dummy,
+            part if gain else dummy, n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
+            A=a, LOG_A=int(math.log2(a)), HAS_POST=post is not None, STORE=store, GAIN=gain,
+            USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd)
+    return dst, (part.sum(0).view(a, ld) if gain else None)
+
+
+def walsh_linear_raw(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward (no autograd); ``out``: a buffer to write into (tests poison it)."""
+    return _launch(x, w, alpha, beta, None, False, store=True, gain=False, out=out)[0]
+
+
+def walsh_linear_backward_raw(dout, x, w, alpha, beta):
+    """(dx [N, A*LI], dw [A, LO, LI], dalpha fp32 [A, LI], dbeta fp32 [A, LO])."""
+    dx, dalpha = _launch(dout, w, beta, alpha, x, True, store=True, gain=True)
+    _, dbeta = _launch(x, w, alpha, None, dout, False, store=False, gain=True)
+    a = w.shape[0]
+    dy = walsh_in_raw(dout, beta, a)                                  # [A, N, LO]
+    u = walsh_in_raw(x, alpha, a)                                     # [A, N, LI]
+    dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LO, LI]
+    return dx, dw, dalpha, dbeta
+
+
+# -- autograd: two custom ops, so torch.compile keeps the layer as one forward and one
+# backward node (every launch above happens inside them) -----------------------------------
+@torch.library.custom_op("walsh::walsh_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
+               beta: torch.Tensor) -> torch.Tensor:
+    return walsh_linear_raw(x, w, alpha, beta)
+
+
+@_linear_op.register_fake
+def _(x, w, alpha, beta):
+    return x.new_empty(x.shape[0], w.shape[0] * w.shape[1])
+
+
+@torch.library.custom_op("walsh::walsh_linear_backward", mutates_args=())
+def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                        alpha: torch.Tensor, beta: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, dalpha, dbeta = walsh_linear_backward_raw(dout, x, w, alpha, beta)
+    return dx, dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
+
+
+@_linear_backward_op.register_fake
+def _(dout, x, w, alpha, beta):
+    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
+        torch.empty_like(beta)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x, w, alpha, beta: nothing [N, out]-sized
+
+
+def _backward(ctx, dout):
+    return _linear_backward_op(dout.contiguous(), *ctx.saved_tensors)
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# -- functional -------------------------------------------------------------------------------
+def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
+                 beta: torch.Tensor) -> torch.Tensor:
+    """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] (all x's dtype) -> [N, A*LO]:
+    the fused twin of ``walsh_linear_naive``, differentiable in all four."""
+    a, lo, li = w.shape
+    if a < 2 or a & (a - 1):
+        raise ValueError(f"walsh_linear: blocks must be a power of two >= 2, got {a}")
+    if x.ndim != 2 or x.shape[1] != a * li or alpha.shape != (a, li) or beta.shape != (a, lo):
+        raise ValueError(f"walsh_linear: shapes x {tuple(x.shape)}, w {tuple(w.shape)}, alpha "
+                         f"{tuple(alpha.shape)}, beta {tuple(beta.shape)} do not fit "
+                         "x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO]")
+    for name, t in (("w", w), ("alpha", alpha), ("beta", beta)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"walsh_linear: {name} dtype {t.dtype} != x dtype {x.dtype}")
+    return _linear_op(x, w, alpha, beta)
