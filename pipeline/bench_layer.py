@@ -47,6 +47,7 @@ def measure_ceilings() -> tuple[float, float]:
 def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, float, float]]:
     """(name, thunk, FLOPs, bytes) for each kernel of a Walsh layer's forward and backward."""
     from walsh.kernels import ternary as tk
+    from walsh.kernels import walsh_fused as wf
     from walsh.kernels import walsh_transform as wt
 
     dev, bf = "cuda", torch.bfloat16
@@ -69,6 +70,15 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
         ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), 3 * m, 4 * m + 4 * m + 2 * m),
         ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), 2 * n * fin * fout / a,
          2 * (n * fin + n * fout + m)),
+        # the fused layer: x and w in, out written; FLOPs = the GEMMs and both H dots
+        ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta),
+         2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
+        # dx and dalpha: dout and x in, dx written
+        ("fused dx+dalpha", lambda: wf._launch(dout, wq, beta, alpha, x, True, True, True),
+         2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fout + 2 * n * fin + m)),
+        # dbeta: the forward recomputed, x and dout in, nothing [N, *]-sized written
+        ("fused dbeta", lambda: wf._launch(x, wq, alpha, None, dout, False, False, True),
+         2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
     ]
 
 
@@ -102,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-features", type=int, default=768)
     p.add_argument("--out-features", type=int, default=3072)
     p.add_argument("--blocks", type=int, default=32)
-    p.add_argument("--impls", nargs="+", default=["triton", "blocks", "dense"],
+    p.add_argument("--impls", nargs="+", default=["fused", "triton", "blocks", "dense"],
                    help="WalshLinear implementations to time")
     p.add_argument("--compile", action="store_true", help="also time each layer compiled")
 

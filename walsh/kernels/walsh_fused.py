@@ -44,8 +44,8 @@ import triton.language as tl
 from walsh.kernels.walsh_transform import _hadamard, walsh_in_raw
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
-# token rows per program; lanes per contraction chunk and per output tile are chosen per shape
-BLOCK_M = 16
+# token rows per program, the most lanes per contraction chunk / output tile, warps per program
+BLOCK_M, MAX_LANES, NUM_WARPS = 16, 32, 4
 
 
 def walsh_linear_naive(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
@@ -125,8 +125,8 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
 
 # -- launchers --------------------------------------------------------------------------------
 def _tile(lanes: int) -> int:
-    """Lanes per tile: a power of two in [16, 32] (16 is the tensor cores' smallest K/N)."""
-    return min(max(triton.next_power_of_2(lanes), 16), 32)
+    """Lanes per tile: a power of two in [16, MAX_LANES] (16: the tensor cores' smallest K/N)."""
+    return min(max(triton.next_power_of_2(lanes), 16), MAX_LANES)
 
 
 def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool,
@@ -156,7 +156,8 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
             dst if store else dummy, other.contiguous() if gain else dummy,
             part if gain else dummy, n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
             A=a, LOG_A=int(math.log2(a)), HAS_POST=post is not None, STORE=store, GAIN=gain,
-            USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd)
+            USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd,
+            num_warps=NUM_WARPS)
     return dst, (part.sum(0).view(a, ld) if gain else None)
 
 
