@@ -47,7 +47,7 @@ def measure_ceilings() -> tuple[float, float]:
 def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, float, float]]:
     """(name, thunk, FLOPs, bytes) for each kernel of a Walsh layer's forward and backward."""
     from walsh.kernels import ternary as tk
-    from walsh.kernels import walsh_fused as wf
+    from walsh.kernels import walsh_linear as wf
     from walsh.kernels import walsh_transform as wt
 
     dev, bf = "cuda", torch.bfloat16

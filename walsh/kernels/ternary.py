@@ -38,13 +38,15 @@ def _abs_partial_kernel(w_ptr, part_ptr, M, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ternary_apply_kernel(w_ptr, scale_ptr, out_ptr, codes_ptr, M,
+def _ternary_apply_kernel(w_ptr, total_ptr, out_ptr, codes_ptr, M, divisor, eps,
                           WRITE_CODES: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     w = tl.load(w_ptr + g * M + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + g)
+    # gamma = max(total / divisor, eps) with an IEEE division, as torch computes it
+    t = tl.load(total_ptr + g)
+    s = tl.maximum(tl.math.div_rn(t, t * 0.0 + divisor), eps)
     r = tl.math.div_rn(w, tl.zeros_like(w) + s)
     q = tl.where(r > 0.5, 1.0, tl.where(r < -0.5, -1.0, 0.0))
     tl.store(out_ptr + g * M + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
@@ -59,21 +61,29 @@ def _groups(w: torch.Tensor, per_component: bool) -> tuple[torch.Tensor, int, in
     return w2, g, w2.numel() // g
 
 
-def absmean_scale(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
-    """gamma (fp32): a scalar, or [A, 1, ..., 1] per component, as ``walsh.quant``'s."""
+def _abs_total(w: torch.Tensor, per_component: bool) -> torch.Tensor:
+    """sum |w| per group, fp32 [G]: partials from one kernel, added by torch in a fixed order."""
     w2, g, m = _groups(w, per_component)
     p = triton.cdiv(m, BLOCK)
     part = torch.empty(g, p, device=w.device, dtype=torch.float32)
     _abs_partial_kernel[(g, p)](w2, part, m, p, BLOCK=BLOCK)
-    scale = (part.sum(dim=1) / m).clamp(min=EPS)  # [G]
+    return part.sum(dim=1)
+
+
+def absmean_scale(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
+    """gamma (fp32): a scalar, or [A, 1, ..., 1] per component, as ``walsh.quant``'s."""
+    _, g, m = _groups(w, per_component)
+    scale = (_abs_total(w, per_component) / m).clamp(min=EPS)  # [G]
     return scale.view(g, *([1] * (w.ndim - 1))) if per_component else scale.reshape(())
 
 
 def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
                   out_dtype: torch.dtype, write_codes: bool = False,
-                  out: torch.Tensor | None = None, codes: torch.Tensor | None = None):
-    """(gamma * Q in out_dtype, int8 codes or None) for a given fp32 ``scale``; ``out`` and
-    ``codes``: contiguous buffers to write into (tests poison them)."""
+                  out: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+                  divisor: float = 1.0, eps: float = 0.0):
+    """(gamma * Q in out_dtype, int8 codes or None) with gamma = max(scale / divisor, eps)
+    (defaults: the given fp32 ``scale`` itself); ``out`` and ``codes``: contiguous buffers to
+    write into (tests poison them)."""
     w2, g, m = _groups(w, per_component)
     if out is None:
         out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
@@ -81,14 +91,18 @@ def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
         codes = torch.empty(w.shape, device=w.device, dtype=torch.int8) if write_codes else out
     grid = (g, triton.cdiv(m, BLOCK))
     _ternary_apply_kernel[grid](w2, scale.reshape(-1).contiguous(), out, codes, m,
-                                WRITE_CODES=write_codes, BLOCK=BLOCK)
+                                float(divisor), float(eps), WRITE_CODES=write_codes,
+                                BLOCK=BLOCK)
     return out, (codes if write_codes else None)
 
 
 # -- autograd (a custom op, so torch.compile keeps it as one node) ----------------------------
 @torch.library.custom_op("walsh::ternary_ste", mutates_args=())
 def _ternary_ste_op(w: torch.Tensor, per_component: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    out, _ = ternary_apply(w, absmean_scale(w, per_component), per_component, out_dtype)
+    # three launches: partial sums, their fixed-order sum, and apply (which divides and clamps)
+    _, _, m = _groups(w, per_component)
+    out, _ = ternary_apply(w, _abs_total(w, per_component), per_component, out_dtype,
+                           divisor=m, eps=EPS)
     return out
 
 

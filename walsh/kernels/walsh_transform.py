@@ -136,12 +136,12 @@ def gain_grad_raw(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor
     is deterministic (no atomics)."""
     a, b = a.contiguous(), b.contiguous()
     n, c = a.shape
-    chunks = max(triton.cdiv(n, GAIN_CHUNK), 1)
-    part = torch.zeros(chunks, c, device=a.device, dtype=torch.float32)
-    if n > 0:
-        grid = (triton.cdiv(c, GAIN_COLS), chunks)
-        _gain_grad_kernel[grid](a, b, part, n, c, GAIN_CHUNK, BLOCK_R=GAIN_ROWS,
-                                BLOCK_C=GAIN_COLS)
+    if n == 0:
+        return torch.zeros(blocks, c // blocks, device=a.device, dtype=torch.float32)
+    chunks = triton.cdiv(n, GAIN_CHUNK)
+    part = torch.empty(chunks, c, device=a.device, dtype=torch.float32)  # every entry written
+    _gain_grad_kernel[(triton.cdiv(c, GAIN_COLS), chunks)](
+        a, b, part, n, c, GAIN_CHUNK, BLOCK_R=GAIN_ROWS, BLOCK_C=GAIN_COLS)
     return part.sum(0).view(blocks, c // blocks)
 
 

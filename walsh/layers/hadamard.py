@@ -13,12 +13,14 @@ environment switch):
   (in + out) log2(A) additions, in plain PyTorch (the reference).
 - ``"dense"``: materialize the closed form [out, in] once per forward and run one GEMM (dense
   FLOPs, but one cuBLAS call; measured in docs/benchmarks.md).
-- ``"triton"``: the structured path with each transform fused with its gain and layout change
-  (``walsh.kernels.walsh_transform``) and the ternary weight quantized by one fused kernel
-  (``walsh.kernels.ternary``); needs ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU).
-- ``"fused"``: the whole layer (transform, A small GEMMs, transform, gains) as one kernel per
-  token tile (``walsh.kernels.walsh_fused``), so its activations cross HBM once each way, as a
-  dense layer's do; the weight is quantized as in ``"triton"``. Same requirements.
+- ``"triton"``: the structured path in Triton (``walsh.kernels.walsh_linear``, one custom op
+  per layer for forward and one for backward): each transform is one kernel fused with its gain
+  and layout change, the A GEMMs one batched cuBLAS call, and the ternary weight is quantized
+  by ``walsh.kernels.ternary``; needs ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU).
+- ``"fused"``: as ``"triton"``, with the whole forward (transform, A GEMMs, transform, gains)
+  in one kernel per token tile, so that the activations cross HBM once each way and only x is
+  saved for the backward. Measured slower than ``"triton"`` (Triton's batched dot; see
+  docs/benchmarks.md); kept as the lower-memory path.
 """
 
 from __future__ import annotations
@@ -42,11 +44,9 @@ _KERNEL_IMPLS = ("triton", "fused")
 def _kernels() -> dict:
     """The Triton functions of the kernel implementations (imported once, on first use)."""
     from walsh.kernels.ternary import ternary_ste as quantize
-    from walsh.kernels.walsh_fused import walsh_linear
-    from walsh.kernels.walsh_transform import walsh_in, walsh_out
+    from walsh.kernels.walsh_linear import walsh_linear
 
-    return dict(quantize=quantize, walsh_in=walsh_in, walsh_out=walsh_out,
-                walsh_linear=walsh_linear)
+    return dict(quantize=quantize, walsh_linear=walsh_linear)
 
 
 # The block transforms of the structured path, in PyTorch: the "blocks" implementation and the
@@ -79,9 +79,10 @@ class WalshLinear(StructuredLinear):
         if impl not in WALSH_IMPLS:
             raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
         self.impl = impl
+        self._kernel_fns = None  # the Triton functions, resolved here and not per forward
         if impl in _KERNEL_IMPLS:  # fail at build time, naming the config value, if no triton
             try:
-                _kernels()
+                self._kernel_fns = _kernels()
             except ImportError as e:
                 raise ImportError(f"walsh_impl={impl!r} needs the triton package: {e}") from e
         super().__init__(in_features, out_features, blocks=blocks, **kw)
@@ -114,7 +115,7 @@ class WalshLinear(StructuredLinear):
             return F.linear(x, self.dense_weight(), self.bias)
         x = autocast_input(x)
         dt = x.dtype
-        k = _kernels() if self.impl in _KERNEL_IMPLS else None
+        k = self._kernel_fns
         quantize = k["quantize"] if k else ternary_ste
         if self.ternary:
             w = quantize(self.weight, self.per_component_scale, dt)  # [A, n_out, n_in]
@@ -122,13 +123,11 @@ class WalshLinear(StructuredLinear):
             w = self.weight.to(dt)
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         alpha, beta = self.alpha.to(dt), self.beta.to(dt)
-        if self.impl == "fused":  # one kernel: [N, in] -> [N, out]
-            out = k["walsh_linear"](x2, w, alpha, beta)
-        else:  # the same three steps, each a fused kernel ("triton") or torch ops ("blocks")
-            t_in, t_out = (k["walsh_in"], k["walsh_out"]) if k else (walsh_in_naive,
-                                                                    walsh_out_naive)
-            y = torch.bmm(t_in(x2, alpha), w.transpose(1, 2))  # [A, N, n_in] -> [A, N, n_out]
-            out = t_out(y, beta)  # [N, out]
+        if k:  # one op: [N, in] -> [N, out]
+            out = k["walsh_linear"](x2, w, alpha, beta, one_kernel=self.impl == "fused")
+        else:  # transform, A GEMMs, transform, in torch ops
+            y = torch.bmm(walsh_in_naive(x2, alpha), w.transpose(1, 2))  # [A, N, n_out]
+            out = walsh_out_naive(y, beta)  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 

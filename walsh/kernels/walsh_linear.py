@@ -1,18 +1,29 @@
-"""The whole Walsh-Hadamard layer in one kernel per token tile: transform, A small GEMMs, transform.
+"""The Walsh-Hadamard layer as one custom op (forward and backward), in three kernels or in one.
 
 WalshLinear (``walsh.layers.hadamard``) computes, for x [N, A*LI], the effective weight
 w [A, LO, LI], alpha [A, LI], beta [A, LO] and S = 1/sqrt(A), H the Sylvester Hadamard matrix:
     out[i, h*LO + j] = beta[h, j] S sum_g H[h, g] sum_k w[g, j, k] u[g, i, k]
     u[g, i, k]       = S sum_g' H[g, g'] alpha[g', k] x[i, g'*LI + k]
-The ``triton`` implementation runs this as three kernels (walsh_in, bmm, walsh_out) and so moves
-the activations four times (x, u, y, out). Here one program owns BM tokens and BD output lanes
-of every block: it reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A]
-tensor-core dot) in registers, multiplies by the weight tile with a batched dot over the A
-blocks ([A, BM, BC] @ [A, BC, BD], fp32 accumulation), and applies H, S and beta before the
-one store. HBM traffic is x, w and out, as for a dense layer, with in*out/A multiply-adds.
 
-The backward uses the same kernel twice; H is symmetric, so the layer's adjoint is the layer
-with the weight transposed and the gains swapped:
+Why one op: a ``torch.library`` custom op costs tens of microseconds of host time per call.
+Written as one op per transform, the layer made about 15 such calls per training step, and a
+125M model was bound by the host (docs/benchmarks.md). Here the layer is two ops (forward,
+backward); every launch happens inside them.
+
+Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
+``fused`` -> one):
+- three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
+  (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
+  four times (x, u, y, out); u and y are saved for the backward.
+- one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
+  reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
+  registers, multiplies by the weight tile with a batched dot over the A blocks
+  ([A, BM, BC] @ [A, BC, BD], fp32 accumulation), and applies H, S and beta before the one
+  store. HBM traffic is x, w and out, as for a dense layer; only x and w are saved. Measured
+  on an H200, Triton's batched dot makes it slower than the three kernels (docs/benchmarks.md).
+
+The one-kernel backward uses the same kernel twice; H is symmetric, so the layer's adjoint is
+the layer with the weight transposed and the gains swapped:
 - dx = alpha * S H (w^T (S H (beta * dout))): the kernel on dout with w^T, pre-gain beta and
   post-gain alpha; it also writes per-tile partial sums of x * (dx before alpha) = dalpha.
 - dbeta = sum_i dout * (S H w u): the forward recomputed without its store, with per-tile
@@ -41,11 +52,12 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.walsh_transform import _hadamard, walsh_in_raw
+from walsh.kernels.walsh_transform import _hadamard, gain_grad_raw, walsh_in_raw, walsh_out_raw
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
 # token rows per program, the most lanes per contraction chunk / output tile, warps per program
-BLOCK_M, MAX_LANES, NUM_WARPS = 16, 32, 4
+# (the best of a sweep on an H200, docs/benchmarks.md; 3 stages overflow shared memory at 2048)
+BLOCK_M, MAX_LANES, NUM_WARPS, NUM_STAGES = 16, 32, 8, 2
 
 
 def walsh_linear_naive(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
@@ -124,9 +136,12 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
 
 
 # -- launchers --------------------------------------------------------------------------------
-def _tile(lanes: int) -> int:
-    """Lanes per tile: a power of two in [16, MAX_LANES] (16: the tensor cores' smallest K/N)."""
-    return min(max(triton.next_power_of_2(lanes), 16), MAX_LANES)
+def _tile(lanes: int, dtype: torch.dtype) -> int:
+    """Lanes per tile: a power of two in [16, MAX_LANES] (16: the tensor cores' smallest K/N);
+    16 for fp32 data, whose IEEE dots need twice the shared memory (32 lanes asked for 456 KiB
+    on an H200, against 227 KiB)."""
+    cap = 16 if dtype == torch.float32 else MAX_LANES
+    return min(max(triton.next_power_of_2(lanes), 16), cap)
 
 
 def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool,
@@ -149,7 +164,7 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
     part = torch.zeros(max(tiles, 1), a * ld, device=src.device, dtype=torch.float32) \
         if gain else None
     if n > 0:
-        bc, bd = _tile(lc), _tile(ld)
+        bc, bd = _tile(lc, src.dtype), _tile(ld, src.dtype)
         dummy = src
         _walsh_linear_kernel[(tiles, triton.cdiv(ld, bd))](
             src, w, pre.contiguous(), post.contiguous() if post is not None else dummy,
@@ -157,18 +172,19 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
             part if gain else dummy, n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
             A=a, LOG_A=int(math.log2(a)), HAS_POST=post is not None, STORE=store, GAIN=gain,
             USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd,
-            num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dst, (part.sum(0).view(a, ld) if gain else None)
 
 
 def walsh_linear_raw(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """The forward (no autograd); ``out``: a buffer to write into (tests poison it)."""
+    """The one-kernel forward (no autograd); ``out``: a buffer to write into (tests poison it)."""
     return _launch(x, w, alpha, beta, None, False, store=True, gain=False, out=out)[0]
 
 
 def walsh_linear_backward_raw(dout, x, w, alpha, beta):
-    """(dx [N, A*LI], dw [A, LO, LI], dalpha fp32 [A, LI], dbeta fp32 [A, LO])."""
+    """The one-kernel path's backward: (dx [N, A*LI], dw [A, LO, LI], dalpha fp32 [A, LI],
+    dbeta fp32 [A, LO]), recomputing from x alone."""
     dx, dalpha = _launch(dout, w, beta, alpha, x, True, store=True, gain=True)
     _, dbeta = _launch(x, w, alpha, None, dout, False, store=False, gain=True)
     a = w.shape[0]
@@ -178,49 +194,89 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
     return dx, dw, dalpha, dbeta
 
 
-# -- autograd: two custom ops, so torch.compile keeps the layer as one forward and one
-# backward node (every launch above happens inside them) -----------------------------------
+def three_kernel_forward(x, w, alpha, beta):
+    """The three-kernel forward: (out [N, A*LO], u [A, N, LI], y [A, N, LO])."""
+    a = w.shape[0]
+    u = walsh_in_raw(x, alpha, a)                                     # [A, N, LI]
+    y = torch.bmm(u, w.transpose(1, 2))                               # [A, N, LO]
+    return walsh_out_raw(y, beta, a), u, y
+
+
+def three_kernel_backward(dout, x, w, alpha, beta, u, y):
+    """Its backward from the saved u and y (H is symmetric: each transform's adjoint is the
+    other one): (dx, dw, dalpha fp32, dbeta fp32)."""
+    a = w.shape[0]
+    dy = walsh_in_raw(dout, beta, a)                                  # [A, N, LO] = S H (b dout)
+    dbeta = gain_grad_raw(dout, walsh_out_raw(y, None, a), a)         # sum dout * S H y
+    t = walsh_out_raw(torch.bmm(dy, w), None, a)                      # [N, A*LI] = S H (W^T dy)
+    dx = t * alpha.reshape(1, -1)
+    return dx, torch.bmm(dy.transpose(1, 2), u), gain_grad_raw(t, x, a), dbeta
+
+
+# -- autograd: two custom ops per layer, so that torch.compile keeps the layer as one forward
+# and one backward node and eager mode pays the custom-op dispatch (tens of microseconds of
+# host time each) twice per layer, not once per kernel -------------------------------------
 @torch.library.custom_op("walsh::walsh_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
-               beta: torch.Tensor) -> torch.Tensor:
-    return walsh_linear_raw(x, w, alpha, beta)
+def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+               one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, u, y): u and y are the three-kernel path's intermediates, saved for its backward;
+    empty for the one-kernel path, whose backward recomputes from x."""
+    if one_kernel:
+        empty = x.new_empty(0)
+        return walsh_linear_raw(x, w, alpha, beta), empty, empty.clone()
+    return three_kernel_forward(x, w, alpha, beta)
 
 
 @_linear_op.register_fake
-def _(x, w, alpha, beta):
-    return x.new_empty(x.shape[0], w.shape[0] * w.shape[1])
+def _(x, w, alpha, beta, one_kernel):
+    a, lo, li = w.shape
+    n = x.shape[0]
+    out = x.new_empty(n, a * lo)
+    if one_kernel:
+        return out, x.new_empty(0), x.new_empty(0)
+    return out, x.new_empty(a, n, li), x.new_empty(a, n, lo)
 
 
 @torch.library.custom_op("walsh::walsh_linear_backward", mutates_args=())
 def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                        alpha: torch.Tensor, beta: torch.Tensor
+                        alpha: torch.Tensor, beta: torch.Tensor, u: torch.Tensor,
+                        y: torch.Tensor, one_kernel: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, dalpha, dbeta = walsh_linear_backward_raw(dout, x, w, alpha, beta)
-    return dx, dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
+    if one_kernel:
+        dx, dw, dalpha, dbeta = walsh_linear_backward_raw(dout, x, w, alpha, beta)
+    else:
+        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, y)
+    return dx.to(x.dtype), dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
 
 
 @_linear_backward_op.register_fake
-def _(dout, x, w, alpha, beta):
+def _(dout, x, w, alpha, beta, u, y, one_kernel):
     return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
         torch.empty_like(beta)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # x, w, alpha, beta: nothing [N, out]-sized
+    x, w, alpha, beta, one_kernel = inputs
+    ctx.one_kernel = one_kernel
+    ctx.save_for_backward(x, w, alpha, beta, output[1], output[2])
 
 
-def _backward(ctx, dout):
-    return _linear_backward_op(dout.contiguous(), *ctx.saved_tensors)
+def _backward(ctx, dout, _du, _dy):  # u and y are internal: their gradients are never used
+    dx, dw, dalpha, dbeta = _linear_backward_op(dout.contiguous(), *ctx.saved_tensors,
+                                                ctx.one_kernel)
+    return dx, dw, dalpha, dbeta, None
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup)
 
 
 # -- functional -------------------------------------------------------------------------------
-def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
-                 beta: torch.Tensor) -> torch.Tensor:
+def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                 one_kernel: bool = False) -> torch.Tensor:
     """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] (all x's dtype) -> [N, A*LO]:
-    the fused twin of ``walsh_linear_naive``, differentiable in all four."""
+    the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
+    forward in one kernel (saves only x and w for the backward) instead of three (saves u and
+    y as well)."""
     a, lo, li = w.shape
     if a < 2 or a & (a - 1):
         raise ValueError(f"walsh_linear: blocks must be a power of two >= 2, got {a}")
@@ -231,4 +287,4 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
     for name, t in (("w", w), ("alpha", alpha), ("beta", beta)):
         if t.dtype != x.dtype:
             raise ValueError(f"walsh_linear: {name} dtype {t.dtype} != x dtype {x.dtype}")
-    return _linear_op(x, w, alpha, beta)
+    return _linear_op(x, w, alpha, beta, one_kernel)[0]
