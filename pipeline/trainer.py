@@ -29,6 +29,7 @@ Precision: ``bf16`` keeps fp32 master weights in the engine and runs the forward
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,6 +124,10 @@ def _all_mean(x: torch.Tensor) -> float:
     return x.item() / dist.get_world_size()
 
 
+def _uses_cuda_graphs(cfg: RunConfig) -> bool:
+    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def _finite_mean(losses: list[torch.Tensor]) -> torch.Tensor:
     """Mean of the finite losses (those of skipped steps left out); NaN if there are none."""
     x = torch.stack(losses).float()
@@ -142,7 +147,14 @@ def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, 
                          interleave=False)
     engine.eval()
     total = torch.zeros((), device=device)
-    with torch.no_grad():
+    # Under CUDA graphs (compile_mode reduce-overhead / max-autotune) the blocks share one
+    # compiled graph, and without a backward pass between calls torch's graph trees start a
+    # new generation at each block, freeing the previous block's output before the next
+    # reads it (measured on an H200: "accessing tensor output of CUDAGraphs that has been
+    # overwritten"). Evaluation is a few batches: it runs eager instead.
+    eager = torch.compiler.set_stance("force_eager") if _uses_cuda_graphs(cfg) \
+        else contextlib.nullcontext()
+    with torch.no_grad(), eager:
         for _ in range(cfg.train.eval_batches):
             batch = next(loader).to(device)
             total += engine(batch[:, :-1], batch[:, 1:]).float()
@@ -246,6 +258,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     # skipped starts at the restored count (0 on a fresh run)
     skipped, losses, step_losses, last, val = guard.reported, [], [], float("nan"), None
     grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own pre-clip norm
+    graphs = _uses_cuda_graphs(cfg)
     while step < total:
         batch = next(loader)
         trace.add(micro_index, batch)
@@ -253,7 +266,9 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
         batch = batch.to(device, non_blocking=True)
         loss = engine(batch[:, :-1], batch[:, 1:])  # bf16 autocast inside, per deepspeed_config
         engine.backward(loss)
-        step_losses.append(loss.detach())
+        # Under CUDA graphs the loss lives in the graph's output pool and the next replay
+        # overwrites it (torch raises on a later read): keep a copy (one 4-byte kernel).
+        step_losses.append(loss.detach().clone() if graphs else loss.detach())
         boundary = engine.is_gradient_accumulation_boundary()
         lr = apply_schedule(engine.optimizer, cfg, step, total) if boundary else None
         if boundary:

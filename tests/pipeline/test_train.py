@@ -281,3 +281,22 @@ def test_loss_parity_one_vs_two_ranks(data_dir, tmp_path):
         assert abs(a - b) < 1e-4 * b, curves
     for a, b in zip(curves["accum"], curves["one"], strict=True):
         assert abs(a - b) < 0.1 * b, curves
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(400)
+def test_cuda_graphs_train_and_evaluate(data_dir, tmp_path):
+    """compile_mode reduce-overhead (CUDA graphs): the kept losses are copies out of the graph
+    pool, and evaluation (no backward between blocks, so graph trees would free each block's
+    output) runs eager; both failed on an H200 before ("accessing tensor output of CUDAGraphs
+    that has been overwritten by a subsequent run")."""
+    raw = run_config(data_dir, tmp_path / "run", zero_stage=0, global_batch=4, steps=8,
+                     eval_interval=4, compile=True, compile_mode="reduce-overhead",
+                     precision="bf16")
+    raw["cluster"] = {"workers": 1, "gpus_per_worker": 1}
+    finish(torchrun(write_config(tmp_path, raw), nproc=1), timeout=380)
+    metrics = read_metrics(tmp_path / "run")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(vals) == 2 and all(torch.isfinite(torch.tensor(vals)))
