@@ -3,6 +3,8 @@
 - ``walsh.kernels.ternary``: fused ternary weight quantization (reference: ``walsh.quant``).
 - ``walsh.kernels.walsh_transform``: the Walsh-Hadamard layer's block transforms fused with
   alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``).
+- ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one custom op, in those
+  three kernels or in one (reference: ``walsh_linear_naive``).
 
 Importing a submodule needs ``triton``. Kernels run on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests them); which path a layer takes is a config value
