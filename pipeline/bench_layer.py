@@ -74,10 +74,10 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
         ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta),
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
         # dx and dalpha: dout and x in, dx written
-        ("fused dx+dalpha", lambda: wf._launch(dout, wq, beta, alpha, x, True, True, True),
+        ("fused dx+dalpha", lambda: wf.walsh_linear_dx_raw(dout, x, wq, alpha, beta),
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fout + 2 * n * fin + m)),
         # dbeta: the forward recomputed, x and dout in, nothing [N, *]-sized written
-        ("fused dbeta", lambda: wf._launch(x, wq, alpha, None, dout, False, False, True),
+        ("fused dbeta", lambda: wf.walsh_linear_dbeta_raw(dout, x, wq, alpha),
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
     ]
 

@@ -182,11 +182,22 @@ def walsh_linear_raw(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta
     return _launch(x, w, alpha, beta, None, False, store=True, gain=False, out=out)[0]
 
 
+def walsh_linear_dx_raw(dout, x, w, alpha, beta):
+    """(dx [N, A*LI], dalpha fp32 [A, LI]): the kernel on dout with w^T, beta before, alpha
+    after, and the partial sums of x * (dx before alpha)."""
+    return _launch(dout, w, beta, alpha, x, True, store=True, gain=True)
+
+
+def walsh_linear_dbeta_raw(dout, x, w, alpha):
+    """dbeta fp32 [A, LO]: the forward recomputed without beta or a store, summed against dout."""
+    return _launch(x, w, alpha, None, dout, False, store=False, gain=True)[1]
+
+
 def walsh_linear_backward_raw(dout, x, w, alpha, beta):
     """The one-kernel path's backward: (dx [N, A*LI], dw [A, LO, LI], dalpha fp32 [A, LI],
     dbeta fp32 [A, LO]), recomputing from x alone."""
-    dx, dalpha = _launch(dout, w, beta, alpha, x, True, store=True, gain=True)
-    _, dbeta = _launch(x, w, alpha, None, dout, False, store=False, gain=True)
+    dx, dalpha = walsh_linear_dx_raw(dout, x, w, alpha, beta)
+    dbeta = walsh_linear_dbeta_raw(dout, x, w, alpha)
     a = w.shape[0]
     dy = walsh_in_raw(dout, beta, a)                                  # [A, N, LO]
     u = walsh_in_raw(x, alpha, a)                                     # [A, N, LI]
