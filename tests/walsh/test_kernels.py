@@ -17,6 +17,7 @@ from _helpers import rel_err
 pytest.importorskip("triton")
 
 from walsh import quant  # noqa: E402
+from walsh.kernels import int8_linear as ik  # noqa: E402
 from walsh.kernels import ternary as tk  # noqa: E402
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
@@ -201,6 +202,80 @@ def test_walsh_linear_op_rejects_bad_inputs():
                         torch.ones(3, 8, device=DEV), torch.ones(3, 2, device=DEV))
 
 
+# -- the INT8 product (ternary weights, 8-bit activations) ------------------------------------
+@pytest.mark.parametrize("m,k", [(1, 1), (5, 70), (3, 1500), (130, 64)])
+def test_int8_row_codes_exact(m, k, seed):
+    """Per-token codes equal torch's rule in fp32 exactly (round half to even), 1/s to 1e-6."""
+    x = torch.randn(m, k, device=DEV) * torch.rand(m, 1, device=DEV) * 4
+    q, inv_s = ik.quantize_rows(x)
+    s = 127 / x.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
+    assert torch.equal(q, torch.clamp(torch.round(x * s), -128, 127).to(torch.int8)), seed
+    assert rel_err(inv_s, 1 / s[:, 0]) < 1e-6, seed
+
+
+def test_int8_row_codes_ties_round_half_to_even():
+    # max |x| = 127 makes s = 1, so x * s is x itself
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]], device=DEV)
+    q, _ = ik.quantize_rows(x)
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
+
+
+@pytest.mark.parametrize("m,k,n", [(37, 70, 45), (130, 64, 65), (1, 3, 1), (70, 200, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_forward_and_grads(m, k, n, dtype, seed):
+    """Against the fake-quantized PyTorch path on the same (dtype-rounded) values, computed in
+    fp32: the int32 product is exact, so fp32 agrees to 1e-5 and bf16 to its output rounding."""
+    x = torch.randn(m, k, device=DEV).to(dtype).requires_grad_()
+    w = torch.randn(n, k, device=DEV, requires_grad=True)
+    w_ref = w.detach().clone().requires_grad_()
+    xr = x.detach().float().requires_grad_()
+    out = ik.int8_linear(x, quant.ternary_ste(w).to(dtype))
+    ref = ik.int8_linear_naive(xr, quant.ternary_ste(w_ref).to(dtype).float())
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < TOL[dtype], seed
+    g = torch.randn_like(ref).to(dtype).float()
+    (out.float() * g).sum().backward()
+    (ref * g).sum().backward()
+    assert rel_err(x.grad, xr.grad) < TOL[dtype], seed
+    assert rel_err(w.grad, w_ref.grad) < TOL[dtype], seed
+
+
+def test_int8_matmul_writes_every_output(seed):
+    q = torch.randint(-128, 128, (67, 90), dtype=torch.int8, device=DEV)
+    codes = torch.randint(-1, 2, (70, 90), dtype=torch.int8, device=DEV)
+    inv_s = torch.rand(67, device=DEV)
+    gamma = torch.tensor([0.37], device=DEV)
+    out = ik.int8_matmul(q, inv_s, codes, gamma, torch.float32)
+    ref = (q.double() @ codes.double().t()) * inv_s.double()[:, None] * 0.37
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-6, seed
+
+
+@pytest.mark.parametrize("algebra,dim", [("dense", 1), ("cayley_dickson", 8)])
+def test_int8_matmul_layer_equals_fake_quant(algebra, dim, seed):
+    from walsh.layers import make_linear
+
+    ref = make_linear(algebra, dim, 64, 48, ternary=True, act_bits=8, bias=True).to(DEV)
+    fast = make_linear(algebra, dim, 64, 48, ternary=True, act_bits=8, bias=True,
+                       int8_matmul=True).to(DEV)
+    with torch.no_grad():
+        ref.bias.normal_()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 64, device=DEV)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fast(xf)
+    assert out_f.shape == (3, 7, 48) and rel_err(out_f, out_r) < 1e-5, seed
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < 1e-5, seed
+    for name, p in ref.named_parameters():
+        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < 1e-5, (name, seed)
+    with pytest.raises(ValueError, match="int8_matmul needs"):
+        make_linear(algebra, dim, 64, 48, ternary=True, int8_matmul=True)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")  # one op, no breaks
+    assert rel_err(compiled(x), out_f) < 1e-6, seed
+
+
 # -- the layer --------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["triton", "fused"])
 @pytest.mark.parametrize("ternary", [True, False])
@@ -275,3 +350,28 @@ def test_walsh_linear_compiled_backward_at_16k_tokens(impl, seed):
         grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
     for name, g in grads[0].items():
         assert grads[1][name].shape == g.shape and rel_err(grads[1][name], g) < 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algebra,dim", [("dense", 1), ("cayley_dickson", 8)])
+def test_int8_matmul_layer_full_shape_cuda(algebra, dim, seed):
+    """The INT8 layer at the 125M model's MLP shape (16k tokens, 768 -> 2048) under bf16
+    autocast, against the fake-quantized path in fp32 (the bf16 path's own activation scale is
+    rounded to bf16, so it is not the reference)."""
+    from walsh.layers import make_linear
+
+    ref = make_linear(algebra, dim, 768, 2048, ternary=True, act_bits=8).cuda()
+    fast = make_linear(algebra, dim, 768, 2048, ternary=True, act_bits=8,
+                       int8_matmul=True).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(16 * 1024, 768, device="cuda").bfloat16().float()
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r = ref(xr)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_f = fast(xf)
+    assert out_f.dtype == torch.bfloat16 and rel_err(out_f, out_r) < 1e-2, seed
+    g = torch.randn_like(out_r).bfloat16().float()
+    (out_r * g).sum().backward()
+    (out_f.float() * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < 1e-2, seed
+    assert rel_err(fast.weight.grad, ref.weight.grad) < 1e-2, seed

@@ -5,6 +5,8 @@
   alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``).
 - ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one custom op, in those
   three kernels or in one (reference: ``walsh_linear_naive``).
+- ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores
+  (reference: ``int8_linear_naive``, the fake-quantized product).
 
 Importing a submodule needs ``triton``. Kernels run on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests them); which path a layer takes is a config value

@@ -37,6 +37,9 @@ class StructuredLinear(nn.Module):
         act_bits: None, or 8 for per-token 8-bit activation quantization (straight-through).
         bias: add a full-precision bias (off in the LM, LLaMA style).
         init_scale: extra factor on the init std (1 / sqrt(2 n_layer) for residual outputs).
+        int8_matmul: run the product on INT8 tensor cores (``walsh.kernels.int8_linear``): the
+            same function as ternary weights with ``act_bits=8`` computed in int32, so it needs
+            both and one scale per tensor; layers with a materialized dense weight only.
     """
 
     weight_decay_names: tuple[str, ...] = ("weight",)
@@ -51,6 +54,7 @@ class StructuredLinear(nn.Module):
         act_bits: int | None = None,
         bias: bool = False,
         init_scale: float = 1.0,
+        int8_matmul: bool = False,
     ) -> None:
         super().__init__()
         for name, val in (("in_features", in_features), ("out_features", out_features)):
@@ -58,6 +62,17 @@ class StructuredLinear(nn.Module):
                 raise ValueError(f"{name}={val} is not divisible by the algebra dim {blocks}")
         if act_bits not in (None, 8):
             raise ValueError(f"act_bits must be None or 8, got {act_bits}")
+        if int8_matmul and not (ternary and act_bits == 8 and not per_component_scale):
+            raise ValueError("int8_matmul needs ternary=True, act_bits=8 and "
+                             f"per_component_scale=False, got {ternary}, {act_bits}, "
+                             f"{per_component_scale}")
+        self.int8_matmul = int8_matmul
+        if int8_matmul:  # fail at build time if triton is absent
+            try:
+                from walsh.kernels.int8_linear import int8_linear
+            except ImportError as e:
+                raise ImportError(f"int8_matmul needs the triton package: {e}") from e
+            self._int8_linear = int8_linear
         self.in_features, self.out_features, self.blocks = in_features, out_features, blocks
         self.n_in, self.n_out = in_features // blocks, out_features // blocks
         self.ternary, self.per_component_scale = ternary, per_component_scale
@@ -97,6 +112,17 @@ class StructuredLinear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return act_quant_ste(x, self.act_bits) if self.act_bits else x
 
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        """x_q @ dense_weight().T (+ bias): by F.linear, or in int32 on the INT8 tensor cores
+        (``int8_matmul``; the kernel quantizes x itself)."""
+        if not self.int8_matmul:
+            return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
+        x = autocast_input(x)
+        w = self.dense_weight().to(x.dtype)  # [out, in], entries +-gamma or 0
+        out = self._int8_linear(x.reshape(-1, self.in_features), w)  # [N, out]
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
     # -- accounting -------------------------------------------------------------------------
     def flops_per_token(self) -> int:
         """Forward FLOPs per token of the computation this layer really runs (2 per MAC)."""
@@ -106,6 +132,7 @@ class StructuredLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, A={self.blocks}, "
             f"ternary={self.ternary}, act_bits={self.act_bits}, bias={self.bias is not None}"
+            + (", int8_matmul=True" if self.int8_matmul else "")
         )
 
 
@@ -120,4 +147,4 @@ class TernaryLinear(StructuredLinear):
         return self.effective_weight()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
+        return self.dense_forward(x)

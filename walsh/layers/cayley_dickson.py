@@ -10,7 +10,6 @@ sum of the dense gradient's blocks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from walsh.algebra import layer_sign_matrix
 from walsh.layers.base import StructuredLinear
@@ -43,4 +42,4 @@ class CayleyDicksonLinear(StructuredLinear):
         return cd_materialize(self.effective_weight(), self.sign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
+        return self.dense_forward(x)  # materialize, then one GEMM (bf16 or INT8)

@@ -78,6 +78,8 @@ class WalshLinear(StructuredLinear):
             raise ValueError(f"Walsh blocks must be a power of two >= 2, got {blocks}")
         if impl not in WALSH_IMPLS:
             raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
+        if kw.get("int8_matmul"):  # its dense weight mixes scaled codes: not one ternary scale
+            raise ValueError("int8_matmul is for dense and Cayley-Dickson layers, not Walsh")
         self.impl = impl
         self._kernel_fns = None  # the Triton functions, resolved here and not per forward
         if impl in _KERNEL_IMPLS:  # fail at build time, naming the config value, if no triton

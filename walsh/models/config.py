@@ -41,6 +41,9 @@ class WalshConfig:
     ternary: bool = False
     per_component_scale: bool = False  # one absmean gamma per algebra component
     act_bits: int | None = None  # None | 8: per-token activation quantization
+    # the dense and Cayley-Dickson layers' product in int32 on INT8 tensor cores (the same
+    # function as ternary + act_bits 8; walsh.kernels.int8_linear; needs triton and CUDA)
+    int8_matmul: bool = False
     bias: bool = False
     # head mixing
     head_mix: bool = False
@@ -92,6 +95,10 @@ class WalshConfig:
             raise bad("mlp_hidden", f"{self.mlp_hidden} must be positive and divisible by {a}")
         if self.act_bits not in (None, 8):
             raise bad("act_bits", f"must be null or 8, got {self.act_bits!r}")
+        if self.int8_matmul and (self.algebra == "walsh" or not self.ternary
+                                 or self.act_bits != 8 or self.per_component_scale):
+            raise bad("int8_matmul", "needs algebra dense or cayley_dickson, ternary: true, "
+                      "act_bits: 8 and per_component_scale: false")
         if self.head_mix:
             if self.head_mix_dim is None:
                 if self.algebra == "dense":
