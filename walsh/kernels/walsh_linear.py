@@ -5,10 +5,11 @@ w [A, LO, LI], alpha [A, LI], beta [A, LO] and S = 1/sqrt(A), H the Sylvester Ha
     out[i, h*LO + j] = beta[h, j] S sum_g H[h, g] sum_k w[g, j, k] u[g, i, k]
     u[g, i, k]       = S sum_g' H[g, g'] alpha[g', k] x[i, g'*LI + k]
 
-Why one op: a ``torch.library`` custom op costs tens of microseconds of host time per call.
-Written as one op per transform, the layer made about 15 such calls per training step, and a
-125M model was bound by the host (docs/benchmarks.md). Here the layer is two ops (forward,
-backward); every launch happens inside them.
+Why one op: a ``torch.library`` custom op costs host time per call, and a 125M model on these
+kernels is bound by the host. Written as one op per transform, a layer made about 7 such calls
+per training step; here it makes 2 (forward, backward) and every launch happens inside them.
+Measured on an H200, this alone did not raise the model's tokens/s (docs/benchmarks.md): the
+host's time goes elsewhere (Triton's Python launcher is the next suspect); CUDA graphs remove it.
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
