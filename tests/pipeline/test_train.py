@@ -289,8 +289,8 @@ def test_cuda_graphs_train_and_evaluate(data_dir, tmp_path):
     """compile_mode reduce-overhead (CUDA graphs): the kept losses are copies out of the graph
     pool, and evaluation (no backward between blocks, so graph trees would free each block's
     output) runs eager; both failed on an H200 before ("accessing tensor output of CUDAGraphs
-    that has been overwritten by a subsequent run")."""
-    raw = run_config(data_dir, tmp_path / "run", zero_stage=0, global_batch=4, steps=8,
+    that has been overwritten by a subsequent run"). Two micro steps per optimizer step."""
+    raw = run_config(data_dir, tmp_path / "run", zero_stage=0, global_batch=8, steps=8,
                      eval_interval=4, compile=True, compile_mode="reduce-overhead",
                      precision="bf16")
     raw["cluster"] = {"workers": 1, "gpus_per_worker": 1}

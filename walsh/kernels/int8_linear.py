@@ -13,7 +13,8 @@ ternary weight is +-gamma, so gamma = max|w_eff| and Q = w_eff / gamma exactly.
 
 The backward stays in the input dtype (straight-through, as the naive path):
 dx = dout @ w_eff and dw_eff = dout^T @ x_q, with x_q rebuilt from the saved int8 codes and
-scales (1 byte per activation saved instead of 2).
+scales (1 byte per activation saved instead of 2). In fp32, dx is bit-identical to the naive
+path's; the forward and dw_eff agree to fp32 rounding (x_q is q * (1/s) here, q / s there).
 
 Rounding: round half to even, as torch.round. The scale is computed in fp32; the naive path
 computes it in x's dtype, so under bf16 a code can differ by one where x * s sits within a
@@ -96,7 +97,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(m, k, device=x.device, dtype=torch.int8)
     inv_s = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        _row_quant_kernel[(m,)](x, q, inv_s, k, EPS, BLOCK=QUANT_BLOCK)
+        # no fused multiply-add: round(x * s) must round the rounded product, as torch does
+        _row_quant_kernel[(m,)](x, q, inv_s, k, EPS, BLOCK=QUANT_BLOCK, enable_fp_fusion=False)
     return q, inv_s
 
 
@@ -138,6 +140,7 @@ def _(x, w_eff):
 
 def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero buffers for the codes' and scales' "gradients"
     ctx.save_for_backward(inputs[1], output[1], output[2])
 
 

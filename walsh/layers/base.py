@@ -121,7 +121,7 @@ class StructuredLinear(nn.Module):
         w = self.dense_weight().to(x.dtype)  # [out, in], entries +-gamma or 0
         out = self._int8_linear(x.reshape(-1, self.in_features), w)  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
-        return out + self.bias if self.bias is not None else out
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     # -- accounting -------------------------------------------------------------------------
     def flops_per_token(self) -> int:

@@ -131,7 +131,7 @@ class WalshLinear(StructuredLinear):
             y = torch.bmm(walsh_in_naive(x2, alpha), w.transpose(1, 2))  # [A, N, n_out]
             out = walsh_out_naive(y, beta)  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
-        return out + self.bias if self.bias is not None else out
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def flops_per_token(self) -> int:
         if self.impl == "dense":
