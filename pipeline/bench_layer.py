@@ -46,6 +46,7 @@ def measure_ceilings() -> tuple[float, float]:
 
 def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, float, float]]:
     """(name, thunk, FLOPs, bytes) for each kernel of a Walsh layer's forward and backward."""
+    from walsh.kernels import int8_linear as ik
     from walsh.kernels import ternary as tk
     from walsh.kernels import walsh_linear as wf
     from walsh.kernels import walsh_transform as wt
@@ -61,6 +62,10 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)
     m = w.numel()
+    wd = (torch.randn(fout, fin, device=dev) * 0.02).to(bf)  # a dense [out, in] weight
+    xq, inv_s = ik.quantize_rows(x)
+    codes = torch.randint(-1, 2, (fout, fin), device=dev, dtype=torch.int8)
+    gamma = torch.full((1,), 0.02, device=dev)
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
         ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), 2 * a * n * fin, 2 * 2 * n * fin),
@@ -79,6 +84,13 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
         # dbeta: the forward recomputed, x and dout in, nothing [N, *]-sized written
         ("fused dbeta", lambda: wf.walsh_linear_dbeta_raw(dout, x, wq, alpha),
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
+        # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces; the GEMM
+        # rows' roofline uses the bf16 rate, so the INT8 GEMM's ideal there is 0.5
+        ("int8 row quant", lambda: ik.quantize_rows(x), 0, n * fin * (2 + 1) + 4 * n),
+        ("int8 GEMM", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf), 2 * n * fin * fout,
+         n * fin + fin * fout + 2 * n * fout),
+        ("bf16 GEMM (dense)", lambda: x @ wd.t(), 2 * n * fin * fout,
+         2 * (n * fin + fin * fout + n * fout)),
     ]
 
 
