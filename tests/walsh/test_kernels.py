@@ -202,6 +202,22 @@ def test_walsh_linear_op_rejects_bad_inputs():
                         torch.ones(3, 8, device=DEV), torch.ones(3, 2, device=DEV))
 
 
+def _assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
+    """fast(x) equals ref(x) (fp32, ``tol``) in its output, the input's gradient and every
+    parameter's gradient; returns fast's output."""
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fast(xf)
+    assert out_f.shape == out_r.shape == shape
+    assert rel_err(out_f, out_r) < tol, seed
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < tol, seed
+    for name, p in ref.named_parameters():
+        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < tol, (name, seed)
+    return out_f
+
+
 # -- the INT8 product (ternary weights, 8-bit activations) ------------------------------------
 @pytest.mark.parametrize("m,k", [(1, 1), (5, 70), (3, 1500), (130, 64)])
 def test_int8_row_codes_exact(m, k, seed):
@@ -262,15 +278,7 @@ def test_int8_matmul_layer_equals_fake_quant(algebra, dim, seed):
         ref.bias.normal_()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 7, 64, device=DEV)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_r, out_f = ref(xr), fast(xf)
-    assert out_f.shape == (3, 7, 48) and rel_err(out_f, out_r) < 1e-5, seed
-    g = torch.randn_like(out_r)
-    (out_r * g).sum().backward()
-    (out_f * g).sum().backward()
-    assert rel_err(xf.grad, xr.grad) < 1e-5, seed
-    for name, p in ref.named_parameters():
-        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < 1e-5, (name, seed)
+    out_f = _assert_layers_agree(ref, fast, x, (3, 7, 48), seed)
     with pytest.raises(ValueError, match="int8_matmul needs"):
         make_linear(algebra, dim, 64, 48, ternary=True, int8_matmul=True)
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")  # one op, no breaks
@@ -290,18 +298,7 @@ def test_walsh_linear_kernels_equal_blocks(impl, ternary, seed):
         ref.beta.add_(0.3 * torch.randn_like(ref.beta))
         ref.bias.normal_()
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 7, 40, device=DEV)
-    xr = x.clone().requires_grad_()
-    xf = x.clone().requires_grad_()
-    out_r, out_f = ref(xr), fast(xf)
-    assert out_f.shape == out_r.shape == (2, 7, 24)
-    assert rel_err(out_f, out_r) < 1e-5, seed
-    g = torch.randn_like(out_r)
-    (out_r * g).sum().backward()
-    (out_f * g).sum().backward()
-    assert rel_err(xf.grad, xr.grad) < 1e-5, seed
-    for name, p in ref.named_parameters():
-        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < 1e-5, (name, seed)
+    _assert_layers_agree(ref, fast, torch.randn(2, 7, 40, device=DEV), (2, 7, 24), seed)
 
 
 @pytest.mark.parametrize("impl", ["triton", "fused"])

@@ -61,19 +61,19 @@ def _groups(w: torch.Tensor, per_component: bool) -> tuple[torch.Tensor, int, in
     return w2, g, w2.numel() // g
 
 
-def _abs_total(w: torch.Tensor, per_component: bool) -> torch.Tensor:
-    """sum |w| per group, fp32 [G]: partials from one kernel, added by torch in a fixed order."""
-    w2, g, m = _groups(w, per_component)
+def _abs_total(w2: torch.Tensor, g: int, m: int) -> torch.Tensor:
+    """sum |w| per group of ``_groups``' (w2, g, m), fp32 [G]: partials from one kernel, added
+    by torch in a fixed order."""
     p = triton.cdiv(m, BLOCK)
-    part = torch.empty(g, p, device=w.device, dtype=torch.float32)
+    part = torch.empty(g, p, device=w2.device, dtype=torch.float32)
     _abs_partial_kernel[(g, p)](w2, part, m, p, BLOCK=BLOCK)
     return part.sum(dim=1)
 
 
 def absmean_scale(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:
     """gamma (fp32): a scalar, or [A, 1, ..., 1] per component, as ``walsh.quant``'s."""
-    _, g, m = _groups(w, per_component)
-    scale = (_abs_total(w, per_component) / m).clamp(min=EPS)  # [G]
+    w2, g, m = _groups(w, per_component)
+    scale = (_abs_total(w2, g, m) / m).clamp(min=EPS)  # [G]
     return scale.view(g, *([1] * (w.ndim - 1))) if per_component else scale.reshape(())
 
 
@@ -100,9 +100,9 @@ def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
 @torch.library.custom_op("walsh::ternary_ste", mutates_args=())
 def _ternary_ste_op(w: torch.Tensor, per_component: bool, out_dtype: torch.dtype) -> torch.Tensor:
     # three launches: partial sums, their fixed-order sum, and apply (which divides and clamps)
-    _, _, m = _groups(w, per_component)
-    out, _ = ternary_apply(w, _abs_total(w, per_component), per_component, out_dtype,
-                           divisor=m, eps=EPS)
+    w2, g, m = _groups(w, per_component)
+    out, _ = ternary_apply(w, _abs_total(w2, g, m), per_component, out_dtype, divisor=m,
+                           eps=EPS)
     return out
 
 

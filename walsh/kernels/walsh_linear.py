@@ -162,8 +162,11 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
             raise ValueError(f"out must be a contiguous {(n, a * ld)} tensor, "
                              f"got {tuple(dst.shape)}")
     tiles = triton.cdiv(n, BLOCK_M)
-    part = torch.zeros(max(tiles, 1), a * ld, device=src.device, dtype=torch.float32) \
-        if gain else None
+    part = None
+    if gain:  # every entry written by the kernel; one row of zeros when there are no tokens
+        part = torch.empty(max(tiles, 1), a * ld, device=src.device, dtype=torch.float32)
+        if n == 0:
+            part.zero_()
     if n > 0:
         bc, bd = _tile(lc, src.dtype), _tile(ld, src.dtype)
         dummy = src
@@ -233,9 +236,8 @@ def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torc
                one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, u, y): u and y are the three-kernel path's intermediates, saved for its backward;
     empty for the one-kernel path, whose backward recomputes from x."""
-    if one_kernel:
-        empty = x.new_empty(0)
-        return walsh_linear_raw(x, w, alpha, beta), empty, empty.clone()
+    if one_kernel:  # (a custom op's outputs may not alias: two empties)
+        return walsh_linear_raw(x, w, alpha, beta), x.new_empty(0), x.new_empty(0)
     return three_kernel_forward(x, w, alpha, beta)
 
 

@@ -25,7 +25,6 @@ environment switch):
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -38,15 +37,6 @@ from walsh.quant import ternary_ste
 
 WALSH_IMPLS = ("blocks", "dense", "triton", "fused")
 _KERNEL_IMPLS = ("triton", "fused")
-
-
-@functools.cache
-def _kernels() -> dict:
-    """The Triton functions of the kernel implementations (imported once, on first use)."""
-    from walsh.kernels.ternary import ternary_ste as quantize
-    from walsh.kernels.walsh_linear import walsh_linear
-
-    return dict(quantize=quantize, walsh_linear=walsh_linear)
 
 
 # The block transforms of the structured path, in PyTorch: the "blocks" implementation and the
@@ -84,9 +74,11 @@ class WalshLinear(StructuredLinear):
         self._kernel_fns = None  # the Triton functions, resolved here and not per forward
         if impl in _KERNEL_IMPLS:  # fail at build time, naming the config value, if no triton
             try:
-                self._kernel_fns = _kernels()
+                from walsh.kernels.ternary import ternary_ste as quantize
+                from walsh.kernels.walsh_linear import walsh_linear
             except ImportError as e:
                 raise ImportError(f"walsh_impl={impl!r} needs the triton package: {e}") from e
+            self._kernel_fns = {"quantize": quantize, "walsh_linear": walsh_linear}
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
