@@ -63,8 +63,10 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
     wq = w.to(bf)
     m = w.numel()
     wd = (torch.randn(fout, fin, device=dev) * 0.02).to(bf)  # a dense [out, in] weight
-    xq, inv_s = ik.quantize_rows(x)
+    xq, inv_s = ik.quantize_rows_ste(x)  # the forward's operand: integers in bf16
+    gq, inv_sg = ik.quantize_rows(dout)
     codes = torch.randint(-1, 2, (fout, fin), device=dev, dtype=torch.int8)
+    codes_t = codes.t().contiguous()
     gamma = torch.full((1,), 0.02, device=dev)
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
@@ -85,12 +87,18 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
         ("fused dbeta", lambda: wf.walsh_linear_dbeta_raw(dout, x, wq, alpha),
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
         # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces; the GEMM
-        # rows' roofline uses the bf16 rate, so the INT8 GEMM's ideal there is 0.5
-        ("int8 row quant", lambda: ik.quantize_rows(x), 0, n * fin * (2 + 1) + 4 * n),
-        ("int8 GEMM", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf), 2 * n * fin * fout,
-         n * fin + fin * fout + 2 * n * fout),
-        ("bf16 GEMM (dense)", lambda: x @ wd.t(), 2 * n * fin * fout,
+        # rows' roofline uses the bf16 rate, so an INT8 GEMM's ideal there is 0.5. The forward
+        # reads its activation codes as bf16 (quantized inside x's producer under compile);
+        # int8_dx quantizes dout in a kernel, then multiplies int8 by int8
+        ("int8 GEMM fwd", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf), 2 * n * fin * fout,
+         2 * n * fin + fin * fout + 2 * n * fout),
+        ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), 2 * n * fin * fout,
          2 * (n * fin + fin * fout + n * fout)),
+        ("int8 dout row quant", lambda: ik.quantize_rows(dout), 0, n * fout * (2 + 1) + 4 * n),
+        ("int8 GEMM dx", lambda: ik.int8_matmul(gq, inv_sg, codes_t, gamma, bf),
+         2 * n * fin * fout, n * fout + fin * fout + 2 * n * fin),
+        ("bf16 GEMM dx (dense)", lambda: dout @ wd, 2 * n * fin * fout,
+         2 * (n * fout + fin * fout + n * fin)),
     ]
 
 

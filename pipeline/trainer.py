@@ -56,7 +56,7 @@ from pipeline.launch import multicast_env
 from pipeline.loader import TokenLoader
 from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
 from pipeline.optim import apply_schedule, build_optimizer
-from pipeline.parallelize import parallelize
+from pipeline.parallelize import CUDA_GRAPH_MODES, parallelize
 from pipeline.profiling import StepProfiler
 from pipeline.tracking import Tracker
 from walsh.models import WalshLM
@@ -125,7 +125,7 @@ def _all_mean(x: torch.Tensor) -> float:
 
 
 def _uses_cuda_graphs(cfg: RunConfig) -> bool:
-    return cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+    return cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
 
 
 def _finite_mean(losses: list[torch.Tensor]) -> torch.Tensor:

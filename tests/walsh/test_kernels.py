@@ -219,14 +219,28 @@ def _assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
 
 
 # -- the INT8 product (ternary weights, 8-bit activations) ------------------------------------
-@pytest.mark.parametrize("m,k", [(1, 1), (5, 70), (3, 1500), (130, 64)])
+@pytest.mark.parametrize("m,k", [(1, 1), (5, 70), (3, 1500), (130, 64), (17, 5000)])
 def test_int8_row_codes_exact(m, k, seed):
-    """Per-token codes equal torch's rule in fp32 exactly (round half to even), 1/s to 1e-6."""
+    """Per-token codes equal torch's rule in fp32 exactly (round half to even), 1/s to 1e-6,
+    from the kernel (quantize_rows) and from the fusable torch ops (quantize_rows_ste), whose
+    straight-through gradient is s."""
     x = torch.randn(m, k, device=DEV) * torch.rand(m, 1, device=DEV) * 4
-    q, inv_s = ik.quantize_rows(x)
     s = 127 / x.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
-    assert torch.equal(q, torch.clamp(torch.round(x * s), -128, 127).to(torch.int8)), seed
+    want = torch.clamp(torch.round(x * s), -128, 127)
+    q, inv_s = ik.quantize_rows(x)
+    assert torch.equal(q, want.to(torch.int8)), seed
     assert rel_err(inv_s, 1 / s[:, 0]) < 1e-6, seed
+    xg = x.clone().requires_grad_()
+    q2, inv_s2 = ik.quantize_rows_ste(xg)
+    assert torch.equal(q2.detach(), want) and rel_err(inv_s2, inv_s) < 1e-6, seed
+    g = torch.randn_like(x)
+    (q2 * g).sum().backward()
+    assert rel_err(xg.grad, g * s) < 1e-6, seed
+
+
+def test_int8_row_quant_rejects_rows_beyond_its_block():
+    with pytest.raises(ValueError, match="20000 elements"):
+        ik.quantize_rows(torch.zeros(1, 20000, device=DEV))
 
 
 def test_int8_row_codes_ties_round_half_to_even():
@@ -234,6 +248,7 @@ def test_int8_row_codes_ties_round_half_to_even():
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]], device=DEV)
     q, _ = ik.quantize_rows(x)
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
+    assert ik.quantize_rows_ste(x)[0].tolist() == q.tolist()
 
 
 # (no 1-output case: with K = 3 its integer dot product is 0 often enough to flake)
@@ -255,6 +270,28 @@ def test_int8_linear_forward_and_grads(m, k, n, dtype, seed):
     (ref * g).sum().backward()
     assert rel_err(x.grad, xr.grad) < TOL[dtype], seed
     assert rel_err(w.grad, w_ref.grad) < TOL[dtype], seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dx_is_the_product_with_the_quantized_gradient(dtype, seed):
+    """int8_dx: dx = q8(dout) @ w_eff with dout quantized per token (codes by torch's rule in
+    fp32); the forward and dw_eff are those of the bf16-gradient path."""
+    m, k, n = 70, 90, 45
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    w_eff = quant.ternary_ste(torch.randn(n, k, device=DEV)).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    wa, wb = w_eff.clone().requires_grad_(), w_eff.clone().requires_grad_()
+    out_a, out_b = ik.int8_linear(xa, wa), ik.int8_linear(xb, wb, int8_dx=True)
+    assert torch.equal(out_a, out_b), seed
+    g = torch.randn(m, n, device=DEV).to(dtype)
+    out_a.backward(g)
+    out_b.backward(g)
+    gf = g.float()
+    sg = 127 / gf.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
+    dx_ref = (torch.clamp(torch.round(gf * sg), -128, 127) / sg) @ w_eff.float()
+    assert rel_err(xb.grad, dx_ref) < TOL[dtype], seed
+    assert rel_err(xb.grad, xa.grad) > 1e-4, seed  # it is an approximation: not the same
+    assert torch.equal(wb.grad, wa.grad), seed
 
 
 def test_int8_matmul_writes_every_output(seed):

@@ -53,6 +53,8 @@ CAUSAL_CASES = {
     "dense-ternary-act8-int8": dict(algebra="dense", ternary=True, act_bits=8, int8_matmul=True),
     "cd8-act8-int8": dict(algebra="cayley_dickson", algebra_dim=8, ternary=True, act_bits=8,
                           int8_matmul=True),
+    "cd8-act8-int8-dx": dict(algebra="cayley_dickson", algebra_dim=8, ternary=True, act_bits=8,
+                             int8_matmul=True, int8_dx=True),
     "walsh32-fused": dict(algebra="walsh", algebra_dim=32, walsh_impl="fused", ternary=True),
     "walsh4-fused-mix4": dict(algebra="walsh", algebra_dim=4, walsh_impl="fused", ternary=True,
                               head_mix=True, head_mix_dim=4),

@@ -6,23 +6,29 @@ computes, in its PyTorch form (``int8_linear_naive``), x_q @ w_eff^T with
     w_eff = gamma * Q,  Q in {-1, 0, 1}          (the layer's dense effective weight [out, in])
 Both factors are integers times one scale, so the product is exact in int32:
     out[m, n] = (sum_k q[m, k] Q[n, k]) * gamma / s[m]
-which is what the kernels compute: ``_row_quant_kernel`` (per-token absmax, codes, 1/s) and
-``_int8_matmul_kernel`` (int8 x int8 -> int32 on the tensor cores, the scales applied in the
-epilogue). gamma and Q are read off w_eff itself: every nonzero entry of a single-scale
-ternary weight is +-gamma, so gamma = max|w_eff| and Q = w_eff / gamma exactly.
+gamma and Q are read off w_eff itself: every nonzero entry of a single-scale ternary weight is
++-gamma, so gamma = max|w_eff| and Q = w_eff / gamma exactly (``ternary_codes``).
 
-The backward stays in the input dtype (straight-through, as the naive path):
-dx = dout @ w_eff and dw_eff = dout^T @ x_q, with x_q rebuilt from the saved int8 codes and
-scales (1 byte per activation saved instead of 2). In fp32, dx is bit-identical to the naive
-path's; the forward and dw_eff agree to fp32 rounding (x_q is q * (1/s) here, q / s there).
+Where each part runs, and why:
+- The activation codes q = round(x * s) are computed by PyTorch ops (``quantize_rows_ste``), not
+  by a kernel of ours: under torch.compile, inductor fuses them into the kernel that produces x
+  (the RMSNorm before the q/k/v and MLP projections), so x is neither written nor read again.
+  q is kept in x's dtype (integers up to 128 are exact in bf16) because autograd needs a float
+  path back to x: q carries the straight-through gradient dq/dx = s.
+- The product (``_int8_matmul_kernel``) loads q, casts it to int8 in registers, multiplies with
+  the int8 codes on the tensor cores in int32 and applies 1/s[m] * gamma in the epilogue.
+- Backward (straight-through, as the naive path): dq = (dout @ w_eff) / s, so that
+  dx = s * dq = dout @ w_eff; dw_eff = dout^T @ x_q. With ``int8_dx`` the input gradient's
+  GEMM also runs in INT8: dout quantized per token (``quantize_rows``, a Triton kernel, since
+  dout arrives inside the op) times Q^T, an approximation of the gradient that the naive path
+  does not make (docs/benchmarks.md has its loss curve). dw_eff stays in dout's dtype.
 
 Rounding: round half to even, as torch.round. The scale is computed in fp32; the naive path
 computes it in x's dtype, so under bf16 a code can differ by one where x * s sits within a
 bf16 ulp of a half-integer (the tests bound the output, and compare codes exactly in fp32).
 
-Status: correct on CPU under TRITON_INTERPRET=1 (tests/walsh/test_kernels.py); not yet timed
-on a GPU, and the GEMM's tiles are not tuned. Code order: naive reference, kernels, launchers,
-autograd (custom op), functional.
+Code order: naive reference, PyTorch quantizer, kernels, launchers, autograd (custom op),
+functional.
 """
 
 from __future__ import annotations
@@ -33,13 +39,22 @@ import triton.language as tl
 
 from walsh.quant import EPS, act_quant_ste
 
-QUANT_BLOCK = 1024
-BM, BN, BK = 64, 64, 64
+# measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6)
+BM, BN, BK, GEMM_WARPS, GEMM_STAGES = 128, 128, 128, 8, 3
 
 
 def int8_linear_naive(x: torch.Tensor, w_eff: torch.Tensor) -> torch.Tensor:
     """x [M, K], w_eff [N, K] (gamma * ternary codes) -> [M, N]: the layers' PyTorch path."""
     return act_quant_ste(x, 8) @ w_eff.t()
+
+
+def quantize_rows_ste(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] in x's dtype, integers in [-128, 127]; 1/s [M] fp32), with
+    dq/dx = s (straight-through): plain torch ops, for inductor to fuse into x's producer."""
+    s = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=EPS)  # [M, 1]
+    xs = x.float() * s
+    q = xs + (torch.clamp(torch.round(xs), -128, 127) - xs).detach()
+    return q.to(x.dtype), (1.0 / s)[:, 0]
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -51,35 +66,34 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _row_quant_kernel(x_ptr, q_ptr, inv_s_ptr, K, eps, BLOCK: tl.constexpr):
-    """One token per program: q = clip(round(x * s), -128, 127), 1/s stored (fp32)."""
-    row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        v = tl.load(x_ptr + row * K + k, mask=k < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    m = tl.maximum(tl.max(amax, axis=0), eps)
+def _row_quant_kernel(x_ptr, q_ptr, inv_s_ptr, M, K, eps, ROWS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """ROWS tokens per program, each row read once (BLOCK >= K): q = clip(round(x * s)),
+    1/s stored (fp32)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    k = tl.arange(0, BLOCK)
+    mask = (rows[:, None] < M) & (k[None, :] < K)
+    offs = rows[:, None].to(tl.int64) * K + k[None, :]
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)           # [ROWS, BLOCK]
+    m = tl.maximum(tl.max(tl.abs(v), axis=1), eps)                            # [ROWS]
     s = tl.math.div_rn(m * 0.0 + 127.0, m)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        v = tl.load(x_ptr + row * K + k, mask=k < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_even(v * s), -128.0), 127.0)
-        tl.store(q_ptr + row * K + k, q.to(tl.int8), mask=k < K)
-    tl.store(inv_s_ptr + row, tl.math.div_rn(s * 0.0 + 1.0, s))
+    q = tl.minimum(tl.maximum(_round_half_even(v * s[:, None]), -128.0), 127.0)
+    tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(inv_s_ptr + rows, tl.math.div_rn(s * 0.0 + 1.0, s), mask=rows < M)
 
 
 @triton.jit
 def _int8_matmul_kernel(a_ptr, b_ptr, inv_s_ptr, gamma_ptr, out_ptr, M, N, K,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[m, n] = (sum_k a[m, k] b[n, k]) * inv_s[m] * gamma: a [M, K], b [N, K] int8."""
+    """out[m, n] = (sum_k a[m, k] b[n, k]) * inv_s[m] * gamma: a [M, K] integer-valued (int8,
+    or a float dtype cast to int8 here), b [N, K] int8."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         a = tl.load(a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)      # [BM, BK]
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0).to(tl.int8)  # [BM, BK]
         b = tl.load(b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
                     mask=(rn[None, :] < N) & (rk[:, None] < K), other=0)      # [BK, BN]
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -91,14 +105,21 @@ def _int8_matmul_kernel(a_ptr, b_ptr, inv_s_ptr, gamma_ptr, out_ptr, M, N, K,
 
 # -- launchers --------------------------------------------------------------------------------
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 codes [M, K], fp32 1/s [M])."""
+    """x [M, K] -> (int8 codes [M, K], fp32 1/s [M]), as ``quantize_rows_ste`` but in one
+    kernel, for tensors that arrive inside an op (dout in the INT8 input gradient)."""
     x = x.contiguous()
     m, k = x.shape
     q = torch.empty(m, k, device=x.device, dtype=torch.int8)
     inv_s = torch.empty(m, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(max(k, 16))
+    if block > 16384:  # one row lives in registers
+        raise ValueError(f"quantize_rows: rows of {k} elements; at most 16384 are supported")
     if m > 0:
+        rows = max(1, min(16, 4096 // block))  # about 4k elements per program
         # no fused multiply-add: round(x * s) must round the rounded product, as torch does
-        _row_quant_kernel[(m,)](x, q, inv_s, k, EPS, BLOCK=QUANT_BLOCK, enable_fp_fusion=False)
+        _row_quant_kernel[(triton.cdiv(m, rows),)](
+            x, q, inv_s, m, k, EPS, ROWS=rows, BLOCK=block, enable_fp_fusion=False,
+            num_warps=8 if rows * block >= 8192 else 4)
     return q, inv_s
 
 
@@ -110,54 +131,62 @@ def ternary_codes(w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """(q [M, K] int8, 1/s [M]) x (codes [N, K] int8, gamma [1]) -> [M, N] in out_dtype."""
+    """(q [M, K] integer-valued, 1/s [M]) x (codes [N, K] int8, gamma [1]) -> [M, N] in
+    out_dtype."""
+    q = q.contiguous()
     m, k = q.shape
     n = codes.shape[0]
     out = torch.empty(m, n, device=q.device, dtype=out_dtype)
     if m and n:
         grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
         _int8_matmul_kernel[grid](q, codes.contiguous(), inv_s, gamma, out, m, n, k,
-                                  BM=BM, BN=BN, BK=BK)
+                                  BM=BM, BN=BN, BK=BK, num_warps=GEMM_WARPS,
+                                  num_stages=GEMM_STAGES)
     return out
 
 
 # -- autograd: one custom op ------------------------------------------------------------------
 @torch.library.custom_op("walsh::int8_linear", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor]:
-    """(out, q, 1/s): the codes and scales are returned to be saved for the backward."""
-    q, inv_s = quantize_rows(x)
+def _int8_linear_op(q: torch.Tensor, inv_s: torch.Tensor, w_eff: torch.Tensor,
+                    int8_dx: bool) -> torch.Tensor:
+    """q [M, K] (integers in q's float dtype), 1/s [M], w_eff [N, K] -> [M, N] in q's dtype."""
     codes, gamma = ternary_codes(w_eff)
-    return int8_matmul(q, inv_s, codes, gamma, x.dtype), q, inv_s
+    return int8_matmul(q, inv_s, codes, gamma, q.dtype)
 
 
 @_int8_linear_op.register_fake
-def _(x, w_eff):
-    m = x.shape[0]
-    return (x.new_empty(m, w_eff.shape[0]), x.new_empty(x.shape, dtype=torch.int8),
-            x.new_empty(m, dtype=torch.float32))
+def _(q, inv_s, w_eff, int8_dx):
+    return q.new_empty(q.shape[0], w_eff.shape[0])
 
 
 def _setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # no zero buffers for the codes' and scales' "gradients"
-    ctx.save_for_backward(inputs[1], output[1], output[2])
+    q, inv_s, w_eff, int8_dx = inputs
+    ctx.int8_dx = int8_dx
+    ctx.save_for_backward(q, inv_s, w_eff)
 
 
-def _backward(ctx, dout, _dq, _dinv_s):
-    w_eff, q, inv_s = ctx.saved_tensors
-    x_q = (q.float() * inv_s[:, None]).to(dout.dtype)   # [M, K], the forward's operand
-    return dout @ w_eff.to(dout.dtype), (dout.t() @ x_q).to(w_eff.dtype)
+def _backward(ctx, dout):
+    q, inv_s, w_eff = ctx.saved_tensors
+    if ctx.int8_dx:  # dx_q = (dout_q @ Q) * gamma / s_dout, then / s for q's units
+        gq, inv_sg = quantize_rows(dout)
+        codes, gamma = ternary_codes(w_eff)
+        dq = int8_matmul(gq, inv_sg * inv_s, codes.t().contiguous(), gamma, dout.dtype)
+    else:
+        dq = (dout @ w_eff.to(dout.dtype)) * inv_s[:, None].to(dout.dtype)       # [M, K]
+    x_q = (q.float() * inv_s[:, None]).to(dout.dtype)                         # the operand
+    return dq.to(q.dtype), None, (dout.t() @ x_q).to(w_eff.dtype), None
 
 
 _int8_linear_op.register_autograd(_backward, setup_context=_setup)
 
 
 # -- functional -------------------------------------------------------------------------------
-def int8_linear(x: torch.Tensor, w_eff: torch.Tensor) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, w_eff: torch.Tensor, int8_dx: bool = False) -> torch.Tensor:
     """x [M, K], w_eff [N, K] with one ternary scale (gamma * Q) -> [M, N] in x's dtype: the
-    INT8 twin of ``int8_linear_naive``, differentiable in both (straight-through)."""
+    INT8 twin of ``int8_linear_naive``, differentiable in both (straight-through); ``int8_dx``:
+    the input gradient's GEMM in INT8 too (dout quantized per token)."""
     if x.ndim != 2 or w_eff.ndim != 2 or x.shape[1] != w_eff.shape[1]:
         raise ValueError(f"int8_linear: shapes x {tuple(x.shape)} and w {tuple(w_eff.shape)} "
                          "do not fit x [M, K], w [N, K]")
-    return _int8_linear_op(x, w_eff)[0]
+    q, inv_s = quantize_rows_ste(x)
+    return _int8_linear_op(q, inv_s, w_eff, int8_dx)

@@ -40,6 +40,8 @@ class StructuredLinear(nn.Module):
         int8_matmul: run the product on INT8 tensor cores (``walsh.kernels.int8_linear``): the
             same function as ternary weights with ``act_bits=8`` computed in int32, so it needs
             both and one scale per tensor; layers with a materialized dense weight only.
+        int8_dx: with ``int8_matmul``, the input gradient's GEMM in INT8 as well (the
+            incoming gradient quantized per token: an approximation, see the kernel's docs).
     """
 
     weight_decay_names: tuple[str, ...] = ("weight",)
@@ -55,6 +57,7 @@ class StructuredLinear(nn.Module):
         bias: bool = False,
         init_scale: float = 1.0,
         int8_matmul: bool = False,
+        int8_dx: bool = False,
     ) -> None:
         super().__init__()
         for name, val in (("in_features", in_features), ("out_features", out_features)):
@@ -66,7 +69,9 @@ class StructuredLinear(nn.Module):
             raise ValueError("int8_matmul needs ternary=True, act_bits=8 and "
                              f"per_component_scale=False, got {ternary}, {act_bits}, "
                              f"{per_component_scale}")
-        self.int8_matmul = int8_matmul
+        if int8_dx and not int8_matmul:
+            raise ValueError("int8_dx needs int8_matmul=True")
+        self.int8_matmul, self.int8_dx = int8_matmul, int8_dx
         if int8_matmul:  # fail at build time if triton is absent
             try:
                 from walsh.kernels.int8_linear import int8_linear
@@ -119,7 +124,7 @@ class StructuredLinear(nn.Module):
             return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
         x = autocast_input(x)
         w = self.dense_weight().to(x.dtype)  # [out, in], entries +-gamma or 0
-        out = self._int8_linear(x.reshape(-1, self.in_features), w)  # [N, out]
+        out = self._int8_linear(x.reshape(-1, self.in_features), w, self.int8_dx)  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
@@ -133,6 +138,7 @@ class StructuredLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, A={self.blocks}, "
             f"ternary={self.ternary}, act_bits={self.act_bits}, bias={self.bias is not None}"
             + (", int8_matmul=True" if self.int8_matmul else "")
+            + (", int8_dx=True" if self.int8_dx else "")
         )
 
 

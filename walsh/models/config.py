@@ -44,6 +44,8 @@ class WalshConfig:
     # the dense and Cayley-Dickson layers' product in int32 on INT8 tensor cores (the same
     # function as ternary + act_bits 8; walsh.kernels.int8_linear; needs triton and CUDA)
     int8_matmul: bool = False
+    # with int8_matmul: the input gradient's GEMM in INT8 too (dout quantized per token)
+    int8_dx: bool = False
     bias: bool = False
     # head mixing
     head_mix: bool = False
@@ -99,6 +101,8 @@ class WalshConfig:
                                  or self.act_bits != 8 or self.per_component_scale):
             raise bad("int8_matmul", "needs algebra dense or cayley_dickson, ternary: true, "
                       "act_bits: 8 and per_component_scale: false")
+        if self.int8_dx and not self.int8_matmul:
+            raise bad("int8_dx", "needs int8_matmul: true")
         if self.head_mix:
             if self.head_mix_dim is None:
                 if self.algebra == "dense":

@@ -99,6 +99,7 @@ def _linear(cfg: WalshConfig, i: int, o: int, init_scale: float = 1.0) -> Struct
         cfg.algebra, cfg.algebra_dim, i, o, walsh_impl=cfg.walsh_impl, ternary=cfg.ternary,
         per_component_scale=cfg.per_component_scale, act_bits=cfg.act_bits, bias=cfg.bias,
         init_scale=init_scale, int8_matmul=cfg.int8_matmul,
+        int8_dx=cfg.int8_dx,
     )
 
 
