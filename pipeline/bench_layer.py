@@ -63,7 +63,7 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
     wq = w.to(bf)
     m = w.numel()
     wd = (torch.randn(fout, fin, device=dev) * 0.02).to(bf)  # a dense [out, in] weight
-    xq, inv_s = ik.quantize_rows_ste(x)  # the forward's operand: integers in bf16
+    xq, inv_s = ik.quantize_rows(x)
     gq, inv_sg = ik.quantize_rows(dout)
     codes = torch.randint(-1, 2, (fout, fin), device=dev, dtype=torch.int8)
     codes_t = codes.t().contiguous()
@@ -87,11 +87,11 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
         ("fused dbeta", lambda: wf.walsh_linear_dbeta_raw(dout, x, wq, alpha),
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
         # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces; the GEMM
-        # rows' roofline uses the bf16 rate, so an INT8 GEMM's ideal there is 0.5. The forward
-        # reads its activation codes as bf16 (quantized inside x's producer under compile);
-        # int8_dx quantizes dout in a kernel, then multiplies int8 by int8
+        # rows' roofline uses the bf16 rate, so an INT8 GEMM's ideal there is 0.5 (the
+        # forward's activation codes come from x's producer under compile; int8_dx quantizes
+        # dout in a kernel of its own)
         ("int8 GEMM fwd", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf), 2 * n * fin * fout,
-         2 * n * fin + fin * fout + 2 * n * fout),
+         n * fin + fin * fout + 2 * n * fout),
         ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), 2 * n * fin * fout,
          2 * (n * fin + fin * fout + n * fout)),
         ("int8 dout row quant", lambda: ik.quantize_rows(dout), 0, n * fout * (2 + 1) + 4 * n),

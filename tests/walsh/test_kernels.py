@@ -222,20 +222,13 @@ def _assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
 @pytest.mark.parametrize("m,k", [(1, 1), (5, 70), (3, 1500), (130, 64), (17, 5000)])
 def test_int8_row_codes_exact(m, k, seed):
     """Per-token codes equal torch's rule in fp32 exactly (round half to even), 1/s to 1e-6,
-    from the kernel (quantize_rows) and from the fusable torch ops (quantize_rows_ste), whose
-    straight-through gradient is s."""
+    from the kernel (quantize_rows) and from the fusable torch ops (quantize_rows_torch)."""
     x = torch.randn(m, k, device=DEV) * torch.rand(m, 1, device=DEV) * 4
     s = 127 / x.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
-    want = torch.clamp(torch.round(x * s), -128, 127)
-    q, inv_s = ik.quantize_rows(x)
-    assert torch.equal(q, want.to(torch.int8)), seed
-    assert rel_err(inv_s, 1 / s[:, 0]) < 1e-6, seed
-    xg = x.clone().requires_grad_()
-    q2, inv_s2 = ik.quantize_rows_ste(xg)
-    assert torch.equal(q2.detach(), want) and rel_err(inv_s2, inv_s) < 1e-6, seed
-    g = torch.randn_like(x)
-    (q2 * g).sum().backward()
-    assert rel_err(xg.grad, g * s) < 1e-6, seed
+    want = torch.clamp(torch.round(x * s), -128, 127).to(torch.int8)
+    for q, inv_s in (ik.quantize_rows(x), ik.quantize_rows_torch(x)):
+        assert torch.equal(q, want), seed
+        assert rel_err(inv_s, 1 / s[:, 0]) < 1e-6, seed
 
 
 def test_int8_row_quant_rejects_rows_beyond_its_block():
@@ -248,7 +241,7 @@ def test_int8_row_codes_ties_round_half_to_even():
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]], device=DEV)
     q, _ = ik.quantize_rows(x)
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
-    assert ik.quantize_rows_ste(x)[0].tolist() == q.tolist()
+    assert ik.quantize_rows_torch(x)[0].tolist() == q.tolist()
 
 
 # (no 1-output case: with K = 3 its integer dot product is 0 often enough to flake)
@@ -289,7 +282,7 @@ def test_int8_dx_is_the_product_with_the_quantized_gradient(dtype, seed):
     gf = g.float()
     sg = 127 / gf.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
     dx_ref = (torch.clamp(torch.round(gf * sg), -128, 127) / sg) @ w_eff.float()
-    assert rel_err(xb.grad, dx_ref) < TOL[dtype], seed
+    assert rel_err(xb.grad, dx_ref) < (1e-6 if dtype == torch.float32 else 1e-2), seed
     assert rel_err(xb.grad, xa.grad) > 1e-4, seed  # it is an approximation: not the same
     assert torch.equal(wb.grad, wa.grad), seed
 

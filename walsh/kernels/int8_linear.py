@@ -10,18 +10,20 @@ gamma and Q are read off w_eff itself: every nonzero entry of a single-scale ter
 +-gamma, so gamma = max|w_eff| and Q = w_eff / gamma exactly (``ternary_codes``).
 
 Where each part runs, and why:
-- The activation codes q = round(x * s) are computed by PyTorch ops (``quantize_rows_ste``), not
-  by a kernel of ours: under torch.compile, inductor fuses them into the kernel that produces x
-  (the RMSNorm before the q/k/v and MLP projections), so x is neither written nor read again.
-  q is kept in x's dtype (integers up to 128 are exact in bf16) because autograd needs a float
-  path back to x: q carries the straight-through gradient dq/dx = s.
-- The product (``_int8_matmul_kernel``) loads q, casts it to int8 in registers, multiplies with
-  the int8 codes on the tensor cores in int32 and applies 1/s[m] * gamma in the epilogue.
-- Backward (straight-through, as the naive path): dq = (dout @ w_eff) / s, so that
-  dx = s * dq = dout @ w_eff; dw_eff = dout^T @ x_q. With ``int8_dx`` the input gradient's
-  GEMM also runs in INT8: dout quantized per token (``quantize_rows``, a Triton kernel, since
-  dout arrives inside the op) times Q^T, an approximation of the gradient that the naive path
-  does not make (docs/benchmarks.md has its loss curve). dw_eff stays in dout's dtype.
+- The activation codes q = round(x * s) are computed by PyTorch ops (``quantize_rows_torch``),
+  not by a kernel of ours: under torch.compile, inductor fuses them into the kernel that
+  produces x (the RMSNorm before the q/k/v and MLP projections, the SwiGLU product before the
+  down projection), so x is not read again. x itself still goes into the op (unread) as the
+  autograd path back to the input; inductor writes it beside the codes.
+- The product (``_int8_matmul_kernel``) multiplies int8 codes by int8 codes on the tensor
+  cores in int32 and applies 1/s[m] * gamma in the epilogue. (Casting a bf16 copy of the
+  codes to int8 inside the kernel instead measured 2x slower on an H200: the cast sits between
+  the load and the tensor-core operand.)
+- Backward (straight-through, as the naive path): dx = dout @ w_eff, dw_eff = dout^T @ x_q with
+  x_q rebuilt from the saved codes and scales (1 byte per activation saved). With ``int8_dx``
+  the input gradient's GEMM also runs in INT8: dout quantized per token (``quantize_rows``, a
+  Triton kernel, since dout arrives inside the op) times Q^T, an approximation of the gradient
+  that the naive path does not make. dw_eff stays in dout's dtype.
 
 Rounding: round half to even, as torch.round. The scale is computed in fp32; the naive path
 computes it in x's dtype, so under bf16 a code can differ by one where x * s sits within a
@@ -48,13 +50,13 @@ def int8_linear_naive(x: torch.Tensor, w_eff: torch.Tensor) -> torch.Tensor:
     return act_quant_ste(x, 8) @ w_eff.t()
 
 
-def quantize_rows_ste(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q [M, K] in x's dtype, integers in [-128, 127]; 1/s [M] fp32), with
-    dq/dx = s (straight-through): plain torch ops, for inductor to fuse into x's producer."""
-    s = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=EPS)  # [M, 1]
-    xs = x.float() * s
-    q = xs + (torch.clamp(torch.round(xs), -128, 127) - xs).detach()
-    return q.to(x.dtype), (1.0 / s)[:, 0]
+@torch.no_grad()
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 codes [M, K], fp32 1/s [M]) by plain torch ops, for inductor to fuse
+    into x's producer (``quantize_rows`` is the one-kernel twin)."""
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).float().clamp(min=EPS)     # [M, 1]
+    q = torch.clamp(torch.round(x.float() * s), -128, 127).to(torch.int8)
+    return q, (1.0 / s)[:, 0]
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -85,15 +87,14 @@ def _row_quant_kernel(x_ptr, q_ptr, inv_s_ptr, M, K, eps, ROWS: tl.constexpr,
 @triton.jit
 def _int8_matmul_kernel(a_ptr, b_ptr, inv_s_ptr, gamma_ptr, out_ptr, M, N, K,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[m, n] = (sum_k a[m, k] b[n, k]) * inv_s[m] * gamma: a [M, K] integer-valued (int8,
-    or a float dtype cast to int8 here), b [N, K] int8."""
+    """out[m, n] = (sum_k a[m, k] b[n, k]) * inv_s[m] * gamma: a [M, K], b [N, K] int8."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         a = tl.load(a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0).to(tl.int8)  # [BM, BK]
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)      # [BM, BK]
         b = tl.load(b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
                     mask=(rn[None, :] < N) & (rk[:, None] < K), other=0)      # [BK, BN]
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -105,7 +106,7 @@ def _int8_matmul_kernel(a_ptr, b_ptr, inv_s_ptr, gamma_ptr, out_ptr, M, N, K,
 
 # -- launchers --------------------------------------------------------------------------------
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 codes [M, K], fp32 1/s [M]), as ``quantize_rows_ste`` but in one
+    """x [M, K] -> (int8 codes [M, K], fp32 1/s [M]), as ``quantize_rows_torch`` but in one
     kernel, for tensors that arrive inside an op (dout in the INT8 input gradient)."""
     x = x.contiguous()
     m, k = x.shape
@@ -131,9 +132,7 @@ def ternary_codes(w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """(q [M, K] integer-valued, 1/s [M]) x (codes [N, K] int8, gamma [1]) -> [M, N] in
-    out_dtype."""
-    q = q.contiguous()
+    """(q [M, K] int8, 1/s [M]) x (codes [N, K] int8, gamma [1]) -> [M, N] in out_dtype."""
     m, k = q.shape
     n = codes.shape[0]
     out = torch.empty(m, n, device=q.device, dtype=out_dtype)
@@ -147,34 +146,35 @@ def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma
 
 # -- autograd: one custom op ------------------------------------------------------------------
 @torch.library.custom_op("walsh::int8_linear", mutates_args=())
-def _int8_linear_op(q: torch.Tensor, inv_s: torch.Tensor, w_eff: torch.Tensor,
+def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, inv_s: torch.Tensor, w_eff: torch.Tensor,
                     int8_dx: bool) -> torch.Tensor:
-    """q [M, K] (integers in q's float dtype), 1/s [M], w_eff [N, K] -> [M, N] in q's dtype."""
+    """x [M, K] (not read: the autograd path), its codes q [M, K] int8 and 1/s [M],
+    w_eff [N, K] -> [M, N] in x's dtype."""
     codes, gamma = ternary_codes(w_eff)
-    return int8_matmul(q, inv_s, codes, gamma, q.dtype)
+    return int8_matmul(q, inv_s, codes, gamma, x.dtype)
 
 
 @_int8_linear_op.register_fake
-def _(q, inv_s, w_eff, int8_dx):
-    return q.new_empty(q.shape[0], w_eff.shape[0])
+def _(x, q, inv_s, w_eff, int8_dx):
+    return x.new_empty(x.shape[0], w_eff.shape[0])
 
 
 def _setup(ctx, inputs, output):
-    q, inv_s, w_eff, int8_dx = inputs
+    _x, q, inv_s, w_eff, int8_dx = inputs
     ctx.int8_dx = int8_dx
     ctx.save_for_backward(q, inv_s, w_eff)
 
 
 def _backward(ctx, dout):
     q, inv_s, w_eff = ctx.saved_tensors
-    if ctx.int8_dx:  # dx_q = (dout_q @ Q) * gamma / s_dout, then / s for q's units
+    if ctx.int8_dx:  # dx = (dout_q @ Q) * gamma / s_dout
         gq, inv_sg = quantize_rows(dout)
         codes, gamma = ternary_codes(w_eff)
-        dq = int8_matmul(gq, inv_sg * inv_s, codes.t().contiguous(), gamma, dout.dtype)
+        dx = int8_matmul(gq, inv_sg, codes.t().contiguous(), gamma, dout.dtype)
     else:
-        dq = (dout @ w_eff.to(dout.dtype)) * inv_s[:, None].to(dout.dtype)       # [M, K]
+        dx = dout @ w_eff.to(dout.dtype)                                       # [M, K]
     x_q = (q.float() * inv_s[:, None]).to(dout.dtype)                         # the operand
-    return dq.to(q.dtype), None, (dout.t() @ x_q).to(w_eff.dtype), None
+    return dx, None, None, (dout.t() @ x_q).to(w_eff.dtype), None
 
 
 _int8_linear_op.register_autograd(_backward, setup_context=_setup)
@@ -188,5 +188,5 @@ def int8_linear(x: torch.Tensor, w_eff: torch.Tensor, int8_dx: bool = False) -> 
     if x.ndim != 2 or w_eff.ndim != 2 or x.shape[1] != w_eff.shape[1]:
         raise ValueError(f"int8_linear: shapes x {tuple(x.shape)} and w {tuple(w_eff.shape)} "
                          "do not fit x [M, K], w [N, K]")
-    q, inv_s = quantize_rows_ste(x)
-    return _int8_linear_op(q, inv_s, w_eff, int8_dx)
+    q, inv_s = quantize_rows_torch(x)
+    return _int8_linear_op(x, q, inv_s, w_eff, int8_dx)
