@@ -285,6 +285,12 @@ def test_int8_dx_is_the_product_with_the_quantized_gradient(dtype, seed):
     assert rel_err(xb.grad, dx_ref) < (1e-6 if dtype == torch.float32 else 1e-2), seed
     assert rel_err(xb.grad, xa.grad) > 1e-4, seed  # it is an approximation: not the same
     assert torch.equal(wb.grad, wa.grad), seed
+    # compiled, forward and backward: every kernel launch sits inside a custom op
+    xc = x.clone().requires_grad_()
+    f = torch.compile(lambda t: ik.int8_linear(t, w_eff, int8_dx=True), fullgraph=True,
+                      backend="aot_eager")
+    f(xc).backward(g)
+    assert rel_err(xc.grad, xb.grad) < 1e-6, seed
 
 
 def test_int8_matmul_writes_every_output(seed):

@@ -159,6 +159,20 @@ def _(x, q, inv_s, w_eff, int8_dx):
     return x.new_empty(x.shape[0], w_eff.shape[0])
 
 
+@torch.library.custom_op("walsh::int8_linear_dx", mutates_args=())
+def _int8_dx_op(dout: torch.Tensor, w_eff: torch.Tensor) -> torch.Tensor:
+    """dout [M, N], w_eff [N, K] -> dx [M, K] = (dout_q @ Q) * gamma / s_dout (an op of its
+    own: the backward below is traced by compile, and a Triton launch cannot be)."""
+    gq, inv_sg = quantize_rows(dout)
+    codes, gamma = ternary_codes(w_eff)
+    return int8_matmul(gq, inv_sg, codes.t().contiguous(), gamma, dout.dtype)
+
+
+@_int8_dx_op.register_fake
+def _(dout, w_eff):
+    return dout.new_empty(dout.shape[0], w_eff.shape[1])
+
+
 def _setup(ctx, inputs, output):
     _x, q, inv_s, w_eff, int8_dx = inputs
     ctx.int8_dx = int8_dx
@@ -167,10 +181,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout):
     q, inv_s, w_eff = ctx.saved_tensors
-    if ctx.int8_dx:  # dx = (dout_q @ Q) * gamma / s_dout
-        gq, inv_sg = quantize_rows(dout)
-        codes, gamma = ternary_codes(w_eff)
-        dx = int8_matmul(gq, inv_sg, codes.t().contiguous(), gamma, dout.dtype)
+    if ctx.int8_dx:
+        dx = _int8_dx_op(dout, w_eff)
     else:
         dx = dout @ w_eff.to(dout.dtype)                                       # [M, K]
     x_q = (q.float() * inv_s[:, None]).to(dout.dtype)                         # the operand
