@@ -59,6 +59,16 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (1.0 / s)[:, 0]
 
 
+@torch.no_grad()
+def ternary_codes(w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_eff [N, K] = gamma * Q -> (Q int8 [N, K], gamma fp32 [1]); gamma = max|w_eff|. Torch
+    ops outside the op, like the activation codes: compiled, they fuse with the quantizer that
+    makes w_eff (eager, inside the op, they were six launches per layer, which made the INT8
+    model host-bound: docs/benchmarks.md, session 6)."""
+    gamma = w_eff.abs().amax().float().clamp(min=EPS).reshape(1)
+    return torch.round(w_eff.float() / gamma).to(torch.int8), gamma
+
+
 # -- kernels ----------------------------------------------------------------------------------
 @triton.jit
 def _round_half_even(v):
@@ -124,12 +134,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, inv_s
 
 
-def ternary_codes(w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w_eff [N, K] = gamma * Q -> (Q int8 [N, K], gamma fp32 [1]); gamma = max|w_eff|."""
-    gamma = w_eff.detach().abs().amax().float().clamp(min=EPS).reshape(1)
-    return torch.round(w_eff.detach().float() / gamma).to(torch.int8), gamma
-
-
 def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """(q [M, K] int8, 1/s [M]) x (codes [N, K] int8, gamma [1]) -> [M, N] in out_dtype."""
@@ -147,46 +151,44 @@ def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma
 # -- autograd: one custom op ------------------------------------------------------------------
 @torch.library.custom_op("walsh::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, inv_s: torch.Tensor, w_eff: torch.Tensor,
-                    int8_dx: bool) -> torch.Tensor:
-    """x [M, K] (not read: the autograd path), its codes q [M, K] int8 and 1/s [M],
-    w_eff [N, K] -> [M, N] in x's dtype."""
-    codes, gamma = ternary_codes(w_eff)
+                    codes: torch.Tensor, gamma: torch.Tensor, int8_dx: bool) -> torch.Tensor:
+    """x [M, K] and w_eff [N, K] (not read: the autograd paths), their codes q [M, K] int8 with
+    1/s [M] and Q [N, K] int8 with gamma [1] -> [M, N] in x's dtype."""
     return int8_matmul(q, inv_s, codes, gamma, x.dtype)
 
 
 @_int8_linear_op.register_fake
-def _(x, q, inv_s, w_eff, int8_dx):
+def _(x, q, inv_s, w_eff, codes, gamma, int8_dx):
     return x.new_empty(x.shape[0], w_eff.shape[0])
 
 
 @torch.library.custom_op("walsh::int8_linear_dx", mutates_args=())
-def _int8_dx_op(dout: torch.Tensor, w_eff: torch.Tensor) -> torch.Tensor:
-    """dout [M, N], w_eff [N, K] -> dx [M, K] = (dout_q @ Q) * gamma / s_dout (an op of its
-    own: the backward below is traced by compile, and a Triton launch cannot be)."""
+def _int8_dx_op(dout: torch.Tensor, codes_t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """dout [M, N], Q^T [K, N] -> dx [M, K] = (dout_q @ Q) * gamma / s_dout (an op of its own:
+    the backward below is traced by compile, and a Triton launch cannot be)."""
     gq, inv_sg = quantize_rows(dout)
-    codes, gamma = ternary_codes(w_eff)
-    return int8_matmul(gq, inv_sg, codes.t().contiguous(), gamma, dout.dtype)
+    return int8_matmul(gq, inv_sg, codes_t, gamma, dout.dtype)
 
 
 @_int8_dx_op.register_fake
-def _(dout, w_eff):
-    return dout.new_empty(dout.shape[0], w_eff.shape[1])
+def _(dout, codes_t, gamma):
+    return dout.new_empty(dout.shape[0], codes_t.shape[0])
 
 
 def _setup(ctx, inputs, output):
-    _x, q, inv_s, w_eff, int8_dx = inputs
+    _x, q, inv_s, w_eff, codes, gamma, int8_dx = inputs
     ctx.int8_dx = int8_dx
-    ctx.save_for_backward(q, inv_s, w_eff)
+    ctx.save_for_backward(q, inv_s, w_eff, codes, gamma)
 
 
 def _backward(ctx, dout):
-    q, inv_s, w_eff = ctx.saved_tensors
+    q, inv_s, w_eff, codes, gamma = ctx.saved_tensors
     if ctx.int8_dx:
-        dx = _int8_dx_op(dout, w_eff)
+        dx = _int8_dx_op(dout, codes.t().contiguous(), gamma)
     else:
         dx = dout @ w_eff.to(dout.dtype)                                       # [M, K]
     x_q = (q.float() * inv_s[:, None]).to(dout.dtype)                         # the operand
-    return dx, None, None, (dout.t() @ x_q).to(w_eff.dtype), None
+    return dx, None, None, (dout.t() @ x_q).to(w_eff.dtype), None, None, None
 
 
 _int8_linear_op.register_autograd(_backward, setup_context=_setup)
@@ -201,4 +203,5 @@ def int8_linear(x: torch.Tensor, w_eff: torch.Tensor, int8_dx: bool = False) -> 
         raise ValueError(f"int8_linear: shapes x {tuple(x.shape)} and w {tuple(w_eff.shape)} "
                          "do not fit x [M, K], w [N, K]")
     q, inv_s = quantize_rows_torch(x)
-    return _int8_linear_op(x, q, inv_s, w_eff, int8_dx)
+    codes, gamma = ternary_codes(w_eff)
+    return _int8_linear_op(x, q, inv_s, w_eff, codes, gamma, int8_dx)
