@@ -64,7 +64,8 @@ def ternary_codes(w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w_eff [N, K] = gamma * Q -> (Q int8 [N, K], gamma fp32 [1]); gamma = max|w_eff|. Torch
     ops outside the op, like the activation codes: compiled, they fuse with the quantizer that
     makes w_eff (eager, inside the op, they were six launches per layer, which made the INT8
-    model host-bound: docs/benchmarks.md, session 6)."""
+    model host-bound: docs/benchmarks.md, session 6). The layers pass their own codes instead
+    (materialized like the weight: no reduction over the dense matrix)."""
     gamma = w_eff.abs().amax().float().clamp(min=EPS).reshape(1)
     return torch.round(w_eff.float() / gamma).to(torch.int8), gamma
 
@@ -195,13 +196,18 @@ _int8_linear_op.register_autograd(_backward, setup_context=_setup)
 
 
 # -- functional -------------------------------------------------------------------------------
-def int8_linear(x: torch.Tensor, w_eff: torch.Tensor, int8_dx: bool = False) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, w_eff: torch.Tensor, int8_dx: bool = False,
+                codes: torch.Tensor | None = None, gamma: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """x [M, K], w_eff [N, K] with one ternary scale (gamma * Q) -> [M, N] in x's dtype: the
     INT8 twin of ``int8_linear_naive``, differentiable in both (straight-through); ``int8_dx``:
-    the input gradient's GEMM in INT8 too (dout quantized per token)."""
+    the input gradient's GEMM in INT8 too (dout quantized per token). ``codes`` (Q int8
+    [N, K]) and ``gamma`` ([1] fp32) may be given where the caller has them (the layers do);
+    otherwise they are read off w_eff."""
     if x.ndim != 2 or w_eff.ndim != 2 or x.shape[1] != w_eff.shape[1]:
         raise ValueError(f"int8_linear: shapes x {tuple(x.shape)} and w {tuple(w_eff.shape)} "
                          "do not fit x [M, K], w [N, K]")
     q, inv_s = quantize_rows_torch(x)
-    codes, gamma = ternary_codes(w_eff)
+    if codes is None or gamma is None:
+        codes, gamma = ternary_codes(w_eff)
     return _int8_linear_op(x, q, inv_s, w_eff, codes, gamma, int8_dx)

@@ -111,20 +111,27 @@ class StructuredLinear(nn.Module):
         """Ternary codes int8 [A, n_out, n_in] and the absmean scale (for export and tests)."""
         return ternary_quantize(self.weight, self.per_component_scale)
 
-    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def materialize(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Component weights [A, n_out, n_in] (any dtype) -> the dense [out, in] matrix."""
         raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.materialize(self.effective_weight())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return act_quant_ste(x, self.act_bits) if self.act_bits else x
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         """x_q @ dense_weight().T (+ bias): by F.linear, or in int32 on the INT8 tensor cores
-        (``int8_matmul``; the kernel quantizes x itself)."""
+        (``int8_matmul``)."""
         if not self.int8_matmul:
             return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
         x = autocast_input(x)
         w = self.dense_weight().to(x.dtype)  # [out, in], entries +-gamma or 0
-        out = self._int8_linear(x.reshape(-1, self.in_features), w, self.int8_dx)  # [N, out]
+        # the int8 codes materialized like the weight: the op need not re-derive them from w
+        codes, gamma = ternary_quantize(self.weight)  # [A, n_out, n_in] int8, scalar
+        out = self._int8_linear(x.reshape(-1, self.in_features), w, self.int8_dx,
+                                self.materialize(codes), gamma.reshape(1))  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
@@ -149,8 +156,8 @@ class TernaryLinear(StructuredLinear):
         kw.pop("blocks", None)
         super().__init__(in_features, out_features, blocks=1, **kw)
 
-    def dense_weight(self) -> torch.Tensor:
-        return self.effective_weight()[0]
+    def materialize(self, w: torch.Tensor) -> torch.Tensor:
+        return w[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return self.dense_forward(x)

@@ -38,8 +38,8 @@ class CayleyDicksonLinear(StructuredLinear):
         super().__init__(in_features, out_features, blocks=algebra_dim, **kw)
         self.register_buffer("sign", sign, persistent=False)
 
-    def dense_weight(self) -> torch.Tensor:
-        return cd_materialize(self.effective_weight(), self.sign)
+    def materialize(self, w: torch.Tensor) -> torch.Tensor:
+        return cd_materialize(w, self.sign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return self.dense_forward(x)  # materialize, then one GEMM (bf16 or INT8)
