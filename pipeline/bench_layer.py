@@ -63,8 +63,9 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
     wq = w.to(bf)
     m = w.numel()
     wd = (torch.randn(fout, fin, device=dev) * 0.02).to(bf)  # a dense [out, in] weight
-    xq, inv_s = ik.quantize_rows(x)
-    gq, inv_sg = ik.quantize_rows(dout)
+    xq, inv_s = ik.quantize_rows_torch(x)
+    gq, inv_sg = ik.quantize_rows_torch(dout)
+    quantize = torch.compile(ik.quantize_rows_torch)  # alone: inside a model it fuses
     codes = torch.randint(-1, 2, (fout, fin), device=dev, dtype=torch.int8)
     codes_t = codes.t().contiguous()
     gamma = torch.full((1,), 0.02, device=dev)
@@ -88,13 +89,13 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
          2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
         # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces; the GEMM
         # rows' roofline uses the bf16 rate, so an INT8 GEMM's ideal there is 0.5 (the
-        # forward's activation codes come from x's producer under compile; int8_dx quantizes
-        # dout in a kernel of its own)
+        # codes come from x's or dout's producer under compile; the row quant row times them
+        # compiled alone, the cost when nothing fuses them)
         ("int8 GEMM fwd", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf), 2 * n * fin * fout,
          n * fin + fin * fout + 2 * n * fout),
         ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), 2 * n * fin * fout,
          2 * (n * fin + fin * fout + n * fout)),
-        ("int8 dout row quant", lambda: ik.quantize_rows(dout), 0, n * fout * (2 + 1) + 4 * n),
+        ("int8 row quant (alone)", lambda: quantize(dout), 0, n * fout * (2 + 1) + 4 * n),
         ("int8 GEMM dx", lambda: ik.int8_matmul(gq, inv_sg, codes_t, gamma, bf),
          2 * n * fin * fout, n * fout + fin * fout + 2 * n * fin),
         ("bf16 GEMM dx (dense)", lambda: dout @ wd, 2 * n * fin * fout,

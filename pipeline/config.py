@@ -200,8 +200,8 @@ class TrainCfg(BaseModel):
     compile: bool = False
     # torch.compile's mode for the blocks and the loss; "reduce-overhead" replays CUDA graphs,
     # which takes the per-kernel launch cost off the host (a 2-GPU walsh-h ZeRO-2 step
-    # launched ~1,900 kernels; on 1 H200 it took walsh-h-125m from 249-282k to 408-414k tok/s,
-    # docs/benchmarks.md, 2026-11-30). "default" is torch's default
+    # launched ~1,900 kernels; on 1 H200 it took walsh-h-125m from 249-282k to 408-416k tok/s,
+    # docs/benchmarks.md, 2026-11-30, sessions 5-6). "default" is torch's default
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False

@@ -221,27 +221,24 @@ def _assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
 # -- the INT8 product (ternary weights, 8-bit activations) ------------------------------------
 @pytest.mark.parametrize("m,k", [(1, 1), (5, 70), (3, 1500), (130, 64), (17, 5000)])
 def test_int8_row_codes_exact(m, k, seed):
-    """Per-token codes equal torch's rule in fp32 exactly (round half to even), 1/s to 1e-6,
-    from the kernel (quantize_rows) and from the fusable torch ops (quantize_rows_torch)."""
+    """Per-token codes by the naive path's rule with an fp32 scale, exactly; 1/s to 1e-6; the
+    layout of x does not matter (a transposed x gives the same codes)."""
     x = torch.randn(m, k, device=DEV) * torch.rand(m, 1, device=DEV) * 4
     s = 127 / x.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
-    want = torch.clamp(torch.round(x * s), -128, 127).to(torch.int8)
-    for q, inv_s in (ik.quantize_rows(x), ik.quantize_rows_torch(x)):
-        assert torch.equal(q, want), seed
-        assert rel_err(inv_s, 1 / s[:, 0]) < 1e-6, seed
+    q, inv_s = ik.quantize_rows_torch(x)
+    assert q.dtype == torch.int8 and inv_s.shape == (m,)
+    assert torch.equal(q, torch.clamp(torch.round(x * s), -128, 127).to(torch.int8)), seed
+    assert rel_err(inv_s, 1 / s[:, 0]) < 1e-6, seed
+    qt, _ = ik.quantize_rows_torch(x.t().contiguous().t())
+    assert torch.equal(qt, q), seed
 
 
-def test_int8_row_quant_rejects_rows_beyond_its_block():
-    with pytest.raises(ValueError, match="20000 elements"):
-        ik.quantize_rows(torch.zeros(1, 20000, device=DEV))
-
-
-def test_int8_row_codes_ties_round_half_to_even():
+def test_int8_row_codes_ties_round_half_to_even_and_nan_propagates():
     # max |x| = 127 makes s = 1, so x * s is x itself
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]], device=DEV)
-    q, _ = ik.quantize_rows(x)
-    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
-    assert ik.quantize_rows_torch(x)[0].tolist() == q.tolist()
+    assert ik.quantize_rows_torch(x)[0].tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
+    x[0, 3] = float("nan")
+    assert ik.quantize_rows_torch(x)[1].isnan().all()  # not a finite scale
 
 
 # (no 1-output case: with K = 3 its integer dot product is 0 often enough to flake)
@@ -290,6 +287,43 @@ def test_int8_dx_is_the_product_with_the_quantized_gradient(dtype, seed):
     f = torch.compile(lambda t: ik.int8_linear(t, w_eff, int8_dx=True), fullgraph=True,
                       backend="aot_eager")
     f(xc).backward(g)
+    assert rel_err(xc.grad, xb.grad) < 1e-6, seed
+
+
+def test_int8_linear_reads_any_layout_of_x(seed):
+    """A transposed (column-major) x gives the row-major x's output: the kernel reads row-major
+    operands, so the launcher must not pass strided ones through."""
+    x = torch.randn(24, 40, device=DEV).t()                                  # [40, 24], strided
+    w_eff = quant.ternary_ste(torch.randn(16, 24, device=DEV))
+    out = ik.int8_linear(x, w_eff)
+    assert torch.equal(out, ik.int8_linear(x.contiguous(), w_eff)), seed
+    assert rel_err(out, ik.int8_linear_naive(x, w_eff)) < 1e-5, seed
+
+
+@pytest.mark.parametrize("algebra,dim", [("dense", 1), ("cayley_dickson", 8)])
+def test_int8_dx_layer_gradients(algebra, dim, seed):
+    """A layer with int8_dx: the forward and the weight gradient of the plain INT8 layer, and
+    dx = q8(dout) @ dense_weight(), also compiled (no graph break)."""
+    from walsh.layers import make_linear
+
+    plain = make_linear(algebra, dim, 64, 48, ternary=True, act_bits=8, int8_matmul=True).to(DEV)
+    dxq = make_linear(algebra, dim, 64, 48, ternary=True, act_bits=8, int8_matmul=True,
+                      int8_dx=True).to(DEV)
+    dxq.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 7, 64, device=DEV)
+    g = torch.randn(3, 7, 48, device=DEV)
+    xa, xb, xc = (x.clone().requires_grad_() for _ in range(3))
+    out = dxq(xb)
+    assert torch.equal(out, plain(xa)), seed
+    plain(xa).backward(g)
+    out.backward(g)
+    gf = g.reshape(-1, 48)
+    sg = 127 / gf.abs().amax(-1, keepdim=True).clamp(min=quant.EPS)
+    dx_ref = (torch.clamp(torch.round(gf * sg), -128, 127) / sg) @ plain.dense_weight().detach()
+    assert rel_err(xb.grad.reshape(-1, 64), dx_ref) < 1e-5, seed
+    assert rel_err(dxq.weight.grad, plain.weight.grad) < 1e-6, seed
+    compiled = torch.compile(dxq, fullgraph=True, backend="aot_eager")
+    compiled(xc).backward(g)
     assert rel_err(xc.grad, xb.grad) < 1e-6, seed
 
 

@@ -128,10 +128,11 @@ class StructuredLinear(nn.Module):
             return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
         x = autocast_input(x)
         w = self.dense_weight().to(x.dtype)  # [out, in], entries +-gamma or 0
-        # the int8 codes materialized like the weight: the op need not re-derive them from w
+        # the int8 codes materialized like the weight: the op need not re-derive them from w;
+        # gamma rounded as w's entries are, so the INT8 product and w's backward agree
         codes, gamma = ternary_quantize(self.weight)  # [A, n_out, n_in] int8, scalar
         out = self._int8_linear(x.reshape(-1, self.in_features), w, self.int8_dx,
-                                self.materialize(codes), gamma.reshape(1))  # [N, out]
+                                self.materialize(codes), gamma.to(x.dtype))  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
