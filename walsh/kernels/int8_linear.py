@@ -15,9 +15,8 @@ Where each part runs, and why:
 - The activation codes q = round(x * s) are computed by PyTorch ops (``quantize_rows_torch``),
   not by a kernel of ours: under torch.compile, inductor fuses them into the kernel that
   produces x (the RMSNorm before the q/k/v and MLP projections, the SwiGLU product before the
-  down projection), so x is not read again. The autograd path back to x is an
-  autograd.Function around the codes and the GEMM op, so x itself is the input of nothing
-  opaque and need not be written.
+  down projection), so x is not read again. x itself still goes into the op (unread) as the
+  autograd path back to the input; inductor writes it beside the codes.
 - The product (``_int8_matmul_kernel``) multiplies int8 codes by int8 codes on the tensor
   cores in int32 and applies 1/s[m] * gamma in the epilogue. (Casting a bf16 copy of the
   codes to int8 inside the kernel instead measured 2x slower on an H200: the cast sits between
@@ -35,10 +34,10 @@ dout propagates (amax keeps it) rather than turning into a finite code.
 
 Measured on an H200 (docs/benchmarks.md, session 6): the GEMM at 1.19-1.65x the bf16 GEMM;
 models at 1.00x the bf16 fake-quant path at 125M (quantization passes eat the GEMM gain) and
-1.05x at 24 x 2048; int8_dx at 0.79x with a Triton dout quantizer inside the op (since replaced
-by the fusable torch ops; not yet re-measured, nor is the Function form).
+1.05x at 24 x 2048; int8_dx at 0.79x with a Triton dout quantizer inside the op, 0.84x with
+the fusable torch ops.
 
-Code order: naive reference, PyTorch quantizers, kernel, launcher, custom op, autograd,
+Code order: naive reference, PyTorch quantizers, kernel, launcher, custom ops, autograd,
 functional.
 """
 
@@ -130,36 +129,48 @@ def _(q, inv_s, codes, gamma, out_dtype):
     return q.new_empty(q.shape[0], codes.shape[0], dtype=out_dtype)
 
 
-# -- autograd ---------------------------------------------------------------------------------
-class _Int8Linear(torch.autograd.Function):
-    """Straight-through INT8 linear. An autograd.Function rather than autograd on the op: the
-    codes are made here by torch ops, so x is an input of nothing opaque and inductor need not
-    write it (only its codes); compile traces both methods (no graph break)."""
+# -- autograd on a custom op ------------------------------------------------------------------
+@torch.library.custom_op("walsh::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, inv_s: torch.Tensor, w_eff: torch.Tensor,
+                    codes: torch.Tensor, gamma: torch.Tensor, int8_dx: bool) -> torch.Tensor:
+    """x [M, K] and w_eff [N, K] (not read: the autograd paths), their codes q [M, K] int8 with
+    1/s [M] and Q [N, K] int8 with gamma [1] -> [M, N] in x's dtype.
 
-    @staticmethod
-    def forward(ctx, x, w_eff, codes, gamma, int8_dx: bool):
-        q, inv_s = quantize_rows_torch(x)                                     # [M, K], [M]
-        ctx.int8_dx, ctx.w_dtype = int8_dx, w_eff.dtype
-        if int8_dx:  # dx from the codes: w_eff is not needed again
-            ctx.save_for_backward(q, inv_s, codes, gamma)
-        else:
-            ctx.save_for_backward(q, inv_s, w_eff)
-        return _int8_mm_op(q, inv_s, codes, gamma, x.dtype)                   # [M, N]
+    (An autograd.Function around the codes and ``walsh::int8_mm`` instead, so that x is the
+    input of nothing opaque, used 0.64 GiB less at 125M but ran 10% slower on an H200:
+    docs/benchmarks.md, session 6.)"""
+    return int8_matmul(q, inv_s, codes, gamma, x.dtype)
 
-    @staticmethod
-    def backward(ctx, dout):
-        dx = dw = None
-        q, inv_s = ctx.saved_tensors[:2]
-        if ctx.needs_input_grad[0] and ctx.int8_dx:  # dout quantized per token (fusable ops)
-            codes, gamma = ctx.saved_tensors[2:]
-            gq, inv_sg = quantize_rows_torch(dout)
-            dx = _int8_mm_op(gq, inv_sg, codes.t().contiguous(), gamma, dout.dtype)  # [M, K]
-        elif ctx.needs_input_grad[0]:
-            dx = dout @ ctx.saved_tensors[2].to(dout.dtype)                   # [M, K]
-        if ctx.needs_input_grad[1]:
-            x_q = (q.float() * inv_s[:, None]).to(dout.dtype)                 # the operand
-            dw = (dout.t() @ x_q).to(ctx.w_dtype)                              # [N, K]
-        return dx, dw, None, None, None
+
+@_int8_linear_op.register_fake
+def _(x, q, inv_s, w_eff, codes, gamma, int8_dx):
+    return x.new_empty(x.shape[0], w_eff.shape[0])
+
+
+def _setup(ctx, inputs, output):
+    _x, q, inv_s, w_eff, codes, gamma, int8_dx = inputs
+    ctx.int8_dx, ctx.w_dtype = int8_dx, w_eff.dtype
+    # dx from the codes (int8_dx) or from w_eff: keep only what it needs
+    ctx.save_for_backward(q, inv_s, *((codes, gamma) if int8_dx else (w_eff,)))
+
+
+def _backward(ctx, dout):
+    """Traced by compile: torch ops here fuse, the launch lives in ``walsh::int8_mm``."""
+    q, inv_s = ctx.saved_tensors[:2]
+    dx = dw = None
+    if ctx.needs_input_grad[0] and ctx.int8_dx:  # dout's codes fuse into its producer
+        codes, gamma = ctx.saved_tensors[2:]
+        gq, inv_sg = quantize_rows_torch(dout)
+        dx = _int8_mm_op(gq, inv_sg, codes.t().contiguous(), gamma, dout.dtype)  # [M, K]
+    elif ctx.needs_input_grad[0]:
+        dx = dout @ ctx.saved_tensors[2].to(dout.dtype)                       # [M, K]
+    if ctx.needs_input_grad[3]:
+        x_q = (q.float() * inv_s[:, None]).to(dout.dtype)                     # the operand
+        dw = (dout.t() @ x_q).to(ctx.w_dtype)                                  # [N, K]
+    return dx, None, None, dw, None, None, None
+
+
+_int8_linear_op.register_autograd(_backward, setup_context=_setup)
 
 
 # -- functional -------------------------------------------------------------------------------
@@ -179,4 +190,5 @@ def int8_linear(x: torch.Tensor, w_eff: torch.Tensor, int8_dx: bool = False,
     elif codes.dtype != torch.int8 or codes.shape != w_eff.shape or gamma.numel() != 1:
         raise ValueError(f"int8_linear: codes must be int8 {tuple(w_eff.shape)} and gamma one "
                          f"value, got {codes.dtype} {tuple(codes.shape)} and {gamma.numel()}")
-    return _Int8Linear.apply(x, w_eff, codes, gamma.reshape(1).float(), int8_dx)
+    q, inv_s = quantize_rows_torch(x)
+    return _int8_linear_op(x, q, inv_s, w_eff, codes, gamma.reshape(1).float(), int8_dx)
