@@ -3,10 +3,12 @@
 For each preset (and each compile setting asked for) this builds the model with fp32 master
 weights, runs ``--warmup`` untimed steps, then ``--steps`` timed steps under bf16 autocast
 (fp32 on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory and the model's
-own FLOPs per token, the MFU against the device's bf16 dense peak, and each row's speed as a
+own FLOPs per token, the MFU against the device's bf16 dense peak, each row's speed as a
 multiple of the dense bf16 preset of the same shape when the run has one (``x dense``; the
-kernel issue's goals are stated that way). Random tokens are fine: the cost of these layers does
-not depend on the data.
+kernel issue's goals are stated that way), and the step's roofline time from each kernel's
+FLOPs and bytes over the measured ceilings (``roof ms``, ``pipeline.roofline``: a lower bound
+that leaves out the elementwise passes) with the measured step over it (``x roof``). Random
+tokens are fine: the cost of these layers does not depend on the data.
 
 A preset may carry its own overrides: ``walsh-h-125m:walsh_impl=triton`` (several as
 ``name:k=v,k=v``), on top of the ``--set`` ones that apply to every preset; values are YAML,
@@ -26,6 +28,7 @@ import yaml
 
 from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import compile_blocks
+from pipeline.roofline import step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets
 
 
@@ -62,7 +65,9 @@ def bench_one(
     spec: str, overrides: dict, seq_len: int, batch: int, steps: int, warmup: int,
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
     compile_scope: str = "blocks", compile_mode: str | None = None,
+    ceilings: tuple[float, float] | None = None,
 ) -> dict:
+    """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None."""
     name, own = parse_spec(spec)
     cfg = get_preset(name, **{**overrides, **own})
     if cfg.block_size < seq_len:
@@ -106,6 +111,7 @@ def bench_one(
     tokens = batch * seq_len
     flops = model.flops_per_token(seq_len)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    roof = step_roofline_ms(model, batch, seq_len, *ceilings) if ceilings else None
     return {
         "preset": spec, "overrides": {**overrides, **own}, "shape": (cfg.n_layer, cfg.n_embd),
         "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compile_model,
@@ -113,6 +119,7 @@ def bench_one(
         "seq_len": seq_len,
         "batch": batch, "tok_s": tokens / dt, "ms_step": 1e3 * dt, "peak_gib": peak,
         "tflops": flops * tokens / dt / 1e12, "flops_per_token": flops, "warmup_s": warm_s,
+        "roof_ms": roof, "x_roof": 1e3 * dt / roof if roof else None,
     }
 
 
@@ -137,19 +144,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model config overrides applied to every preset, e.g. walsh_impl=dense")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's bf16 dense peak for MFU (default: known GPUs' table)")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="memory bandwidth for the roofline column (default: measured on CUDA; "
+                        "on CPU the column is left out unless this and --peak-tflops are set)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
 HEADER = (f"{'preset':<34}{'compile':>8}{'tok/s':>11}{'x dense':>8}{'ms/step':>9}"
-          f"{'TFLOP/s':>9}{'MFU':>6}{'peak GiB':>9}{'warmup s':>9}")
+          f"{'TFLOP/s':>9}{'MFU':>6}{'peak GiB':>9}{'warmup s':>9}{'roof ms':>8}{'x roof':>7}")
 
 
 def _line(r: dict) -> str:
     ratio = f"{r['x_dense']:.2f}" if r.get("x_dense") else "-"
     mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
+    roof = f"{r['roof_ms']:.1f}" if r.get("roof_ms") else "-"
+    x_roof = f"{r['x_roof']:.2f}" if r.get("x_roof") else "-"
     return (f"{r['preset']:<34}{str(r['compile']):>8}{r['tok_s']:>11,.0f}{ratio:>8}"
             f"{r['ms_step']:>9.1f}{r['tflops']:>9.1f}{mfu:>6}{r['peak_gib']:>9.2f}"
-            f"{r['warmup_s']:>9.1f}")
+            f"{r['warmup_s']:>9.1f}{roof:>8}{x_roof:>7}")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -165,13 +177,23 @@ def main(args: argparse.Namespace) -> list[dict]:
           f"T={args.seq_len} B={args.batch} steps={args.steps} overrides={overrides} "
           f"compile_scope={args.compile_scope} compile_mode={args.compile_mode}")
     peak = device_peak_tflops(device, args.peak_tflops)
+    ceilings = None  # (bf16 TFLOP/s, GB/s) for the roofline column
+    if device.type == "cuda":
+        from pipeline.bench_layer import measure_ceilings
+
+        bw, tflops = measure_ceilings()
+        ceilings = (tflops, args.bandwidth_gbs or bw)
+        print(f"# roofline ceilings: {ceilings[0]:,.0f} TFLOP/s bf16 (int8 twice), "
+              f"{ceilings[1]:,.0f} GB/s")
+    elif args.peak_tflops and args.bandwidth_gbs:
+        ceilings = (args.peak_tflops, args.bandwidth_gbs)
     for spec in args.presets:
         parse_spec(spec)  # a typo fails before the first model is built
     rows = []
     for spec in args.presets:
         for comp in modes:
             r = bench_one(spec, overrides, args.seq_len, args.batch, args.steps, args.warmup,
-                          comp, device, dtype, args.compile_scope, args.compile_mode)
+                          comp, device, dtype, args.compile_scope, args.compile_mode, ceilings)
             r["mfu"] = r["tflops"] / peak if peak else None
             rows.append(r)
             if device.type == "cuda":

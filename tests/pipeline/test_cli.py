@@ -67,6 +67,16 @@ def test_bench_train_cpu_writes_rows(tmp_path):
     ]
     assert rows[0]["tok_s"] > 0 and rows[0]["flops_per_token"] > 0
     assert rows[0]["x_dense"] is None  # no dense bf16 row of its shape in the run
+    assert rows[0]["roof_ms"] is None  # CPU, no ceilings given: no roofline column
+
+
+def test_bench_train_roofline_column_from_given_ceilings(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["bench", "train", "--presets", "tiny", "--seq-len", "32", "--batch", "2", "--steps",
+          "1", "--warmup", "1", "--compile", "off", "--device", "cpu", "--set", "vocab_size=256",
+          "--peak-tflops", "100", "--bandwidth-gbs", "1000", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["roof_ms"] > 0 and row["x_roof"] == pytest.approx(row["ms_step"] / row["roof_ms"])
 
 
 def test_bench_train_per_preset_overrides_and_ratio_to_dense(tmp_path):

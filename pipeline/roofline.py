@@ -1,0 +1,119 @@
+"""Roofline time of a training step from each kernel's FLOPs and bytes (``walsh bench train``).
+
+For each kernel that a step runs in the structured linear layers (forward and backward, the path
+each layer's config selects), in attention and in the tied LM head, the roofline time is
+    max(bf16 FLOPs / peak + int8 ops / (2 peak), bytes / bandwidth)
+and the step's roofline is their sum. The ceilings are measured (``walsh bench layer``'s copy
+and 8192^3 bf16 GEMM); INT8 tensor cores count at twice the bf16 rate (Hopper's ratio).
+
+Counted: each kernel's operands read once and its results written once; activations bf16
+(2 B), latent weights fp32 (the ternary quantizer reads them twice and writes bf16), weight
+gradients written in their dtype. The kernel lists follow ``walsh.kernels.walsh_linear`` (the
+three-kernel and one-kernel paths), ``walsh.kernels.int8_linear`` and the dense GEMM path;
+the PyTorch ``blocks`` path is costed as the three-kernel one. Not counted: normalization,
+residual, SwiGLU and RoPE passes, embeddings, the optimizer, launch overhead, and the LM head
+weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
+step over it ("x roof") says how far the whole step is from its kernels' ideal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from walsh.layers import StructuredLinear, WalshLinear
+from walsh.models import WalshLM
+
+ACT = 2  # bytes per activation element (bf16)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    flops: float  # bf16 (or fp32-accumulated 16-bit) tensor-core FLOPs
+    int8_ops: float  # INT8 tensor-core operations
+    bytes: float
+
+    def ms(self, peak_tflops: float, bandwidth_gbs: float) -> float:
+        compute = (self.flops + self.int8_ops / 2) / (peak_tflops * 1e12)
+        return 1e3 * max(compute, self.bytes / (bandwidth_gbs * 1e9))
+
+
+def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
+    """The structured Walsh path at n tokens: transforms, A batched GEMMs, gains."""
+    i, o, a, w = layer.in_features, layer.out_features, layer.blocks, layer.weight.numel()
+    g = 2 * n * i * o / a  # the A block GEMMs
+    hi, ho = 2 * a * n * i, 2 * a * n * o  # H applied as [A, A] tensor-core dots
+    if layer.impl == "fused":
+        return [
+            Kernel("walsh fused fwd", g + hi + ho, 0, ACT * (n * i + n * o + w)),
+            Kernel("walsh fused dx+dalpha", g + hi + ho, 0, ACT * (n * o + 2 * n * i + w)),
+            Kernel("walsh fused dbeta", g + hi + ho, 0, ACT * (n * i + n * o + w)),
+            Kernel("walsh_in (dout, x)", ho + hi, 0, 2 * ACT * (n * o + n * i)),
+            Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
+        ]
+    return [
+        Kernel("walsh_in", hi, 0, 2 * ACT * n * i),
+        Kernel("bmm fwd", g, 0, ACT * (n * i + n * o + w)),
+        Kernel("walsh_out", ho, 0, 2 * ACT * n * o),
+        Kernel("walsh_in (dout)", ho, 0, 2 * ACT * n * o),
+        Kernel("walsh_out (y) + gain_grad", ho, 0, 4 * ACT * n * o),
+        Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
+        Kernel("walsh_out (dx) + alpha + gain_grad", hi, 0, 6 * ACT * n * i),
+        Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
+    ]
+
+
+def _dense_kernels(layer: StructuredLinear, n: int) -> list[Kernel]:
+    """One GEMM per pass on the materialized [out, in] weight (bf16, or INT8 forward/dx)."""
+    i, o = layer.in_features, layer.out_features
+    f = 2 * n * i * o
+    out: list[Kernel] = []
+    if layer.blocks > 1:  # blocks -> dense matrix, and its gradient back to the blocks
+        p = layer.weight.numel()
+        out += [Kernel("materialize", 0, 0, ACT * (p + i * o)),
+                Kernel("materialize^T", 0, 0, 4 * (i * o + p))]
+    if layer.int8_matmul:
+        out.append(Kernel("int8 GEMM fwd", 0, f, n * i + i * o + ACT * n * o))
+        if layer.int8_dx:
+            out.append(Kernel("int8 GEMM dx", 0, f, n * o + i * o + ACT * n * i))
+        else:
+            out.append(Kernel("GEMM dx", f, 0, ACT * (n * o + i * o + n * i)))
+        out.append(Kernel("x_q from codes", 0, 0, n * i + ACT * n * i))
+    else:
+        out += [Kernel("GEMM fwd", f, 0, ACT * (n * i + i * o + n * o)),
+                Kernel("GEMM dx", f, 0, ACT * (n * o + i * o + n * i))]
+    out.append(Kernel("GEMM dw", f, 0, ACT * (n * o + n * i) + 4 * i * o))
+    return out
+
+
+def linear_kernels(layer: StructuredLinear, n: int) -> list[Kernel]:
+    """Every kernel of one training step (forward + backward) of ``layer`` at ``n`` tokens."""
+    out = []
+    if layer.ternary:  # absmean pass and apply pass over the fp32 latent weight, bf16 written
+        p = layer.weight.numel()
+        out.append(Kernel("ternary quantize", 3 * p, 0, 4 * p + 4 * p + ACT * p))
+    if isinstance(layer, WalshLinear) and layer.impl != "dense":
+        return out + _walsh_kernels(layer, n)
+    return out + _dense_kernels(layer, n)
+
+
+def model_kernels(model: WalshLM, batch: int, seq_len: int) -> list[Kernel]:
+    """The kernels of one training step of ``model`` on ``batch`` sequences of ``seq_len``."""
+    c = model.config
+    n, d, t = batch * seq_len, c.n_embd, seq_len
+    out = [k for layer in model.structured_layers() for k in linear_kernels(layer, n)]
+    # flash attention: 2 T C FLOPs per token forward (causal), backward twice that; reads
+    # q, k, v (and o, do in backward), writes o (dq, dk, dv)
+    out += c.n_layer * [Kernel("attention fwd", 2 * n * t * d, 0, 4 * ACT * n * d),
+                        Kernel("attention bwd", 4 * n * t * d, 0, 8 * ACT * n * d)]
+    # tied head + cross-entropy: logits forward, recomputed in backward, dh and dW
+    v = c.vocab_size
+    out += [Kernel("LM head fwd", 2 * n * d * v, 0, ACT * (n * d + v * d)),
+            Kernel("LM head bwd", 6 * n * d * v, 0, ACT * (2 * n * d + v * d) + 4 * v * d)]
+    return out
+
+
+def step_roofline_ms(model: WalshLM, batch: int, seq_len: int, peak_tflops: float,
+                     bandwidth_gbs: float) -> float:
+    """Sum over the step's kernels of each one's roofline time, in ms."""
+    return sum(k.ms(peak_tflops, bandwidth_gbs) for k in model_kernels(model, batch, seq_len))

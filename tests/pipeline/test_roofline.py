@@ -1,0 +1,87 @@
+"""The roofline model (pipeline.roofline): its FLOPs agree with the model's own count, its bytes
+with hand counts, and each kernel takes the slower of its two limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.roofline import Kernel, linear_kernels, model_kernels, step_roofline_ms
+from walsh.layers import make_linear
+from walsh.models import WalshLM, get_preset
+
+N = 1000
+
+
+def test_kernel_time_is_the_slower_limit():
+    # 1 TFLOP at 1000 TFLOP/s is 1 ms; 1 GB at 1000 GB/s is 1 ms
+    assert Kernel("c", 2e12, 0, 1e9).ms(1000, 1000) == pytest.approx(2.0)
+    assert Kernel("m", 1e12, 0, 3e9).ms(1000, 1000) == pytest.approx(3.0)
+    assert Kernel("i", 0, 2e12, 0).ms(1000, 1000) == pytest.approx(1.0)  # INT8 at twice the rate
+
+
+def test_dense_ternary_layer_by_hand():
+    layer = make_linear("dense", 1, 64, 48, ternary=True)
+    p, f = 64 * 48, 2 * N * 64 * 48
+    ks = {k.name: k for k in linear_kernels(layer, N)}
+    assert set(ks) == {"ternary quantize", "GEMM fwd", "GEMM dx", "GEMM dw"}
+    assert ks["ternary quantize"].bytes == 10 * p
+    assert ks["GEMM fwd"].flops == ks["GEMM dx"].flops == ks["GEMM dw"].flops == f
+    assert ks["GEMM fwd"].bytes == 2 * (N * 64 + p + N * 48)
+    assert ks["GEMM dw"].bytes == 2 * (N * 48 + N * 64) + 4 * p
+
+
+def test_int8_layers_move_their_gemms_to_int8():
+    plain = linear_kernels(make_linear("dense", 1, 64, 48, ternary=True, act_bits=8,
+                                       int8_matmul=True), N)
+    dx = linear_kernels(make_linear("dense", 1, 64, 48, ternary=True, act_bits=8,
+                                    int8_matmul=True, int8_dx=True), N)
+    f = 2 * N * 64 * 48
+    assert sum(k.int8_ops for k in plain) == f and sum(k.int8_ops for k in dx) == 2 * f
+    assert sum(k.flops + k.int8_ops for k in plain) == sum(k.flops + k.int8_ops for k in dx)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(algebra="dense", ternary=False),
+    dict(algebra="cayley_dickson", algebra_dim=8, ternary=True),
+    dict(algebra="walsh", algebra_dim=32, walsh_impl="dense", ternary=True),
+    dict(algebra="walsh", algebra_dim=32, walsh_impl="triton", ternary=True),
+])
+def test_gemm_flops_are_three_times_the_layers_own_count(overrides):
+    """Forward, dx and dw: each GEMM-like kernel of a step does one forward's multiply-adds
+    (the Walsh transforms' H dots and gain passes are the only extra FLOPs)."""
+    with torch.device("meta"):
+        model = WalshLM(get_preset("walsh-h-125m", head_mix=False, n_layer=2, **overrides))
+    for layer in model.structured_layers():
+        ks = linear_kernels(layer, N)
+        gemm = sum(k.flops + k.int8_ops for k in ks
+                   if k.name.startswith(("GEMM", "int8 GEMM", "bmm")))
+        a = layer.blocks if overrides.get("walsh_impl") == "triton" else 1
+        assert gemm == 3 * 2 * N * layer.in_features * layer.out_features / a
+
+
+def test_one_kernel_walsh_path_recomputes_its_forward_for_dbeta():
+    layer = make_linear("walsh", 32, 768, 3072, walsh_impl="fused", ternary=True)
+    g = 2 * N * 768 * 3072 / 32
+    h = 2 * 32 * N * (768 + 3072)  # both transforms as [A, A] dots
+    ks = linear_kernels(layer, N)
+    assert sum(k.flops for k in ks if k.name != "ternary quantize") == 4 * g + 4 * h
+    # its activations cross memory once each way per pass: the forward moves x, out and w
+    fwd = next(k for k in ks if k.name == "walsh fused fwd")
+    assert fwd.bytes == 2 * (N * 768 + N * 3072 + 768 * 3072 // 32)
+
+
+def test_step_roofline_sums_the_models_kernels_and_counts_attention_and_head():
+    with torch.device("meta"):
+        model = WalshLM(get_preset("dense-125m", n_layer=2))
+    ks = model_kernels(model, 4, 256)
+    names = [k.name for k in ks]
+    assert names.count("attention fwd") == 2 and "LM head bwd" in names
+    total = step_roofline_ms(model, 4, 256, 500, 2000)
+    assert total == pytest.approx(sum(k.ms(500, 2000) for k in ks))
+    # the structured Walsh path does a 32nd of the GEMM work: at 2048 wide its roofline is lower
+    with torch.device("meta"):
+        dense = WalshLM(get_preset("dense-1b3"))
+        walsh = WalshLM(get_preset("walsh-h-1b3", walsh_impl="triton"))
+    assert step_roofline_ms(walsh, 16, 1024, 789, 4251) < \
+        0.7 * step_roofline_ms(dense, 16, 1024, 789, 4251)
