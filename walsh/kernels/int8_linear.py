@@ -49,7 +49,9 @@ import triton.language as tl
 
 from walsh.quant import EPS, act_quant_ste
 
-# measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6)
+# measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6);
+# 3 stages of two 128 x 128 int8 tiles take 96 KiB of shared memory (H100/H200 and A100 have
+# more; consumer Ampere/Ada GPUs have 99 KiB: untested there)
 BM, BN, BK, GEMM_WARPS, GEMM_STAGES = 128, 128, 128, 8, 3
 
 
