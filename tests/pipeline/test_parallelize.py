@@ -15,7 +15,7 @@ from walsh.models.presets import get_preset
 def _accumulated_grads(model: WalshLM, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Two optimizer steps' worth of micro steps, gradients summed over each step's micro
     steps; returns the second step's gradients (the first also warms up and records graphs)."""
-    for step in range(2):
+    for _ in range(2):
         model.zero_grad(set_to_none=True)
         for b in batches:
             model(b[:, :-1], b[:, 1:]).backward()
