@@ -58,8 +58,21 @@ def ternary_ste(w: torch.Tensor, per_component: bool = False,
     exports would not bit-match).
     """
     codes, scale = _codes(w, per_component)
-    w_eff = codes * scale + (w - w.detach())
+    w_eff = _straight_through(codes, scale, w)
     return w_eff if out_dtype is None else w_eff.to(out_dtype)
+
+
+def ternary_ste_and_codes(w: torch.Tensor, per_component: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``ternary_ste(w)``, its codes int8, its scale) from one quantization: for the INT8
+    layers, which need the effective weight (for autograd) and the codes (for the product)."""
+    codes, scale = _codes(w, per_component)
+    return _straight_through(codes, scale, w), codes.to(torch.int8), scale
+
+
+def _straight_through(codes: torch.Tensor, scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """gamma * Q in value, the identity's gradient to w (see ``ternary_ste``)."""
+    return codes * scale + (w - w.detach())
 
 
 def ternary_codes_ste(w: torch.Tensor, per_component: bool = False) -> torch.Tensor:

@@ -9,7 +9,13 @@ import pytest
 import torch
 from _helpers import rel_err
 
-from walsh.quant import TERNARY_RMS_RETENTION, act_quant_ste, ternary_quantize, ternary_ste
+from walsh.quant import (
+    TERNARY_RMS_RETENTION,
+    act_quant_ste,
+    ternary_quantize,
+    ternary_ste,
+    ternary_ste_and_codes,
+)
 
 # Hand-written latent weights [A=2, n_out=2, n_in=3]; no element sits on a rounding tie.
 W_HAND = torch.tensor(
@@ -107,6 +113,21 @@ def test_ternary_ste_forward_is_exactly_scale_times_codes(per_component, gen):
         f"{n_bad}/{w.numel()} entries differ from scale*codes, "
         f"max |diff| = {(out - expected).abs().max().item():.3g}"
     )
+
+
+@pytest.mark.parametrize("per_component", (False, True))
+def test_ternary_ste_and_codes_is_both_from_one_quantization(per_component, gen):
+    """The INT8 layers' one call: ternary_ste's value and gradient, ternary_quantize's codes
+    and scale, exactly."""
+    w = (torch.randn(8, 24, 40, generator=gen) * 0.05).requires_grad_()
+    w_eff, codes, scale = ternary_ste_and_codes(w, per_component)
+    ref_codes, ref_scale = ternary_quantize(w, per_component)
+    assert torch.equal(w_eff, ternary_ste(w, per_component))
+    assert codes.dtype == torch.int8 and torch.equal(codes, ref_codes)
+    assert torch.equal(scale, ref_scale)
+    g = torch.randn(w.shape, generator=gen)
+    (gw,) = torch.autograd.grad(w_eff, w, g)
+    assert torch.equal(gw, g)
 
 
 @pytest.mark.parametrize("per_component", (False, True))

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from walsh.quant import TERNARY_RMS_RETENTION, act_quant_ste, ternary_quantize, ternary_ste
+from walsh.quant import (
+    TERNARY_RMS_RETENTION,
+    act_quant_ste,
+    ternary_quantize,
+    ternary_ste,
+    ternary_ste_and_codes,
+)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +133,11 @@ class StructuredLinear(nn.Module):
         if not self.int8_matmul:
             return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
         x = autocast_input(x)
-        w = self.dense_weight().to(x.dtype)  # [out, in], entries +-gamma or 0
-        # the int8 codes materialized like the weight: the op need not re-derive them from w;
-        # gamma rounded as w's entries are, so the INT8 product and w's backward agree
-        codes, gamma = ternary_quantize(self.weight)  # [A, n_out, n_in] int8, scalar
+        # one quantization gives both the effective weight (autograd's path to the latent
+        # weight) and the int8 codes, each materialized to [out, in]; gamma rounded as w's
+        # entries are, so the INT8 product and w's backward agree
+        w_eff, codes, gamma = ternary_ste_and_codes(self.weight)  # [A, n_out, n_in] x2, scalar
+        w = self.materialize(w_eff).to(x.dtype)  # entries +-gamma or 0
         out = self._int8_linear(x.reshape(-1, self.in_features), w, self.int8_dx,
                                 self.materialize(codes), gamma.to(x.dtype))  # [N, out]
         out = out.view(*x.shape[:-1], self.out_features)
