@@ -22,7 +22,9 @@ Where each part runs, and why:
   codes to int8 inside the kernel instead measured 2x slower on an H200: the cast sits between
   the load and the tensor-core operand.)
 - Backward (straight-through, as the naive path): dx = dout @ w_eff, dw_eff = dout^T @ x_q with
-  x_q rebuilt from the saved codes and scales (1 byte per activation saved). With ``int8_dx``
+  x_q rebuilt from the saved codes and scales (1 byte per activation in eager mode; compiled,
+  the partitioner may save x and recompute the codes instead, as a CPU probe of the joint graph
+  showed, session 6). With ``int8_dx``
   the input gradient's GEMM also runs in INT8: dout quantized per token by the same torch ops
   (fusable into dout's producer in the compiled backward) times Q^T, an approximation of the
   gradient that the naive path does not make. dw_eff stays in dout's dtype.
@@ -34,8 +36,9 @@ dout propagates (amax keeps it) rather than turning into a finite code.
 
 Measured on an H200 (docs/benchmarks.md, session 6): the GEMM at 1.19-1.65x the bf16 GEMM;
 models at 1.00x the bf16 fake-quant path at 125M (quantization passes eat the GEMM gain) and
-1.05x at 24 x 2048; int8_dx at 0.79x with a Triton dout quantizer inside the op, 0.84x with
-the fusable torch ops.
+1.05x at 24 x 2048 (commit 39b2d13); int8_dx at 0.79x with a Triton dout quantizer inside the
+op, 0.84x with the fusable torch ops inside an autograd.Function whose forward was 10% slower
+(c1e683a). This module's present form (the review fixes since) is not re-measured.
 
 Code order: naive reference, PyTorch quantizers, kernel, launcher, custom ops, autograd,
 functional.
