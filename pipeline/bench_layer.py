@@ -1,13 +1,13 @@
 """``walsh bench layer``: one structured linear layer and each of its kernels against a roofline.
 
 Timing is triton's ``do_bench`` (median, L2 flushed before each call). The ceilings are
-measured first, on the device at hand: the copy bandwidth (a 1 GiB device to
-device copy, read + write bytes over time) and the bf16 GEMM rate (an 8192^3 matmul). Each
-kernel's roofline time is then ``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it
-must move at least once (inputs read, outputs written); ``x roof`` is the measured time over
-that. The layer rows time forward + backward of the whole layer per ``--impls``, against
-``nn.Linear`` in bf16 of the same shape (``x dense``: dense time over the layer's, so > 1 is
-faster than dense).
+measured first, on the device at hand: the copy bandwidth (a 1 GiB device to device copy, read
++ write bytes over time) and the bf16 GEMM rate (an 8192^3 matmul). Each kernel's roofline time
+is then ``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it must move at least once
+(inputs read, outputs written), INT8 operations at twice the GEMM rate (``pipeline.roofline``'s
+counts and rule); ``x roof`` is the measured time over that. The layer rows time forward +
+backward of the whole layer per ``--impls``, against ``nn.Linear`` in bf16 of the same shape
+(``x dense``: dense time over the layer's, so > 1 is faster than dense).
 
 Shapes: N = ``--tokens`` rows (16 x 1024 by default, the model benchmark's batch), the layer
 ``--in-features -> --out-features`` with A = ``--blocks``. bf16 autocast, as in training.
@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from walsh.layers import WalshLinear
+from pipeline.roofline import Kernel, linear_kernels
+from walsh.layers import TernaryLinear, WalshLinear
 
 
 def _time_ms(fn, grads=None) -> float:
@@ -44,14 +45,25 @@ def measure_ceilings() -> tuple[float, float]:
     return bw, 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
-def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, float, float]]:
-    """(name, thunk, FLOPs, bytes) for each kernel of a Walsh layer's forward and backward."""
+def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
+                ) -> list[tuple[str, object, Kernel]]:
+    """(name, thunk, its FLOPs and bytes) for each kernel of a Walsh layer's forward and
+    backward, and of the dense-shape bf16 and INT8 GEMMs beside them. The FLOPs and bytes are
+    ``pipeline.roofline``'s for the same layers, so this table and ``walsh bench train``'s
+    roofline column count alike."""
     from walsh.kernels import int8_linear as ik
     from walsh.kernels import ternary as tk
     from walsh.kernels import walsh_linear as wf
     from walsh.kernels import walsh_transform as wt
 
-    dev, bf = "cuda", torch.bfloat16
+    with torch.device("meta"):  # the layers whose kernels are timed, for their counts only
+        roof = {k.name: k for layer in (
+            WalshLinear(fin, fout, blocks=a, impl="triton", ternary=True),
+            WalshLinear(fin, fout, blocks=a, impl="fused", ternary=True),
+            TernaryLinear(fin, fout, ternary=False),
+            TernaryLinear(fin, fout, ternary=True, act_bits=8, int8_matmul=True, int8_dx=True),
+        ) for k in linear_kernels(layer, n)}
+    bf = torch.bfloat16
     lin, lout = fin // a, fout // a
     x = torch.randn(n, fin, device=dev, dtype=bf)
     u = torch.randn(a, n, lin, device=dev, dtype=bf)
@@ -61,7 +73,6 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
     alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)
-    m = w.numel()
     wd = (torch.randn(fout, fin, device=dev) * 0.02).to(bf)  # a dense [out, in] weight
     xq, inv_s = ik.quantize_rows_torch(x)
     gq, inv_sg = ik.quantize_rows_torch(dout)
@@ -71,35 +82,29 @@ def kernel_rows(n: int, fin: int, fout: int, a: int) -> list[tuple[str, object, 
     gamma = torch.full((1,), 0.02, device=dev)
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
-        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), 2 * a * n * fin, 2 * 2 * n * fin),
-        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), 2 * a * n * fout, 2 * 2 * n * fout),
-        ("gain_grad", lambda: wt.gain_grad_raw(dout, z, a), 2 * n * fout, 2 * 2 * n * fout),
-        # absmean pass reads w, apply pass reads w and writes bf16
-        ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), 3 * m, 4 * m + 4 * m + 2 * m),
-        ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), 2 * n * fin * fout / a,
-         2 * (n * fin + n * fout + m)),
-        # the fused layer: x and w in, out written; FLOPs = the GEMMs and both H dots
-        ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta),
-         2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
-        # dx and dalpha: dout and x in, dx written
+        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), roof["walsh_in"]),
+        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), roof["walsh_out"]),
+        ("gain_grad", lambda: wt.gain_grad_raw(dout, z, a),
+         Kernel("gain_grad", 2 * n * fout, 0, 2 * 2 * n * fout)),
+        ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), roof["ternary quantize"]),
+        ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), roof["bmm fwd"]),
+        # the one-kernel layer: x and w in, out written; FLOPs = the GEMMs and both H dots
+        ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta), roof["walsh fused fwd"]),
         ("fused dx+dalpha", lambda: wf.walsh_linear_dx_raw(dout, x, wq, alpha, beta),
-         2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fout + 2 * n * fin + m)),
-        # dbeta: the forward recomputed, x and dout in, nothing [N, *]-sized written
+         roof["walsh fused dx+dalpha"]),
         ("fused dbeta", lambda: wf.walsh_linear_dbeta_raw(dout, x, wq, alpha),
-         2 * n * fin * fout / a + 2 * a * n * (fin + fout), 2 * (n * fin + n * fout + m)),
-        # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces; the GEMM
-        # rows' roofline uses the bf16 rate, so an INT8 GEMM's ideal there is 0.5 (the
-        # codes come from x's or dout's producer under compile; the row quant row times them
-        # compiled alone, the cost when nothing fuses them)
-        ("int8 GEMM fwd", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf), 2 * n * fin * fout,
-         n * fin + fin * fout + 2 * n * fout),
-        ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), 2 * n * fin * fout,
-         2 * (n * fin + fin * fout + n * fout)),
-        ("int8 row quant (alone)", lambda: quantize(dout), 0, n * fout * (2 + 1) + 4 * n),
+         roof["walsh fused dbeta"]),
+        # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces, INT8 at
+        # twice the bf16 rate (the codes come from x's or dout's producer under compile; the
+        # row quant row times them compiled alone, the cost when nothing fuses them)
+        ("int8 GEMM fwd", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf),
+         roof["int8 GEMM fwd"]),
+        ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), roof["GEMM fwd"]),
+        ("int8 row quant (alone)", lambda: quantize(dout),
+         Kernel("row quant", 0, 0, n * fout * (2 + 1) + 4 * n)),
         ("int8 GEMM dx", lambda: ik.int8_matmul(gq, inv_sg, codes_t, gamma, bf),
-         2 * n * fin * fout, n * fout + fin * fout + 2 * n * fin),
-        ("bf16 GEMM dx (dense)", lambda: dout @ wd, 2 * n * fin * fout,
-         2 * (n * fout + fin * fout + n * fin)),
+         roof["int8 GEMM dx"]),
+        ("bf16 GEMM dx (dense)", lambda: dout @ wd, roof["GEMM dx"]),
     ]
 
 
@@ -148,13 +153,11 @@ def main(args: argparse.Namespace) -> None:
           f"{fin}->{fout} A={a}; measured ceilings: copy {bw:,.0f} GB/s, "
           f"bf16 GEMM {tflops:,.0f} TFLOP/s")
     print(f"{'kernel':<24}{'ms':>9}{'roof ms':>9}{'x roof':>8}{'GB/s':>8}{'TFLOP/s':>9}")
-    roof_total = 0.0
-    for name, fn, flops, nbytes in kernel_rows(n, fin, fout, a):
+    for name, fn, k in kernel_rows(n, fin, fout, a):
         ms = _time_ms(fn)
-        roof = 1e3 * max(flops / (tflops * 1e12), nbytes / (bw * 1e9))
-        roof_total += roof
+        roof = k.ms(tflops, bw)
         print(f"{name:<24}{ms:>9.3f}{roof:>9.3f}{ms / roof:>8.2f}"
-              f"{nbytes / ms / 1e6:>8,.0f}{flops / ms / 1e9:>9.1f}")
+              f"{k.bytes / ms / 1e6:>8,.0f}{(k.flops + k.int8_ops) / ms / 1e9:>9.1f}")
     print(f"{'layer':<24}{'ms':>9}{'x dense':>9}")
     dense_ms = None
     for name, fn, grads in layer_rows(n, fin, fout, a, args.impls, args.compile):

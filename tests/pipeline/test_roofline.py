@@ -85,3 +85,20 @@ def test_step_roofline_sums_the_models_kernels_and_counts_attention_and_head():
         walsh = WalshLM(get_preset("walsh-h-1b3", walsh_impl="triton"))
     assert step_roofline_ms(walsh, 16, 1024, 789, 4251) < \
         0.7 * step_roofline_ms(dense, 16, 1024, 789, 4251)
+
+
+def test_bench_layer_rows_run_and_take_the_rooflines_counts():
+    """``walsh bench layer``'s table at small odd shapes on CPU (TRITON_INTERPRET=1): every
+    thunk runs, and each row carries the roofline's count of the kernel it times."""
+    pytest.importorskip("triton")
+    from pipeline.bench_layer import kernel_rows
+
+    n, fin, fout, a = 40, 64, 96, 32
+    rows = {name: (fn, k) for name, fn, k in kernel_rows(n, fin, fout, a, dev="cpu")}
+    for name, (fn, _) in rows.items():
+        assert fn() is not None, name
+    assert rows["fused fwd"][1].bytes == 2 * (n * fin + n * fout + fin * fout // a)
+    assert rows["bmm (fwd)"][1].flops == 2 * n * fin * fout / a
+    gemm = rows["int8 GEMM dx"][1]
+    assert gemm.flops == 0 and gemm.int8_ops == 2 * n * fin * fout
+    assert gemm.bytes == n * fout + fin * fout + 2 * n * fin  # int8 dout and codes, bf16 dx
