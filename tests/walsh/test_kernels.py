@@ -89,7 +89,10 @@ def test_ternary_quantize_matches_reference(seed):
 # Every case has >= 16 gain entries: a gain's gradient is a sum over tokens, and with a handful
 # of entries its norm is small often enough (a chi-square tail: 4.5% of draws at 2 entries) for
 # bf16's per-term rounding to exceed 1e-2 of it.
-GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 4), (2, 3, 9), (32, 4, 1), (32, 1, 24)]
+# (A, N, lanes): tiles of many tokens (few lanes), of two (33 lanes -> 64 padded) and of one
+# token (130 lanes -> 256), with N not a multiple of the tokens per tile
+GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 4), (2, 3, 9), (32, 4, 1), (32, 1, 24),
+        (32, 7, 33), (2, 5, 130)]
 
 
 # which: (fused op, raw launcher, naive reference, input shape for (a, n, lanes))
@@ -382,6 +385,20 @@ def test_custom_ops_trace_without_graph_breaks(impl, seed):
 
 
 # -- full shapes on the GPU -------------------------------------------------------------------
+@pytest.mark.gpu
+def test_launch_wraps_kernels_only_while_tracing():
+    """Eager launches call the kernel itself (the traceable wrapper costs ~150 us of host time
+    per launch); under a fake tensor mode, as compile traces an op body, it is wrapped. (Under
+    the CPU interpreter ``wrap_triton`` returns the kernel either way, so this runs on CUDA.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from walsh.kernels.registry import launch
+
+    assert launch(wt._walsh_kernel) is wt._walsh_kernel
+    with FakeTensorMode():
+        assert launch(wt._walsh_kernel) is not wt._walsh_kernel
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768), (2048, 8192)])

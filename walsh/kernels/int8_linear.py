@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from walsh.kernels.registry import kernel_op, launch
 from walsh.quant import EPS, act_quant_ste
 
 # measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6);
@@ -115,27 +116,24 @@ def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma
     out = torch.empty(m, n, device=q.device, dtype=out_dtype)
     if m and n:
         grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
-        _int8_matmul_kernel[grid](q, codes, inv_s, gamma, out, m, n, k,
-                                  BM=BM, BN=BN, BK=BK, num_warps=GEMM_WARPS,
-                                  num_stages=GEMM_STAGES)
+        launch(_int8_matmul_kernel)[grid](q, codes, inv_s, gamma, out, m, n, k,
+                                          BM=BM, BN=BN, BK=BK, num_warps=GEMM_WARPS,
+                                          num_stages=GEMM_STAGES)
     return out
 
 
-# -- custom op: the GEMM alone (its int8 operands take no gradient) ---------------------------
-@torch.library.custom_op("walsh::int8_mm", mutates_args=())
+# -- ops (walsh.kernels.registry): the GEMM alone (its int8 operands take no gradient) --------
+@kernel_op("walsh::int8_mm", lambda q, inv_s, codes, gamma, out_dtype:
+           q.new_empty(q.shape[0], codes.shape[0], dtype=out_dtype))
 def _int8_mm_op(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """``int8_matmul`` as one opaque op, so that compile neither traces nor splits the launch."""
+    """``int8_matmul`` as one op, so that compile does not split the launch."""
     return int8_matmul(q, inv_s, codes, gamma, out_dtype)
 
 
-@_int8_mm_op.register_fake
-def _(q, inv_s, codes, gamma, out_dtype):
-    return q.new_empty(q.shape[0], codes.shape[0], dtype=out_dtype)
-
-
-# -- autograd on a custom op ------------------------------------------------------------------
-@torch.library.custom_op("walsh::int8_linear", mutates_args=())
+# -- autograd on an op ------------------------------------------------------------------------
+@kernel_op("walsh::int8_linear", lambda x, q, inv_s, w_eff, codes, gamma, int8_dx:
+           x.new_empty(x.shape[0], w_eff.shape[0]))
 def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, inv_s: torch.Tensor, w_eff: torch.Tensor,
                     codes: torch.Tensor, gamma: torch.Tensor, int8_dx: bool) -> torch.Tensor:
     """x [M, K] and w_eff [N, K] (not read: the autograd paths), their codes q [M, K] int8 with
@@ -145,11 +143,6 @@ def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, inv_s: torch.Tensor, w_eff
     input of nothing opaque, used 0.64 GiB less at 125M but ran 10% slower on an H200:
     docs/benchmarks.md, session 6.)"""
     return int8_matmul(q, inv_s, codes, gamma, x.dtype)
-
-
-@_int8_linear_op.register_fake
-def _(x, q, inv_s, w_eff, codes, gamma, int8_dx):
-    return x.new_empty(x.shape[0], w_eff.shape[0])
 
 
 def _setup(ctx, inputs, output):

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from walsh.kernels.registry import kernel_op, launch
 from walsh.quant import EPS
 
 BLOCK = 1024
@@ -44,9 +45,11 @@ def _ternary_apply_kernel(w_ptr, total_ptr, out_ptr, codes_ptr, M, divisor, eps,
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     w = tl.load(w_ptr + g * M + offs, mask=mask, other=0.0).to(tl.float32)
-    # gamma = max(total / divisor, eps) with an IEEE division, as torch computes it
+    # gamma = max(total / divisor, eps) with an IEEE division, as torch computes it; the float
+    # arguments made fp32 tensors (compiled, inductor passes Python floats as fp64)
     t = tl.load(total_ptr + g)
-    s = tl.maximum(tl.math.div_rn(t, t * 0.0 + divisor), eps)
+    s = tl.maximum(tl.math.div_rn(t, (t * 0.0 + divisor).to(tl.float32)),
+                   (t * 0.0 + eps).to(tl.float32))
     r = tl.math.div_rn(w, tl.zeros_like(w) + s)
     q = tl.where(r > 0.5, 1.0, tl.where(r < -0.5, -1.0, 0.0))
     tl.store(out_ptr + g * M + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
@@ -66,7 +69,7 @@ def _abs_total(w2: torch.Tensor, g: int, m: int) -> torch.Tensor:
     by torch in a fixed order."""
     p = triton.cdiv(m, BLOCK)
     part = torch.empty(g, p, device=w2.device, dtype=torch.float32)
-    _abs_partial_kernel[(g, p)](w2, part, m, p, BLOCK=BLOCK)
+    launch(_abs_partial_kernel)[(g, p)](w2, part, m, p, BLOCK=BLOCK)
     return part.sum(dim=1)
 
 
@@ -90,25 +93,21 @@ def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
     if codes is None:
         codes = torch.empty(w.shape, device=w.device, dtype=torch.int8) if write_codes else out
     grid = (g, triton.cdiv(m, BLOCK))
-    _ternary_apply_kernel[grid](w2, scale.reshape(-1).contiguous(), out, codes, m,
-                                float(divisor), float(eps), WRITE_CODES=write_codes,
-                                BLOCK=BLOCK)
+    launch(_ternary_apply_kernel)[grid](w2, scale.reshape(-1).contiguous(), out, codes, m,
+                                        float(divisor), float(eps), WRITE_CODES=write_codes,
+                                        BLOCK=BLOCK)
     return out, (codes if write_codes else None)
 
 
-# -- autograd (a custom op, so torch.compile keeps it as one node) ----------------------------
-@torch.library.custom_op("walsh::ternary_ste", mutates_args=())
+# -- autograd (an op, ``walsh.kernels.registry``) ---------------------------------------------
+@kernel_op("walsh::ternary_ste", lambda w, per_component, out_dtype:
+           torch.empty_like(w, dtype=out_dtype))
 def _ternary_ste_op(w: torch.Tensor, per_component: bool, out_dtype: torch.dtype) -> torch.Tensor:
     # three launches: partial sums, their fixed-order sum, and apply (which divides and clamps)
     w2, g, m = _groups(w, per_component)
     out, _ = ternary_apply(w, _abs_total(w2, g, m), per_component, out_dtype, divisor=m,
                            eps=EPS)
     return out
-
-
-@_ternary_ste_op.register_fake
-def _(w, per_component, out_dtype):
-    return torch.empty_like(w, dtype=out_dtype)
 
 
 def _setup(ctx, inputs, output):

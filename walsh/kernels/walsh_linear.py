@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from walsh.kernels.registry import kernel_op, launch
 from walsh.kernels.walsh_transform import _hadamard, gain_grad_raw, walsh_in_raw, walsh_out_raw
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -110,7 +111,7 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
         s = s * tl.load(pre_ptr + g3 * LC + c_row, mask=(c_row < LC) & (g3 < A),
                         other=0.0).to(tl.float32)
         u = tl.reshape(_mix(h_mat, tl.reshape(s, [A, BM * BC]), USE_DOT, IEEE), [A, BM, BC])
-        u = u * inv_sqrt_a
+        u = u * (tl.zeros_like(u) + inv_sqrt_a).to(tl.float32)  # fp32 where inductor passes fp64
         c_col = (c0 + tl.arange(0, BC))[None, :, None]                # [1, BC, 1]
         w_mask = (c_col < LC) & (d3 < LD) & (g3 < A)
         wt = tl.load(w_ptr + g3 * (LC * LD) + c_col * w_sc + d3 * w_sd, mask=w_mask,
@@ -120,7 +121,7 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
         else:  # bf16 weights are exact in TF32; u is rounded to TF32 (finer than bf16)
             acc = tl.dot(u, wt, acc, input_precision="tf32")
     z = tl.reshape(_mix(h_mat, tl.reshape(acc, [A, BM * BD]), USE_DOT, IEEE), [A, BM, BD])
-    z = z * inv_sqrt_a
+    z = z * (tl.zeros_like(z) + inv_sqrt_a).to(tl.float32)
     o_mask = (i3 < N) & (d3 < LD) & (g3 < A)
     o_off = i3.to(tl.int64) * (A * LD) + g3 * LD + d3
     if GAIN:
@@ -170,7 +171,7 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
     if n > 0:
         bc, bd = _tile(lc, src.dtype), _tile(ld, src.dtype)
         dummy = src
-        _walsh_linear_kernel[(tiles, triton.cdiv(ld, bd))](
+        launch(_walsh_linear_kernel)[(tiles, triton.cdiv(ld, bd))](
             src, w, pre.contiguous(), post.contiguous() if post is not None else dummy,
             dst if store else dummy, other.contiguous() if gain else dummy,
             part if gain else dummy, n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
@@ -228,10 +229,20 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, y):
     return dx, torch.bmm(dy.transpose(1, 2), u), gain_grad_raw(t, x, a), dbeta
 
 
-# -- autograd: two custom ops per layer, so that torch.compile keeps the layer as one forward
-# and one backward node and eager mode pays the custom-op dispatch (tens of microseconds of
-# host time each) twice per layer, not once per kernel -------------------------------------
-@torch.library.custom_op("walsh::walsh_linear", mutates_args=())
+# -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches
+# inductor makes from its own code; opaque custom ops under the interpreter), so that eager mode
+# pays the dispatcher (tens of microseconds of host time each) twice per layer, not once per
+# kernel ----------------------------------------------------------------------------------
+def _linear_fake(x, w, alpha, beta, one_kernel):
+    a, lo, li = w.shape
+    n = x.shape[0]
+    out = x.new_empty(n, a * lo)
+    if one_kernel:
+        return out, x.new_empty(0), x.new_empty(0)
+    return out, x.new_empty(a, n, li), x.new_empty(a, n, lo)
+
+
+@kernel_op("walsh::walsh_linear", _linear_fake)
 def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, u, y): u and y are the three-kernel path's intermediates, saved for its backward;
@@ -241,17 +252,12 @@ def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torc
     return three_kernel_forward(x, w, alpha, beta)
 
 
-@_linear_op.register_fake
-def _(x, w, alpha, beta, one_kernel):
-    a, lo, li = w.shape
-    n = x.shape[0]
-    out = x.new_empty(n, a * lo)
-    if one_kernel:
-        return out, x.new_empty(0), x.new_empty(0)
-    return out, x.new_empty(a, n, li), x.new_empty(a, n, lo)
+def _linear_backward_fake(dout, x, w, alpha, beta, u, y, one_kernel):
+    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
+        torch.empty_like(beta)
 
 
-@torch.library.custom_op("walsh::walsh_linear_backward", mutates_args=())
+@kernel_op("walsh::walsh_linear_backward", _linear_backward_fake)
 def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                         alpha: torch.Tensor, beta: torch.Tensor, u: torch.Tensor,
                         y: torch.Tensor, one_kernel: bool
@@ -261,12 +267,6 @@ def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     else:
         dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, y)
     return dx.to(x.dtype), dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
-
-
-@_linear_backward_op.register_fake
-def _(dout, x, w, alpha, beta, u, y, one_kernel):
-    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
-        torch.empty_like(beta)
 
 
 def _setup(ctx, inputs, output):

@@ -5,8 +5,9 @@ beta [A, n_out] and S = 1/sqrt(A), H the Sylvester Hadamard matrix (+-1):
     u = walsh_in(x, alpha)    [A, N, n_in]   u[h,i,j] = S sum_g H[h,g] alpha[g,j] x[i, g n_in + j]
     y = bmm(u, W^T)           [A, N, n_out]  the A small GEMMs (cuBLAS, batched)
     out = walsh_out(y, beta)  [N, A*n_out]   out[i, h n_out + j] = beta[h,j] S sum_g H[h,g] y[g,i,j]
-Each transform is one kernel pass: read the [A, tile] slab once, scale, multiply by H on the
-tensor cores (``tl.dot``; A >= 16) or by broadcast sums (A < 16), write in the other layout.
+Each transform is one kernel pass over tiles of whole tokens: read the [A, tokens, lanes] slab
+once, scale, multiply by H on the tensor cores (``tl.dot``; A >= 16) or by broadcast sums
+(A < 16), write in the other layout.
 The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's ``blocks`` path
 (``walsh.layers.hadamard``), re-exported here.
 
@@ -33,10 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
+from walsh.kernels.registry import kernel_op, launch
+
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
-BLOCK_COLS = 64
+# lanes per program (whole tokens of TILE_LANES // padded lanes each) and warps: the best or
+# within 4% of the best of a sweep at 24, 64 and 96 lanes (A = 32, N = 16k, bf16) on an H200
+# (docs/benchmarks.md, session 7)
+TILE_LANES, TILE_WARPS = 128, 4
 
 
 def gain_grad_naive(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -57,36 +63,41 @@ def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
 
 
 @triton.jit
-def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, NL, L, inv_sqrt_a,
-                  A: tl.constexpr, LOG_A: tl.constexpr, IN_MODE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """One [A, BLOCK] slab of the logical matrix M[g, c], c = i * L + j (token i, lane j).
-    IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, c], scale alpha[g, j] before H.
-    else:    src block-major y[g, c], dst token-major out[i, h*L + j], scale beta[h, j] after H."""
-    rows = tl.arange(0, A)[:, None]                       # [A, 1]: g (src) or h (dst)
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
-    mask = (c < NL) & (rows < A)
-    i = c // L
-    j = c - i * L
-    token_major = i * (A * L) + rows * L + j              # [A, BLOCK]
-    block_major = rows * NL + c
+def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, N, inv_sqrt_a,
+                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                  BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """BT whole tokens per program, as an [A, BT, LP] slab (lanes padded to LP, a power of 2).
+    IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
+    else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
+    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's row (and
+    each block's run of BT tokens) is read and written as contiguous runs. (The previous
+    kernel walked columns c = i*L + j and split them by a runtime division: 3-4.4x its
+    roofline at 24 lanes, against 2.1x for this one; docs/benchmarks.md, session 7.)"""
+    g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
+    i = (tl.program_id(0) * BT + tl.arange(0, BT))[None, :, None]      # [1, BT, 1]
+    j = tl.arange(0, LP)[None, None, :]                                # [1, 1, LP]
+    mask = (i < N) & (j < L) & (g < A)
+    token_major = i.to(tl.int64) * (A * L) + g * L + j                 # [A, BT, LP]
+    block_major = g.to(tl.int64) * N * L + i * L + j
     src_off = token_major if IN_MODE else block_major
     dst_off = block_major if IN_MODE else token_major
     x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        s = tl.load(scale_ptr + rows * L + j, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + g * L + j, mask=(j < L) & (g < A), other=0.0).to(tl.float32)
     if IN_MODE and HAS_SCALE:
         x = x * s
-    h_mat = _hadamard(A, LOG_A)                            # [A, A]
+    h_mat = _hadamard(A, LOG_A)                                        # [A, A]
+    x2 = tl.reshape(x, [A, BT * LP])
     if USE_DOT:
-        if IEEE:  # fp32 inputs: exact products, no TF32
-            y = tl.dot(h_mat, x, input_precision="ieee")
-        else:  # 16-bit inputs: +-1 and bf16 values are exact in TF32, so TF32 loses nothing
-            y = tl.dot(h_mat, x, input_precision="tf32")
+        if IEEE:
+            y = tl.dot(h_mat, x2, input_precision="ieee")
+        else:
+            y = tl.dot(h_mat, x2, input_precision="tf32")
     else:
-        y = tl.sum(h_mat[:, :, None] * x[None, :, :], axis=1)
-    y = y * inv_sqrt_a
+        y = tl.sum(h_mat[:, :, None] * x2[None, :, :], axis=1)
+    # S in fp32 (compiled, inductor passes Python floats as fp64)
+    y = tl.reshape(y, [A, BT, LP]) * (tl.zeros([A, BT, LP], tl.float32) + inv_sqrt_a).to(tl.float32)
     if (not IN_MODE) and HAS_SCALE:
         y = y * s
     tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
@@ -120,10 +131,12 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     if nl == 0:
         return dst
     scale_arg = scale.contiguous() if scale is not None else src
-    grid = (triton.cdiv(nl, BLOCK_COLS),)
-    _walsh_kernel[grid](src, dst, scale_arg, nl, lanes, 1.0 / math.sqrt(a), A=a,
-                        LOG_A=int(math.log2(a)), IN_MODE=in_mode, HAS_SCALE=scale is not None,
-                        USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BLOCK=BLOCK_COLS)
+    lp = triton.next_power_of_2(lanes)
+    bt = max(1, TILE_LANES // lp)  # tokens per program
+    launch(_walsh_kernel)[(triton.cdiv(n_tok, bt),)](
+        src, dst, scale_arg, n_tok, 1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes,
+        LP=lp, BT=bt, IN_MODE=in_mode, HAS_SCALE=scale is not None, USE_DOT=a >= 16,
+        IEEE=src.dtype == torch.float32, num_warps=TILE_WARPS)
     return dst
 
 
@@ -140,7 +153,7 @@ def gain_grad_raw(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor
         return torch.zeros(blocks, c // blocks, device=a.device, dtype=torch.float32)
     chunks = triton.cdiv(n, GAIN_CHUNK)
     part = torch.empty(chunks, c, device=a.device, dtype=torch.float32)  # every entry written
-    _gain_grad_kernel[(triton.cdiv(c, GAIN_COLS), chunks)](
+    launch(_gain_grad_kernel)[(triton.cdiv(c, GAIN_COLS), chunks)](
         a, b, part, n, c, GAIN_CHUNK, BLOCK_R=GAIN_ROWS, BLOCK_C=GAIN_COLS)
     return part.sum(0).view(blocks, c // blocks)
 
@@ -166,31 +179,29 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
     return _launch(y, beta, a, y.shape[2], y.shape[1], in_mode=False, out=out)
 
 
-# -- autograd: custom ops, so torch.compile keeps each transform as one graph node -----------
+# -- autograd: ops (``walsh.kernels.registry``), so torch.compile keeps each transform whole --
 # The gains' gradient is an op too. Written as torch ops (a product, a sum over N, a view to
 # [A, L]) inside the backward, the compiled backward under torch 2.11 returned a flat [A*L]
 # gradient once N reached 16k tokens ("CompiledFunctionBackward returned an invalid gradient
 # ... got [768] but expected [32, 24]"; 2k and 4k tokens passed); as an opaque op it does not.
 # The cause inside inductor was not pinned down.
-@torch.library.custom_op("walsh::gain_grad", mutates_args=())
+def _gain_grad_fake(a, b, blocks):
+    return a.new_empty(blocks, a.shape[1] // blocks, dtype=torch.float32)
+
+
+@kernel_op("walsh::gain_grad", _gain_grad_fake)
 def _gain_grad_op(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
     return gain_grad_raw(a, b, blocks)
 
 
-@_gain_grad_op.register_fake
-def _(a, b, blocks):
-    return a.new_empty(blocks, a.shape[1] // blocks, dtype=torch.float32)
-
-
-@torch.library.custom_op("walsh::walsh_in", mutates_args=())
-def _walsh_in_op(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return walsh_in_raw(x, alpha, alpha.shape[0])
-
-
-@_walsh_in_op.register_fake
-def _(x, alpha):
+def _walsh_in_fake(x, alpha):
     a = alpha.shape[0]
     return x.new_empty(a, x.shape[0], x.shape[1] // a)
+
+
+@kernel_op("walsh::walsh_in", _walsh_in_fake)
+def _walsh_in_op(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return walsh_in_raw(x, alpha, alpha.shape[0])
 
 
 def _in_setup(ctx, inputs, output):
@@ -209,14 +220,13 @@ _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 
 # beta None: no gain (S H y only), which the backward passes use; ``blocks`` names A then
-@torch.library.custom_op("walsh::walsh_out", mutates_args=())
+def _walsh_out_fake(y, beta, blocks):
+    return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
+
+
+@kernel_op("walsh::walsh_out", _walsh_out_fake)
 def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor | None, blocks: int) -> torch.Tensor:
     return walsh_out_raw(y, beta, blocks)
-
-
-@_walsh_out_op.register_fake
-def _(y, beta, blocks):
-    return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
 
 
 def _out_setup(ctx, inputs, output):
