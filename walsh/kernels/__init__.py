@@ -8,6 +8,9 @@
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores
   (reference: ``int8_linear_naive``, the fake-quantized product).
 
+``walsh.kernels.registry`` makes each launcher a torch op: a ``triton_op`` (compile sees and
+launches the kernels itself) where Triton compiles, an opaque custom op under the interpreter.
+
 Importing a submodule needs ``triton``. Kernels run on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1`` (how CI tests them); which path a layer takes is a config value
 (``walsh_impl``), never an environment switch.

@@ -34,13 +34,12 @@ it in x's dtype, so under bf16 a code can differ by one where x * s sits within 
 half-integer (the tests bound the output, and compare codes exactly in fp32). A NaN in x or
 dout propagates (amax keeps it) rather than turning into a finite code.
 
-Measured on an H200 (docs/benchmarks.md, session 6): the GEMM at 1.19-1.65x the bf16 GEMM;
-models at 1.00x the bf16 fake-quant path at 125M (quantization passes eat the GEMM gain) and
-1.05x at 24 x 2048 (commit 39b2d13); int8_dx at 0.79x with a Triton dout quantizer inside the
-op, 0.84x with the fusable torch ops inside an autograd.Function whose forward was 10% slower
-(c1e683a). This module's present form (the review fixes since) is not re-measured.
+Measured on an H200 (docs/benchmarks.md, sessions 6 and 7): the GEMM at 1.19-1.65x the bf16
+GEMM; bitnet-125m at 0.98-0.99x dense, equal to the bf16 fake-quant path (the quantization
+passes eat the GEMM gain), 1.05x the fake-quant path at 24 x 2048; int8_dx at 0.94-0.96x dense.
+Without CUDA graphs the 125M step can be bound by the host (0.78-0.84x on slower lent hosts).
 
-Code order: naive reference, PyTorch quantizers, kernel, launcher, custom ops, autograd,
+Code order: naive reference, PyTorch quantizers, kernel, launcher, ops, autograd,
 functional.
 """
 

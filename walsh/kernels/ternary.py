@@ -13,7 +13,7 @@ Passes over w [G, M] (G = A components if ``per_component`` else 1, M elements e
    clip(round(w / gamma), -1, 1) for every input (round-half-even sends +-1/2 to 0), with an
    IEEE division (``div_rn``) so that the codes match torch's exactly for the same gamma.
 
-Code order (Liger style): kernels, launchers, autograd (a custom op), functional.
+Code order (Liger style): kernels, launchers, autograd (an op), functional.
 """
 
 from __future__ import annotations

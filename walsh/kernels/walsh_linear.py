@@ -5,11 +5,13 @@ w [A, LO, LI], alpha [A, LI], beta [A, LO] and S = 1/sqrt(A), H the Sylvester Ha
     out[i, h*LO + j] = beta[h, j] S sum_g H[h, g] sum_k w[g, j, k] u[g, i, k]
     u[g, i, k]       = S sum_g' H[g, g'] alpha[g', k] x[i, g'*LI + k]
 
-Why one op: a ``torch.library`` custom op costs host time per call, and a 125M model on these
-kernels is bound by the host. Written as one op per transform, a layer made about 7 such calls
-per training step; here it makes 2 (forward, backward) and every launch happens inside them.
-Measured on an H200, this alone did not raise the model's tokens/s (docs/benchmarks.md): the
-host's time goes elsewhere (Triton's Python launcher is the next suspect); CUDA graphs remove it.
+Why one op: an op call costs host time in eager mode, and a 125M model on these kernels can
+be bound by the host. Written as one op per transform, a layer made about 7 such calls per
+training step; here it makes 2 (forward, backward) and every launch happens inside them. Under
+torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor launches the
+kernels from its generated code. Measured on an H200 (docs/benchmarks.md, session 7), the
+walsh-h-125m triton path ran at 0.60x dense on a fast host either way, and the same code at
+0.28x on a slower one; CUDA graphs remove the host's share.
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
@@ -42,7 +44,7 @@ would also be wrong under TRITON_INTERPRET=1 in triton 3.9, whose interpreter mu
 raw bf16 bits; CI tests the kernel there.)
 The naive reference with the same signature is ``walsh_linear_naive`` (the ``blocks`` path).
 
-Code order: naive reference, kernel, launchers, autograd (custom ops), functional.
+Code order: naive reference, kernel, launchers, autograd (ops), functional.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ rounding in the naive path), products accumulate in fp32, and S and beta are app
 before the one rounding to the output dtype (the naive butterfly rounds at each of its log2(A)
 stages). fp32 inputs use an IEEE ``tl.dot`` (no TF32): fp32 matches the reference to ~1e-7.
 
-Code order: naive references, kernels, launchers, autograd (custom ops), functional.
+Code order: naive references, kernels, launchers, autograd (ops), functional.
 """
 
 from __future__ import annotations
