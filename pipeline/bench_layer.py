@@ -57,12 +57,17 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     from walsh.kernels import walsh_transform as wt
 
     with torch.device("meta"):  # the layers whose kernels are timed, for their counts only
-        roof = {k.name: k for layer in (
+        # the Walsh layer first wins a shared name ("ternary quantize": its [A, LO, LI] weight
+        # is the one timed below, not the dense layer's [out, in])
+        roof = {}
+        for layer in (
             WalshLinear(fin, fout, blocks=a, impl="triton", ternary=True),
             WalshLinear(fin, fout, blocks=a, impl="fused", ternary=True),
             TernaryLinear(fin, fout, ternary=False),
             TernaryLinear(fin, fout, ternary=True, act_bits=8, int8_matmul=True, int8_dx=True),
-        ) for k in linear_kernels(layer, n)}
+        ):
+            for k in linear_kernels(layer, n):
+                roof.setdefault(k.name, k)
     bf = torch.bfloat16
     lin, lout = fin // a, fout // a
     x = torch.randn(n, fin, device=dev, dtype=bf)
