@@ -90,9 +90,9 @@ def test_ternary_quantize_matches_reference(seed):
 # of entries its norm is small often enough (a chi-square tail: 4.5% of draws at 2 entries) for
 # bf16's per-term rounding to exceed 1e-2 of it.
 # (A, N, lanes): tiles of many tokens (few lanes), of two (33 lanes -> 64 padded) and of one
-# token (130 lanes -> 256), with N not a multiple of the tokens per tile
+# token in two chunks of 128 lanes (130 lanes), N not a multiple of the tokens per tile
 GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 4), (2, 3, 9), (32, 4, 1), (32, 1, 24),
-        (32, 7, 33), (2, 5, 130)]
+        (32, 7, 33), (2, 5, 130), (16, 3, 130)]
 
 
 # which: (fused op, raw launcher, naive reference, input shape for (a, n, lanes))
@@ -284,7 +284,7 @@ def test_int8_dx_is_the_product_with_the_quantized_gradient(dtype, seed):
     assert rel_err(xb.grad, dx_ref) < (1e-6 if dtype == torch.float32 else 1e-2), seed
     assert rel_err(xb.grad, xa.grad) > 1e-4, seed  # it is an approximation: not the same
     assert torch.equal(wb.grad, wa.grad), seed
-    # compiled, forward and backward: every kernel launch sits inside a custom op
+    # compiled, forward and backward: every kernel launch sits inside an op (walsh.kernels.registry)
     xc = x.clone().requires_grad_()
     f = torch.compile(lambda t: ik.int8_linear(t, w_eff, int8_dx=True), fullgraph=True,
                       backend="aot_eager")
@@ -374,7 +374,7 @@ def test_walsh_linear_kernels_equal_blocks(impl, ternary, seed):
 
 @pytest.mark.parametrize("impl", ["triton", "fused"])
 def test_custom_ops_trace_without_graph_breaks(impl, seed):
-    """torch.compile sees each kernel as one op (fullgraph: any graph break raises)."""
+    """torch.compile keeps the layer in one graph (fullgraph: any graph break raises)."""
     layer = WalshLinear(64, 32, blocks=32, impl=impl, ternary=True).to(DEV)
     x = torch.randn(5, 64, device=DEV, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
@@ -382,6 +382,42 @@ def test_custom_ops_trace_without_graph_breaks(impl, seed):
     assert rel_err(out, layer(x)) < 1e-6, seed
     out.sum().backward()
     assert x.grad is not None and layer.alpha.grad is not None
+
+
+# -- registration -----------------------------------------------------------------------------
+_SCAN = """
+import json
+import walsh.kernels.int8_linear, walsh.kernels.walsh_linear, walsh.kernels.ternary
+from torch._library.triton import triton_ops_to_kernels
+from walsh.kernels import registry
+assert not registry.INTERPRETED
+print(json.dumps({k: sorted({x.__name__ for x in v})
+                  for k, v in triton_ops_to_kernels.items() if k.startswith("walsh::")}))
+"""
+
+
+def test_triton_ops_name_their_kernels():
+    """Where Triton compiles, every op is a ``triton_op`` and torch finds its kernels (they go
+    into compile's cache key; one it cannot see could be served stale after an edit). Runs in
+    a fresh process without TRITON_INTERPRET; importing needs no GPU."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SCAN], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    walsh, linear, gain = "_walsh_kernel", "_walsh_linear_kernel", "_gain_grad_kernel"
+    assert json.loads(out.splitlines()[-1]) == {
+        "walsh::int8_mm": ["_int8_matmul_kernel"],
+        "walsh::int8_linear": ["_int8_matmul_kernel"],
+        "walsh::ternary_ste": ["_abs_partial_kernel", "_ternary_apply_kernel"],
+        "walsh::gain_grad": [gain],
+        "walsh::walsh_in": [walsh],
+        "walsh::walsh_out": [walsh],
+        "walsh::walsh_linear": [walsh, linear],
+        "walsh::walsh_linear_backward": [gain, walsh, linear],
+    }
 
 
 # -- full shapes on the GPU -------------------------------------------------------------------

@@ -3,7 +3,7 @@
 - ``walsh.kernels.ternary``: fused ternary weight quantization (reference: ``walsh.quant``).
 - ``walsh.kernels.walsh_transform``: the Walsh-Hadamard layer's block transforms fused with
   alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``).
-- ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one custom op, in those
+- ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one op, in those
   three kernels or in one (reference: ``walsh_linear_naive``).
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores
   (reference: ``int8_linear_naive``, the fake-quantized product).

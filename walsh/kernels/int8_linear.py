@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, launch
+from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.quant import EPS, act_quant_ste
 
 # measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6);
@@ -115,7 +115,7 @@ def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma
     out = torch.empty(m, n, device=q.device, dtype=out_dtype)
     if m and n:
         grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
-        launch(_int8_matmul_kernel)[grid](q, codes, inv_s, gamma, out, m, n, k,
+        wrap_triton(_int8_matmul_kernel)[grid](q, codes, inv_s, gamma, out, m, n, k,
                                           BM=BM, BN=BN, BK=BK, num_warps=GEMM_WARPS,
                                           num_stages=GEMM_STAGES)
     return out

@@ -14,9 +14,19 @@ opaque ``custom_op`` with the given fake, as it always was. The kernels, their a
 their results are the same either way; only what compile sees differs. The GPU-marked tests
 cover the ``triton_op`` form, CI the other.
 
-``launch(kernel)`` is what the launchers call instead of ``kernel`` itself: ``wrap_triton``
-while compile traces an op body (so the traced op records the launch), the plain kernel
-otherwise.
+``wrap_triton(kernel)`` (this module's) is what the launchers call instead of ``kernel``
+itself: torch's ``wrap_triton`` while compile traces an op body (so the traced op records the
+launch), the plain kernel otherwise. It keeps torch's name on purpose: torch finds a
+``triton_op``'s kernels, which go into compile's cache key, by scanning the op's source (and
+the functions it calls) for calls named ``wrap_triton``; under another name an edited kernel
+could be served stale from a warm cache.
+
+Kernel arguments never alias: a pointer a kernel does not use gets its own empty tensor, not
+another argument (compile decides from the kernel which arguments are written; where that
+analysis fails it treats all as written, and an aliased pair would then be copied apart).
+
+On a GPU the ``fake`` given to ``kernel_op`` is unused: a ``triton_op`` traces its own body for
+shapes, which launches the kernel, so these ops do not run on meta tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from collections.abc import Callable
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+from torch.library import wrap_triton as _torch_wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from triton.runtime.jit import JITFunction
 
@@ -39,19 +50,22 @@ def _probe():
 INTERPRETED = not isinstance(_probe, JITFunction)
 
 
-def launch(kernel):
-    """The kernel as an op body launches it: ``wrap_triton`` while compile traces (dynamo, or
-    a fake / functional tensor mode), else the kernel itself. Outside tracing, the wrapper would
-    dispatch every launch through a higher-order op: measured on an H200, a transform called
-    that way took 188 us of host time against its 35 us kernel."""
+def wrap_triton(kernel):
+    """The kernel as a launcher calls it: torch's ``wrap_triton`` while compile traces (dynamo,
+    or any torch dispatch mode: fake, functional, proxy), else the kernel itself. Eager
+    ``triton_op`` bodies run with wrapping off anyway; this is for launchers called outside an
+    op (``walsh bench layer``, tests), where the wrapper would dispatch each launch through a
+    higher-order op (measured on an H200: a transform took 188 us instead of its 35 us
+    kernel). Under an unrelated eager dispatch mode (a FLOP counter, say) a raw launch is
+    wrapped too, and runs through that mode."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return wrap_triton(kernel)
+        return _torch_wrap_triton(kernel)
     return kernel
 
 
 def kernel_op(name: str, fake: Callable) -> Callable:
     """Decorator: ``fn`` as the op ``name`` (no mutated arguments). ``fake`` gives the
-    outputs' shapes; a ``triton_op`` derives them from ``fn`` itself and ignores it."""
+    outputs' shapes for the interpreter's custom op; a ``triton_op`` traces ``fn`` instead."""
 
     def register(fn: Callable):
         if INTERPRETED:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, launch
+from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.quant import EPS
 
 BLOCK = 1024
@@ -48,8 +48,7 @@ def _ternary_apply_kernel(w_ptr, total_ptr, out_ptr, codes_ptr, M, divisor, eps,
     # gamma = max(total / divisor, eps) with an IEEE division, as torch computes it; the float
     # arguments made fp32 tensors (compiled, inductor passes Python floats as fp64)
     t = tl.load(total_ptr + g)
-    s = tl.maximum(tl.math.div_rn(t, (t * 0.0 + divisor).to(tl.float32)),
-                   (t * 0.0 + eps).to(tl.float32))
+    s = tl.maximum(tl.math.div_rn(t, tl.cast(divisor, tl.float32)), tl.cast(eps, tl.float32))
     r = tl.math.div_rn(w, tl.zeros_like(w) + s)
     q = tl.where(r > 0.5, 1.0, tl.where(r < -0.5, -1.0, 0.0))
     tl.store(out_ptr + g * M + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
@@ -69,7 +68,7 @@ def _abs_total(w2: torch.Tensor, g: int, m: int) -> torch.Tensor:
     by torch in a fixed order."""
     p = triton.cdiv(m, BLOCK)
     part = torch.empty(g, p, device=w2.device, dtype=torch.float32)
-    launch(_abs_partial_kernel)[(g, p)](w2, part, m, p, BLOCK=BLOCK)
+    wrap_triton(_abs_partial_kernel)[(g, p)](w2, part, m, p, BLOCK=BLOCK)
     return part.sum(dim=1)
 
 
@@ -91,9 +90,10 @@ def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
     if out is None:
         out = torch.empty(w.shape, device=w.device, dtype=out_dtype)
     if codes is None:
-        codes = torch.empty(w.shape, device=w.device, dtype=torch.int8) if write_codes else out
+        # unwritten without codes: an empty of its own, never an alias of out
+        codes = torch.empty(w.shape if write_codes else 0, device=w.device, dtype=torch.int8)
     grid = (g, triton.cdiv(m, BLOCK))
-    launch(_ternary_apply_kernel)[grid](w2, scale.reshape(-1).contiguous(), out, codes, m,
+    wrap_triton(_ternary_apply_kernel)[grid](w2, scale.reshape(-1).contiguous(), out, codes, m,
                                         float(divisor), float(eps), WRITE_CODES=write_codes,
                                         BLOCK=BLOCK)
     return out, (codes if write_codes else None)

@@ -1,4 +1,4 @@
-"""The Walsh-Hadamard layer as one custom op (forward and backward), in three kernels or in one.
+"""The Walsh-Hadamard layer as one op (forward and backward), in three kernels or in one.
 
 WalshLinear (``walsh.layers.hadamard``) computes, for x [N, A*LI], the effective weight
 w [A, LO, LI], alpha [A, LI], beta [A, LO] and S = 1/sqrt(A), H the Sylvester Hadamard matrix:
@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, launch
+from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import _hadamard, gain_grad_raw, walsh_in_raw, walsh_out_raw
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -113,7 +113,7 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
         s = s * tl.load(pre_ptr + g3 * LC + c_row, mask=(c_row < LC) & (g3 < A),
                         other=0.0).to(tl.float32)
         u = tl.reshape(_mix(h_mat, tl.reshape(s, [A, BM * BC]), USE_DOT, IEEE), [A, BM, BC])
-        u = u * (tl.zeros_like(u) + inv_sqrt_a).to(tl.float32)  # fp32 where inductor passes fp64
+        u = u * tl.cast(inv_sqrt_a, tl.float32)  # compiled, inductor passes floats as fp64
         c_col = (c0 + tl.arange(0, BC))[None, :, None]                # [1, BC, 1]
         w_mask = (c_col < LC) & (d3 < LD) & (g3 < A)
         wt = tl.load(w_ptr + g3 * (LC * LD) + c_col * w_sc + d3 * w_sd, mask=w_mask,
@@ -123,7 +123,7 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
         else:  # bf16 weights are exact in TF32; u is rounded to TF32 (finer than bf16)
             acc = tl.dot(u, wt, acc, input_precision="tf32")
     z = tl.reshape(_mix(h_mat, tl.reshape(acc, [A, BM * BD]), USE_DOT, IEEE), [A, BM, BD])
-    z = z * (tl.zeros_like(z) + inv_sqrt_a).to(tl.float32)
+    z = z * tl.cast(inv_sqrt_a, tl.float32)
     o_mask = (i3 < N) & (d3 < LD) & (g3 < A)
     o_off = i3.to(tl.int64) * (A * LD) + g3 * LD + d3
     if GAIN:
@@ -172,11 +172,13 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
             part.zero_()
     if n > 0:
         bc, bd = _tile(lc, src.dtype), _tile(ld, src.dtype)
-        dummy = src
-        launch(_walsh_linear_kernel)[(tiles, triton.cdiv(ld, bd))](
-            src, w, pre.contiguous(), post.contiguous() if post is not None else dummy,
-            dst if store else dummy, other.contiguous() if gain else dummy,
-            part if gain else dummy, n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
+        def unused():  # a pointer the kernel never reads: its own empty, never an alias
+            return src.new_empty(0)
+
+        wrap_triton(_walsh_linear_kernel)[(tiles, triton.cdiv(ld, bd))](
+            src, w, pre.contiguous(), post.contiguous() if post is not None else unused(),
+            dst if store else unused(), other.contiguous() if gain else unused(),
+            part if gain else unused(), n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
             A=a, LOG_A=int(math.log2(a)), HAS_POST=post is not None, STORE=store, GAIN=gain,
             USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -249,7 +251,7 @@ def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torc
                one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, u, y): u and y are the three-kernel path's intermediates, saved for its backward;
     empty for the one-kernel path, whose backward recomputes from x."""
-    if one_kernel:  # (a custom op's outputs may not alias: two empties)
+    if one_kernel:  # (an op's outputs may not alias: two empties)
         return walsh_linear_raw(x, w, alpha, beta), x.new_empty(0), x.new_empty(0)
     return three_kernel_forward(x, w, alpha, beta)
 

@@ -34,14 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, launch
+from walsh.kernels.registry import kernel_op, wrap_triton
 
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
-# lanes per program (whole tokens of TILE_LANES // padded lanes each) and warps: the best or
-# within 4% of the best of a sweep at 24, 64 and 96 lanes (A = 32, N = 16k, bf16) on an H200
-# (docs/benchmarks.md, session 7)
+# a program's slab holds TILE_LANES padded lanes of every block: TILE_LANES // LB tokens of
+# LB = next_pow2(L) lanes, or chunks of 128 lanes of one token when L > 128; with 4 warps the
+# best, or within 4% of it, at 24, 64 and 96 lanes but for walsh_out at 96 (14% behind the
+# old kernel's best tile); A = 32, N = 16k, bf16, H200 (docs/benchmarks.md, session 7).
 TILE_LANES, TILE_WARPS = 128, 4
 
 
@@ -64,40 +65,40 @@ def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
 
 @triton.jit
 def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, N, inv_sqrt_a,
-                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LB: tl.constexpr,
                   BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """BT whole tokens per program, as an [A, BT, LP] slab (lanes padded to LP, a power of 2).
+    """One [A, BT, LB] slab: BT whole tokens (program axis 0) times a chunk of LB lanes (axis 1;
+    LB a power of 2, lanes past L masked) of every block.
     IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
     else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
-    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's row (and
-    each block's run of BT tokens) is read and written as contiguous runs. (The previous
-    kernel walked columns c = i*L + j and split them by a runtime division: 3-4.4x its
-    roofline at 24 lanes, against 2.1x for this one; docs/benchmarks.md, session 7.)"""
+    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
+    each block's run of tokens) are read and written as contiguous runs."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     i = (tl.program_id(0) * BT + tl.arange(0, BT))[None, :, None]      # [1, BT, 1]
-    j = tl.arange(0, LP)[None, None, :]                                # [1, 1, LP]
-    mask = (i < N) & (j < L) & (g < A)
-    token_major = i.to(tl.int64) * (A * L) + g * L + j                 # [A, BT, LP]
-    block_major = g.to(tl.int64) * N * L + i * L + j
+    j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
+    mask = (i < N) & (j < L)                                           # [1, BT, LB]
+    i64, g64 = i.to(tl.int64), g.to(tl.int64)
+    token_major = i64 * (A * L) + g64 * L + j                          # [A, BT, LB]
+    block_major = g64 * N * L + i64 * L + j
     src_off = token_major if IN_MODE else block_major
     dst_off = block_major if IN_MODE else token_major
-    x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + g * L + j, mask=(j < L) & (g < A), other=0.0).to(tl.float32)
+    x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
+    if HAS_SCALE:  # alpha or beta [A, L] -> [A, 1, LB]
+        s = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
     if IN_MODE and HAS_SCALE:
         x = x * s
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
-    x2 = tl.reshape(x, [A, BT * LP])
+    x2 = tl.reshape(x, [A, BT * LB])
     if USE_DOT:
-        if IEEE:
-            y = tl.dot(h_mat, x2, input_precision="ieee")
-        else:
+        if IEEE:  # fp32 inputs: exact products, no TF32
+            y = tl.dot(h_mat, x2, input_precision="ieee")              # [A, BT * LB]
+        else:  # 16-bit inputs: +-1 and bf16 values are exact in TF32, so TF32 loses nothing
             y = tl.dot(h_mat, x2, input_precision="tf32")
     else:
         y = tl.sum(h_mat[:, :, None] * x2[None, :, :], axis=1)
-    # S in fp32 (compiled, inductor passes Python floats as fp64)
-    y = tl.reshape(y, [A, BT, LP]) * (tl.zeros([A, BT, LP], tl.float32) + inv_sqrt_a).to(tl.float32)
+    # S cast to fp32: compiled, inductor passes Python floats as fp64
+    y = tl.reshape(y, [A, BT, LB]) * tl.cast(inv_sqrt_a, tl.float32)        # [A, BT, LB]
     if (not IN_MODE) and HAS_SCALE:
         y = y * s
     tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
@@ -127,15 +128,16 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    nl = n_tok * lanes
-    if nl == 0:
+    if n_tok * lanes == 0:
         return dst
-    scale_arg = scale.contiguous() if scale is not None else src
-    lp = triton.next_power_of_2(lanes)
-    bt = max(1, TILE_LANES // lp)  # tokens per program
-    launch(_walsh_kernel)[(triton.cdiv(n_tok, bt),)](
+    # an unused scale pointer gets an empty of its own, never an alias of src
+    scale_arg = scale.contiguous() if scale is not None else src.new_empty(0)
+    lb = min(triton.next_power_of_2(lanes), TILE_LANES)  # lanes per chunk
+    bt = TILE_LANES // lb                                 # tokens per program
+    grid = (triton.cdiv(n_tok, bt), triton.cdiv(lanes, lb))
+    wrap_triton(_walsh_kernel)[grid](
         src, dst, scale_arg, n_tok, 1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes,
-        LP=lp, BT=bt, IN_MODE=in_mode, HAS_SCALE=scale is not None, USE_DOT=a >= 16,
+        LB=lb, BT=bt, IN_MODE=in_mode, HAS_SCALE=scale is not None, USE_DOT=a >= 16,
         IEEE=src.dtype == torch.float32, num_warps=TILE_WARPS)
     return dst
 
@@ -153,7 +155,7 @@ def gain_grad_raw(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor
         return torch.zeros(blocks, c // blocks, device=a.device, dtype=torch.float32)
     chunks = triton.cdiv(n, GAIN_CHUNK)
     part = torch.empty(chunks, c, device=a.device, dtype=torch.float32)  # every entry written
-    launch(_gain_grad_kernel)[(triton.cdiv(c, GAIN_COLS), chunks)](
+    wrap_triton(_gain_grad_kernel)[(triton.cdiv(c, GAIN_COLS), chunks)](
         a, b, part, n, c, GAIN_CHUNK, BLOCK_R=GAIN_ROWS, BLOCK_C=GAIN_COLS)
     return part.sum(0).view(blocks, c // blocks)
 
@@ -179,12 +181,13 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
     return _launch(y, beta, a, y.shape[2], y.shape[1], in_mode=False, out=out)
 
 
-# -- autograd: ops (``walsh.kernels.registry``), so torch.compile keeps each transform whole --
+# -- autograd: ops (``walsh.kernels.registry``) --------------------------------------------------
 # The gains' gradient is an op too. Written as torch ops (a product, a sum over N, a view to
 # [A, L]) inside the backward, the compiled backward under torch 2.11 returned a flat [A*L]
 # gradient once N reached 16k tokens ("CompiledFunctionBackward returned an invalid gradient
-# ... got [768] but expected [32, 24]"; 2k and 4k tokens passed); as an opaque op it does not.
-# The cause inside inductor was not pinned down.
+# ... got [768] but expected [32, 24]"; 2k and 4k tokens passed). As an op it did not: first
+# opaque, then (session 7) a triton op whose partial sums' sum and view compile does see; the
+# GPU test at 16k tokens passed in both forms. The cause inside inductor was not pinned down.
 def _gain_grad_fake(a, b, blocks):
     return a.new_empty(blocks, a.shape[1] // blocks, dtype=torch.float32)
 

@@ -13,7 +13,7 @@ environment switch):
   (in + out) log2(A) additions, in plain PyTorch (the reference).
 - ``"dense"``: materialize the closed form [out, in] once per forward and run one GEMM (dense
   FLOPs, but one cuBLAS call; measured in docs/benchmarks.md).
-- ``"triton"``: the structured path in Triton (``walsh.kernels.walsh_linear``, one custom op
+- ``"triton"``: the structured path in Triton (``walsh.kernels.walsh_linear``, one op
   per layer for forward and one for backward): each transform is one kernel fused with its gain
   and layout change, the A GEMMs one batched cuBLAS call, and the ternary weight is quantized
   by ``walsh.kernels.ternary``; needs ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU).
