@@ -390,16 +390,23 @@ import json
 import walsh.kernels.int8_linear, walsh.kernels.walsh_linear, walsh.kernels.ternary
 from torch._library.triton import triton_ops_to_kernels
 from walsh.kernels import registry
+from torch._subclasses.fake_tensor import FakeTensorMode
+from walsh.kernels.walsh_transform import _walsh_kernel as k
 assert not registry.INTERPRETED
-print(json.dumps({k: sorted({x.__name__ for x in v})
-                  for k, v in triton_ops_to_kernels.items() if k.startswith("walsh::")}))
+eager = registry.wrap_triton(k) is k
+with FakeTensorMode():
+    traced = registry.wrap_triton(k) is not k
+print(json.dumps([eager, traced, {k: sorted({x.__name__ for x in v})
+                  for k, v in triton_ops_to_kernels.items() if k.startswith("walsh::")}]))
 """
 
 
 def test_triton_ops_name_their_kernels():
     """Where Triton compiles, every op is a ``triton_op`` and torch finds its kernels (they go
-    into compile's cache key; one it cannot see could be served stale after an edit). Runs in
-    a fresh process without TRITON_INTERPRET; importing needs no GPU."""
+    into compile's cache key; one it cannot see could be served stale after an edit), and
+    ``registry.wrap_triton`` wraps a kernel only while tracing (eager, the wrapper costs
+    ~150 us of host time per launch). Runs in a fresh process without TRITON_INTERPRET (under
+    the interpreter ``wrap_triton`` never wraps); importing needs no GPU."""
     import json
     import subprocess
     import sys
@@ -408,7 +415,9 @@ def test_triton_ops_name_their_kernels():
     out = subprocess.run([sys.executable, "-c", _SCAN], env=env, capture_output=True,
                          text=True, check=True).stdout
     walsh, linear, gain = "_walsh_kernel", "_walsh_linear_kernel", "_gain_grad_kernel"
-    assert json.loads(out.splitlines()[-1]) == {
+    eager, traced, kernels = json.loads(out.splitlines()[-1])
+    assert eager and traced
+    assert kernels == {
         "walsh::int8_mm": ["_int8_matmul_kernel"],
         "walsh::int8_linear": ["_int8_matmul_kernel"],
         "walsh::ternary_ste": ["_abs_partial_kernel", "_ternary_apply_kernel"],
@@ -421,20 +430,6 @@ def test_triton_ops_name_their_kernels():
 
 
 # -- full shapes on the GPU -------------------------------------------------------------------
-@pytest.mark.gpu
-def test_launch_wraps_kernels_only_while_tracing():
-    """Eager launches call the kernel itself (the traceable wrapper costs ~150 us of host time
-    per launch); under a fake tensor mode, as compile traces an op body, it is wrapped. (Under
-    the CPU interpreter ``wrap_triton`` returns the kernel either way, so this runs on CUDA.)"""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from walsh.kernels.registry import launch
-
-    assert launch(wt._walsh_kernel) is wt._walsh_kernel
-    with FakeTensorMode():
-        assert launch(wt._walsh_kernel) is not wt._walsh_kernel
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768), (2048, 8192)])
