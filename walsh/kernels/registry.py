@@ -3,16 +3,18 @@
 
 Why ``torch.library.triton_op``: torch.compile sees into it. Inductor puts the op's torch ops
 (allocations, a bmm, a partial-sum reduction) into its graph and launches each Triton kernel
-from its own generated code. An opaque ``custom_op`` instead costs host time per call in the
-dispatcher and Triton's Python launcher, and the 125M models on these kernels are bound by the
-host when run without CUDA graphs (docs/benchmarks.md, session 7).
+from its own generated code, where an opaque ``custom_op`` is called through the dispatcher
+and Triton's Python launcher. The 125M models on these kernels can be bound by the host
+without CUDA graphs (on the slower lent hosts); on a fast H200 host the two forms measured
+equal (docs/benchmarks.md, session 7).
 
 Why not everywhere: under ``TRITON_INTERPRET=1`` (how CI runs the kernels on CPU),
 ``triton.jit`` returns an interpreter function that ``wrap_triton`` passes through untraced, so
 tracing the op with fake tensors would run the interpreter on them and fail. There the op is an
 opaque ``custom_op`` with the given fake, as it always was. The kernels, their arguments and
 their results are the same either way; only what compile sees differs. The GPU-marked tests
-cover the ``triton_op`` form, CI the other.
+cover the ``triton_op`` form, CI the other (and, in a process without the interpreter, that
+torch finds each triton op's kernels).
 
 ``wrap_triton(kernel)`` (this module's) is what the launchers call instead of ``kernel``
 itself: torch's ``wrap_triton`` while compile traces an op body (so the traced op records the
