@@ -46,7 +46,7 @@ def _ternary_apply_kernel(w_ptr, total_ptr, out_ptr, codes_ptr, M, divisor, eps,
     mask = offs < M
     w = tl.load(w_ptr + g * M + offs, mask=mask, other=0.0).to(tl.float32)
     # gamma = max(total / divisor, eps) with an IEEE division, as torch computes it; the float
-    # arguments made fp32 tensors (compiled, inductor passes Python floats as fp64)
+    # arguments cast to fp32 (compiled, inductor passes Python floats as fp64)
     t = tl.load(total_ptr + g)
     s = tl.maximum(tl.math.div_rn(t, tl.cast(divisor, tl.float32)), tl.cast(eps, tl.float32))
     r = tl.math.div_rn(w, tl.zeros_like(w) + s)

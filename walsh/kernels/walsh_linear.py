@@ -10,8 +10,8 @@ be bound by the host. Written as one op per transform, a layer made about 7 such
 training step; here it makes 2 (forward, backward) and every launch happens inside them. Under
 torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor launches the
 kernels from its generated code. Measured on an H200 (docs/benchmarks.md, session 7), the
-walsh-h-125m triton path ran at 0.60x dense on a fast host either way, and the same code at
-0.28x on a slower one; CUDA graphs remove the host's share.
+walsh-h-125m triton path ran at 0.60x dense on a fast host in either form; the custom-op form
+ran at 261k and 137k tok/s on two lent hosts. CUDA graphs remove the host's share.
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):

@@ -40,9 +40,12 @@ from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
 # a program's slab holds TILE_LANES padded lanes of every block: TILE_LANES // LB tokens of
-# LB = next_pow2(L) lanes, or chunks of 128 lanes of one token when L > 128; with 4 warps the
-# best, or within 4% of it, at 24, 64 and 96 lanes but for walsh_out at 96 (14% behind the
-# old kernel's best tile); A = 32, N = 16k, bf16, H200 (docs/benchmarks.md, session 7).
+# LB = next_pow2(L) lanes, or chunks of 128 lanes of one token when L > 128. With 4 warps this
+# was the best tile of a sweep at 24 lanes (both transforms) and within 3% of it at 64; at 96
+# lanes (one token per program) its time was not among those printed: at least 1% (walsh_in)
+# and 3.5% (walsh_out) behind the best, and walsh_out at least 7% behind the old kernel's
+# default. No preset has 96 lanes (3072 / 32); the 1.3B FFN's 256 lanes run as two 128-lane
+# chunks, not timed. A = 32, N = 16k, bf16, H200 (docs/benchmarks.md, session 7 + correction).
 TILE_LANES, TILE_WARPS = 128, 4
 
 
