@@ -82,10 +82,17 @@ def ternary_codes_ste(w: torch.Tensor, per_component: bool = False) -> torch.Ten
     return codes + (w - w.detach()) / scale
 
 
+@torch.no_grad()
+def act_codes(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) absmax codes: (clip(round(x * s)) in x's dtype, s [..., 1]) with
+    s = (2^(bits-1) - 1) / max|x|; the one rule behind ``act_quant_ste`` and the INT8 kernels'
+    activation codes (which call it on fp32 x)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = qmax / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return torch.clamp(torch.round(x * s), -qmax - 1, qmax), s
+
+
 def act_quant_ste(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Per-token (last dim) absmax quantization to ``bits`` with a straight-through gradient."""
-    qmax = 2 ** (bits - 1) - 1
-    with torch.no_grad():
-        s = qmax / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-        xq = torch.clamp(torch.round(x * s), -qmax - 1, qmax) / s
-    return xq + (x - x.detach())
+    q, s = act_codes(x, bits)
+    return q / s + (x - x.detach())

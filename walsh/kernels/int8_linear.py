@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.registry import kernel_op, wrap_triton
-from walsh.quant import EPS, act_quant_ste
+from walsh.quant import EPS, act_codes, act_quant_ste
 
 # measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6);
 # 3 stages of two 128 x 128 int8 tiles take 96 KiB of shared memory (H100/H200 and A100 have
@@ -68,9 +68,8 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (int8 codes [M, K], fp32 1/s [M]) by plain torch ops, for inductor to fuse
     into x's producer (a Triton row quantizer of ours measured 1.7-2.4x its roofline alone and
     cannot fuse; docs/benchmarks.md, session 6)."""
-    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).float().clamp(min=EPS)     # [M, 1]
-    q = torch.clamp(torch.round(x.float() * s), -128, 127).to(torch.int8)
-    return q, (1.0 / s)[:, 0]
+    q, s = act_codes(x.float(), 8)                                # [M, K] fp32, [M, 1]
+    return q.to(torch.int8), (1.0 / s)[:, 0]
 
 
 @torch.no_grad()
