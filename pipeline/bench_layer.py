@@ -56,18 +56,15 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     from walsh.kernels import walsh_linear as wf
     from walsh.kernels import walsh_transform as wt
 
+    def counts(layer) -> dict[str, Kernel]:  # one layer's kernels by name
+        return {k.name: k for k in linear_kernels(layer, n)}
+
     with torch.device("meta"):  # the layers whose kernels are timed, for their counts only
-        # the Walsh layer first wins a shared name ("ternary quantize": its [A, LO, LI] weight
-        # is the one timed below, not the dense layer's [out, in])
-        roof = {}
-        for layer in (
-            WalshLinear(fin, fout, blocks=a, impl="triton", ternary=True),
-            WalshLinear(fin, fout, blocks=a, impl="fused", ternary=True),
-            TernaryLinear(fin, fout, ternary=False),
-            TernaryLinear(fin, fout, ternary=True, act_bits=8, int8_matmul=True, int8_dx=True),
-        ):
-            for k in linear_kernels(layer, n):
-                roof.setdefault(k.name, k)
+        three = counts(WalshLinear(fin, fout, blocks=a, impl="triton", ternary=True))
+        one = counts(WalshLinear(fin, fout, blocks=a, impl="fused", ternary=True))
+        dense = counts(TernaryLinear(fin, fout, ternary=False))
+        int8 = counts(TernaryLinear(fin, fout, ternary=True, act_bits=8, int8_matmul=True,
+                                    int8_dx=True))
     bf = torch.bfloat16
     lin, lout = fin // a, fout // a
     x = torch.randn(n, fin, device=dev, dtype=bf)
@@ -87,29 +84,29 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     gamma = torch.full((1,), 0.02, device=dev)
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
-        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), roof["walsh_in"]),
-        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), roof["walsh_out"]),
+        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), three["walsh_in"]),
+        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), three["walsh_out"]),
         ("gain_grad", lambda: wt.gain_grad_raw(dout, z, a),
          Kernel("gain_grad", 2 * n * fout, 0, 2 * 2 * n * fout)),
-        ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), roof["ternary quantize"]),
-        ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), roof["bmm fwd"]),
+        ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), three["ternary quantize"]),
+        ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), three["bmm fwd"]),
         # the one-kernel layer: x and w in, out written; FLOPs = the GEMMs and both H dots
-        ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta), roof["walsh fused fwd"]),
+        ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta), one["walsh fused fwd"]),
         ("fused dx+dalpha", lambda: wf.walsh_linear_dx_raw(dout, x, wq, alpha, beta),
-         roof["walsh fused dx+dalpha"]),
+         one["walsh fused dx+dalpha"]),
         ("fused dbeta", lambda: wf.walsh_linear_dbeta_raw(dout, x, wq, alpha),
-         roof["walsh fused dbeta"]),
+         one["walsh fused dbeta"]),
         # the dense-shape INT8 path (int8_matmul) beside the bf16 GEMM it replaces, INT8 at
         # twice the bf16 rate (the codes come from x's or dout's producer under compile; the
         # row quant row times them compiled alone, the cost when nothing fuses them)
         ("int8 GEMM fwd", lambda: ik.int8_matmul(xq, inv_s, codes, gamma, bf),
-         roof["int8 GEMM fwd"]),
-        ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), roof["GEMM fwd"]),
+         int8["int8 GEMM fwd"]),
+        ("bf16 GEMM fwd (dense)", lambda: x @ wd.t(), dense["GEMM fwd"]),
         ("int8 row quant (alone)", lambda: quantize(dout),
          Kernel("row quant", 0, 0, n * fout * (2 + 1) + 4 * n)),
         ("int8 GEMM dx", lambda: ik.int8_matmul(gq, inv_sg, codes_t, gamma, bf),
-         roof["int8 GEMM dx"]),
-        ("bf16 GEMM dx (dense)", lambda: dout @ wd, roof["GEMM dx"]),
+         int8["int8 GEMM dx"]),
+        ("bf16 GEMM dx (dense)", lambda: dout @ wd, dense["GEMM dx"]),
     ]
 
 
