@@ -45,8 +45,7 @@ class StructuredLinear(nn.Module):
         init_scale: extra factor on the init std (1 / sqrt(2 n_layer) for residual outputs).
         int8_matmul: run the product on INT8 tensor cores (``walsh.kernels.int8_linear``): the
             same function as ternary weights with ``act_bits=8`` computed in int32, so it needs
-            both and one scale per tensor; layers with a materialized dense weight only
-            (dense, Cayley-Dickson, Walsh with ``impl="dense"``).
+            both and one scale per tensor; layers with a materialized dense weight only.
         int8_dx: with ``int8_matmul``, the input gradient's GEMM in INT8 as well (the
             incoming gradient quantized per token: an approximation, see the kernel's docs).
     """
@@ -128,29 +127,20 @@ class StructuredLinear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return act_quant_ste(x, self.act_bits) if self.act_bits else x
 
-    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w_eff [out, in], int8 codes [out, in], scale [1]) with w_eff = scale * codes in
-        value: the INT8 product's operands. One quantization gives both the effective weight
-        (autograd's path to the latent weight) and the codes, each materialized to [out, in]."""
-        w_eff, codes, gamma = ternary_ste_and_codes(self.weight)  # [A, n_out, n_in] x2, scalar
-        return self.materialize(w_eff), self.materialize(codes), gamma.reshape(1)
-
-    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        """x @ w_eff.T in int32 on the INT8 tensor cores (``walsh.kernels.int8_linear``; x is
-        quantized per token inside), no bias. The scale is rounded to x's dtype as w_eff's
-        entries are, so that the INT8 product and w_eff's backward agree."""
-        x = autocast_input(x)
-        w, codes, scale = self.int8_weight()
-        out = self._int8_linear(x.reshape(-1, self.in_features), w.to(x.dtype), self.int8_dx,
-                                codes, scale.to(x.dtype))  # [N, out]
-        return out.view(*x.shape[:-1], self.out_features)
-
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         """x_q @ dense_weight().T (+ bias): by F.linear, or in int32 on the INT8 tensor cores
         (``int8_matmul``)."""
         if not self.int8_matmul:
             return F.linear(self.quantize_input(x), self.dense_weight(), self.bias)
-        out = self.int8_forward(x)
+        x = autocast_input(x)
+        # one quantization gives both the effective weight (autograd's path to the latent
+        # weight) and the int8 codes, each materialized to [out, in]; gamma rounded as w's
+        # entries are, so the INT8 product and w's backward agree
+        w_eff, codes, gamma = ternary_ste_and_codes(self.weight)  # [A, n_out, n_in] x2, scalar
+        w = self.materialize(w_eff).to(x.dtype)  # entries +-gamma or 0
+        out = self._int8_linear(x.reshape(-1, self.in_features), w, self.int8_dx,
+                                self.materialize(codes), gamma.to(x.dtype))  # [N, out]
+        out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     # -- accounting -------------------------------------------------------------------------

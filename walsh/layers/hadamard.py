@@ -21,21 +21,6 @@ environment switch):
   in one kernel per token tile, so that the activations cross HBM once each way and only x is
   saved for the backward. Measured slower than ``"triton"`` (Triton's batched dot; see
   docs/benchmarks.md); kept as the lower-memory path.
-
-8-bit activations (``act_bits=8``) quantize alpha * x, the layer's input after its input gain,
-in every implementation: the gain belongs to the input side as an RMSNorm weight does in
-BitNet, where the activation is quantized after the norm's gain. (Quantizing x before alpha
-would leave the GEMM operand alpha * x_q, which is not integer-valued.) So with ``act_bits``
-    out = beta * (Vbig @ q8(alpha * x)),   Vbig block (h, k) = V_{h^k}
-and ``layer(x) == act_quant_ste(alpha * x) @ (dense_weight() / alpha).T``.
-
-INT8 (``int8_matmul``, with ``impl="dense"``): V's codes are integers. With W_g = gamma Q_g,
-    V_m = (gamma / A) C_m,   C_m = sum_g (-1)^popcount(g & m) Q_g  in [-A, A]
-so Vbig is an int8 matrix (for A <= 64) times one scale gamma / A, and the product
-q8(alpha * x) @ Vbig^T runs in int32 on the INT8 tensor cores like a dense ternary layer's
-(``walsh.kernels.int8_linear``), beta applied after. It is the same function as the
-``act_bits=8`` path above (up to the fp32 order of scaling; bf16 rounds Vbig's entries where
-the INT8 path applies gamma / A exactly).
 """
 
 from __future__ import annotations
@@ -48,7 +33,7 @@ from torch import nn
 
 from walsh.algebra import _is_power_of_two, fwht
 from walsh.layers.base import StructuredLinear, autocast_input
-from walsh.quant import act_quant_ste, ternary_ste, ternary_ste_and_codes
+from walsh.quant import ternary_ste
 
 WALSH_IMPLS = ("blocks", "dense", "triton", "fused")
 _KERNEL_IMPLS = ("triton", "fused")
@@ -62,15 +47,6 @@ def walsh_in_naive(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     # the block axis leads so the bmm that follows needs no further copy
     u = x.reshape(-1, a, lanes).transpose(0, 1) * alpha[:, None, :]  # [A, N, L]
     return fwht(u, dim=0)
-
-
-def xor_blocks(v: torch.Tensor) -> torch.Tensor:
-    """v [A, n_out, n_in] -> [A*n_out, A*n_in] whose block (h, k) is v[h ^ k] (a dyadic
-    convolution's matrix; autograd's backward of the gather sums each v[m]'s A copies)."""
-    a, n_out, n_in = v.shape
-    idx = torch.arange(a, device=v.device)
-    blocks = v[idx[:, None] ^ idx[None, :]]  # [A(h), A(k), n_out, n_in]
-    return blocks.permute(0, 2, 1, 3).reshape(a * n_out, a * n_in)
 
 
 def walsh_out_naive(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -92,11 +68,8 @@ class WalshLinear(StructuredLinear):
             raise ValueError(f"Walsh blocks must be a power of two >= 2, got {blocks}")
         if impl not in WALSH_IMPLS:
             raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
-        if kw.get("int8_matmul") and (impl != "dense" or blocks > 64):
-            # the product runs on the materialized integer matrix, whose codes are sums of A
-            # ternary codes: int8 holds them up to A = 64
-            raise ValueError("int8_matmul on a Walsh layer needs impl='dense' and blocks <= 64, "
-                             f"got impl={impl!r}, blocks={blocks}")
+        if kw.get("int8_matmul"):  # its dense weight mixes scaled codes: not one ternary scale
+            raise ValueError("int8_matmul is for dense and Cayley-Dickson layers, not Walsh")
         self.impl = impl
         self._kernel_fns = None  # the Triton functions, resolved here and not per forward
         if impl in _KERNEL_IMPLS:  # fail at build time, naming the config value, if no triton
@@ -122,40 +95,20 @@ class WalshLinear(StructuredLinear):
 
     def dense_weight(self) -> torch.Tensor:
         """[out, in]: block (h, k) = diag(beta_h) V_{h^k} diag(alpha_k)."""
-        return self._dense_weight(self.alpha)
-
-    def _dense_weight(self, alpha: torch.Tensor | None) -> torch.Tensor:
-        """[out, in] = diag(beta) Vbig diag(alpha) (alpha None: left out)."""
-        w = self.effective_weight()  # [A, n_out, n_in]
-        v = fwht(w, dim=0, normalized=False) / self.blocks  # V_m = (1/A) sum_g H_mg W_g
-        # the gains scale v's copies: [A, 1, A, 1] views of beta [A, n_out] and alpha [A, n_in]
-        out = xor_blocks(v) * self.beta.reshape(-1, 1)
-        return out * alpha.reshape(1, -1) if alpha is not None else out
-
-    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Vbig [out, in], its int8 codes C, gamma / A): Vbig = (gamma / A) C in value, the
-        gains left out (module doc)."""
-        w_eff, q, gamma = ternary_ste_and_codes(self.weight)  # [A, n_out, n_in] x2, scalar
         a = self.blocks
-        v = fwht(w_eff, dim=0, normalized=False) / a  # V_m, autograd's path to the weight
-        c = fwht(q.float(), dim=0, normalized=False)  # C_m: integers in [-A, A], exact in fp32
-        return xor_blocks(v), xor_blocks(c.to(torch.int8)), (gamma / a).reshape(1)
+        w = self.effective_weight()  # [A, n_out, n_in]
+        v = fwht(w, dim=0, normalized=True) / math.sqrt(a)  # V_m = (1/A) sum_g H_mg W_g
+        idx = torch.arange(a, device=w.device)
+        blocks = v[idx[:, None] ^ idx[None, :]]  # [A(h), A(k), n_out, n_in]
+        blocks = blocks * self.beta[:, None, :, None] * self.alpha[None, :, None, :]
+        return blocks.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        x = self.quantize_input(x)
+        if self.impl == "dense":
+            return F.linear(x, self.dense_weight(), self.bias)
         x = autocast_input(x)
         dt = x.dtype
-        alpha, beta = self.alpha.to(dt), self.beta.to(dt)
-        if self.act_bits:  # the quantized activation is alpha * x (module doc)
-            x = x * alpha.reshape(-1)
-            if self.int8_matmul:  # quantized inside the INT8 op
-                out = self.int8_forward(x) * beta.reshape(-1)
-                return out + self.bias.to(out.dtype) if self.bias is not None else out
-            x, alpha = act_quant_ste(x, self.act_bits), None
-        if self.impl == "dense":
-            w = self._dense_weight(self.alpha if alpha is not None else None)  # fp32 gains
-            return F.linear(x, w.to(dt), self.bias)
-        if alpha is None:  # already applied
-            alpha = torch.ones_like(self.alpha, dtype=dt)
         k = self._kernel_fns
         quantize = k["quantize"] if k else ternary_ste
         if self.ternary:
@@ -163,6 +116,7 @@ class WalshLinear(StructuredLinear):
         else:
             w = self.weight.to(dt)
         x2 = x.reshape(-1, self.in_features)  # [N, in]
+        alpha, beta = self.alpha.to(dt), self.beta.to(dt)
         if k:  # one op: [N, in] -> [N, out]
             out = k["walsh_linear"](x2, w, alpha, beta, one_kernel=self.impl == "fused")
         else:  # transform, A GEMMs, transform, in torch ops

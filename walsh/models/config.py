@@ -41,8 +41,8 @@ class WalshConfig:
     ternary: bool = False
     per_component_scale: bool = False  # one absmean gamma per algebra component
     act_bits: int | None = None  # None | 8: per-token activation quantization
-    # the linear layers' product in int32 on INT8 tensor cores (the same function as ternary +
-    # act_bits 8; walsh.kernels.int8_linear; needs triton and CUDA); walsh: walsh_impl dense
+    # the dense and Cayley-Dickson layers' product in int32 on INT8 tensor cores (the same
+    # function as ternary + act_bits 8; walsh.kernels.int8_linear; needs triton and CUDA)
     int8_matmul: bool = False
     # with int8_matmul: the input gradient's GEMM in INT8 too (dout quantized per token)
     int8_dx: bool = False
@@ -97,14 +97,10 @@ class WalshConfig:
             raise bad("mlp_hidden", f"{self.mlp_hidden} must be positive and divisible by {a}")
         if self.act_bits not in (None, 8):
             raise bad("act_bits", f"must be null or 8, got {self.act_bits!r}")
-        if self.int8_matmul and (not self.ternary or self.act_bits != 8
-                                 or self.per_component_scale):
-            raise bad("int8_matmul", "needs ternary: true, act_bits: 8 and "
-                      "per_component_scale: false")
-        if self.int8_matmul and self.algebra == "walsh" and (self.walsh_impl != "dense"
-                                                             or a > 64):
-            raise bad("int8_matmul", "on the walsh algebra needs walsh_impl: dense and "
-                      f"algebra_dim <= 64 (its integer codes), got {self.walsh_impl!r}, {a}")
+        if self.int8_matmul and (self.algebra == "walsh" or not self.ternary
+                                 or self.act_bits != 8 or self.per_component_scale):
+            raise bad("int8_matmul", "needs algebra dense or cayley_dickson, ternary: true, "
+                      "act_bits: 8 and per_component_scale: false")
         if self.int8_dx and not self.int8_matmul:
             raise bad("int8_dx", "needs int8_matmul: true")
         if self.head_mix:
