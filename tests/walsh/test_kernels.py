@@ -359,11 +359,15 @@ def test_int8_matmul_layer_equals_fake_quant(algebra, dim, seed):
 
 
 # -- the layer --------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["triton", "fused"])
-@pytest.mark.parametrize("ternary", [True, False])
-def test_walsh_linear_kernels_equal_blocks(impl, ternary, seed):
-    ref = WalshLinear(40, 24, blocks=8, impl="blocks", ternary=ternary, bias=True).to(DEV)
-    fast = WalshLinear(40, 24, blocks=8, impl=impl, ternary=ternary, bias=True).to(DEV)
+@pytest.mark.parametrize("impl,ternary,act_bits", [("triton", True, None), ("fused", True, None),
+                                                   ("triton", False, None),
+                                                   ("fused", False, None), ("triton", True, 8)])
+def test_walsh_linear_kernels_equal_blocks(impl, ternary, act_bits, seed):
+    """The kernel paths equal the ``blocks`` path (with act_bits: on the same quantized x)."""
+    ref = WalshLinear(40, 24, blocks=8, impl="blocks", ternary=ternary, bias=True,
+                      act_bits=act_bits).to(DEV)
+    fast = WalshLinear(40, 24, blocks=8, impl=impl, ternary=ternary, bias=True,
+                       act_bits=act_bits).to(DEV)
     with torch.no_grad():
         ref.alpha.add_(0.3 * torch.randn_like(ref.alpha))
         ref.beta.add_(0.3 * torch.randn_like(ref.beta))
