@@ -71,7 +71,6 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     u = torch.randn(a, n, lin, device=dev, dtype=bf)
     y = torch.randn(a, n, lout, device=dev, dtype=bf)
     dout = torch.randn(n, fout, device=dev, dtype=bf)
-    z = torch.randn(n, fout, device=dev, dtype=bf)
     alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)
@@ -86,8 +85,11 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
         ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), three["walsh_in"]),
         ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), three["walsh_out"]),
-        ("gain_grad", lambda: wt.gain_grad_raw(dout, z, a),
-         Kernel("gain_grad", 2 * n * fout, 0, 2 * 2 * n * fout)),
+        # the backward's transforms with their gains' gradients (dbeta, dalpha) in one pass
+        ("walsh_in + dbeta", lambda: wt.walsh_in_gain_raw(dout, beta, y, a),
+         three["walsh_in (dout) + dbeta"]),
+        ("walsh_out + dalpha", lambda: wt.walsh_out_gain_raw(u, alpha, x, a),
+         three["walsh_out (du) + alpha + dalpha"]),
         ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), three["ternary quantize"]),
         ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), three["bmm fwd"]),
         # the one-kernel layer: x and w in, out written; FLOPs = the GEMMs and both H dots

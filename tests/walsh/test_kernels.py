@@ -124,14 +124,33 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
     assert rel_err(gain.grad, gr.grad) < TOL[dtype], seed
 
 
-@pytest.mark.parametrize("n,a,lanes", [(1, 2, 1), (37, 4, 25), (2500, 32, 3), (1024, 8, 7)])
+@pytest.mark.parametrize("which", ["walsh_in", "walsh_out"])
+@pytest.mark.parametrize("a,n,lanes,programs", [(2, 1, 1, 512), (4, 37, 25, 512),
+                                                (32, 2500, 3, 512), (8, 1030, 7, 5),
+                                                (16, 3, 130, 1), (32, 7, 33, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gain_grad_matches_reference(n, a, lanes, dtype, seed):
-    """The gains' gradient: chunked partial sums (1024 rows) against one fp32 sum."""
-    x, y = (torch.randn(n, a * lanes, device=DEV, dtype=dtype) for _ in range(2))
-    out = wt.gain_grad_raw(x, y, a)
-    assert out.shape == (a, lanes) and out.dtype == torch.float32
-    assert rel_err(out, wt.gain_grad_naive(x, y, a)) < 1e-5, seed  # fp32 sums either way
+def test_walsh_transform_with_gain_grad(which, a, n, lanes, programs, dtype, seed, monkeypatch):
+    """The backward passes: a transform plus sum_i T * (S H Y) in one kernel (T token-major, Y
+    block-major), against the naive transform and gain_grad_naive in fp32. ``programs`` sets
+    GAIN_PROGRAMS low enough that programs loop over several token slabs, ragged at the end."""
+    monkeypatch.setattr(wt, "GAIN_PROGRAMS", programs)
+    tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)      # token-major: dout or x
+    blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: y or du
+    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
+    ones = torch.ones(a, lanes, device=DEV)
+    gain_ref = wt.gain_grad_naive(tok.float(), wt.walsh_out_naive(blk.float(), ones), a)
+    if which == "walsh_in":  # dy = S H (beta dout), dbeta = sum dout * S H y
+        poisoned = torch.full((a, n, lanes), float("nan"), device=DEV, dtype=dtype)
+        out, g = wt.walsh_in_gain_raw(tok, gain, blk, a, out=poisoned)
+        ref = wt.walsh_in_naive(tok.float(), gain.float())
+    else:  # dx = alpha * S H du, dalpha = sum x * S H du
+        poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
+        out, g = wt.walsh_out_gain_raw(blk, gain, tok, a, out=poisoned)
+        ref = wt.walsh_out_naive(blk.float(), gain.float())
+    assert out is poisoned and rel_err(out, ref) < TOL[dtype], seed
+    # the same inputs (bf16 values are exact in fp32 and TF32), fp32 sums either way
+    assert g.shape == (a, lanes) and g.dtype == torch.float32
+    assert rel_err(g, gain_ref) < 1e-5, seed
 
 
 def test_walsh_transform_rejects_bad_gains():
@@ -418,18 +437,19 @@ def test_triton_ops_name_their_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SCAN], env=env, capture_output=True,
                          text=True, check=True).stdout
-    walsh, linear, gain = "_walsh_kernel", "_walsh_linear_kernel", "_gain_grad_kernel"
+    walsh, linear = "_walsh_kernel", "_walsh_linear_kernel"
     eager, traced, kernels = json.loads(out.splitlines()[-1])
     assert eager and traced
     assert kernels == {
         "walsh::int8_mm": ["_int8_matmul_kernel"],
         "walsh::int8_linear": ["_int8_matmul_kernel"],
         "walsh::ternary_ste": ["_abs_partial_kernel", "_ternary_apply_kernel"],
-        "walsh::gain_grad": [gain],
         "walsh::walsh_in": [walsh],
         "walsh::walsh_out": [walsh],
+        "walsh::walsh_in_gain": [walsh],
+        "walsh::walsh_out_gain": [walsh],
         "walsh::walsh_linear": [walsh, linear],
-        "walsh::walsh_linear_backward": [gain, walsh, linear],
+        "walsh::walsh_linear_backward": [walsh, linear],
     }
 
 

@@ -56,7 +56,13 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.registry import kernel_op, wrap_triton
-from walsh.kernels.walsh_transform import _hadamard, gain_grad_raw, walsh_in_raw, walsh_out_raw
+from walsh.kernels.walsh_transform import (
+    _hadamard,
+    walsh_in_gain_raw,
+    walsh_in_raw,
+    walsh_out_gain_raw,
+    walsh_out_raw,
+)
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
 # token rows per program, the most lanes per contraction chunk / output tile, warps per program
@@ -224,13 +230,13 @@ def three_kernel_forward(x, w, alpha, beta):
 
 def three_kernel_backward(dout, x, w, alpha, beta, u, y):
     """Its backward from the saved u and y (H is symmetric: each transform's adjoint is the
-    other one): (dx, dw, dalpha fp32, dbeta fp32)."""
+    other one): (dx, dw, dalpha fp32, dbeta fp32). Each transform computes its gain's gradient
+    in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``): dbeta = sum dout * S H y,
+    dalpha = sum x * S H (W^T dy)."""
     a = w.shape[0]
-    dy = walsh_in_raw(dout, beta, a)                                  # [A, N, LO] = S H (b dout)
-    dbeta = gain_grad_raw(dout, walsh_out_raw(y, None, a), a)         # sum dout * S H y
-    t = walsh_out_raw(torch.bmm(dy, w), None, a)                      # [N, A*LI] = S H (W^T dy)
-    dx = t * alpha.reshape(1, -1)
-    return dx, torch.bmm(dy.transpose(1, 2), u), gain_grad_raw(t, x, a), dbeta
+    dy, dbeta = walsh_in_gain_raw(dout, beta, y, a)                   # [A, N, LO] = S H (b dout)
+    dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, w), alpha, x, a)    # [N, A*LI]
+    return dx, torch.bmm(dy.transpose(1, 2), u), dalpha, dbeta
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches

@@ -11,11 +11,15 @@ once, scale, multiply by H on the tensor cores (``tl.dot``; A >= 16) or by broad
 The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's ``blocks`` path
 (``walsh.layers.hadamard``), re-exported here.
 
-Backward reuses the forward kernels (H is symmetric, so each transform's adjoint is the other
-one): d walsh_in: dx = alpha * walsh_out(du), dalpha = gain_grad(walsh_out(du), x);
-d walsh_out: dy = walsh_in(dout, beta), dbeta = gain_grad(dout, walsh_out(y)) (recomputed,
-so nothing [N, A*n]-sized is saved beyond the op's inputs). ``gain_grad`` (a Triton column
-reduction with fixed-order partial sums, so deterministic) is its own op as well.
+Backward reuses the forward kernel (H is symmetric, so each transform's adjoint is the other
+one), with the gain's gradient summed in the same pass (``GAIN``): d walsh_in: dx = alpha *
+walsh_out(du) and dalpha = sum_i x * walsh_out(du) (``walsh_out_gain_raw``: du and x read, dx
+written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * walsh_out(y)
+(``walsh_in_gain_raw``: S H y recomputed in registers by a second dot, so nothing [N, A*n]-sized
+is saved beyond the op's inputs). Each program writes its share of the sum (fp32) and torch adds
+the shares in a fixed order: deterministic, no atomics. (Before, the sums were a third kernel
+reading the transform's output back, and dbeta's walsh_out(y) a fourth that wrote it: twice the
+bytes per backward transform.)
 
 Precision: the slab is held in fp32; H (+-1) and bf16 inputs are exact in TF32, so 16-bit
 inputs use a TF32 ``tl.dot`` (alpha * x is rounded to TF32's 10 mantissa bits, finer than bf16's
@@ -67,31 +71,9 @@ def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
 
 
 @triton.jit
-def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, N, inv_sqrt_a,
-                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LB: tl.constexpr,
-                  BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """One [A, BT, LB] slab: BT whole tokens (program axis 0) times a chunk of LB lanes (axis 1;
-    LB a power of 2, lanes past L masked) of every block.
-    IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
-    else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
-    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
-    each block's run of tokens) are read and written as contiguous runs."""
-    g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
-    i = (tl.program_id(0) * BT + tl.arange(0, BT))[None, :, None]      # [1, BT, 1]
-    j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
-    mask = (i < N) & (j < L)                                           # [1, BT, LB]
-    i64, g64 = i.to(tl.int64), g.to(tl.int64)
-    token_major = i64 * (A * L) + g64 * L + j                          # [A, BT, LB]
-    block_major = g64 * N * L + i64 * L + j
-    src_off = token_major if IN_MODE else block_major
-    dst_off = block_major if IN_MODE else token_major
-    x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
-    if HAS_SCALE:  # alpha or beta [A, L] -> [A, 1, LB]
-        s = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
-    if IN_MODE and HAS_SCALE:
-        x = x * s
-    h_mat = _hadamard(A, LOG_A)                                        # [A, A]
+def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr,
+               USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """[A, BT, LB] fp32 -> S H x along axis 0, fp32."""
     x2 = tl.reshape(x, [A, BT * LB])
     if USE_DOT:
         if IEEE:  # fp32 inputs: exact products, no TF32
@@ -101,66 +83,94 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, N, inv_sqrt_a,
     else:
         y = tl.sum(h_mat[:, :, None] * x2[None, :, :], axis=1)
     # S cast to fp32: compiled, inductor passes Python floats as fp64
-    y = tl.reshape(y, [A, BT, LB]) * tl.cast(inv_sqrt_a, tl.float32)        # [A, BT, LB]
-    if (not IN_MODE) and HAS_SCALE:
-        y = y * s
-    tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
+    return tl.reshape(y, [A, BT, LB]) * tl.cast(inv_sqrt_a, tl.float32)
 
 
 @triton.jit
-def _gain_grad_kernel(a_ptr, b_ptr, part_ptr, N, C, CHUNK,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """part[p, c] = sum of a[r, c] * b[r, c] (fp32) over the rows r of chunk p (CHUNK rows)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)        # [BLOCK_C]
-    start = tl.program_id(1) * CHUNK
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for r0 in range(start, start + CHUNK, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)                             # [BLOCK_R]
-        mask = (rows[:, None] < N) & (cols[None, :] < C)
-        off = rows[:, None].to(tl.int64) * C + cols[None, :]
-        acc += (tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
-                * tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32))
-    tl.store(part_ptr + tl.program_id(1) * C + cols, tl.sum(acc, axis=0), mask=cols < C)
+def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
+                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LB: tl.constexpr,
+                  BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  GAIN: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
+    of LB lanes (axis 1; LB a power of 2, lanes past L masked) of every block.
+    IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
+    else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
+    GAIN: also the gain gradient sum_i T[i, h*L + j] * (S H Y)[h, i, j] of the token-major T
+    and block-major Y, this program's share written to part[program 0, h*L + j] (fp32): in
+    IN_MODE T = src (before alpha) and Y = other; else T = other and Y = src (so S H Y is the
+    result before beta).
+    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
+    each block's run of tokens) are read and written as contiguous runs."""
+    g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
+    j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
+    g64 = g.to(tl.int64)
+    if HAS_SCALE:  # alpha or beta [A, L] -> [A, 1, LB]
+        s = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
+    h_mat = _hadamard(A, LOG_A)                                        # [A, A]
+    acc = tl.zeros([A, BT, LB], dtype=tl.float32)
+    for it in range(ITERS):
+        i = ((tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT))[None, :, None]  # [1, BT, 1]
+        mask = (i < N) & (j < L)                                       # [1, BT, LB]
+        i64 = i.to(tl.int64)
+        token_major = i64 * (A * L) + g64 * L + j                      # [A, BT, LB]
+        block_major = g64 * N * L + i64 * L + j
+        src_off = token_major if IN_MODE else block_major
+        dst_off = block_major if IN_MODE else token_major
+        x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
+        if GAIN and IN_MODE:  # T = x before alpha, Y = other
+            yo = tl.load(other_ptr + block_major, mask=mask, other=0.0).to(tl.float32)
+            acc += x * _transform(yo, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)
+        if IN_MODE and HAS_SCALE:
+            x = x * s
+        y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)  # [A, BT, LB]
+        if GAIN and not IN_MODE:  # T = other, Y = src
+            acc += tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32) * y
+        if (not IN_MODE) and HAS_SCALE:
+            y = y * s
+        tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
+    if GAIN:  # [A, LB]: masked lanes and tokens added zeros
+        gj = tl.reshape(g, [A, 1])
+        jj = tl.reshape(j, [1, LB])
+        tl.store(part_ptr + tl.program_id(0) * (A * L) + gj * L + jj, tl.sum(acc, axis=1),
+                 mask=jj < L)
 
 
 # -- launcher ---------------------------------------------------------------------------------
+# with a fused gain gradient, a program loops over slabs until the grid has about this many
+# programs: its partial sums ([programs along tokens, A*L] fp32) stay a few percent of the
+# activation's bytes
+GAIN_PROGRAMS = 512
+
+
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
-            in_mode: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+            in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dst, fp32 partial sums [P, A*L] of the gain gradient, or None without ``other``)."""
     src = src.contiguous()
     shape = (a, n_tok, lanes) if in_mode else (n_tok, a * lanes)
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
+    lb = min(triton.next_power_of_2(max(lanes, 1)), TILE_LANES)  # lanes per chunk
+    bt = TILE_LANES // lb                                 # tokens per slab
+    chunks = triton.cdiv(lanes, lb)
+    iters = 1 if other is None else max(1, triton.cdiv(n_tok, bt) * chunks // GAIN_PROGRAMS)
+    rows = triton.cdiv(n_tok, bt * iters)
+    part = None
+    if other is not None:  # every entry written (masked lanes past L are not entries)
+        part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
     if n_tok * lanes == 0:
-        return dst
-    # an unused scale pointer gets an empty of its own, never an alias of src
+        return dst, (part if part is None else part.zero_())
+    # unused pointers get empties of their own, never aliases of used ones
     scale_arg = scale.contiguous() if scale is not None else src.new_empty(0)
-    lb = min(triton.next_power_of_2(lanes), TILE_LANES)  # lanes per chunk
-    bt = TILE_LANES // lb                                 # tokens per program
-    grid = (triton.cdiv(n_tok, bt), triton.cdiv(lanes, lb))
-    wrap_triton(_walsh_kernel)[grid](
-        src, dst, scale_arg, n_tok, 1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes,
-        LB=lb, BT=bt, IN_MODE=in_mode, HAS_SCALE=scale is not None, USE_DOT=a >= 16,
+    other_arg = other.contiguous() if other is not None else src.new_empty(0)
+    part_arg = part if part is not None else src.new_empty(0, dtype=torch.float32)
+    wrap_triton(_walsh_kernel)[(rows, chunks)](
+        src, dst, scale_arg, other_arg, part_arg, n_tok, iters, 1.0 / math.sqrt(a), A=a,
+        LOG_A=int(math.log2(a)), L=lanes, LB=lb, BT=bt, IN_MODE=in_mode,
+        HAS_SCALE=scale is not None, GAIN=other is not None, USE_DOT=a >= 16,
         IEEE=src.dtype == torch.float32, num_warps=TILE_WARPS)
-    return dst
-
-
-GAIN_CHUNK, GAIN_ROWS, GAIN_COLS = 1024, 32, 64
-
-
-def gain_grad_raw(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
-    """a, b [N, A*L] -> sum_i a[i] * b[i] as fp32 [A, L] (no autograd): per-chunk partial sums
-    [ceil(N / 1024), A*L] from one kernel, then summed by torch in a fixed order, so the result
-    is deterministic (no atomics)."""
-    a, b = a.contiguous(), b.contiguous()
-    n, c = a.shape
-    if n == 0:
-        return torch.zeros(blocks, c // blocks, device=a.device, dtype=torch.float32)
-    chunks = triton.cdiv(n, GAIN_CHUNK)
-    part = torch.empty(chunks, c, device=a.device, dtype=torch.float32)  # every entry written
-    wrap_triton(_gain_grad_kernel)[(triton.cdiv(c, GAIN_COLS), chunks)](
-        a, b, part, n, c, GAIN_CHUNK, BLOCK_R=GAIN_ROWS, BLOCK_C=GAIN_COLS)
-    return part.sum(0).view(blocks, c // blocks)
+    return dst, part
 
 
 def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
@@ -175,31 +185,39 @@ def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """[N, A*L] -> [A, N, L] (no autograd); ``out``: a buffer to write into (tests poison it)."""
     lanes = x.shape[-1] // a
-    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out)
+    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out)[0]
 
 
 def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """[A, N, L] -> [N, A*L] (no autograd)."""
-    return _launch(y, beta, a, y.shape[2], y.shape[1], in_mode=False, out=out)
+    return _launch(y, beta, a, y.shape[2], y.shape[1], in_mode=False, out=out)[0]
+
+
+def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, y: torch.Tensor, a: int,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(walsh_in_raw(x, alpha), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
+    one pass: a walsh_out's backward, dy and dbeta from dout = x and its saved input y."""
+    lanes = x.shape[-1] // a
+    dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=y)
+    return dst, part.sum(0).view(a, lanes)
+
+
+def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, a: int,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(walsh_out_raw(y, scale), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
+    one pass: a walsh_in's backward, dx = alpha * S H du and dalpha from du = y, alpha = scale
+    and the saved input x."""
+    dst, part = _launch(y, scale, a, y.shape[2], y.shape[1], in_mode=False, out=out, other=x)
+    return dst, part.sum(0).view(a, y.shape[2])
 
 
 # -- autograd: ops (``walsh.kernels.registry``) --------------------------------------------------
-# The gains' gradient is an op too. Written as torch ops (a product, a sum over N, a view to
-# [A, L]) inside the backward, the compiled backward under torch 2.11 returned a flat [A*L]
-# gradient once N reached 16k tokens ("CompiledFunctionBackward returned an invalid gradient
-# ... got [768] but expected [32, 24]"; 2k and 4k tokens passed). As an op it did not: first
-# opaque, then (session 7) a triton op whose partial sums' sum and view compile does see; the
-# GPU test at 16k tokens passed in both forms. The cause inside inductor was not pinned down.
-def _gain_grad_fake(a, b, blocks):
-    return a.new_empty(blocks, a.shape[1] // blocks, dtype=torch.float32)
-
-
-@kernel_op("walsh::gain_grad", _gain_grad_fake)
-def _gain_grad_op(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
-    return gain_grad_raw(a, b, blocks)
-
-
+# The gains' gradients are computed inside ops (the transforms' backward passes below). Written
+# as torch ops (a product, a sum over N, a view to [A, L]) inside the backward, the compiled
+# backward under torch 2.11 returned a flat [A*L] gradient once N reached 16k tokens
+# ("CompiledFunctionBackward returned an invalid gradient ... got [768] but expected [32, 24]";
+# 2k and 4k tokens passed); as ops they did not. The cause inside inductor was not pinned down.
 def _walsh_in_fake(x, alpha):
     a = alpha.shape[0]
     return x.new_empty(a, x.shape[0], x.shape[1] // a)
@@ -216,10 +234,9 @@ def _in_setup(ctx, inputs, output):
 
 def _in_backward(ctx, du):
     x, alpha = ctx.saved_tensors
-    # the ops (not the raw launchers), so that compile can trace the backward with fake tensors
-    t = _walsh_out_op(du, None, alpha.shape[0])                          # [N, A*L] = S H du
-    dx = t * alpha.reshape(1, -1)
-    return dx, _gain_grad_op(t, x, alpha.shape[0]).to(alpha.dtype)
+    # the op (not the raw launcher), so that compile can trace the backward with fake tensors
+    dx, dalpha = _walsh_out_gain_op(du.contiguous(), alpha, x)  # alpha * S H du, sum x * S H du
+    return dx, dalpha.to(alpha.dtype)
 
 
 _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
@@ -241,13 +258,35 @@ def _out_setup(ctx, inputs, output):
 
 def _out_backward(ctx, dout):
     y, beta = ctx.saved_tensors
-    a = y.shape[0]
-    dy = _walsh_in_op(dout, beta)                                        # [A, N, L]
-    z = _walsh_out_op(y, None, a)                                        # recomputed S H y
-    return dy, _gain_grad_op(dout, z, a).to(beta.dtype), None
+    dy, dbeta = _walsh_in_gain_op(dout.contiguous(), beta, y)  # S H (beta dout), sum dout S H y
+    return dy, dbeta.to(beta.dtype), None
 
 
 _walsh_out_op.register_autograd(_out_backward, setup_context=_out_setup)
+
+
+# the backward passes: a transform with its gain's gradient in the same pass (no autograd)
+def _walsh_in_gain_fake(x, alpha, y):
+    a, lanes = alpha.shape
+    return (x.new_empty(a, x.shape[0], lanes),
+            x.new_empty(a, lanes, dtype=torch.float32))
+
+
+@kernel_op("walsh::walsh_in_gain", _walsh_in_gain_fake)
+def _walsh_in_gain_op(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return walsh_in_gain_raw(x, alpha, y, alpha.shape[0])
+
+
+def _walsh_out_gain_fake(y, scale, x):
+    return (y.new_empty(y.shape[1], y.shape[0] * y.shape[2]),
+            y.new_empty(y.shape[0], y.shape[2], dtype=torch.float32))
+
+
+@kernel_op("walsh::walsh_out_gain", _walsh_out_gain_fake)
+def _walsh_out_gain_op(y: torch.Tensor, scale: torch.Tensor, x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return walsh_out_gain_raw(y, scale, x, scale.shape[0])
 
 
 # -- functional -------------------------------------------------------------------------------
