@@ -125,15 +125,16 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
 
 
 @pytest.mark.parametrize("which", ["walsh_in", "walsh_out"])
-@pytest.mark.parametrize("a,n,lanes,programs", [(2, 1, 1, 512), (4, 37, 25, 512),
-                                                (32, 2500, 3, 512), (8, 1030, 7, 5),
-                                                (16, 3, 130, 1), (32, 7, 33, 2)])
+@pytest.mark.parametrize("a,n,lanes,tokens", [(2, 1, 1, 16), (4, 37, 25, 128),
+                                              (32, 2500, 3, 16), (8, 1030, 7, 64),
+                                              (16, 3, 130, 16), (32, 7, 33, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_walsh_transform_with_gain_grad(which, a, n, lanes, programs, dtype, seed, monkeypatch):
+def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed, monkeypatch):
     """The backward passes: a transform plus sum_i T * (S H Y) in one kernel (T token-major, Y
-    block-major), against the naive transform and gain_grad_naive in fp32. ``programs`` sets
-    GAIN_PROGRAMS low enough that programs loop over several token slabs, ragged at the end."""
-    monkeypatch.setattr(wt, "GAIN_PROGRAMS", programs)
+    block-major), against the naive transform and gain_grad_naive in fp32. ``tokens`` (per
+    program, GAIN_TOKENS) makes programs loop over several token slabs, ragged at the end (37
+    tokens in slabs of 4, 1030 in slabs of 16), or over one."""
+    monkeypatch.setattr(wt, "GAIN_TOKENS", tokens)
     tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)      # token-major: dout or x
     blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: y or du
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)

@@ -136,10 +136,13 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
 
 
 # -- launcher ---------------------------------------------------------------------------------
-# with a fused gain gradient, a program loops over slabs until the grid has about this many
-# programs: its partial sums ([programs along tokens, A*L] fp32) stay a few percent of the
-# activation's bytes
-GAIN_PROGRAMS = 512
+# with a fused gain gradient, a program loops over slabs of BT tokens until it has covered at
+# least this many tokens: its partial sums ([N / GAIN_TOKENS, A*L] fp32) then cost 4 / (6 *
+# GAIN_TOKENS) of the pass's bytes (1% at 64). Swept over 4-128 (H200, N = 16k, A = 32, bf16,
+# CUDA graphs; docs/benchmarks.md, session 8): 64 had the lowest sum over 24, 64 and 256 lanes
+# of both passes' times over their rooflines (13.5 against 15.5 at 16); walsh-h-1b3 trained
+# at the same speed with 16 and 64
+GAIN_TOKENS = 64
 
 
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
@@ -154,7 +157,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     lb = min(triton.next_power_of_2(max(lanes, 1)), TILE_LANES)  # lanes per chunk
     bt = TILE_LANES // lb                                 # tokens per slab
     chunks = triton.cdiv(lanes, lb)
-    iters = 1 if other is None else max(1, triton.cdiv(n_tok, bt) * chunks // GAIN_PROGRAMS)
+    iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:  # every entry written (masked lanes past L are not entries)
