@@ -301,3 +301,34 @@ def test_cuda_graphs_train_and_evaluate(data_dir, tmp_path):
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert len(vals) == 2 and all(torch.isfinite(torch.tensor(vals)))
+
+
+# the kernel paths (Triton; TRITON_INTERPRET=1 on CPU, tests/conftest.py) against their PyTorch
+# twins: the Walsh layer's ops, and the INT8 product with INT8 input gradients
+KERNEL_PATHS = {
+    "walsh-triton": ({"algebra": "walsh", "algebra_dim": 4, "walsh_impl": "triton"},
+                     {"walsh_impl": "blocks"}),
+    "cd8-int8-dx": ({"act_bits": 8, "int8_matmul": True, "int8_dx": True}, {}),
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
+    """The Triton ops compose with DeepSpeed ZeRO-3 (2 gloo ranks: parameters partitioned and
+    gathered around the ops): the run completes, step 1's loss equals the PyTorch path's (same
+    init, same function, fp32), and the loss falls."""
+    fast, twin = KERNEL_PATHS[path]
+    losses = {}
+    for name, overrides in (("kernels", fast), ("torch", {**fast, **twin})):
+        if name == "torch" and "int8_matmul" in overrides:  # INT8's twin: fake-quant, bf16 dx
+            overrides = {k: v for k, v in overrides.items() if not k.startswith("int8")}
+        cfg = run_config(data_dir, tmp_path / name, zero_stage=3, steps=6, log_interval=1,
+                         eval_interval=100, ckpt_interval=100)
+        cfg["model"]["overrides"].update(overrides)
+        finish(torchrun(write_config(tmp_path, cfg)), timeout=280)
+        losses[name] = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
+    k, t = losses["kernels"], losses["torch"]
+    assert len(k) == len(t) == 6
+    assert abs(k[0] - t[0]) < 1e-5 * abs(t[0]), (k, t)  # step 1: before any update
+    assert k[-1] < 0.8 * k[0], k
