@@ -9,15 +9,17 @@ Why one op: an op call costs host time in eager mode, and a 125M model on these 
 be bound by the host. Written as one op per transform, a layer made about 7 such calls per
 training step; here it makes 2 (forward, backward) and every launch happens inside them. Under
 torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor launches the
-kernels from its generated code. Measured on an H200 (docs/benchmarks.md, session 7), the
-walsh-h-125m triton path ran at 0.60x dense on a fast host in either form; the custom-op form
-ran at 261k and 137k tok/s on two lent hosts. CUDA graphs remove the host's share.
+kernels from its generated code. Measured on an H200 (docs/benchmarks.md, sessions 7-8), the
+walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the custom-op form
+at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
+session-8 backward); walsh-h-1b3 (24 x 2048) at 1.31-1.36x dense.
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
 - three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
   (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
-  four times (x, u, y, out); u and y are saved for the backward.
+  four times (x, u, y, out); u and y are saved for the backward, whose two transforms also sum
+  dbeta and dalpha in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``).
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks

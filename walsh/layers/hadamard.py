@@ -15,8 +15,11 @@ environment switch):
   FLOPs, but one cuBLAS call; measured in docs/benchmarks.md).
 - ``"triton"``: the structured path in Triton (``walsh.kernels.walsh_linear``, one op
   per layer for forward and one for backward): each transform is one kernel fused with its gain
-  and layout change, the A GEMMs one batched cuBLAS call, and the ternary weight is quantized
-  by ``walsh.kernels.ternary``; needs ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU).
+  and layout change (in the backward also with the gain's gradient), the A GEMMs one batched
+  cuBLAS call, and the ternary weight is quantized by ``walsh.kernels.ternary``; needs
+  ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU). The fastest path at 2048 features
+  (walsh-h-1b3 at 1.31-1.36x the dense model on an H200), slower than ``"dense"`` at 768 and
+  1024 (docs/benchmarks.md, session 8).
 - ``"fused"``: as ``"triton"``, with the whole forward (transform, A GEMMs, transform, gains)
   in one kernel per token tile, so that the activations cross HBM once each way and only x is
   saved for the backward. Measured slower than ``"triton"`` (Triton's batched dot; see
@@ -68,7 +71,12 @@ class WalshLinear(StructuredLinear):
             raise ValueError(f"Walsh blocks must be a power of two >= 2, got {blocks}")
         if impl not in WALSH_IMPLS:
             raise ValueError(f"Walsh impl must be one of {WALSH_IMPLS}, got {impl!r}")
-        if kw.get("int8_matmul"):  # its dense weight mixes scaled codes: not one ternary scale
+        if kw.get("int8_matmul"):
+            # V's codes are integers (sums of A ternary codes) times one scale gamma / A, but the
+            # gain alpha sits between the activation quantizer and the product, so alpha * x_q
+            # is no integer operand. Quantizing alpha * x instead was built and measured
+            # (session 8): the gains then act on the activations, whose extra passes made
+            # walsh-h-125m 0.83x dense against 0.95x for the fake-quant path; reverted
             raise ValueError("int8_matmul is for dense and Cayley-Dickson layers, not Walsh")
         self.impl = impl
         self._kernel_fns = None  # the Triton functions, resolved here and not per forward

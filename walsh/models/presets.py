@@ -7,12 +7,14 @@ ternary BitLinear model, ``walsh-o`` octonion (Cayley-Dickson A = 8) ternary wit
 far fewer parameters, which ``WalshLM.num_params()`` reports.
 
 ``walsh-h-*`` runs the Walsh layers with ``walsh_impl="dense"`` (the closed form materialized
-once per step, one GEMM): measured on one H100 with torch.compile it trains 1.65x (12 x 768) and
-2.1x (24 x 1024) faster than the structured ``"blocks"`` path in pure PyTorch (docs/benchmarks.md).
-All three implementations compute the same function; ``walsh_impl="triton"`` runs the
-structured path (in*out/A multiply-adds) with fused kernels, measured slower than the
-materialized path so far (0.32-0.34x dense at 12 x 768, 0.65-0.66x at 24 x 2048;
-docs/benchmarks.md).
+once per step, one GEMM). All implementations compute the same function; which is fastest
+depends on the width (one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, session 8):
+``"dense"`` trains at 0.97x the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x
+at 24 x 2048; ``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused
+kernels) at 0.79x and 0.83x there, but **1.31-1.36x at 24 x 2048** (walsh-h-1b3), where the
+structure's 32x fewer GEMM FLOPs outweigh its transforms, with 58 GiB peak against the dense
+path's 36 GiB. The presets keep ``"dense"`` at every size so that a sweep's memory and code path
+do not change with the size; pass ``walsh_impl=triton`` for the 24 x 2048 speed.
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
