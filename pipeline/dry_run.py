@@ -19,6 +19,11 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   ``triton`` layers keep only their A x n_out x n_in blocks), plus the embedding table cast
   for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` fp32 logits and their gradient (chunk * V * 4 * 2).
+* Walsh ``triton`` layers (three kernels) also save both transforms' outputs for the backward,
+  u [A, B*T, n_in] and y [A, B*T, n_out]: B * T * (in + out) activations per layer, beyond the
+  rough term. walsh-h-1b3 at 16 x 1024 tokens measured 58.4 GiB peak against 36.2 GiB for
+  ``dense`` (docs/benchmarks.md, session 8); this term puts the estimate at 57 GiB (it was
+  29 GiB without it). When checkpointing recomputes a layer, only that layer's are counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.
@@ -39,6 +44,15 @@ def meta_model(wc: WalshConfig) -> WalshLM:
     """The model on the meta device: shapes and parameter counts without memory or init."""
     with torch.device("meta"):
         return WalshLM(wc)
+
+
+def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
+    """Sum of in + out over the Walsh ``triton`` layers (of one block when checkpointing)."""
+    wc = model.config
+    if wc.algebra != "walsh" or wc.walsh_impl != "triton":
+        return 0
+    width = sum(layer.in_features + layer.out_features for layer in model.structured_layers())
+    return width // wc.n_layer if checkpointing else width
 
 
 def _working_weight_numel(model: WalshLM) -> int:
@@ -76,6 +90,7 @@ def memory_estimate(
         "activations": activations,
         "working_weights": act * _working_weight_numel(model),
         "loss_chunk": min(wc.loss_chunk_tokens, b * t) * wc.vocab_size * 4 * 2,
+        "walsh_saved": act * b * t * _walsh_saved_width(model, cfg.train.activation_checkpointing),
     }
     out["total"] = sum(out.values())
     return out

@@ -301,6 +301,24 @@ def test_describe_tiny():
     assert memory_estimate(ckpt, 2)["activations"] < mem[3]["activations"]
 
 
+def test_memory_estimate_counts_the_walsh_triton_paths_saved_transforms():
+    """walsh_impl triton saves u and y (B*T*(in + out) per layer, bf16); the other paths do
+    not; with checkpointing, one block's worth."""
+    def est(impl, ckpt=False):
+        cfg = from_dict(raw(model={"preset": "walsh-h-125m", "overrides": {"walsh_impl": impl}},
+                            train={"steps": 1, "micro_batch": 2, "global_batch": 2,
+                                   "precision": "bf16", "activation_checkpointing": ckpt}))
+        return memory_estimate(cfg, 1, "cuda", 0), cfg
+    tri, cfg = est("triton")
+    model = meta_model(cfg.walsh_config())
+    width = sum(m.in_features + m.out_features for m in model.structured_layers())
+    tokens = 2 * cfg.data.seq_len
+    assert tri["walsh_saved"] == 2 * tokens * width
+    assert tri["total"] == sum(v for k, v in tri.items() if k != "total")
+    assert est("dense")[0]["walsh_saved"] == est("fused")[0]["walsh_saved"] == 0
+    assert est("triton", ckpt=True)[0]["walsh_saved"] == 2 * tokens * width // 12
+
+
 def test_describe_raises_on_bad_batch():
     cfg = from_dict(raw(train={"steps": 1, "micro_batch": 4, "global_batch": 6}))
     assert "train.global_batch" in error(describe, cfg, 1)
