@@ -131,7 +131,8 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
     if GAIN:  # [A, LB]: masked lanes and tokens added zeros
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
-        tl.store(part_ptr + tl.program_id(0) * (A * L) + gj * L + jj, tl.sum(acc, axis=1),
+        row = tl.program_id(0).to(tl.int64) * (A * L)
+        tl.store(part_ptr + row + gj * L + jj, tl.sum(acc, axis=1),
                  mask=jj < L)
 
 
@@ -160,6 +161,11 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
+    if other is not None:  # the tensor read beside src: the other layout, src's dtype
+        want = (a, n_tok, lanes) if in_mode else (n_tok, a * lanes)
+        if tuple(other.shape) != want or other.dtype != src.dtype:
+            raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
+                             f"{tuple(other.shape)} {other.dtype}")
     if other is not None:  # every entry written (masked lanes past L are not entries)
         part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
     if n_tok * lanes == 0:
@@ -245,7 +251,7 @@ def _in_backward(ctx, du):
 _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 
-# beta None: no gain (S H y only), which the backward passes use; ``blocks`` names A then
+# beta None: no gain (S H y only; no autograd then, which needs beta); ``blocks`` names A
 def _walsh_out_fake(y, beta, blocks):
     return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
 
