@@ -143,6 +143,7 @@ def describe(cfg: RunConfig, world_size: int, device: str = "cuda") -> str:
         f"{wc.n_head} heads, mlp {wc.mlp_hidden}, vocab {wc.vocab_size}, block {wc.block_size}"
         f"{', head mixing ' + str(wc.head_mix_dim) if wc.head_mix else ''}"
     )
+    lines.append(f"# linear layers: {model.linear_paths()}")
     lines.append("# parameters")
     for key in ("total", "embedding", "non_embedding", "ternary", "float"):
         lines.append(f"  {key:<16}{_n(params[key])}")

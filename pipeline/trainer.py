@@ -199,6 +199,8 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model = WalshLM(cfg.walsh_config())
+    if rank == 0:
+        print(f"[walsh] linear layers: {model.linear_paths()}", flush=True)
     flops = model.flops_per_token(cfg.data.seq_len)
     tracker = Tracker(cfg, run_dir, model.num_params()) if rank == 0 else None
     # on the device first: optimizers (ComponentMuon's per-component views) hold its storage

@@ -286,6 +286,7 @@ def test_describe_tiny():
     total = WalshLM(get_preset("tiny")).num_params()["total"]
     assert f"{total:,}" in text
     assert "preset: tiny" in text  # the resolved YAML
+    assert "# linear layers: 14 x CayleyDicksonLinear: materialized, one GEMM" in text
     assert "accum 2 = global 16" in text and "2,048" in text  # 16 x 128 tokens per step
     assert f"{WalshLM(get_preset('tiny')).flops_per_token(128):,}" in text
     assert "by ZeRO stage" in text and "fp32" in text

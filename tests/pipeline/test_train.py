@@ -326,7 +326,10 @@ def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
         cfg = run_config(data_dir, tmp_path / name, zero_stage=3, steps=6, log_interval=1,
                          eval_interval=100, ckpt_interval=100)
         cfg["model"]["overrides"].update(overrides)
-        finish(torchrun(write_config(tmp_path, cfg)), timeout=280)
+        log = finish(torchrun(write_config(tmp_path, cfg)), timeout=280)
+        if name == "kernels":  # the trainer names the path it runs
+            want = "walsh_impl=triton" if "walsh_impl" in fast else "INT8 GEMM, INT8 dx"
+            assert "[walsh] linear layers: 14 x" in log and want in log, log[-2000:]
         losses[name] = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
     k, t = losses["kernels"], losses["torch"]
     assert len(k) == len(t) == 6

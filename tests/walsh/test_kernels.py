@@ -339,6 +339,7 @@ def test_int8_dx_layer_gradients(algebra, dim, seed):
     dxq = make_linear(algebra, dim, 64, 48, ternary=True, act_bits=8, int8_matmul=True,
                       int8_dx=True).to(DEV)
     dxq.load_state_dict(plain.state_dict())
+    assert dxq.path().endswith(": INT8 GEMM, INT8 dx") and plain.path().endswith(": INT8 GEMM")
     x = torch.randn(3, 7, 64, device=DEV)
     g = torch.randn(3, 7, 48, device=DEV)
     xa, xb, xc = (x.clone().requires_grad_() for _ in range(3))

@@ -371,3 +371,11 @@ def test_walsh_blocks_autocast_bf16(a, ternary, gen):
     assert out.shape == ref.shape
     assert torch.isfinite(out).all()
     assert rel_err(out.float(), ref) < 2e-2
+
+
+def test_layer_paths_name_the_compute_path():
+    """``path()`` (printed by the trainer and the dry run) names what the config chose."""
+    assert TernaryLinear(8, 8).path() == "TernaryLinear: one GEMM"
+    assert CayleyDicksonLinear(8, 8, algebra_dim=4).path() == \
+        "CayleyDicksonLinear: materialized, one GEMM"
+    assert WalshLinear(8, 8, blocks=4, impl="blocks").path() == "WalshLinear: walsh_impl=blocks"

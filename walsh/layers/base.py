@@ -144,6 +144,15 @@ class StructuredLinear(nn.Module):
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     # -- accounting -------------------------------------------------------------------------
+    def path(self) -> str:
+        """How this layer computes its product, for logs: e.g. ``"TernaryLinear: INT8 GEMM,
+        INT8 dx"`` (the trainer and the dry run print each path with its layer count)."""
+        if self.int8_matmul:
+            how = "INT8 GEMM" + (", INT8 dx" if self.int8_dx else "")
+        else:
+            how = "one GEMM" if self.blocks == 1 else "materialized, one GEMM"
+        return f"{type(self).__name__}: {how}"
+
     def flops_per_token(self) -> int:
         """Forward FLOPs per token of the computation this layer really runs (2 per MAC)."""
         return 2 * self.in_features * self.out_features

@@ -133,6 +133,9 @@ class WalshLinear(StructuredLinear):
         out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
+    def path(self) -> str:
+        return f"WalshLinear: walsh_impl={self.impl}"
+
     def flops_per_token(self) -> int:
         if self.impl == "dense":
             return 2 * self.in_features * self.out_features

@@ -11,6 +11,7 @@ Generation passes a ``KVCache`` and the position of the first token (``start_pos
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,12 @@ class WalshLM(nn.Module):
     # -- accounting -------------------------------------------------------------------------
     def structured_layers(self) -> list[StructuredLinear]:
         return [m for m in self.modules() if isinstance(m, StructuredLinear)]
+
+    def linear_paths(self) -> str:
+        """The structured layers' compute paths with their counts, e.g. ``"72 x TernaryLinear:
+        INT8 GEMM"``: what the config chose, printed where a run starts."""
+        counts = Counter(m.path() for m in self.structured_layers())
+        return "; ".join(f"{n} x {p}" for p, n in counts.items())
 
     def num_params(self) -> dict[str, int]:
         """total, embedding, non_embedding ("brain"), ternary (latent weights stored as
