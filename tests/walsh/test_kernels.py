@@ -405,7 +405,7 @@ def test_walsh_linear_kernels_equal_blocks(impl, ternary, act_bits, seed):
 
 
 @pytest.mark.parametrize("impl", ["triton", "fused"])
-def test_custom_ops_trace_without_graph_breaks(impl, seed):
+def test_ops_trace_without_graph_breaks(impl, seed):
     """torch.compile keeps the layer in one graph (fullgraph: any graph break raises)."""
     layer = WalshLinear(64, 32, blocks=32, impl=impl, ternary=True).to(DEV)
     x = torch.randn(5, 64, device=DEV, requires_grad=True)

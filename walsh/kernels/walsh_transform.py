@@ -45,11 +45,11 @@ from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
 # a program's slab holds TILE_LANES padded lanes of every block: TILE_LANES // LB tokens of
 # LB = next_pow2(L) lanes, or chunks of 128 lanes of one token when L > 128. With 4 warps this
-# was the best tile of a sweep at 24 lanes (both transforms) and within 3% of it at 64; at 96
-# lanes (one token per program) its time was not among those printed: at least 1% (walsh_in)
-# and 3.5% (walsh_out) behind the best, and walsh_out at least 7% behind the old kernel's
-# default. No preset has 96 lanes (3072 / 32); the 1.3B FFN's 256 lanes run as two 128-lane
-# chunks, not timed. A = 32, N = 16k, bf16, H200 (docs/benchmarks.md, session 7 + correction).
+# was the best tile of a sweep at 24 lanes (both transforms) and within 3% of it at 64
+# (session 7). Timed in CUDA graphs (session 8): 1.73-1.82x the roofline at 24 lanes,
+# 1.32-1.36x at 64, 1.66-1.89x at 96 (no preset has 3072 / 32 lanes; walsh_out there is the
+# worst) and 1.32-1.42x at 256 (the 1.3B FFN, two 128-lane chunks). A = 32, N = 16k, bf16,
+# H200 (docs/benchmarks.md).
 TILE_LANES, TILE_WARPS = 128, 4
 
 
@@ -166,10 +166,11 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         if tuple(other.shape) != want or other.dtype != src.dtype:
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
-    if other is not None:  # every entry written (masked lanes past L are not entries)
-        part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
+        # every entry written (masked lanes past L are not entries); zeros without tokens
+        part = (torch.empty if n_tok else torch.zeros)(rows, a * lanes, device=src.device,
+                                                       dtype=torch.float32)
     if n_tok * lanes == 0:
-        return dst, (part if part is None else part.zero_())
+        return dst, part
     # unused pointers get empties of their own, never aliases of used ones
     scale_arg = scale.contiguous() if scale is not None else src.new_empty(0)
     other_arg = other.contiguous() if other is not None else src.new_empty(0)
@@ -244,21 +245,20 @@ def _in_setup(ctx, inputs, output):
 def _in_backward(ctx, du):
     x, alpha = ctx.saved_tensors
     # the op (not the raw launcher), so that compile can trace the backward with fake tensors
-    dx, dalpha = _walsh_out_gain_op(du.contiguous(), alpha, x)  # alpha * S H du, sum x * S H du
+    dx, dalpha = _walsh_out_gain_op(du, alpha, x)  # alpha * S H du, sum x * S H du
     return dx, dalpha.to(alpha.dtype)
 
 
 _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 
-# beta None: no gain (S H y only; no autograd then, which needs beta); ``blocks`` names A
-def _walsh_out_fake(y, beta, blocks):
+def _walsh_out_fake(y, beta):
     return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
 
 
 @kernel_op("walsh::walsh_out", _walsh_out_fake)
-def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor | None, blocks: int) -> torch.Tensor:
-    return walsh_out_raw(y, beta, blocks)
+def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return walsh_out_raw(y, beta, beta.shape[0])
 
 
 def _out_setup(ctx, inputs, output):
@@ -267,7 +267,7 @@ def _out_setup(ctx, inputs, output):
 
 def _out_backward(ctx, dout):
     y, beta = ctx.saved_tensors
-    dy, dbeta = _walsh_in_gain_op(dout.contiguous(), beta, y)  # S H (beta dout), sum dout S H y
+    dy, dbeta = _walsh_in_gain_op(dout, beta, y)  # S H (beta dout), sum dout S H y
     return dy, dbeta.to(beta.dtype), None
 
 
@@ -308,4 +308,4 @@ def walsh_in(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major."""
     _check("walsh_out", y, beta)
-    return _walsh_out_op(y, beta, beta.shape[0])
+    return _walsh_out_op(y, beta)
