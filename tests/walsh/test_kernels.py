@@ -90,9 +90,12 @@ def test_ternary_quantize_matches_reference(seed):
 # of entries its norm is small often enough (a chi-square tail: 4.5% of draws at 2 entries) for
 # bf16's per-term rounding to exceed 1e-2 of it.
 # (A, N, lanes): tiles of many tokens (few lanes), of two (33 lanes -> 64 padded) and of one
-# token in two chunks of 128 lanes (130 lanes), N not a multiple of the tokens per tile
+# token in two chunks of 128 lanes (130 lanes), N not a multiple of the tokens per tile; lane
+# counts tiled in runs of their power-of-two divisor (24 = 3 x 8, 40 = 5 x 8, 96 = 3 x 32: a
+# token's runs in consecutive rows, slabs starting mid-token; 136 = 17 x 8: a chunk per run)
 GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 4), (2, 3, 9), (32, 4, 1), (32, 1, 24),
-        (32, 7, 33), (2, 5, 130), (16, 3, 130)]
+        (32, 7, 33), (2, 5, 130), (16, 3, 130), (32, 7, 24), (4, 11, 40), (16, 9, 96),
+        (2, 5, 136)]
 
 
 # which: (fused op, raw launcher, naive reference, input shape for (a, n, lanes))
@@ -128,7 +131,9 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
 @pytest.mark.parametrize("a,n,lanes,tokens", [(2, 1, 1, 16), (4, 37, 25, 128),
                                               (32, 2500, 3, 16), (8, 1030, 7, 64),
                                               (16, 3, 130, 16), (32, 7, 33, 2),
-                                              (16, 100, 130, 16), (4, 0, 5, 16)])
+                                              (16, 100, 130, 16), (4, 0, 5, 16),
+                                              (32, 300, 24, 64), (4, 37, 40, 16),
+                                              (16, 50, 96, 8), (8, 21, 136, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed, monkeypatch):
     """The backward passes: a transform plus sum_i T * (S H Y) in one kernel (T token-major, Y
