@@ -90,12 +90,12 @@ def test_ternary_quantize_matches_reference(seed):
 # of entries its norm is small often enough (a chi-square tail: 4.5% of draws at 2 entries) for
 # bf16's per-term rounding to exceed 1e-2 of it.
 # (A, N, lanes): tiles of many tokens (few lanes), of two (33 lanes -> 64 padded) and of one
-# token in two chunks of 128 lanes (130 lanes), N not a multiple of the tokens per tile; lane
-# counts tiled in runs of their power-of-two divisor (24 = 3 x 8, 40 = 5 x 8, 96 = 3 x 32: a
-# token's runs in consecutive rows, slabs starting mid-token; 136 = 17 x 8: a chunk per run)
+# token in two chunks of 128 lanes (130 lanes), N not a multiple of the tokens per tile; and
+# the presets' 24 lanes (padded to 32), 40 (64), 96 (128), 136 and 172 (the 1.3B FFN; two
+# chunks of 128)
 GRID = [(32, 5, 3), (16, 9, 2), (8, 7, 5), (4, 66, 4), (2, 3, 9), (32, 4, 1), (32, 1, 24),
         (32, 7, 33), (2, 5, 130), (16, 3, 130), (32, 7, 24), (4, 11, 40), (16, 9, 96),
-        (2, 5, 136)]
+        (2, 5, 136), (8, 5, 172)]
 
 
 # which: (fused op, raw launcher, naive reference, input shape for (a, n, lanes))
@@ -133,7 +133,8 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
                                               (16, 3, 130, 16), (32, 7, 33, 2),
                                               (16, 100, 130, 16), (4, 0, 5, 16),
                                               (32, 300, 24, 64), (4, 37, 40, 16),
-                                              (16, 50, 96, 8), (8, 21, 136, 16)])
+                                              (16, 50, 96, 8), (8, 21, 136, 16),
+                                              (32, 40, 172, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed, monkeypatch):
     """The backward passes: a transform plus sum_i T * (S H Y) in one kernel (T token-major, Y
@@ -164,6 +165,40 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
     with pytest.raises(ValueError, match="other operand"):  # the other layout's shape, or none
         wt.walsh_in_gain_raw(tok, gain, tok, a) if which == "walsh_in" else \
             wt.walsh_out_gain_raw(blk, gain, blk, a)
+
+
+@pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64)])
+@pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 5, 130), (4, 70, 3)])
+def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, monkeypatch):
+    """Settings that change how, not what, the kernels compute give bit-equal outputs: int64
+    offsets (taken by tensors of 2**31 elements or more, WIDE_NUMEL; also bit-equal partial
+    sums) and walsh_out's tile (chunks of a token's lanes, tokens per slab)."""
+    tok = torch.randn(n, a * lanes, device=DEV, dtype=torch.bfloat16)
+    blk = torch.randn(a, n, lanes, device=DEV, dtype=torch.bfloat16)
+    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(torch.bfloat16)
+    calls = [lambda: (wt.walsh_in_raw(tok, gain, a),), lambda: (wt.walsh_out_raw(blk, gain, a),),
+             lambda: wt.walsh_in_gain_raw(tok, gain, blk, a),
+             lambda: wt.walsh_out_gain_raw(blk, gain, tok, a)]
+    before = [call() for call in calls]
+    monkeypatch.setattr(wt, *setting)
+    for call, ref in zip(calls, before):
+        got = call()
+        assert torch.equal(got[0], ref[0]), seed
+        if len(ref) > 1:  # the partial sums: other shares per program with another tile
+            assert rel_err(got[1], ref[1]) < 1e-6, seed
+
+
+def test_walsh_transform_slab_rule():
+    """(lanes per chunk, tokens per slab): whole tokens of next_pow2 lanes, chunks of the tile
+    past it, and one two-tile chunk for a token of between one and two tiles' lanes that is no
+    whole number of tiles (the 1.3B FFN's 172 lanes: 256, not 128 + 44)."""
+    got = {(lanes, tile): wt._slab(lanes, tile) for lanes, tile in
+           [(1, 128), (24, 128), (64, 128), (86, 128), (172, 128), (256, 128), (300, 128),
+            (24, 256), (172, 256), (600, 256)]}
+    assert got == {(1, 128): (1, 128), (24, 128): (32, 4), (64, 128): (64, 2),
+                   (86, 128): (128, 1), (172, 128): (256, 1), (256, 128): (128, 1),
+                   (300, 128): (128, 1), (24, 256): (32, 8), (172, 256): (256, 1),
+                   (600, 256): (256, 1)}
 
 
 def test_walsh_transform_rejects_bad_gains():

@@ -43,14 +43,16 @@ from walsh.kernels.registry import kernel_op, wrap_triton
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
-# a program's slab holds TILE_LANES padded lanes of every block: TILE_LANES // LB tokens of
-# LB = next_pow2(L) lanes, or chunks of 128 lanes of one token when L > 128. With 4 warps this
-# was the best tile of a sweep at 24 lanes (both transforms) and within 3% of it at 64
-# (session 7). Timed in CUDA graphs (session 8): 1.73-1.82x the roofline at 24 lanes,
-# 1.32-1.36x at 64, 1.66-1.89x at 96 (no preset has 3072 / 32 lanes; walsh_out there is the
-# worst) and 1.32-1.42x at 256 (the 1.3B FFN, two 128-lane chunks). A = 32, N = 16k, bf16,
-# H200 (docs/benchmarks.md).
-TILE_LANES, TILE_WARPS = 128, 4
+# a program's slab holds a tile of padded lanes of every block: tile // LB tokens of LB =
+# next_pow2(L) lanes, or one token's lanes in chunks of the tile when L > tile; a token of
+# between one and two tiles' lanes and no whole number of tiles is one chunk of two tiles
+# (``_slab``: 172 lanes, the 1.3B FFN, as 256 rather than 128 + 44). Tiles of (128, 256) lanes
+# x (4, 8) warps x (1, 2, 4) slabs per program were swept in CUDA graphs at 24, 64, 86, 172
+# and 256 lanes, transforms and gain passes (session 9, docs/benchmarks.md): 4 warps and one
+# slab were best or within 3% everywhere; walsh_out (and walsh_out + dalpha) ran faster with
+# 256-lane tiles at every width but 24 (6% slower there), walsh_in with 128 at all but 172.
+# int32 offsets (below) took 2-13% off the transforms.
+IN_TILE, OUT_TILE, TILE_WARPS = 128, 256, 4
 
 
 def gain_grad_naive(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -89,93 +91,73 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 @triton.jit
 def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
                   A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LB: tl.constexpr,
-                  R: tl.constexpr, SR: tl.constexpr, RU: tl.constexpr, STAGES: tl.constexpr,
-                  IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, GAIN: tl.constexpr,
-                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """ITERS consecutive [A, R, LB] slabs of every block (program axis 0), RU of the R rows
-    used. A row is LB lanes of one token: sub-chunk (row % SR) + program_id(1) of the token
-    row // SR, i.e. with SR > 1 a token's SR sub-chunks are consecutive rows (rows mode, axis 1
-    of size 1), with SR = 1 axis 1 picks the chunk. Lanes past L (padded LB) are masked.
+                  BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  GAIN: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
+    of LB lanes (axis 1; LB a power of 2, lanes past L masked) of every block.
     IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
     else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
     GAIN: also the gain gradient sum_i T[i, h*L + j] * (S H Y)[h, i, j] of the token-major T
     and block-major Y, this program's share written to part[program 0, h*L + j] (fp32): in
     IN_MODE T = src (before alpha) and Y = other; else T = other and Y = src (so S H Y is the
-    result before beta). RU is then a multiple of SR, so a slab's row k holds sub-chunk k % SR
-    in every slab.
-    Offsets are affine in (g, row, lane) with L, LB, SR compile-time constants, so each run of
-    LB lanes (and each block's run of tokens) is read and written as a contiguous vector."""
+    result before beta).
+    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
+    each block's run of tokens) are read and written as contiguous runs. Offsets are int64
+    only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
-    k = tl.arange(0, R)[None, :, None]                                 # [1, R, 1]
-    c = tl.arange(0, LB)[None, None, :]                                # [1, 1, LB]
-    g64 = g.to(tl.int64)
+    j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
+    g64 = g.to(tl.int64) if WIDE else g
+    if HAS_SCALE:  # alpha or beta [A, L] -> [A, 1, LB]
+        s = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
-    if HAS_SCALE and RU % SR == 0:  # alpha or beta [A, L] -> [A, R, LB], rows' sub-chunks
-        j0 = (k % SR + tl.program_id(1)) * LB + c                      # [1, R, LB]
-        s = tl.load(scale_ptr + g * L + j0, mask=j0 < L, other=0.0).to(tl.float32)
-    acc = tl.zeros([A, R, LB], dtype=tl.float32)
-    for it in tl.range(0, ITERS, num_stages=STAGES):
-        row = (tl.program_id(0).to(tl.int64) * ITERS + it) * RU + k    # [1, R, 1]
-        i = row // SR                                                  # token
-        j = (row % SR + tl.program_id(1)) * LB + c                     # lane [1, R, LB]
-        mask = (k < RU) & (i < N) & (j < L)                            # [1, R, LB]
-        token_major = i * (A * L) + g64 * L + j                        # [A, R, LB]
-        block_major = g64 * N * L + i * L + j
+    acc = tl.zeros([A, BT, LB], dtype=tl.float32)
+    for it in range(ITERS):
+        i = ((tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT))[None, :, None]  # [1, BT, 1]
+        mask = (i < N) & (j < L)                                       # [1, BT, LB]
+        i64 = i.to(tl.int64) if WIDE else i
+        token_major = i64 * (A * L) + g64 * L + j                      # [A, BT, LB]
+        block_major = g64 * N * L + i64 * L + j
         src_off = token_major if IN_MODE else block_major
         dst_off = block_major if IN_MODE else token_major
-        x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, R, LB]
+        x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
         if GAIN and IN_MODE:  # T = x before alpha, Y = other
             yo = tl.load(other_ptr + block_major, mask=mask, other=0.0).to(tl.float32)
-            acc += x * _transform(yo, h_mat, inv_sqrt_a, A, R, LB, USE_DOT, IEEE)
-        if HAS_SCALE:
-            if RU % SR == 0:
-                sc = s
-            else:  # a slab's rows shift sub-chunk from slab to slab (no gain: ITERS = 1)
-                sc = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
+            acc += x * _transform(yo, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)
         if IN_MODE and HAS_SCALE:
-            x = x * sc
-        y = _transform(x, h_mat, inv_sqrt_a, A, R, LB, USE_DOT, IEEE)  # [A, R, LB]
+            x = x * s
+        y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)  # [A, BT, LB]
         if GAIN and not IN_MODE:  # T = other, Y = src
             acc += tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32) * y
         if (not IN_MODE) and HAS_SCALE:
-            y = y * sc
+            y = y * s
         tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
-    if GAIN:  # [A, LB] per sub-chunk: masked rows, lanes and tokens added zeros
+    if GAIN:  # [A, LB]: masked lanes and tokens added zeros
         gj = tl.reshape(g, [A, 1])
-        cj = tl.reshape(c, [1, LB])
-        part_row = part_ptr + tl.program_id(0).to(tl.int64) * (A * L) + gj * L
-        for sub in tl.static_range(SR):
-            jj = (sub + tl.program_id(1)) * LB + cj                    # [1, LB]
-            if SR == 1:
-                share = tl.sum(acc, axis=1)
-            else:
-                share = tl.sum(tl.where(k % SR == sub, acc, 0.0), axis=1)
-            tl.store(part_row + jj, share, mask=jj < L)
+        jj = tl.reshape(j, [1, LB])
+        row = tl.program_id(0).to(tl.int64) * (A * L)  # once per program: int64 either way
+        tl.store(part_ptr + row + gj * L + jj, tl.sum(acc, axis=1),
+                 mask=jj < L)
 
 
 # -- launcher ---------------------------------------------------------------------------------
-# with a fused gain gradient, a program loops over slabs until it has covered at least this
-# many tokens: its partial sums ([N / GAIN_TOKENS, A*L] fp32) then cost 4 / (6 * GAIN_TOKENS)
-# of the pass's bytes (1% at 64). Swept over 4-128 (H200, N = 16k, A = 32, bf16, CUDA graphs;
-# docs/benchmarks.md, session 8): 64 had the lowest sum over 24, 64 and 256 lanes of both
-# passes' times over their rooflines (13.5 against 15.5 at 16); walsh-h-1b3 trained at the
-# same speed with 16 and 64. GAIN_STAGES: software-pipelining depth of that loop (tl.range).
-GAIN_TOKENS, GAIN_STAGES = 64, 1
-# a lane count whose largest power-of-two divisor is at least this many lanes is tiled in runs
-# of that divisor (no padded lanes; e.g. 24 = 3 runs of 8), fewer lanes in one padded run
-MIN_RUN = 8
+# with a fused gain gradient, a program loops over slabs of BT tokens until it has covered at
+# least this many tokens: its partial sums ([N / GAIN_TOKENS, A*L] fp32) then cost 4 / (6 *
+# GAIN_TOKENS) of the pass's bytes (1% at 64). Swept over 4-128 (H200, N = 16k, A = 32, bf16,
+# CUDA graphs; docs/benchmarks.md, session 8): 64 had the lowest sum over 24, 64 and 256 lanes
+# of both passes' times over their rooflines (13.5 against 15.5 at 16); walsh-h-1b3 trained
+# at the same speed with 16 and 64
+GAIN_TOKENS = 64
+# tensors from this many elements on take int64 offsets (int32 would wrap)
+WIDE_NUMEL = 2**31
 
 
-def _tiling(lanes: int, gain: bool) -> tuple[int, int, int, int, int]:
-    """(LB lanes per row, R rows per slab, SR sub-chunks per token flattened into rows, RU rows
-    used per slab, lane chunks on program axis 1) for the kernel."""
-    low = lanes & -lanes  # the largest power of two dividing lanes
-    lb = min(low if low >= MIN_RUN else triton.next_power_of_2(lanes), TILE_LANES)
-    subs = triton.cdiv(lanes, lb)           # runs per token (the last padded if lb !| lanes)
-    rows = TILE_LANES // lb
-    sr = subs if rows >= subs else 1        # rows mode: a token's runs are consecutive rows
-    used = (rows // sr) * sr if gain else rows  # gain: every slab starts at a token
-    return lb, rows, sr, used, subs // sr
+def _slab(lanes: int, tile: int) -> tuple[int, int]:
+    """(LB lanes per chunk, tokens per slab) for a tile of ``tile`` padded lanes."""
+    lb = triton.next_power_of_2(lanes)
+    if lb > tile and (lanes % tile == 0 or lb > 2 * tile):
+        lb = tile  # chunks of the tile
+    return lb, max(1, tile // lb)
 
 
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
@@ -187,9 +169,10 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    lb, r, sr, ru, chunks = _tiling(max(lanes, 1), gain=other is not None)
-    iters = 1 if other is None else max(1, GAIN_TOKENS * sr // ru)
-    programs = triton.cdiv(n_tok * sr, ru * iters)
+    lb, bt = _slab(max(lanes, 1), IN_TILE if in_mode else OUT_TILE)
+    chunks = triton.cdiv(lanes, lb)
+    iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
+    rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:  # the tensor read beside src: the other layout, src's dtype
         want = (a, n_tok, lanes) if in_mode else (n_tok, a * lanes)
@@ -197,7 +180,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
         # every entry written (masked lanes past L are not entries); zeros without tokens
-        part = (torch.empty if n_tok else torch.zeros)(programs, a * lanes, device=src.device,
+        part = (torch.empty if n_tok else torch.zeros)(rows, a * lanes, device=src.device,
                                                        dtype=torch.float32)
     if n_tok * lanes == 0:
         return dst, part
@@ -205,12 +188,11 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     scale_arg = scale.contiguous() if scale is not None else src.new_empty(0)
     other_arg = other.contiguous() if other is not None else src.new_empty(0)
     part_arg = part if part is not None else src.new_empty(0, dtype=torch.float32)
-    wrap_triton(_walsh_kernel)[(programs, chunks)](
+    wrap_triton(_walsh_kernel)[(rows, chunks)](
         src, dst, scale_arg, other_arg, part_arg, n_tok, iters, 1.0 / math.sqrt(a), A=a,
-        LOG_A=int(math.log2(a)), L=lanes, LB=lb, R=r, SR=sr, RU=ru,
-        STAGES=GAIN_STAGES if other is not None else 1, IN_MODE=in_mode,
+        LOG_A=int(math.log2(a)), L=lanes, LB=lb, BT=bt, IN_MODE=in_mode,
         HAS_SCALE=scale is not None, GAIN=other is not None, USE_DOT=a >= 16,
-        IEEE=src.dtype == torch.float32, num_warps=TILE_WARPS)
+        IEEE=src.dtype == torch.float32, WIDE=n_tok * a * lanes >= WIDE_NUMEL, num_warps=TILE_WARPS)
     return dst, part
 
 
