@@ -47,11 +47,16 @@ def meta_model(wc: WalshConfig) -> WalshLM:
 
 
 def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
-    """Sum of in + out over the Walsh ``triton`` layers (of one block when checkpointing)."""
+    """Sum of the saved u and y widths (in + out, each block's lanes rounded up to the row
+    width) over the Walsh ``triton`` layers (of one block when checkpointing)."""
     wc = model.config
     if wc.algebra != "walsh" or wc.walsh_impl != "triton":
         return 0
-    width = sum(layer.in_features + layer.out_features for layer in model.structured_layers())
+    from walsh.kernels.walsh_transform import row_width  # the triton path has triton
+
+    a = wc.algebra_dim
+    width = sum(a * (row_width(layer.in_features // a) + row_width(layer.out_features // a))
+                for layer in model.structured_layers())
     return width // wc.n_layer if checkpointing else width
 
 

@@ -188,6 +188,36 @@ def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, m
             assert rel_err(got[1], ref[1]) < 1e-6, seed
 
 
+@pytest.mark.parametrize("a,n,lanes", [(32, 9, 5), (16, 7, 172), (4, 11, 86), (8, 6, 16)])
+def test_walsh_transform_padded_rows(a, n, lanes, seed):
+    """Block-major rows wider than the lanes (``row_width``: 16-byte rows for cuBLAS): walsh_in
+    writes zeros past L, walsh_out and the gain passes never read there (NaN-poisoned), and
+    every result is bit-equal to the unpadded one (the gains' fp32 sums to 1e-6: a wider row
+    can change the tokens per program, so the sums' grouping)."""
+    width = wt.row_width(lanes) if lanes % 8 else lanes + 8
+    tok = torch.randn(n, a * lanes, device=DEV, dtype=torch.bfloat16)
+    blk = torch.randn(a, n, lanes, device=DEV, dtype=torch.bfloat16)
+    wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=torch.bfloat16)
+    wide[:, :, :lanes] = blk
+    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(torch.bfloat16)
+    poisoned = torch.full((a, n, width), float("nan"), device=DEV, dtype=torch.bfloat16)
+    u = wt.walsh_in_raw(tok, gain, a, out=poisoned, width=width)
+    assert torch.equal(u[:, :, :lanes], wt.walsh_in_raw(tok, gain, a)), seed
+    assert torch.equal(u[:, :, lanes:], torch.zeros_like(u[:, :, lanes:]))
+    out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
+    assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
+    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, wide, a)
+    dy0, dbeta0 = wt.walsh_in_gain_raw(tok, gain, blk, a)
+    assert dy.shape == (a, n, width) and torch.equal(dy[:, :, :lanes], dy0), seed
+    assert torch.equal(dy[:, :, lanes:], torch.zeros_like(dy[:, :, lanes:]))
+    assert rel_err(dbeta, dbeta0) < 1e-6, seed
+    dx, dalpha = wt.walsh_out_gain_raw(wide, gain, tok, a)
+    dx0, dalpha0 = wt.walsh_out_gain_raw(blk, gain, tok, a)
+    assert torch.equal(dx, dx0) and rel_err(dalpha, dalpha0) < 1e-6, seed
+    with pytest.raises(ValueError, match="cannot hold"):
+        wt.walsh_in_raw(tok, gain, a, width=lanes - 1)
+
+
 def test_walsh_transform_slab_rule():
     """(lanes per chunk, tokens per slab): whole tokens of next_pow2 lanes, chunks of the tile
     past it, and one two-tile chunk for a token of between one and two tiles' lanes that is no

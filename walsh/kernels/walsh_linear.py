@@ -19,7 +19,9 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
 - three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
   (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
   four times (x, u, y, out); u and y are saved for the backward, whose two transforms also sum
-  dbeta and dalpha in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``).
+  dbeta and dalpha in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The
+  block-major u, y, du and dy have rows of the lanes rounded up to 8 (``row_width``, zeros
+  past them) and the bmm a zero-padded weight, so that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
@@ -54,6 +56,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -64,6 +67,7 @@ from walsh.kernels.walsh_transform import (
     walsh_in_raw,
     walsh_out_gain_raw,
     walsh_out_raw,
+    row_width,
 )
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -222,12 +226,25 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
     return dx, dw, dalpha, dbeta
 
 
+def _padded_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [A, LO, LI] -> [A, row_width(LO), row_width(LI)], zeros past (LO, LI): the three-kernel
+    path's block-major rows are 16-byte multiples (``row_width``), so that the bmm's rows are
+    aligned (cuBLAS ran the 1.3B FFN's 172-lane rows at 3.6x its roofline, session 9). The
+    zeros keep the padding lanes of y and du zero."""
+    lo, li = w.shape[1:]
+    if row_width(lo) == lo and row_width(li) == li:
+        return w
+    return F.pad(w, (0, row_width(li) - li, 0, row_width(lo) - lo))
+
+
 def three_kernel_forward(x, w, alpha, beta):
-    """The three-kernel forward: (out [N, A*LO], u [A, N, LI], y [A, N, LO])."""
-    a = w.shape[0]
-    u = walsh_in_raw(x, alpha, a)                                     # [A, N, LI]
-    y = torch.bmm(u, w.transpose(1, 2))                               # [A, N, LO]
-    return walsh_out_raw(y, beta, a), u, y
+    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], y [A, N, LOp]) with LIp, LOp
+    the lanes rounded up to a multiple of 8 (``row_width``; zeros past LI, LO)."""
+    a, lo = w.shape[:2]
+    wp = _padded_weight(w)                                            # [A, LOp, LIp]
+    u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]
+    y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
+    return walsh_out_raw(y, beta, a, lanes=lo), u, y
 
 
 def three_kernel_backward(dout, x, w, alpha, beta, u, y):
@@ -235,10 +252,14 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, y):
     other one): (dx, dw, dalpha fp32, dbeta fp32). Each transform computes its gain's gradient
     in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``): dbeta = sum dout * S H y,
     dalpha = sum x * S H (W^T dy)."""
-    a = w.shape[0]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, y, a)                   # [A, N, LO] = S H (b dout)
-    dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, w), alpha, x, a)    # [N, A*LI]
-    return dx, torch.bmm(dy.transpose(1, 2), u), dalpha, dbeta
+    a, lo, li = w.shape
+    wp = _padded_weight(w)                                            # [A, LOp, LIp]
+    dy, dbeta = walsh_in_gain_raw(dout, beta, y, a)                   # [A, N, LOp] = S H (b dout)
+    dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, wp), alpha, x, a)   # [N, A*LI]
+    dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LOp, LIp]
+    if wp is not w:
+        dw = dw[:, :lo, :li].contiguous()
+    return dx, dw, dalpha, dbeta
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches
@@ -251,7 +272,7 @@ def _linear_fake(x, w, alpha, beta, one_kernel):
     out = x.new_empty(n, a * lo)
     if one_kernel:
         return out, x.new_empty(0), x.new_empty(0)
-    return out, x.new_empty(a, n, li), x.new_empty(a, n, lo)
+    return out, x.new_empty(a, n, row_width(li)), x.new_empty(a, n, row_width(lo))
 
 
 @kernel_op("walsh::walsh_linear", _linear_fake)

@@ -90,14 +90,16 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 
 @triton.jit
 def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
-                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LB: tl.constexpr,
-                  BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+                  LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
                   GAIN: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
                   WIDE: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2, lanes past L masked) of every block.
     IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
     else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
+    Block-major rows are LP >= L lanes wide: lanes L..LP-1 are written as zeros (IN_MODE) and
+    never read.
     GAIN: also the gain gradient sum_i T[i, h*L + j] * (S H Y)[h, i, j] of the token-major T
     and block-major Y, this program's share written to part[program 0, h*L + j] (fp32): in
     IN_MODE T = src (before alpha) and Y = other; else T = other and Y = src (so S H Y is the
@@ -117,7 +119,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
         mask = (i < N) & (j < L)                                       # [1, BT, LB]
         i64 = i.to(tl.int64) if WIDE else i
         token_major = i64 * (A * L) + g64 * L + j                      # [A, BT, LB]
-        block_major = g64 * N * L + i64 * L + j
+        block_major = g64 * N * LP + i64 * LP + j
         src_off = token_major if IN_MODE else block_major
         dst_off = block_major if IN_MODE else token_major
         x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
@@ -131,7 +133,10 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
             acc += tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32) * y
         if (not IN_MODE) and HAS_SCALE:
             y = y * s
-        tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
+        if IN_MODE:  # block-major rows: the padding lanes' zeros too
+            tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=(i < N) & (j < LP))
+        else:
+            tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
     if GAIN:  # [A, LB]: masked lanes and tokens added zeros
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
@@ -160,29 +165,40 @@ def _slab(lanes: int, tile: int) -> tuple[int, int]:
     return lb, max(1, tile // lb)
 
 
+def row_width(lanes: int) -> int:
+    """Block-major row width for ``lanes`` lanes: a multiple of 8, so that bf16 rows start on
+    16-byte boundaries, as cuBLAS's tensor-core GEMMs and vector loads want (the 1.3B FFN's 172
+    lanes: a bmm over 344-byte rows ran at 3.6x its roofline, session 9)."""
+    return -(-lanes // 8) * 8
+
+
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
-            in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dst, fp32 partial sums [P, A*L] of the gain gradient, or None without ``other``)."""
+            in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
+            width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dst, fp32 partial sums [P, A*L] of the gain gradient, or None without ``other``);
+    ``width``: the block-major tensor's row width (>= lanes; default lanes)."""
     src = src.contiguous()
-    shape = (a, n_tok, lanes) if in_mode else (n_tok, a * lanes)
+    width = lanes if width is None else width
+    if width < lanes:
+        raise ValueError(f"block-major rows of {width} lanes cannot hold {lanes}")
+    shape = (a, n_tok, width) if in_mode else (n_tok, a * lanes)
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    lb, bt = _slab(max(lanes, 1), IN_TILE if in_mode else OUT_TILE)
-    chunks = triton.cdiv(lanes, lb)
+    lb, bt = _slab(max(width, 1), IN_TILE if in_mode else OUT_TILE)
+    chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:  # the tensor read beside src: the other layout, src's dtype
-        want = (a, n_tok, lanes) if in_mode else (n_tok, a * lanes)
+        want = (a, n_tok, width) if in_mode else (n_tok, a * lanes)
         if tuple(other.shape) != want or other.dtype != src.dtype:
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
         # every entry written (masked lanes past L are not entries); zeros without tokens
         part = (torch.empty if n_tok else torch.zeros)(rows, a * lanes, device=src.device,
                                                        dtype=torch.float32)
-    if n_tok * lanes == 0:
+    if n_tok * width == 0:
         return dst, part
     # unused pointers get empties of their own, never aliases of used ones
     scale_arg = scale.contiguous() if scale is not None else src.new_empty(0)
@@ -190,9 +206,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     part_arg = part if part is not None else src.new_empty(0, dtype=torch.float32)
     wrap_triton(_walsh_kernel)[(rows, chunks)](
         src, dst, scale_arg, other_arg, part_arg, n_tok, iters, 1.0 / math.sqrt(a), A=a,
-        LOG_A=int(math.log2(a)), L=lanes, LB=lb, BT=bt, IN_MODE=in_mode,
+        LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt, IN_MODE=in_mode,
         HAS_SCALE=scale is not None, GAIN=other is not None, USE_DOT=a >= 16,
-        IEEE=src.dtype == torch.float32, WIDE=n_tok * a * lanes >= WIDE_NUMEL, num_warps=TILE_WARPS)
+        IEEE=src.dtype == torch.float32, WIDE=n_tok * a * width >= WIDE_NUMEL, num_warps=TILE_WARPS)
     return dst, part
 
 
@@ -205,24 +221,30 @@ def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, A*L] -> [A, N, L] (no autograd); ``out``: a buffer to write into (tests poison it)."""
+                 out: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+    """[N, A*L] -> [A, N, width] (no autograd; width >= L, default L, lanes past L zeros);
+    ``out``: a buffer to write into (tests poison it)."""
     lanes = x.shape[-1] // a
-    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out)[0]
+    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, width=width)[0]
 
 
 def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """[A, N, L] -> [N, A*L] (no autograd)."""
-    return _launch(y, beta, a, y.shape[2], y.shape[1], in_mode=False, out=out)[0]
+                  out: torch.Tensor | None = None, lanes: int | None = None) -> torch.Tensor:
+    """[A, N, W] -> [N, A*L] from the first L = ``lanes`` (default W) lanes of each row (no
+    autograd)."""
+    lanes = y.shape[2] if lanes is None else lanes
+    return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2])[0]
 
 
 def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, y: torch.Tensor, a: int,
                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_in_raw(x, alpha), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
-    one pass: a walsh_out's backward, dy and dbeta from dout = x and its saved input y."""
+    one pass: a walsh_out's backward, dy and dbeta from dout = x and its saved input y. y's rows
+    may be wider than L (``row_width``); dy's are as wide, with zeros past L."""
     lanes = x.shape[-1] // a
-    dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=y)
+    width = y.shape[2] if y.ndim == 3 else lanes  # (a wrong y: _launch names what it wants)
+    dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=y,
+                        width=width)
     return dst, part.sum(0).view(a, lanes)
 
 
@@ -230,9 +252,11 @@ def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Ten
                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_out_raw(y, scale), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
     one pass: a walsh_in's backward, dx = alpha * S H du and dalpha from du = y, alpha = scale
-    and the saved input x."""
-    dst, part = _launch(y, scale, a, y.shape[2], y.shape[1], in_mode=False, out=out, other=x)
-    return dst, part.sum(0).view(a, y.shape[2])
+    and the saved input x [N, A*L]; y's rows may be wider than L (the lanes past L not read)."""
+    lanes = x.shape[-1] // a
+    dst, part = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
+                        width=y.shape[2])
+    return dst, part.sum(0).view(a, lanes)
 
 
 # -- autograd: ops (``walsh.kernels.registry``) --------------------------------------------------
