@@ -68,12 +68,14 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     bf = torch.bfloat16
     lin, lout = fin // a, fout // a
     x = torch.randn(n, fin, device=dev, dtype=bf)
-    u = torch.randn(a, n, lin, device=dev, dtype=bf)
-    y = torch.randn(a, n, lout, device=dev, dtype=bf)
+    # block-major rows as the three-kernel layer stores them: lanes rounded up to 8 (16 bytes)
+    u = torch.randn(a, n, wt.row_width(lin), device=dev, dtype=bf)
+    y = torch.randn(a, n, wt.row_width(lout), device=dev, dtype=bf)
     dout = torch.randn(n, fout, device=dev, dtype=bf)
     alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)
+    wp = wf.padded_weight(wq)  # [A, row_width(lout), row_width(lin)], as the layer's bmm has it
     wd = (torch.randn(fout, fin, device=dev) * 0.02).to(bf)  # a dense [out, in] weight
     xq, inv_s = ik.quantize_rows_torch(x)
     gq, inv_sg = ik.quantize_rows_torch(dout)
@@ -83,15 +85,15 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     gamma = torch.full((1,), 0.02, device=dev)
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
-        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a), three["walsh_in"]),
-        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a), three["walsh_out"]),
+        ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a, width=u.shape[2]), three["walsh_in"]),
+        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a, lanes=lout), three["walsh_out"]),
         # the backward's transforms with their gains' gradients (dbeta, dalpha) in one pass
         ("walsh_in + dbeta", lambda: wt.walsh_in_gain_raw(dout, beta, y, a),
          three["walsh_in (dout) + dbeta"]),
         ("walsh_out + dalpha", lambda: wt.walsh_out_gain_raw(u, alpha, x, a),
          three["walsh_out (du) + alpha + dalpha"]),
         ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), three["ternary quantize"]),
-        ("bmm (fwd)", lambda: torch.bmm(u, wq.transpose(1, 2)), three["bmm fwd"]),
+        ("bmm (fwd)", lambda: torch.bmm(u, wp.transpose(1, 2)), three["bmm fwd"]),
         # the one-kernel layer: x and w in, out written; FLOPs = the GEMMs and both H dots
         ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta), one["walsh fused fwd"]),
         ("fused dx+dalpha", lambda: wf.walsh_linear_dx_raw(dout, x, wq, alpha, beta),

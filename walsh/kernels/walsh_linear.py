@@ -63,11 +63,11 @@ import triton.language as tl
 from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import (
     _hadamard,
+    row_width,
     walsh_in_gain_raw,
     walsh_in_raw,
     walsh_out_gain_raw,
     walsh_out_raw,
-    row_width,
 )
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -226,7 +226,7 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
     return dx, dw, dalpha, dbeta
 
 
-def _padded_weight(w: torch.Tensor) -> torch.Tensor:
+def padded_weight(w: torch.Tensor) -> torch.Tensor:
     """w [A, LO, LI] -> [A, row_width(LO), row_width(LI)], zeros past (LO, LI): the three-kernel
     path's block-major rows are 16-byte multiples (``row_width``), so that the bmm's rows are
     aligned (cuBLAS ran the 1.3B FFN's 172-lane rows at 3.6x its roofline, session 9). The
@@ -241,7 +241,7 @@ def three_kernel_forward(x, w, alpha, beta):
     """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], y [A, N, LOp]) with LIp, LOp
     the lanes rounded up to a multiple of 8 (``row_width``; zeros past LI, LO)."""
     a, lo = w.shape[:2]
-    wp = _padded_weight(w)                                            # [A, LOp, LIp]
+    wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]
     y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
     return walsh_out_raw(y, beta, a, lanes=lo), u, y
@@ -253,7 +253,7 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, y):
     in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``): dbeta = sum dout * S H y,
     dalpha = sum x * S H (W^T dy)."""
     a, lo, li = w.shape
-    wp = _padded_weight(w)                                            # [A, LOp, LIp]
+    wp = padded_weight(w)                                            # [A, LOp, LIp]
     dy, dbeta = walsh_in_gain_raw(dout, beta, y, a)                   # [A, N, LOp] = S H (b dout)
     dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, wp), alpha, x, a)   # [N, A*LI]
     dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LOp, LIp]

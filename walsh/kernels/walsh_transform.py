@@ -91,9 +91,9 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 @triton.jit
 def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
                   A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
-                  LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  GAIN: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                  WIDE: tl.constexpr):
+                  LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
+                  IEEE: tl.constexpr, WIDE: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2, lanes past L masked) of every block.
     IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
