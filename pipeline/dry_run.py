@@ -20,10 +20,12 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` fp32 logits and their gradient (chunk * V * 4 * 2).
 * Walsh ``triton`` layers (three kernels) also save both transforms' outputs for the backward,
-  u [A, B*T, n_in] and y [A, B*T, n_out]: B * T * (in + out) activations per layer, beyond the
-  rough term. walsh-h-1b3 at 16 x 1024 tokens measured 58.4 GiB peak against 36.2 GiB for
-  ``dense`` (docs/benchmarks.md, session 8); this term puts the estimate at 57 GiB (it was
-  29 GiB without it). When checkpointing recomputes a layer, only that layer's are counted.
+  u [A, B*T, n_in'] and y [A, B*T, n_out'] with n' the lanes rounded up to 8 (16-byte rows,
+  ``row_width`` in ``walsh.kernels.walsh_transform``): about B * T * (in + out) activations
+  per layer, beyond the rough term. walsh-h-1b3 at 16 x 1024 tokens measured 58.4 GiB peak
+  (58.6 with the padded rows, session 9) against 36.2 GiB for ``dense`` (docs/benchmarks.md,
+  session 8); this term puts the estimate at 57 GiB (it was 29 GiB without it). When
+  checkpointing recomputes a layer, only that layer's are counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.
@@ -54,8 +56,7 @@ def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
         return 0
     from walsh.kernels.walsh_transform import row_width  # the triton path has triton
 
-    a = wc.algebra_dim
-    width = sum(a * (row_width(layer.in_features // a) + row_width(layer.out_features // a))
+    width = sum(layer.blocks * (row_width(layer.n_in) + row_width(layer.n_out))
                 for layer in model.structured_layers())
     return width // wc.n_layer if checkpointing else width
 

@@ -167,12 +167,12 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
             wt.walsh_out_gain_raw(blk, gain, blk, a)
 
 
-@pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64)])
+@pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64), ("IN_TILE", 256)])
 @pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 5, 130), (4, 70, 3)])
 def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, monkeypatch):
     """Settings that change how, not what, the kernels compute give bit-equal outputs: int64
     offsets (taken by tensors of 2**31 elements or more, WIDE_NUMEL; also bit-equal partial
-    sums) and walsh_out's tile (chunks of a token's lanes, tokens per slab)."""
+    sums) and each transform's tile (chunks of a token's lanes, tokens per slab)."""
     tok = torch.randn(n, a * lanes, device=DEV, dtype=torch.bfloat16)
     blk = torch.randn(a, n, lanes, device=DEV, dtype=torch.bfloat16)
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(torch.bfloat16)
@@ -206,7 +206,8 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
     assert torch.equal(u[:, :, lanes:], torch.zeros_like(u[:, :, lanes:]))
     out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
     assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
-    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, wide, a)
+    poisoned = torch.full((a, n, width), float("nan"), device=DEV, dtype=torch.bfloat16)
+    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, wide, a, out=poisoned)
     dy0, dbeta0 = wt.walsh_in_gain_raw(tok, gain, blk, a)
     assert dy.shape == (a, n, width) and torch.equal(dy[:, :, :lanes], dy0), seed
     assert torch.equal(dy[:, :, lanes:], torch.zeros_like(dy[:, :, lanes:]))
@@ -216,6 +217,9 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
     assert torch.equal(dx, dx0) and rel_err(dalpha, dalpha0) < 1e-6, seed
     with pytest.raises(ValueError, match="cannot hold"):
         wt.walsh_in_raw(tok, gain, a, width=lanes - 1)
+    with pytest.raises(ValueError, match="the gain must be"):  # a gain of the row width
+        wt.walsh_out_raw(wide, torch.ones(a, width, device=DEV, dtype=torch.bfloat16), a,
+                         lanes=lanes)
 
 
 def test_walsh_transform_slab_rule():
@@ -224,11 +228,11 @@ def test_walsh_transform_slab_rule():
     whole number of tiles (the 1.3B FFN's 172 lanes: 256, not 128 + 44)."""
     got = {(lanes, tile): wt._slab(lanes, tile) for lanes, tile in
            [(1, 128), (24, 128), (64, 128), (86, 128), (172, 128), (256, 128), (300, 128),
-            (24, 256), (172, 256), (600, 256)]}
+            (24, 256), (172, 256), (300, 256), (600, 256)]}
     assert got == {(1, 128): (1, 128), (24, 128): (32, 4), (64, 128): (64, 2),
                    (86, 128): (128, 1), (172, 128): (256, 1), (256, 128): (128, 1),
                    (300, 128): (128, 1), (24, 256): (32, 8), (172, 256): (256, 1),
-                   (600, 256): (256, 1)}
+                   (300, 256): (256, 1), (600, 256): (256, 1)}
 
 
 def test_walsh_transform_rejects_bad_gains():
@@ -535,7 +539,8 @@ def test_triton_ops_name_their_kernels():
 # -- full shapes on the GPU -------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768), (2048, 8192)])
+@pytest.mark.parametrize("in_f,out_f", [(768, 768), (768, 2048), (2048, 768), (2048, 8192),
+                                       (2048, 5504), (5504, 2048)])  # 1.3B FFN: padded rows
 @pytest.mark.parametrize("impl", ["triton", "fused"])
 def test_walsh_linear_full_shape_cuda(impl, in_f, out_f, dtype, seed):
     ref = WalshLinear(in_f, out_f, blocks=32, impl="blocks", ternary=True).cuda()
@@ -555,12 +560,14 @@ def test_walsh_linear_full_shape_cuda(impl, in_f, out_f, dtype, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_f,out_f", [(768, 2304), (2048, 5504)])
 @pytest.mark.parametrize("impl", ["triton", "fused"])
-def test_walsh_linear_compiled_backward_at_16k_tokens(impl, seed):
+def test_walsh_linear_compiled_backward_at_16k_tokens(impl, in_f, out_f, seed):
     """Inductor (torch 2.11) once returned the gains' gradient flattened at N = 16k tokens;
-    the compiled layer's gradients must match the eager ones at that size."""
-    layer = WalshLinear(768, 2304, blocks=32, impl=impl, ternary=True).cuda()
-    x = torch.randn(16, 1024, 768, device="cuda")
+    the compiled layer's gradients must match the eager ones at that size (also with the
+    1.3B FFN's 172-lane rows padded to 176 in the saved u and y)."""
+    layer = WalshLinear(in_f, out_f, blocks=32, impl=impl, ternary=True).cuda()
+    x = torch.randn(16, 1024, in_f, device="cuda")
     grads = []
     for f in (layer, torch.compile(layer)):
         layer.zero_grad(set_to_none=True)

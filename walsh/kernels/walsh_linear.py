@@ -230,8 +230,9 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
 def padded_weight(w: torch.Tensor) -> torch.Tensor:
     """w [A, LO, LI] -> [A, row_width(LO), row_width(LI)], zeros past (LO, LI): the three-kernel
     path's block-major rows are 16-byte multiples (``row_width``), so that the bmm's rows are
-    aligned (cuBLAS ran the 1.3B FFN's 172-lane rows at 3.6x its roofline, session 9). The
-    zeros keep the padding lanes of y and du zero."""
+    aligned (cuBLAS ran the 1.3B FFN's 172-lane rows at 3.6x its roofline, session 9). u's and
+    dy's padding lanes are zeros (written by the transforms), so the padded products add
+    nothing to y, du or dw within (LO, LI); y's and du's own padding lanes are never read."""
     lo, li = w.shape[1:]
     if row_width(lo) == lo and row_width(li) == li:
         return w
@@ -240,7 +241,8 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
 
 def three_kernel_forward(x, w, alpha, beta):
     """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], y [A, N, LOp]) with LIp, LOp
-    the lanes rounded up to a multiple of 8 (``row_width``; zeros past LI, LO)."""
+    the lanes rounded up to a multiple of 8 (``row_width``; u is zero past LI, y's lanes past
+    LO are never read)."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]

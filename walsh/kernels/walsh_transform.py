@@ -45,8 +45,8 @@ from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
 # a program's slab holds a tile of padded lanes of every block: tile // LB tokens of LB =
 # next_pow2(L) lanes, or one token's lanes in chunks of the tile when L > tile; a token of
-# between one and two tiles' lanes and no whole number of tiles is one chunk of two tiles
-# (``_slab``: 172 lanes, the 1.3B FFN, as 256 rather than 128 + 44). Tiles of (128, 256) lanes
+# between one and two tiles' lanes and no whole number of tiles is one chunk of two tiles, up
+# to MAX_CHUNK lanes (``_slab``: 172 lanes, the 1.3B FFN, as 256 rather than 128 + 44). Tiles of (128, 256) lanes
 # x (4, 8) warps x (1, 2, 4) slabs per program were swept in CUDA graphs at 24, 64, 86, 172
 # and 256 lanes, transforms and gain passes (session 9, docs/benchmarks.md): 4 warps and one
 # slab were best or within 3% everywhere; walsh_out (and walsh_out + dalpha) ran faster with
@@ -95,7 +95,8 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
                   HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
                   IEEE: tl.constexpr, WIDE: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
-    of LB lanes (axis 1; LB a power of 2, lanes past L masked) of every block.
+    of LB lanes (axis 1; LB a power of 2; lanes past L not read, and written only as the
+    zeros of block-major padding) of every block.
     IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
     else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
     Block-major rows are LP >= L lanes wide: lanes L..LP-1 are written as zeros (IN_MODE) and
@@ -155,12 +156,15 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
 GAIN_TOKENS = 64
 # tensors from this many elements on take int64 offsets (int32 would wrap)
 WIDE_NUMEL = 2**31
+# the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
+# on 4 warps) were not
+MAX_CHUNK = 256
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:
     """(LB lanes per chunk, tokens per slab) for a tile of ``tile`` padded lanes."""
     lb = triton.next_power_of_2(lanes)
-    if lb > tile and (lanes % tile == 0 or lb > 2 * tile):
+    if lb > tile and (lanes % tile == 0 or lb > min(2 * tile, MAX_CHUNK)):
         lb = tile  # chunks of the tile
     return lb, max(1, tile // lb)
 
@@ -198,6 +202,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         # every entry written (masked lanes past L are not entries); zeros without tokens
         part = (torch.empty if n_tok else torch.zeros)(rows, a * lanes, device=src.device,
                                                        dtype=torch.float32)
+    if scale is not None and tuple(scale.shape) != (a, lanes):
+        raise ValueError(f"the gain must be ({a}, {lanes}) for {lanes} lanes of {a} blocks, got "
+                         f"{tuple(scale.shape)}")
     if n_tok * width == 0:
         return dst, part
     # unused pointers get empties of their own, never aliases of used ones
@@ -238,9 +245,9 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
 
 def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, y: torch.Tensor, a: int,
                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(walsh_in_raw(x, alpha), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
-    one pass: a walsh_out's backward, dy and dbeta from dout = x and its saved input y. y's rows
-    may be wider than L (``row_width``); dy's are as wide, with zeros past L."""
+    """(walsh_in_raw(x, alpha), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None,
+    lanes=L)) in one pass: a walsh_out's backward, dy and dbeta from dout = x and its saved input
+    y. y's rows may be wider than L (``row_width``); dy's are as wide, with zeros past L."""
     lanes = x.shape[-1] // a
     width = y.shape[2] if y.ndim == 3 else lanes  # (a wrong y: _launch names what it wants)
     dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=y,
@@ -314,7 +321,7 @@ _walsh_out_op.register_autograd(_out_backward, setup_context=_out_setup)
 # the backward passes: a transform with its gain's gradient in the same pass (no autograd)
 def _walsh_in_gain_fake(x, alpha, y):
     a, lanes = alpha.shape
-    return (x.new_empty(a, x.shape[0], lanes),
+    return (x.new_empty(a, x.shape[0], y.shape[2]),  # y's row width
             x.new_empty(a, lanes, dtype=torch.float32))
 
 
@@ -325,8 +332,9 @@ def _walsh_in_gain_op(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor
 
 
 def _walsh_out_gain_fake(y, scale, x):
-    return (y.new_empty(y.shape[1], y.shape[0] * y.shape[2]),
-            y.new_empty(y.shape[0], y.shape[2], dtype=torch.float32))
+    a = scale.shape[0]
+    return (y.new_empty(y.shape[1], x.shape[1]),  # x's lanes (y's rows may be wider)
+            y.new_empty(a, x.shape[1] // a, dtype=torch.float32))
 
 
 @kernel_op("walsh::walsh_out_gain", _walsh_out_gain_fake)
