@@ -48,10 +48,10 @@ from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 # between one and two tiles' lanes and no whole number of tiles is one chunk of two tiles, up
 # to MAX_CHUNK lanes (``_slab``: 172 lanes, the 1.3B FFN, as 256 rather than 128 + 44).
 # Tiles of (128, 256) lanes x (4, 8) warps x (1, 2, 4) slabs per program were swept in CUDA
-# graphs at 24, 64, 86, 172 and 256 lanes, transforms and gain passes (session 9, docs/benchmarks.md): 4 warps and one
-# slab were best or within 3% everywhere; walsh_out (and walsh_out + dalpha) ran faster with
-# 256-lane tiles at every width but 24 (6% slower there), walsh_in with 128 at all but 172.
-# int32 offsets (below) took 2-13% off the transforms.
+# graphs at 24, 64, 86, 172 and 256 lanes, transforms and gain passes (session 9,
+# docs/benchmarks.md): 4 warps and one slab were best or within 3% everywhere; walsh_out (and
+# walsh_out + dalpha) ran faster with 256-lane tiles at every width but 24 (6% slower there),
+# walsh_in with 128 at all but 172. int32 offsets (below) took 2-13% off the transforms.
 IN_TILE, OUT_TILE, TILE_WARPS = 128, 256, 4
 
 
