@@ -560,6 +560,23 @@ def test_walsh_linear_full_shape_cuda(impl, in_f, out_f, dtype, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [381_300, 381_301])  # 32 x n x 176 just below / at 2**31
+def test_walsh_transform_offsets_at_the_int32_limit(n, seed):
+    """The transforms' int32 offsets (below WIDE_NUMEL = 2**31 elements) and int64 ones (from
+    it on) at the limit: the last tokens of [N, 32 x 172] -> [32, N, 176] (the 1.3B FFN's
+    padded rows) and back equal the same tokens transformed alone (about 4 GB a tensor)."""
+    a, lanes, width, tail = 32, 172, 176, 5
+    assert (a * n * width >= wt.WIDE_NUMEL) == (n == 381_301)
+    x = torch.randn(n, a * lanes, device="cuda", dtype=torch.bfloat16)
+    gain = (1 + 0.3 * torch.randn(a, lanes, device="cuda")).to(torch.bfloat16)
+    u = wt.walsh_in_raw(x, gain, a, width=width)                       # [32, N, 176]
+    assert torch.equal(u[:, -tail:], wt.walsh_in_raw(x[-tail:], gain, a, width=width)), seed
+    out = wt.walsh_out_raw(u, gain, a, lanes=lanes)                    # [N, 32 x 172]
+    assert torch.equal(out[-tail:], wt.walsh_out_raw(u[:, -tail:].contiguous(), gain, a,
+                                                     lanes=lanes)), seed
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("in_f,out_f", [(768, 2304), (2048, 5504)])
 @pytest.mark.parametrize("impl", ["triton", "fused"])
 def test_walsh_linear_compiled_backward_at_16k_tokens(impl, in_f, out_f, seed):
