@@ -21,8 +21,9 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
   (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
   four times (x, u, y, out); u and y are saved for the backward, whose two transforms also sum
   dbeta and dalpha in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The
-  block-major u, y, du and dy have rows of the lanes rounded up to 8 (``row_width``, zeros
-  past them) and the bmm a zero-padded weight, so that every row starts 16-byte aligned.
+  block-major u, y, du and dy have rows of the lanes rounded up to 8 (``row_width``; u's and
+  dy's padding is zeros, y's and du's is never read) and the bmm a zero-padded weight, so
+  that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
@@ -37,7 +38,8 @@ the layer with the weight transposed and the gains swapped:
 - dbeta = sum_i dout * (S H w u): the forward recomputed without its store, with per-tile
   partial sums of dout * (out before beta).
 - dw = sum_i dy_g^T u_g with dy = S H (beta * dout), u = S H (alpha * x): the two block-major
-  transforms of ``walsh.kernels.walsh_transform`` and one batched GEMM (cuBLAS).
+  transforms of ``walsh.kernels.walsh_transform`` (rows padded as the three-kernel path's) and
+  one batched GEMM (cuBLAS), shared with the three-kernel backward (``_weight_grad``).
 Partial sums are added by torch in a fixed order (no atomics), so every gradient is
 deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
 
@@ -220,11 +222,17 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
     dbeta fp32 [A, LO]), recomputing from x alone."""
     dx, dalpha = walsh_linear_dx_raw(dout, x, w, alpha, beta)
     dbeta = walsh_linear_dbeta_raw(dout, x, w, alpha)
-    a = w.shape[0]
-    dy = walsh_in_raw(dout, beta, a)                                  # [A, N, LO]
-    u = walsh_in_raw(x, alpha, a)                                     # [A, N, LI]
-    dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LO, LI]
-    return dx, dw, dalpha, dbeta
+    a, lo, li = w.shape
+    dy = walsh_in_raw(dout, beta, a, width=row_width(lo))             # [A, N, LOp]
+    u = walsh_in_raw(x, alpha, a, width=row_width(li))                # [A, N, LIp]
+    return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
+
+
+def _weight_grad(dy: torch.Tensor, u: torch.Tensor, lo: int, li: int) -> torch.Tensor:
+    """dw [A, LO, LI] = sum over tokens of dy_g^T u_g, one batched GEMM over block-major dy
+    [A, N, LOp] and u [A, N, LIp] whose rows may be padded (``row_width``, zeros past LO, LI)."""
+    dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LOp, LIp]
+    return dw if dw.shape[1:] == (lo, li) else dw[:, :lo, :li].contiguous()
 
 
 def padded_weight(w: torch.Tensor) -> torch.Tensor:
@@ -259,10 +267,7 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, y):
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     dy, dbeta = walsh_in_gain_raw(dout, beta, y, a)                   # [A, N, LOp] = S H (b dout)
     dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, wp), alpha, x, a)   # [N, A*LI]
-    dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LOp, LIp]
-    if wp is not w:
-        dw = dw[:, :lo, :li].contiguous()
-    return dx, dw, dalpha, dbeta
+    return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches

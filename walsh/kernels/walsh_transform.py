@@ -134,10 +134,9 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
             acc += tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32) * y
         if (not IN_MODE) and HAS_SCALE:
             y = y * s
-        if IN_MODE:  # block-major rows: the padding lanes' zeros too
-            tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=(i < N) & (j < LP))
-        else:
-            tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=mask)
+        # block-major rows (IN_MODE) take the padding lanes' zeros too
+        dst_mask = (i < N) & (j < (LP if IN_MODE else L))
+        tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=dst_mask)
     if GAIN:  # [A, LB]: masked lanes and tokens added zeros
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
