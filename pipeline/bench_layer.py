@@ -1,6 +1,10 @@
 """``walsh bench layer``: one structured linear layer and each of its kernels against a roofline.
 
-Timing is triton's ``do_bench`` (median, L2 flushed before each call). The ceilings are
+Kernel rows are timed inside a CUDA graph (triton's ``do_bench_cudagraph``, mean of replays):
+a kernel of a few microseconds otherwise times the host's launch, not the GPU (session 9
+measured the ternary quantizer at 66-156 us by ``do_bench`` against a 1 us roofline). The
+layer rows run autograd, whose gradient reset between calls needs the host, so they use
+``do_bench`` (median, L2 flushed before each call); they take milliseconds. The ceilings are
 measured first, on the device at hand: the copy bandwidth (a 1 GiB device to device copy, read
 + write bytes over time) and the bf16 GEMM rate (an 8192^3 matmul). Each kernel's roofline time
 is then ``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it must move at least once
@@ -32,6 +36,14 @@ def _time_ms(fn, grads=None) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, grad_to_none=grads, return_mode="median")
+
+
+def _graph_ms(fn) -> float:
+    """Mean ms of one ``fn`` replayed inside a CUDA graph (triton's ``do_bench_cudagraph``;
+    it warms ``fn`` up on a side stream first, so compiled thunks compile before capture)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn)
 
 
 def measure_ceilings() -> tuple[float, float]:
@@ -72,6 +84,7 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     u = torch.randn(a, n, wt.row_width(lin), device=dev, dtype=bf)
     y = torch.randn(a, n, wt.row_width(lout), device=dev, dtype=bf)
     dout = torch.randn(n, fout, device=dev, dtype=bf)
+    z = torch.randn(n, fout, device=dev, dtype=bf)  # S H y before beta, saved by walsh_out
     alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)
@@ -86,9 +99,10 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
         ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a, width=u.shape[2]), three["walsh_in"]),
-        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a, lanes=lout), three["walsh_out"]),
+        ("walsh_out + z", lambda: wt.walsh_out_z_raw(y, beta, a, lanes=lout),
+         three["walsh_out + z"]),
         # the backward's transforms with their gains' gradients (dbeta, dalpha) in one pass
-        ("walsh_in + dbeta", lambda: wt.walsh_in_gain_raw(dout, beta, y, a),
+        ("walsh_in + dbeta", lambda: wt.walsh_in_gain_raw(dout, beta, z, a, width=y.shape[2]),
          three["walsh_in (dout) + dbeta"]),
         ("walsh_out + dalpha", lambda: wt.walsh_out_gain_raw(u, alpha, x, a),
          three["walsh_out (du) + alpha + dalpha"]),
@@ -160,7 +174,7 @@ def main(args: argparse.Namespace) -> None:
           f"bf16 GEMM {tflops:,.0f} TFLOP/s")
     print(f"{'kernel':<24}{'ms':>9}{'roof ms':>9}{'x roof':>8}{'GB/s':>8}{'TFLOP/s':>9}")
     for name, fn, k in kernel_rows(n, fin, fout, a):
-        ms = _time_ms(fn)
+        ms = _graph_ms(fn)
         roof = k.ms(tflops, bw)
         print(f"{name:<24}{ms:>9.3f}{roof:>9.3f}{ms / roof:>8.2f}"
               f"{k.bytes / ms / 1e6:>8,.0f}{(k.flops + k.int8_ops) / ms / 1e9:>9.1f}")

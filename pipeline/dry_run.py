@@ -49,14 +49,15 @@ def meta_model(wc: WalshConfig) -> WalshLM:
 
 
 def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
-    """Sum of the saved u and y widths (in + out, each block's lanes rounded up to the row
-    width) over the Walsh ``triton`` layers (of one block when checkpointing)."""
+    """Sum of the saved u and z widths over the Walsh ``triton`` layers (of one block when
+    checkpointing): u block-major, each block's lanes rounded up to the row width; z (S H y,
+    ``walsh_linear.three_kernel_forward``) token-major, the output features."""
     wc = model.config
     if wc.algebra != "walsh" or wc.walsh_impl != "triton":
         return 0
     from walsh.kernels.walsh_transform import row_width  # the triton path has triton
 
-    width = sum(layer.blocks * (row_width(layer.n_in) + row_width(layer.n_out))
+    width = sum(layer.blocks * row_width(layer.n_in) + layer.out_features
                 for layer in model.structured_layers())
     return width // wc.n_layer if checkpointing else width
 

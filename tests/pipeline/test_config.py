@@ -303,7 +303,7 @@ def test_describe_tiny():
 
 
 def test_memory_estimate_counts_the_walsh_triton_paths_saved_transforms():
-    """walsh_impl triton saves u and y (B*T*(in + out) per layer, bf16); the other paths do
+    """walsh_impl triton saves u and z (B*T*(in + out) per layer, bf16); the other paths do
     not; with checkpointing, one block's worth."""
     def est(impl, ckpt=False):
         cfg = from_dict(raw(model={"preset": "walsh-h-125m", "overrides": {"walsh_impl": impl}},
@@ -318,15 +318,16 @@ def test_memory_estimate_counts_the_walsh_triton_paths_saved_transforms():
     assert tri["total"] == sum(v for k, v in tri.items() if k != "total")
     assert est("dense")[0]["walsh_saved"] == est("fused")[0]["walsh_saved"] == 0
     assert est("triton", ckpt=True)[0]["walsh_saved"] == 2 * tokens * width // 12
-    # 350M's FFN hidden 2752 = 32 blocks x 86 lanes, saved in rows of 88 (16-byte rows): 2 more
-    # lanes x 32 blocks in each of its 3 FFN layers' u or y, 24 blocks
+    # 350M's FFN hidden 2752 = 32 blocks x 86 lanes: the down projection's u is saved in rows of
+    # 88 (16-byte rows), 2 more lanes x 32 blocks, 24 blocks; gate's and up's z are token-major,
+    # unpadded
     cfg350 = from_dict(raw(model={"preset": "walsh-h-350m", "overrides": {"walsh_impl": "triton"}},
                            train={"steps": 1, "micro_batch": 2, "global_batch": 2,
                                   "precision": "bf16"}))
     m350 = meta_model(cfg350.walsh_config())
     width350 = sum(m.in_features + m.out_features for m in m350.structured_layers())
     saved = memory_estimate(cfg350, 1, "cuda", 0)["walsh_saved"]
-    assert saved == 2 * 2 * cfg350.data.seq_len * (width350 + 24 * 3 * 2 * 32)
+    assert saved == 2 * 2 * cfg350.data.seq_len * (width350 + 24 * 2 * 32)
 
 
 def test_describe_raises_on_bad_batch():

@@ -137,21 +137,24 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
                                               (32, 40, 172, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed, monkeypatch):
-    """The backward passes: a transform plus sum_i T * (S H Y) in one kernel (T token-major, Y
-    block-major), against the naive transform and gain_grad_naive in fp32. ``tokens`` (per
-    program, GAIN_TOKENS) makes programs loop over several token slabs, ragged at the end (37
-    tokens in slabs of 4, 1030 in slabs of 16), or over one."""
+    """The backward passes: a transform plus a gain's gradient in one kernel, against the naive
+    transform and gain_grad_naive in fp32: walsh_in + sum_i T * Z (both token-major: dout and
+    the forward's z), walsh_out + sum_i T * (S H Y) (T token-major, Y block-major). ``tokens``
+    (per program, GAIN_TOKENS) makes programs loop over several token slabs, ragged at the end
+    (37 tokens in slabs of 4, 1030 in slabs of 16), or over one."""
     monkeypatch.setattr(wt, "GAIN_TOKENS", tokens)
     tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)      # token-major: dout or x
-    blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: y or du
+    blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: du
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
     ones = torch.ones(a, lanes, device=DEV)
-    gain_ref = wt.gain_grad_naive(tok.float(), wt.walsh_out_naive(blk.float(), ones), a)
-    if which == "walsh_in":  # dy = S H (beta dout), dbeta = sum dout * S H y
+    if which == "walsh_in":  # dy = S H (beta dout), dbeta = sum dout * z
+        z = torch.randn(n, a * lanes, device=DEV, dtype=dtype)
+        gain_ref = wt.gain_grad_naive(tok.float(), z.float(), a)
         poisoned = torch.full((a, n, lanes), float("nan"), device=DEV, dtype=dtype)
-        out, g = wt.walsh_in_gain_raw(tok, gain, blk, a, out=poisoned)
+        out, g = wt.walsh_in_gain_raw(tok, gain, z, a, out=poisoned)
         ref = wt.walsh_in_naive(tok.float(), gain.float())
     else:  # dx = alpha * S H du, dalpha = sum x * S H du
+        gain_ref = wt.gain_grad_naive(tok.float(), wt.walsh_out_naive(blk.float(), ones), a)
         poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
         out, g = wt.walsh_out_gain_raw(blk, gain, tok, a, out=poisoned)
         ref = wt.walsh_out_naive(blk.float(), gain.float())
@@ -162,9 +165,26 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
         assert torch.equal(g, torch.zeros_like(g))
     else:
         assert rel_err(g, gain_ref) < 1e-5, seed
-    with pytest.raises(ValueError, match="other operand"):  # the other layout's shape, or none
-        wt.walsh_in_gain_raw(tok, gain, tok, a) if which == "walsh_in" else \
+    with pytest.raises(ValueError, match="other operand"):  # not token-major [N, A*L]
+        wt.walsh_in_gain_raw(tok, gain, blk, a) if which == "walsh_in" else \
             wt.walsh_out_gain_raw(blk, gain, blk, a)
+
+
+@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (16, 5, 130, 136),
+                                             (4, 70, 3, 8), (2, 0, 5, 8), (32, 40, 172, 176)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walsh_out_z(a, n, lanes, width, dtype, seed):
+    """walsh_out with z = S H y before beta (saved for dbeta) in the same pass: out bit-equal to
+    walsh_out_raw(y, beta), z to walsh_out_raw(y, None), from rows wider than the lanes
+    (NaN past L: never read)."""
+    wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)
+    wide[:, :, :lanes] = torch.randn(a, n, lanes, device=DEV, dtype=dtype)
+    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
+    poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
+    out, z = wt.walsh_out_z_raw(wide, gain, a, out=poisoned, lanes=lanes)
+    assert out is poisoned and z.shape == (n, a * lanes) and z.dtype == dtype
+    assert torch.equal(out, wt.walsh_out_raw(wide, gain, a, lanes=lanes)), seed
+    assert torch.equal(z, wt.walsh_out_raw(wide, None, a, lanes=lanes)), seed
 
 
 @pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64), ("IN_TILE", 256)])
@@ -177,15 +197,18 @@ def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, m
     blk = torch.randn(a, n, lanes, device=DEV, dtype=torch.bfloat16)
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(torch.bfloat16)
     calls = [lambda: (wt.walsh_in_raw(tok, gain, a),), lambda: (wt.walsh_out_raw(blk, gain, a),),
-             lambda: wt.walsh_in_gain_raw(tok, gain, blk, a),
-             lambda: wt.walsh_out_gain_raw(blk, gain, tok, a)]
+             lambda: wt.walsh_in_gain_raw(tok, gain, tok.flip(0), a),
+             lambda: wt.walsh_out_gain_raw(blk, gain, tok, a),
+             lambda: wt.walsh_out_z_raw(blk, gain, a)]
     before = [call() for call in calls]
     monkeypatch.setattr(wt, *setting)
     for call, ref in zip(calls, before):
         got = call()
         assert torch.equal(got[0], ref[0]), seed
-        if len(ref) > 1:  # the partial sums: other shares per program with another tile
-            assert rel_err(got[1], ref[1]) < 1e-6, seed
+        if len(ref) > 1 and ref[1].dtype == torch.float32:  # the partial sums: other shares
+            assert rel_err(got[1], ref[1]) < 1e-6, seed  # per program with another tile
+        elif len(ref) > 1:  # z
+            assert torch.equal(got[1], ref[1]), seed
 
 
 @pytest.mark.parametrize("a,n,lanes", [(32, 9, 5), (16, 7, 172), (4, 11, 86), (8, 6, 16)])
@@ -207,8 +230,9 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
     out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
     assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
     poisoned = torch.full((a, n, width), float("nan"), device=DEV, dtype=torch.bfloat16)
-    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, wide, a, out=poisoned)
-    dy0, dbeta0 = wt.walsh_in_gain_raw(tok, gain, blk, a)
+    z = tok.flip(0)  # any token-major tensor
+    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, z, a, out=poisoned, width=width)
+    dy0, dbeta0 = wt.walsh_in_gain_raw(tok, gain, z, a)
     assert dy.shape == (a, n, width) and torch.equal(dy[:, :, :lanes], dy0), seed
     assert torch.equal(dy[:, :, lanes:], torch.zeros_like(dy[:, :, lanes:]))
     assert rel_err(dbeta, dbeta0) < 1e-6, seed
@@ -582,7 +606,7 @@ def test_walsh_transform_offsets_at_the_int32_limit(n, seed):
 def test_walsh_linear_compiled_backward_at_16k_tokens(impl, in_f, out_f, seed):
     """Inductor (torch 2.11) once returned the gains' gradient flattened at N = 16k tokens;
     the compiled layer's gradients must match the eager ones at that size (also with the
-    1.3B FFN's 172-lane rows padded to 176 in the saved u and y)."""
+    1.3B FFN's 172-lane rows padded to 176 in the bmm's u, y, du and dy)."""
     layer = WalshLinear(in_f, out_f, blocks=32, impl=impl, ternary=True).cuda()
     x = torch.randn(16, 1024, in_f, device="cuda")
     grads = []

@@ -19,11 +19,12 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
 ``fused`` -> one):
 - three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
   (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
-  four times (x, u, y, out); u and y are saved for the backward, whose two transforms also sum
-  dbeta and dalpha in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The
-  block-major u, y, du and dy have rows of the lanes rounded up to 8 (``row_width``; u's and
-  dy's padding is zeros, y's and du's is never read) and the bmm a zero-padded weight, so
-  that every row starts 16-byte aligned.
+  four times (x, u, y, out), and walsh_out also writes z = S H y (out before beta,
+  token-major). u and z are saved for the backward, whose two transforms also sum dbeta
+  (= sum dout * z) and dalpha in the same pass (``walsh_in_gain_raw``,
+  ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows of the lanes rounded up
+  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's is never read) and the bmm
+  a zero-padded weight, so that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
@@ -70,7 +71,7 @@ from walsh.kernels.walsh_transform import (
     walsh_in_gain_raw,
     walsh_in_raw,
     walsh_out_gain_raw,
-    walsh_out_raw,
+    walsh_out_z_raw,
 )
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -248,24 +249,25 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def three_kernel_forward(x, w, alpha, beta):
-    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], y [A, N, LOp]) with LIp, LOp
-    the lanes rounded up to a multiple of 8 (``row_width``; u is zero past LI, y's lanes past
-    LO are never read)."""
+    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], z [N, A*LO]) with LIp the lanes
+    rounded up to a multiple of 8 (``row_width``; u is zero past LI) and z = S H y, out before
+    beta (token-major, written in walsh_out's pass; y itself [A, N, LOp] is not kept)."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]
     y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
-    return walsh_out_raw(y, beta, a, lanes=lo), u, y
+    out, z = walsh_out_z_raw(y, beta, a, lanes=lo)                    # [N, A*LO] each
+    return out, u, z
 
 
-def three_kernel_backward(dout, x, w, alpha, beta, u, y):
-    """Its backward from the saved u and y (H is symmetric: each transform's adjoint is the
+def three_kernel_backward(dout, x, w, alpha, beta, u, z):
+    """Its backward from the saved u and z (H is symmetric: each transform's adjoint is the
     other one): (dx, dw, dalpha fp32, dbeta fp32). Each transform computes its gain's gradient
-    in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``): dbeta = sum dout * S H y,
+    in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``): dbeta = sum dout * z,
     dalpha = sum x * S H (W^T dy)."""
     a, lo, li = w.shape
     wp = padded_weight(w)                                            # [A, LOp, LIp]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, y, a)                   # [A, N, LOp] = S H (b dout)
+    dy, dbeta = walsh_in_gain_raw(dout, beta, z, a, width=wp.shape[1])  # [A, N, LOp] = S H (b dout)
     dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, wp), alpha, x, a)   # [N, A*LI]
     return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
 
@@ -280,20 +282,20 @@ def _linear_fake(x, w, alpha, beta, one_kernel):
     out = x.new_empty(n, a * lo)
     if one_kernel:
         return out, x.new_empty(0), x.new_empty(0)
-    return out, x.new_empty(a, n, row_width(li)), x.new_empty(a, n, row_width(lo))
+    return out, x.new_empty(a, n, row_width(li)), x.new_empty(n, a * lo)
 
 
 @kernel_op("walsh::walsh_linear", _linear_fake)
 def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, u, y): u and y are the three-kernel path's intermediates, saved for its backward;
+    """(out, u, z): u and z are the three-kernel path's intermediates, saved for its backward;
     empty for the one-kernel path, whose backward recomputes from x."""
     if one_kernel:  # (an op's outputs may not alias: two empties)
         return walsh_linear_raw(x, w, alpha, beta), x.new_empty(0), x.new_empty(0)
     return three_kernel_forward(x, w, alpha, beta)
 
 
-def _linear_backward_fake(dout, x, w, alpha, beta, u, y, one_kernel):
+def _linear_backward_fake(dout, x, w, alpha, beta, u, z, one_kernel):
     return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
         torch.empty_like(beta)
 
@@ -301,23 +303,23 @@ def _linear_backward_fake(dout, x, w, alpha, beta, u, y, one_kernel):
 @kernel_op("walsh::walsh_linear_backward", _linear_backward_fake)
 def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                         alpha: torch.Tensor, beta: torch.Tensor, u: torch.Tensor,
-                        y: torch.Tensor, one_kernel: bool
+                        z: torch.Tensor, one_kernel: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if one_kernel:
         dx, dw, dalpha, dbeta = walsh_linear_backward_raw(dout, x, w, alpha, beta)
     else:
-        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, y)
+        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, z)
     return dx.to(x.dtype), dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
 
 
 def _setup(ctx, inputs, output):
     x, w, alpha, beta, one_kernel = inputs
     ctx.one_kernel = one_kernel
-    ctx.set_materialize_grads(False)  # u and y get no gradient: no zero [A, N, *] buffers
+    ctx.set_materialize_grads(False)  # u and z get no gradient: no zero [A, N, *] buffers
     ctx.save_for_backward(x, w, alpha, beta, output[1], output[2])
 
 
-def _backward(ctx, dout, _du, _dy):  # u and y are internal: their gradients are never used
+def _backward(ctx, dout, _du, _dz):  # u and z are internal: their gradients are never used
     dx, dw, dalpha, dbeta = _linear_backward_op(dout.contiguous(), *ctx.saved_tensors,
                                                 ctx.one_kernel)
     return dx, dw, dalpha, dbeta, None
@@ -332,7 +334,7 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] (all x's dtype) -> [N, A*LO]:
     the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
-    y as well)."""
+    z as well)."""
     a, lo, li = w.shape
     if a < 2 or a & (a - 1):
         raise ValueError(f"walsh_linear: blocks must be a power of two >= 2, got {a}")

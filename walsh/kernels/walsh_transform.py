@@ -14,12 +14,19 @@ The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's `
 Backward reuses the forward kernel (H is symmetric, so each transform's adjoint is the other
 one), with the gain's gradient summed in the same pass (``GAIN``): d walsh_in: dx = alpha *
 walsh_out(du) and dalpha = sum_i x * walsh_out(du) (``walsh_out_gain_raw``: du and x read, dx
-written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * walsh_out(y)
-(``walsh_in_gain_raw``: S H y recomputed in registers by a second dot, so nothing [N, A*n]-sized
-is saved beyond the op's inputs). Each program writes its share of the sum (fp32) and torch adds
-the shares in a fixed order: deterministic, no atomics. (Before, the sums were a third kernel
-reading the transform's output back, and dbeta's walsh_out(y) a fourth that wrote it: twice the
-bytes per backward transform.)
+written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * z
+(``walsh_in_gain_raw``: dout and z read, dy written), where z = S H y, the forward's result
+before beta, is written token-major by the forward's own pass (``walsh_out_z_raw``, saved
+instead of y). Each program writes its share of the sum (fp32) and torch adds the shares in a
+fixed order: deterministic, no atomics.
+Why z and not y: with y saved, dbeta's S H y had to be recomputed in the backward by a second
+tensor-core dot on the block-major y, converted in registers to the token-major layout of
+dout; that pass ran at 2.0-3.8x its roofline (session 9). Writing z costs the forward one
+more pass over [N, A*n_out], the backward loses the dot and the layout change: measured on an
+H200 (session 10, docs/benchmarks.md) the pair walsh_out + walsh_in-with-dbeta took 1.01-1.30x
+less time at every model width (1.18x at the 1.3B FFN's 172 lanes), and the saved tensor is
+the same size (smaller by y's row padding). (Before session 8 the sums were a third kernel
+reading the transform's output back, and dbeta's walsh_out(y) a fourth that wrote it.)
 
 Precision: the slab is held in fp32; H (+-1) and bf16 inputs are exact in TF32, so 16-bit
 inputs use a TF32 ``tl.dot`` (alpha * x is rounded to TF32's 10 mantissa bits, finer than bf16's
@@ -89,11 +96,11 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 
 
 @triton.jit
-def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
+def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, ITERS, inv_sqrt_a,
                   A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                   LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
-                  IEEE: tl.constexpr, WIDE: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr,
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2; lanes past L not read, and written only as the
     zeros of block-major padding) of every block.
@@ -101,10 +108,11 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
     else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
     Block-major rows are LP >= L lanes wide: lanes L..LP-1 are written as zeros (IN_MODE) and
     never read.
-    GAIN: also the gain gradient sum_i T[i, h*L + j] * (S H Y)[h, i, j] of the token-major T
-    and block-major Y, this program's share written to part[program 0, h*L + j] (fp32): in
-    IN_MODE T = src (before alpha) and Y = other; else T = other and Y = src (so S H Y is the
-    result before beta).
+    GAIN: also the gain gradient sum_i T[i, h*L + j] * Z[i, h*L + j] of two token-major
+    tensors, this program's share written to part[program 0, h*L + j] (fp32): in IN_MODE
+    T = src (before alpha) and Z = other; else T = other and Z = S H src (the result before
+    beta).
+    STORE_Z (not IN_MODE): also store S H src before beta to z, token-major like dst.
     Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
     each block's run of tokens) are read and written as contiguous runs. Offsets are int64
     only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper."""
@@ -124,14 +132,17 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
         src_off = token_major if IN_MODE else block_major
         dst_off = block_major if IN_MODE else token_major
         x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
-        if GAIN and IN_MODE:  # T = x before alpha, Y = other
-            yo = tl.load(other_ptr + block_major, mask=mask, other=0.0).to(tl.float32)
-            acc += x * _transform(yo, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)
+        if GAIN:  # T * Z with T = x before alpha (IN_MODE) or other, read here for both modes
+            o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+        if GAIN and IN_MODE:
+            acc += x * o
         if IN_MODE and HAS_SCALE:
             x = x * s
         y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)  # [A, BT, LB]
-        if GAIN and not IN_MODE:  # T = other, Y = src
-            acc += tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32) * y
+        if GAIN and not IN_MODE:
+            acc += o * y
+        if STORE_Z:
+            tl.store(z_ptr + token_major, y.to(z_ptr.dtype.element_ty), mask=mask)
         if (not IN_MODE) and HAS_SCALE:
             y = y * s
         # block-major rows (IN_MODE) take the padding lanes' zeros too
@@ -177,9 +188,11 @@ def row_width(lanes: int) -> int:
 
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
-            width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dst, fp32 partial sums [P, A*L] of the gain gradient, or None without ``other``);
-    ``width``: the block-major tensor's row width (>= lanes; default lanes)."""
+            width: int | None = None, store_z: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dst, fp32 partial sums [P, A*L] of the gain gradient or None without ``other``, z or
+    None without ``store_z``); ``width``: the block-major tensor's row width (>= lanes;
+    default lanes); ``other``: the gain's token-major [N, A*L] operand."""
     src = src.contiguous()
     width = lanes if width is None else width
     if width < lanes:
@@ -188,34 +201,38 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
+    if store_z and in_mode:
+        raise ValueError("z (the result before the gain) is walsh_out's, not walsh_in's")
     lb, bt = _slab(max(width, 1), IN_TILE if in_mode else OUT_TILE)
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
-    if other is not None:  # the tensor read beside src: the other layout, src's dtype
-        want = (a, n_tok, width) if in_mode else (n_tok, a * lanes)
+    if other is not None:  # read beside src: token-major, src's dtype
+        want = (n_tok, a * lanes)
         if tuple(other.shape) != want or other.dtype != src.dtype:
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
         # every entry written (masked lanes past L are not entries); zeros without tokens
         part = (torch.empty if n_tok else torch.zeros)(rows, a * lanes, device=src.device,
                                                        dtype=torch.float32)
+    z = torch.empty(n_tok, a * lanes, device=src.device, dtype=src.dtype) if store_z else None
     if scale is not None and tuple(scale.shape) != (a, lanes):
         raise ValueError(f"the gain must be ({a}, {lanes}) for {lanes} lanes of {a} blocks, got "
                          f"{tuple(scale.shape)}")
     if n_tok * width == 0:
-        return dst, part
+        return dst, part, z
     # unused pointers get empties of their own, never aliases of used ones
-    scale_arg = scale.contiguous() if scale is not None else src.new_empty(0)
-    other_arg = other.contiguous() if other is not None else src.new_empty(0)
-    part_arg = part if part is not None else src.new_empty(0, dtype=torch.float32)
+    def arg(t, dtype=src.dtype):
+        return t.contiguous() if t is not None else src.new_empty(0, dtype=dtype)
+
     wrap_triton(_walsh_kernel)[(rows, chunks)](
-        src, dst, scale_arg, other_arg, part_arg, n_tok, iters, 1.0 / math.sqrt(a), A=a,
-        LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt, IN_MODE=in_mode,
-        HAS_SCALE=scale is not None, GAIN=other is not None, USE_DOT=a >= 16,
-        IEEE=src.dtype == torch.float32, WIDE=n_tok * a * width >= WIDE_NUMEL, num_warps=TILE_WARPS)
-    return dst, part
+        src, dst, arg(scale), arg(other), arg(part, torch.float32), arg(z), n_tok, iters,
+        1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
+        IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None, STORE_Z=store_z,
+        USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, WIDE=n_tok * a * width >= WIDE_NUMEL,
+        num_warps=TILE_WARPS)
+    return dst, part, z
 
 
 def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
@@ -242,15 +259,25 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
     return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2])[0]
 
 
-def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, y: torch.Tensor, a: int,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(walsh_in_raw(x, alpha), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None,
-    lanes=L)) in one pass: a walsh_out's backward, dy and dbeta from dout = x and its saved input
-    y. y's rows may be wider than L (``row_width``); dy's are as wide, with zeros past L."""
+def walsh_out_z_raw(y: torch.Tensor, beta: torch.Tensor, a: int, out: torch.Tensor | None = None,
+                    lanes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(walsh_out_raw(y, beta), z = walsh_out_raw(y, None)) in one pass, both [N, A*L]: the
+    forward of a walsh_out whose backward takes dbeta = sum dout * z (``walsh_in_gain_raw``)."""
+    lanes = y.shape[2] if lanes is None else lanes
+    dst, _, z = _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2],
+                        store_z=True)
+    return dst, z
+
+
+def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, z: torch.Tensor, a: int,
+                      out: torch.Tensor | None = None, width: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * z) in one pass,
+    z token-major like x: a walsh_out's backward, dy and dbeta from dout = x and the forward's
+    z = S H y (``walsh_out_z_raw``)."""
     lanes = x.shape[-1] // a
-    width = y.shape[2] if y.ndim == 3 else lanes  # (a wrong y: _launch names what it wants)
-    dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=y,
-                        width=width)
+    dst, part, _ = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=z,
+                           width=width)
     return dst, part.sum(0).view(a, lanes)
 
 
@@ -260,8 +287,8 @@ def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Ten
     one pass: a walsh_in's backward, dx = alpha * S H du and dalpha from du = y, alpha = scale
     and the saved input x [N, A*L]; y's rows may be wider than L (the lanes past L not read)."""
     lanes = x.shape[-1] // a
-    dst, part = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
-                        width=y.shape[2])
+    dst, part, _ = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
+                           width=y.shape[2])
     return dst, part.sum(0).view(a, lanes)
 
 
@@ -296,38 +323,41 @@ _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 
 def _walsh_out_fake(y, beta):
-    return y.new_empty(y.shape[1], y.shape[0] * y.shape[2])
+    out = y.new_empty(y.shape[1], y.shape[0] * beta.shape[1])
+    return out, torch.empty_like(out)
 
 
 @kernel_op("walsh::walsh_out", _walsh_out_fake)
-def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    return walsh_out_raw(y, beta, beta.shape[0])
+def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, z): z = S H y before beta, saved for dbeta instead of y."""
+    return walsh_out_z_raw(y, beta, beta.shape[0], lanes=beta.shape[1])
 
 
 def _out_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.width = inputs[0].shape[2]  # dy's rows are as wide as y's
+    ctx.set_materialize_grads(False)  # z is internal: it gets no gradient
+    ctx.save_for_backward(output[1], inputs[1])
 
 
-def _out_backward(ctx, dout):
-    y, beta = ctx.saved_tensors
-    dy, dbeta = _walsh_in_gain_op(dout, beta, y)  # S H (beta dout), sum dout S H y
-    return dy, dbeta.to(beta.dtype), None
+def _out_backward(ctx, dout, _dz):
+    z, beta = ctx.saved_tensors
+    dy, dbeta = _walsh_in_gain_op(dout.contiguous(), beta, z, ctx.width)  # S H (b dout), sum dout z
+    return dy, dbeta.to(beta.dtype)
 
 
 _walsh_out_op.register_autograd(_out_backward, setup_context=_out_setup)
 
 
 # the backward passes: a transform with its gain's gradient in the same pass (no autograd)
-def _walsh_in_gain_fake(x, alpha, y):
+def _walsh_in_gain_fake(x, alpha, z, width):
     a, lanes = alpha.shape
-    return (x.new_empty(a, x.shape[0], y.shape[2]),  # y's row width
-            x.new_empty(a, lanes, dtype=torch.float32))
+    return (x.new_empty(a, x.shape[0], width), x.new_empty(a, lanes, dtype=torch.float32))
 
 
 @kernel_op("walsh::walsh_in_gain", _walsh_in_gain_fake)
-def _walsh_in_gain_op(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor
+def _walsh_in_gain_op(x: torch.Tensor, alpha: torch.Tensor, z: torch.Tensor, width: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    return walsh_in_gain_raw(x, alpha, y, alpha.shape[0])
+    return walsh_in_gain_raw(x, alpha, z, alpha.shape[0], width=width)
 
 
 def _walsh_out_gain_fake(y, scale, x):
@@ -352,4 +382,7 @@ def walsh_in(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major."""
     _check("walsh_out", y, beta)
-    return _walsh_out_op(y, beta)
+    if y.ndim != 3 or beta.shape[1] != y.shape[2]:
+        raise ValueError(f"walsh_out: y {tuple(y.shape)} and beta {tuple(beta.shape)} do not fit "
+                         "y [A, N, L], beta [A, L]")
+    return _walsh_out_op(y, beta)[0]
