@@ -1,10 +1,12 @@
 """``walsh bench layer``: one structured linear layer and each of its kernels against a roofline.
 
-Kernel rows are timed inside a CUDA graph (triton's ``do_bench_cudagraph``, mean of replays):
-a kernel of a few microseconds otherwise times the host's launch, not the GPU (session 9
-measured the ternary quantizer at 66-156 us by ``do_bench`` against a 1 us roofline). The
-layer rows run autograd, whose gradient reset between calls needs the host, so they use
-``do_bench`` (median, L2 flushed before each call); they take milliseconds. The ceilings are
+Every row is timed inside a CUDA graph (triton's ``do_bench_cudagraph``, mean of replays;
+the layer rows' forward + backward captured whole, gradients reset to None in the graph):
+without one, a kernel of a few microseconds times the host's launch, not the GPU (session 9
+measured the ternary quantizer at 66-156 us against a 1 us roofline), and an eager Walsh
+layer's dozen launches put it at 0.22-0.58x dense on a slow host where its kernels alone
+were faster (session 10). The ceilings (large single kernels) use ``do_bench`` (median, L2
+flushed before each call). The ceilings are
 measured first, on the device at hand: the copy bandwidth (a 1 GiB device to device copy, read
 + write bytes over time) and the bf16 GEMM rate (an 8192^3 matmul). Each kernel's roofline time
 is then ``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it must move at least once
@@ -30,20 +32,20 @@ from pipeline.roofline import Kernel, linear_kernels
 from walsh.layers import TernaryLinear, WalshLinear
 
 
-def _time_ms(fn, grads=None) -> float:
-    """Median ms of ``fn`` by triton's ``do_bench`` (warm-up, L2 flushed before each call,
-    ``grads`` reset to None so backward never accumulates)."""
+def _time_ms(fn) -> float:
+    """Median ms of ``fn`` by triton's ``do_bench`` (warm-up, L2 flushed before each call)."""
     from triton.testing import do_bench
 
-    return do_bench(fn, grad_to_none=grads, return_mode="median")
+    return do_bench(fn, return_mode="median")
 
 
-def _graph_ms(fn) -> float:
+def _graph_ms(fn, grads=None) -> float:
     """Mean ms of one ``fn`` replayed inside a CUDA graph (triton's ``do_bench_cudagraph``;
-    it warms ``fn`` up on a side stream first, so compiled thunks compile before capture)."""
+    it warms ``fn`` up on a side stream first, so compiled thunks compile before capture;
+    ``grads`` are reset to None before each call inside the graph)."""
     from triton.testing import do_bench_cudagraph
 
-    return do_bench_cudagraph(fn)
+    return do_bench_cudagraph(fn, grad_to_none=grads)
 
 
 def measure_ceilings() -> tuple[float, float]:
@@ -181,6 +183,6 @@ def main(args: argparse.Namespace) -> None:
     print(f"{'layer':<24}{'ms':>9}{'x dense':>9}")
     dense_ms = None
     for name, fn, grads in layer_rows(n, fin, fout, a, args.impls, args.compile):
-        ms = _time_ms(fn, grads)
+        ms = _graph_ms(fn, grads)
         dense_ms = dense_ms or ms
         print(f"{name:<24}{ms:>9.3f}{dense_ms / ms:>9.2f}", flush=True)
