@@ -19,13 +19,14 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   ``triton`` layers keep only their A x n_out x n_in blocks), plus the embedding table cast
   for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` fp32 logits and their gradient (chunk * V * 4 * 2).
-* Walsh ``triton`` layers (three kernels) also save both transforms' outputs for the backward,
-  u [A, B*T, n_in'] and y [A, B*T, n_out'] with n' the lanes rounded up to 8 (16-byte rows,
-  ``row_width`` in ``walsh.kernels.walsh_transform``): about B * T * (in + out) activations
-  per layer, beyond the rough term. walsh-h-1b3 at 16 x 1024 tokens measured 58.4 GiB peak
-  (58.6 with the padded rows, session 9) against 36.2 GiB for ``dense`` (docs/benchmarks.md,
-  session 8); this term puts the estimate at 57 GiB (it was 29 GiB without it). When
-  checkpointing recomputes a layer, only that layer's are counted.
+* Walsh ``triton`` layers (three kernels) also save two intermediates for the backward:
+  u [A, B*T, n_in'] with n_in' the lanes rounded up to 8 (16-byte rows, ``row_width`` in
+  ``walsh.kernels.walsh_transform``) and z [B*T, out] (the output before beta, written by
+  walsh_out; since session 10, in place of y [A, B*T, n_out']): about B * T * (in + out)
+  activations per layer, beyond the rough term. walsh-h-1b3 at 16 x 1024 tokens measured
+  58.5 GiB peak (session 10; 58.4 in session 8, 58.6 in session 9) against 36.2 GiB for
+  ``dense`` (docs/benchmarks.md); this term puts the estimate at 57.3 GiB (it was 29 GiB
+  without it). When checkpointing recomputes a layer, only that layer's are counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.

@@ -12,8 +12,8 @@ torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor 
 kernels from its generated code. Measured on an H200 (docs/benchmarks.md, sessions 7-8), the
 walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the custom-op form
 at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
-session-8 backward, 0.81x with session 9's tiles); walsh-h-1b3 (24 x 2048) at 1.50x dense
-(session 9: 1.31-1.36x in session 8).
+session-8 backward, 0.81x with session 9's tiles); walsh-h-1b3 (24 x 2048) at 1.56-1.58x dense
+(session 10; 1.31-1.36x in session 8, 1.50x in session 9).
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
