@@ -13,9 +13,9 @@ depends on the width (one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sess
 at 24 x 2048; ``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused
 kernels) at 0.81x and 0.83-0.91x there (350M varies by about 10% between runs), but
 **1.56-1.58x at 24 x 2048** (walsh-h-1b3, session 10), where the structure's 32x fewer GEMM
-FLOPs outweigh its transforms, with 58 GiB peak against the dense path's 36 GiB. The presets keep ``"dense"`` at
-every size so that a sweep's memory and code path do not change with the size; pass
-``walsh_impl=triton`` for the 24 x 2048 speed.
+FLOPs outweigh its transforms, with 58 GiB peak against the dense path's 36 GiB. The presets
+keep ``"dense"`` at every size so that a sweep's memory and code path do not change with the
+size; pass ``walsh_impl=triton`` for the 24 x 2048 speed.
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
