@@ -214,7 +214,8 @@ def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, m
 @pytest.mark.parametrize("a,n,lanes", [(32, 9, 5), (16, 7, 172), (4, 11, 86), (8, 6, 16)])
 def test_walsh_transform_padded_rows(a, n, lanes, seed):
     """Block-major rows wider than the lanes (``row_width``: 16-byte rows for cuBLAS): walsh_in
-    writes zeros past L, walsh_out and the gain passes never read there (NaN-poisoned), and
+    (and walsh_in + dbeta) writes zeros past L, walsh_out and walsh_out + dalpha never read
+    there (NaN-poisoned), and
     every result is bit-equal to the unpadded one (the gains' fp32 sums to 1e-6: a wider row
     can change the tokens per program, so the sums' grouping)."""
     width = wt.row_width(lanes) if lanes % 8 else lanes + 8
@@ -512,6 +513,37 @@ def test_ops_trace_without_graph_breaks(impl, seed):
     assert rel_err(out, layer(x)) < 1e-6, seed
     out.sum().backward()
     assert x.grad is not None and layer.alpha.grad is not None
+
+
+@pytest.mark.parametrize("which", ["walsh_in", "walsh_out"])
+def test_transform_ops_compile_and_pass_opcheck(which, seed):
+    """The standalone transforms' ops (walsh_out's returns out and the internal z it saves;
+    walsh_in_gain takes dy's row width as an int): torch.library.opcheck on each op (schema,
+    fake against real, autograd registration), and the compiled transform with its backward
+    equal to eager."""
+    a, n, lanes = 8, 6, 5
+    tok = torch.randn(n, a * lanes, device=DEV)
+    blk = torch.randn(a, n, lanes, device=DEV)
+    gain = 1 + 0.3 * torch.randn(a, lanes, device=DEV)
+    if which == "walsh_out":
+        torch.library.opcheck(torch.ops.walsh.walsh_out.default,
+                              (blk.clone().requires_grad_(), gain.clone().requires_grad_()))
+        torch.library.opcheck(torch.ops.walsh.walsh_in_gain.default, (tok, gain, tok.flip(0), 8))
+        x = blk
+    else:
+        torch.library.opcheck(torch.ops.walsh.walsh_in.default,
+                              (tok.clone().requires_grad_(), gain.clone().requires_grad_()))
+        torch.library.opcheck(torch.ops.walsh.walsh_out_gain.default, (blk, gain, tok))
+        x = tok
+    fn = getattr(wt, which)
+    grads = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        xs, gs = x.clone().requires_grad_(), gain.clone().requires_grad_()
+        out = f(xs, gs)
+        (out * torch.linspace(-1, 1, out.numel(), device=DEV).view_as(out)).sum().backward()
+        grads.append((out.detach(), xs.grad, gs.grad))
+    for eager, compiled in zip(*grads):
+        assert torch.equal(eager, compiled), seed
 
 
 # -- registration -----------------------------------------------------------------------------

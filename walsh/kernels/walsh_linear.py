@@ -320,6 +320,8 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _du, _dz):  # u and z are internal: their gradients are never used
+    if dout is None:  # only u or z was used: nothing flows back
+        return None, None, None, None, None
     dx, dw, dalpha, dbeta = _linear_backward_op(dout.contiguous(), *ctx.saved_tensors,
                                                 ctx.one_kernel)
     return dx, dw, dalpha, dbeta, None
