@@ -8,7 +8,10 @@ per token, the MFU against the device's bf16 dense peak, each row's speed as a m
 dense bf16 preset of the same shape when the run has one (``x dense``; the kernel issue's goals
 are stated that way), and the step's roofline time from each kernel's FLOPs and bytes over the
 measured ceilings (``roof ms``, ``pipeline.roofline``: a lower bound that leaves out the
-elementwise passes) with the measured step over it (``x roof``). Random tokens are fine: the
+elementwise passes) with the measured step over it (``x roof``), and ``spread``: the slowest
+timed step over the median one (each step timed by CUDA events, no sync between steps; a
+spread over 1.25 is reported with the steps' times, as warm-up work leaking into the timed
+steps looks like that). Random tokens are fine: the
 cost of these layers does not depend on the data.
 
 A preset may carry its own overrides: ``walsh-h-125m:walsh_impl=triton`` (several as
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -104,11 +108,14 @@ def bench_one(
     warm_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    clock = _StepClock(device)
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
+        clock.mark()
     sync()
     dt = (time.perf_counter() - t0) / steps
+    step_ms = clock.step_ms()
     tokens = batch * seq_len
     flops = model.flops_per_token(seq_len)
     # under CUDA graphs the activations live in the graph's private pool, which
@@ -125,7 +132,37 @@ def bench_one(
         "batch": batch, "tok_s": tokens / dt, "ms_step": 1e3 * dt, "peak_gib": peak,
         "tflops": flops * tokens / dt / 1e12, "flops_per_token": flops, "warmup_s": warm_s,
         "roof_ms": roof, "x_roof": 1e3 * dt / roof if roof else None,
+        "step_ms": step_ms, "spread": max(step_ms) / statistics.median(step_ms),
     }
+
+
+class _StepClock:
+    """Each timed step's duration, without a host sync between steps (a sync would stop the
+    host from queueing the next step while the GPU runs this one, and change what is timed):
+    CUDA events on the GPU's timeline, the wall clock on CPU. Why: session 10 met two runs
+    whose timed steps were far slower than the same code's next run on the same host; the
+    per-step times show whether warm-up work (compilation) leaked into the timed steps."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = [self._now()]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def step_ms(self) -> list[float]:
+        """ms per step, in order (call after a sync)."""
+        pairs = zip(self.marks, self.marks[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in pairs]
+        return [1e3 * (b - a) for a, b in pairs]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,7 +193,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 HEADER = (f"{'preset':<34}{'compile':>8}{'tok/s':>11}{'x dense':>8}{'ms/step':>9}"
-          f"{'TFLOP/s':>9}{'MFU':>6}{'peak GiB':>9}{'warmup s':>9}{'roof ms':>8}{'x roof':>7}")
+          f"{'TFLOP/s':>9}{'MFU':>6}{'peak GiB':>9}{'warmup s':>9}{'roof ms':>8}{'x roof':>7}"
+          f"{'spread':>7}")
+# a timed step this many times the median is reported (``spread``: slowest over median)
+SPREAD_WARN = 1.25
 
 
 def _line(r: dict) -> str:
@@ -166,7 +206,7 @@ def _line(r: dict) -> str:
     x_roof = f"{r['x_roof']:.2f}" if r.get("x_roof") else "-"
     return (f"{r['preset']:<34}{str(r['compile']):>8}{r['tok_s']:>11,.0f}{ratio:>8}"
             f"{r['ms_step']:>9.1f}{r['tflops']:>9.1f}{mfu:>6}{r['peak_gib']:>9.2f}"
-            f"{r['warmup_s']:>9.1f}{roof:>8}{x_roof:>7}")
+            f"{r['warmup_s']:>9.1f}{roof:>8}{x_roof:>7}{r['spread']:>7.2f}")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -204,6 +244,10 @@ def main(args: argparse.Namespace) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the finished model is garbage now
             print(_line(r), flush=True)
+            if r["spread"] > SPREAD_WARN:
+                print(f"# {spec}: the slowest timed step took {r['spread']:.2f}x the median "
+                      f"({', '.join(f'{t:.1f}' for t in r['step_ms'])} ms): warm-up work may "
+                      "have leaked into the timed steps; raise --warmup", flush=True)
     add_ratios(rows)
     print(HEADER)
     for r in rows:

@@ -57,7 +57,7 @@ def test_parse_overrides_types():
 def test_bench_train_cpu_writes_rows(tmp_path):
     out = tmp_path / "bench.json"
     main([
-        "bench", "train", "--presets", "tiny", "--seq-len", "32", "--batch", "2", "--steps", "2",
+        "bench", "train", "--presets", "tiny", "--seq-len", "32", "--batch", "2", "--steps", "3",
         "--warmup", "1", "--compile", "off", "--device", "cpu", "--set", "vocab_size=256",
         "--json", str(out),
     ])
@@ -68,6 +68,11 @@ def test_bench_train_cpu_writes_rows(tmp_path):
     assert rows[0]["tok_s"] > 0 and rows[0]["flops_per_token"] > 0
     assert rows[0]["x_dense"] is None  # no dense bf16 row of its shape in the run
     assert rows[0]["roof_ms"] is None  # CPU, no ceilings given: no roofline column
+    # each timed step's time: as many as steps, adding up to the timed total
+    step_ms = rows[0]["step_ms"]
+    assert len(step_ms) == 3 and min(step_ms) > 0
+    assert sum(step_ms) == pytest.approx(3 * rows[0]["ms_step"], rel=0.05)
+    assert rows[0]["spread"] == pytest.approx(max(step_ms) / sorted(step_ms)[1])  # / median
 
 
 def test_bench_train_roofline_column_from_given_ceilings(tmp_path):
