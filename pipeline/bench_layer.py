@@ -1,21 +1,16 @@
 """``walsh bench layer``: one structured linear layer and each of its kernels against a roofline.
 
-Every row is timed inside a CUDA graph (triton's ``do_bench_cudagraph``, mean of replays;
-a layer row's forward + backward is recorded whole, its parameters' gradients cleared before
-each recorded call, so the graph's backward writes fresh gradients rather than adding to
-them): without one, a kernel of a few microseconds times the host's launch, not the GPU
-(session 9 measured the ternary quantizer at 66-156 us against a 1 us roofline), and an eager
-Walsh layer's dozen launches put it at 0.22-0.58x dense on a slow host where its kernels
-alone were faster (session 10). Replays do not flush L2 (50 MB on an H100 / H200): a kernel
-whose operands fit there can read part of them from it and show an ``x roof`` below what HBM
-allows (the quantizer; the transforms at 768 features, 25 MB per [16k, 768] tensor; those
-of 2048 features and more move 67 MB or more per tensor). The kernel sweeps of sessions 8-10
-in docs/benchmarks.md were timed the same way; this command's rows before session 10 were not
-(``do_bench``, L2 flushed). The ceilings (one large kernel each) use ``do_bench`` (median, L2
-flushed before each call) and are measured first, on the device at hand: the copy bandwidth
-(a 1 GiB device to device copy, read + write bytes over time) and the bf16 GEMM rate (an
-8192^3 matmul). Each kernel's roofline time is then ``max(FLOPs / GEMM rate, bytes /
-bandwidth)`` with the bytes it must move at least once
+Every row is timed inside a CUDA graph (triton's ``do_bench_cudagraph``, mean of replays; a
+layer row's forward + backward is recorded whole, its gradients cleared before each recorded
+call so that they are written, never accumulated): without one, a kernel of a few microseconds
+times the host's launch, not the GPU, and an eager Walsh layer's dozen launches made it read
+0.22-0.58x dense on a slow host where its kernels were faster (session 10). Replays do not
+flush L2 (50 MB on an H100 / H200), so a kernel whose operands fit there (the quantizer; the
+transforms at 768 features, 25 MB per [16k, 768] tensor) can read under its HBM roofline.
+The ceilings (one large kernel each; ``do_bench``, median, L2 flushed) are measured first, on
+the device at hand: the copy bandwidth (a 1 GiB device to device copy, read + write bytes over
+time) and the bf16 GEMM rate (an 8192^3 matmul). Each kernel's roofline time is then
+``max(FLOPs / GEMM rate, bytes / bandwidth)`` with the bytes it must move at least once
 (inputs read, outputs written), INT8 operations at twice the GEMM rate (``pipeline.roofline``'s
 counts and rule); ``x roof`` is the measured time over that. The layer rows time forward +
 backward of the whole layer per ``--impls``, against ``nn.Linear`` in bf16 of the same shape

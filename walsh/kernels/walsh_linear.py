@@ -315,7 +315,7 @@ def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 def _setup(ctx, inputs, output):
     x, w, alpha, beta, one_kernel = inputs
     ctx.one_kernel = one_kernel
-    ctx.set_materialize_grads(False)  # u and z get no gradient: no zero [A, N, *] buffers
+    ctx.set_materialize_grads(False)  # u and z get no gradient: no zero buffers of their size
     ctx.save_for_backward(x, w, alpha, beta, output[1], output[2])
 
 

@@ -346,7 +346,7 @@ def _out_backward(ctx, dout, _dz):
     if dout is None:  # only z was used (the op's internal output): nothing flows back
         return None, None
     z, beta = ctx.saved_tensors
-    dy, dbeta = _walsh_in_gain_op(dout.contiguous(), beta, z, ctx.width)  # S H (b dout), sum dout z
+    dy, dbeta = _walsh_in_gain_op(dout, beta, z, ctx.width)  # S H (beta dout), sum dout * z
     return dy, dbeta.to(beta.dtype)
 
 
