@@ -15,6 +15,8 @@ import torch
 from _helpers import rel_err
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from walsh import quant  # noqa: E402
 from walsh.kernels import int8_linear as ik  # noqa: E402
@@ -259,6 +261,28 @@ def test_walsh_transform_slab_rule():
                    (300, 128): (128, 1), (24, 256): (32, 8), (172, 256): (256, 1),
                    (300, 256): (256, 1), (600, 256): (256, 1)}
 
+
+
+@triton.jit
+def _bf16_values_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, wt._bf16_values(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+
+def test_bf16_values_round_to_nearest_even(seed):
+    """The interpreter's stand-in for a bf16 dot's operand (``_bf16_values``) rounds fp32 as the
+    GPU and torch do: to the nearest bf16, ties to even, past the largest bf16 to inf, and
+    subnormals too; exactly."""
+    ulp = 2.0**-7  # bf16's spacing in [1, 2)
+    edge = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 + 2**-20,
+                         3.3999e38, -3.3999e38, 1e-40, -3e-39, 0.0, -0.0, 65504.0])
+    x = torch.cat([edge, torch.randn(5000) * 10.0 ** torch.randint(-30, 30, (5000,))])
+    x = x.to(DEV)
+    y = torch.full_like(x, float("nan"))
+    _bf16_values_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    want = x.to(torch.bfloat16).float()
+    assert torch.equal(y, want), (seed, (y != want).nonzero()[:5].flatten().tolist())
+    assert y[0] == 1.0 and y[1] == 1 + 2 * ulp and y[4] == float("inf")  # ties to even; overflow
 
 def test_walsh_transform_rejects_bad_gains():
     x = torch.randn(3, 12, device=DEV)

@@ -12,8 +12,9 @@ torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor 
 kernels from its generated code. Measured on an H200 (docs/benchmarks.md, sessions 7-8), the
 walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the custom-op form
 at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
-session-8 backward, 0.81x with session 9's tiles); walsh-h-1b3 (24 x 2048) at 1.56-1.58x dense
-(session 10; 1.31-1.36x in session 8, 1.50x in session 9).
+session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots);
+walsh-h-1b3 (24 x 2048) at 1.64x dense (session 11; 1.31-1.36x in session 8, 1.50x in session 9,
+1.56-1.58x in session 10).
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
@@ -44,12 +45,14 @@ the layer with the weight transposed and the gains swapped:
 Partial sums are added by torch in a fixed order (no atomics), so every gradient is
 deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
 
-Precision: as ``walsh_transform``: slabs in fp32, every dot in TF32 for 16-bit inputs and IEEE
-for fp32. bf16 weights are exact in TF32, and u is rounded to TF32's 10 mantissa bits where the
-unfused path stores it in bf16 (7). The GEMM runs at the TF32 rate (half of bf16's), which is
-ample: the layer does in*out/A multiply-adds per token and is bound by its bytes. (A bf16 dot
-would also be wrong under TRITON_INTERPRET=1 in triton 3.9, whose interpreter multiplies the
-raw bf16 bits; CI tests the kernel there.)
+Precision: slabs in fp32, every dot of this kernel in TF32 for 16-bit inputs and IEEE for fp32.
+bf16 weights are exact in TF32, and u is rounded to TF32's 10 mantissa bits where the unfused
+path stores it in bf16 (7). The GEMM runs at the TF32 rate (half of bf16's), which is ample: the
+layer does in*out/A multiply-adds per token and is bound by its bytes. (A bf16 dot would be
+wrong under TRITON_INTERPRET=1 in triton 3.9, whose interpreter multiplies the raw bf16 bits;
+CI tests the kernel there. The three-kernel path's transforms, which dw's backward here
+shares, use bf16 dots for bf16 inputs since session 11, with an fp32 stand-in under the
+interpreter: ``walsh_transform``'s precision notes.)
 The naive reference with the same signature is ``walsh_linear_naive`` (the ``blocks`` path).
 
 Code order: naive reference, kernel, launchers, autograd (ops), functional.

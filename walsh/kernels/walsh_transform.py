@@ -28,11 +28,17 @@ less time at every model width (1.18x at the 1.3B FFN's 172 lanes), and the save
 the same size (smaller by y's row padding). (Before session 8 the sums were a third kernel
 reading the transform's output back, and dbeta's walsh_out(y) a fourth that wrote it.)
 
-Precision: the slab is held in fp32; H (+-1) and bf16 inputs are exact in TF32, so 16-bit
-inputs use a TF32 ``tl.dot`` (alpha * x is rounded to TF32's 10 mantissa bits, finer than bf16's
-rounding in the naive path), products accumulate in fp32, and S and beta are applied in fp32
-before the one rounding to the output dtype (the naive butterfly rounds at each of its log2(A)
-stages). fp32 inputs use an IEEE ``tl.dot`` (no TF32): fp32 matches the reference to ~1e-7.
+Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
+fp32 before the one rounding to the output dtype (the naive butterfly rounds at each of its
+log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
+- bf16: a bf16 ``tl.dot``. H (+-1) and bf16 inputs are exact in bf16; walsh_in rounds alpha * x
+  to bf16 first, as the naive path does. Before session 11 this was a TF32 dot (alpha * x kept
+  10 mantissa bits); bf16 operands halve the slab's registers for the dot, and on an H200 the
+  transforms took 4-24% less time and walsh_in + dbeta up to 30% less (docs/benchmarks.md).
+  Under the Triton interpreter (CI) the same bf16-rounded operands go through an fp32 dot
+  (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9).
+- fp16: a TF32 dot (fp16 values are exact in TF32, not in bf16).
+- fp32: an IEEE dot (no TF32): fp32 matches the reference to ~1e-7.
 dbeta multiplies dout by z as stored, in the input dtype (bf16 in training): as the naive path
 does (its autograd saves the bf16 S H y), where the second dot had used S H y in fp32
 (session 10 measured the two dbeta 1.6e-3 apart, relative, at 16k tokens).
@@ -48,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, wrap_triton
+from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
@@ -83,14 +89,32 @@ def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
 
 
 @triton.jit
+def _bf16_values(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32: the interpreter's
+    stand-in for a bf16 dot's operand. Under TRITON_INTERPRET=1 (triton 3.9) a bf16 ``tl.dot``
+    multiplies the raw bits and ``.to(tl.bfloat16)`` truncates, where the GPU rounds to
+    nearest. Bit arithmetic on the fp32 pattern (finite x): add half an ulp of bf16, less one
+    unless the kept last bit is odd, and clear the low 16 bits."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr,
-               USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+               USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr = False,
+               INTERPRETED: tl.constexpr = False):
     """[A, BT, LB] fp32 -> S H x along axis 0, fp32."""
     x2 = tl.reshape(x, [A, BT * LB])
     if USE_DOT:
-        if IEEE:  # fp32 inputs: exact products, no TF32
-            y = tl.dot(h_mat, x2, input_precision="ieee")              # [A, BT * LB]
-        else:  # 16-bit inputs: +-1 and bf16 values are exact in TF32, so TF32 loses nothing
+        if BF16_DOT:  # bf16 inputs: x rounded to bf16 (+-1 is exact), fp32 accumulation
+            if INTERPRETED:  # the same products, through an fp32 dot (see _bf16_values)
+                y = tl.dot(h_mat, _bf16_values(x2), input_precision="ieee")
+            else:
+                y = tl.dot(h_mat.to(tl.bfloat16), x2.to(tl.bfloat16))  # [A, BT * LB]
+        elif IEEE:  # fp32 inputs: exact products, no TF32
+            y = tl.dot(h_mat, x2, input_precision="ieee")
+        else:  # fp16 inputs: +-1 and fp16 values are exact in TF32, so TF32 loses nothing
             y = tl.dot(h_mat, x2, input_precision="tf32")
     else:
         y = tl.sum(h_mat[:, :, None] * x2[None, :, :], axis=1)
@@ -103,7 +127,8 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
                   A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                   LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr,
-                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
+                  INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2; lanes past L not read, and written only as the
     zeros of block-major padding) of every block.
@@ -118,7 +143,9 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
     STORE_Z (not IN_MODE): also store S H src before beta to z, token-major like dst.
     Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
     each block's run of tokens) are read and written as contiguous runs. Offsets are int64
-    only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper."""
+    only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper.
+    STAGES: the token loop's software-pipelining depth (``tl.range``), 0 for the compiler's
+    default (``GAIN_STAGES``)."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
     g64 = g.to(tl.int64) if WIDE else g
@@ -126,7 +153,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
         s = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
     acc = tl.zeros([A, BT, LB], dtype=tl.float32)
-    for it in range(ITERS):
+    for it in tl.range(0, ITERS, num_stages=STAGES if STAGES > 0 else None):
         i = ((tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT))[None, :, None]  # [1, BT, 1]
         mask = (i < N) & (j < L)                                       # [1, BT, LB]
         i64 = i.to(tl.int64) if WIDE else i
@@ -141,7 +168,8 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
             acc += x * o
         if IN_MODE and HAS_SCALE:
             x = x * s
-        y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE)  # [A, BT, LB]
+        y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
+                       INTERPRETED)                                    # [A, BT, LB]
         if GAIN and not IN_MODE:
             acc += o * y
         if STORE_Z:
@@ -167,6 +195,12 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
 # of both passes' times over their rooflines (13.5 against 15.5 at 16); walsh-h-1b3 trained
 # at the same speed with 16 and 64
 GAIN_TOKENS = 64
+# the token loop's software-pipelining depth in the gain passes, by IN_MODE (0: the compiler's
+# default). Swept on an H200 with bf16 dots (session 11, docs/benchmarks.md; N = 16k, A = 32,
+# CUDA graphs, x roof at 24 / 64 / 96 / 172 / 192 lanes): walsh_in + dbeta with 3 stages
+# 2.15 / 1.39 / 1.42 / 1.65 / 1.41x, with the default 2.37 / 1.62 / 2.14 / 1.73 / 1.52x;
+# walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-35% slower with 2 or 3
+GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 # tensors from this many elements on take int64 offsets (int32 would wrap)
 WIDE_NUMEL = 2**31
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
@@ -233,8 +267,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         src, dst, arg(scale), arg(other), arg(part, torch.float32), arg(z), n_tok, iters,
         1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
         IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None, STORE_Z=store_z,
-        USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, WIDE=n_tok * a * width >= WIDE_NUMEL,
-        num_warps=TILE_WARPS)
+        USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
+        INTERPRETED=INTERPRETED, WIDE=n_tok * a * width >= WIDE_NUMEL,
+        STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=TILE_WARPS)
     return dst, part, z
 
 
