@@ -12,7 +12,8 @@ torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor 
 kernels from its generated code. Measured on an H200 (docs/benchmarks.md, sessions 7-8), the
 walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the custom-op form
 at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
-session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots);
+session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots and
+3-stage gain pass);
 walsh-h-1b3 (24 x 2048) at 1.64x dense (session 11; 1.31-1.36x in session 8, 1.50x in session 9,
 1.56-1.58x in session 10).
 

@@ -33,8 +33,9 @@ fp32 before the one rounding to the output dtype (the naive butterfly rounds at 
 log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
 - bf16: a bf16 ``tl.dot``. H (+-1) and bf16 inputs are exact in bf16; walsh_in rounds alpha * x
   to bf16 first, as the naive path does. Before session 11 this was a TF32 dot (alpha * x kept
-  10 mantissa bits); bf16 operands halve the slab's registers for the dot, and on an H200 the
-  transforms took 4-24% less time and walsh_in + dbeta up to 30% less (docs/benchmarks.md).
+  10 mantissa bits); bf16 operands take fewer registers (the TF32 slabs spilled at 172 lanes),
+  and on an H200 the plain transforms and walsh_out + dalpha took 3-11% less time, walsh_in +
+  dbeta 21-28% less with its 3-stage loop (``GAIN_STAGES``; docs/benchmarks.md, session 11).
   Under the Triton interpreter (CI) the same bf16-rounded operands go through an fp32 dot
   (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9).
 - fp16: a TF32 dot (fp16 values are exact in TF32, not in bf16).
@@ -94,7 +95,9 @@ def _bf16_values(x):
     stand-in for a bf16 dot's operand. Under TRITON_INTERPRET=1 (triton 3.9) a bf16 ``tl.dot``
     multiplies the raw bits and ``.to(tl.bfloat16)`` truncates, where the GPU rounds to
     nearest. Bit arithmetic on the fp32 pattern (finite x): add half an ulp of bf16, less one
-    unless the kept last bit is odd, and clear the low 16 bits."""
+    unless the kept last bit is odd, and clear the low 16 bits. A NaN whose low 16 bits are set
+    would come out wrong; the operands here are bf16 values times a bf16 gain (exact in fp32),
+    whose NaNs have those bits clear."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
@@ -102,8 +105,8 @@ def _bf16_values(x):
 
 @triton.jit
 def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr,
-               USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr = False,
-               INTERPRETED: tl.constexpr = False):
+               USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
+               INTERPRETED: tl.constexpr):
     """[A, BT, LB] fp32 -> S H x along axis 0, fp32."""
     x2 = tl.reshape(x, [A, BT * LB])
     if USE_DOT:
@@ -199,7 +202,8 @@ GAIN_TOKENS = 64
 # default). Swept on an H200 with bf16 dots (session 11, docs/benchmarks.md; N = 16k, A = 32,
 # CUDA graphs, x roof at 24 / 64 / 96 / 172 / 192 lanes): walsh_in + dbeta with 3 stages
 # 2.15 / 1.39 / 1.42 / 1.65 / 1.41x, with the default 2.37 / 1.62 / 2.14 / 1.73 / 1.52x;
-# walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-35% slower with 2 or 3
+# walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-33% slower with 3
+# stages and 19-38% with 2
 GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 # tensors from this many elements on take int64 offsets (int32 would wrap)
 WIDE_NUMEL = 2**31
