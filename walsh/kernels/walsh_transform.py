@@ -203,7 +203,7 @@ GAIN_TOKENS = 64
 # CUDA graphs, x roof at 24 / 64 / 96 / 172 / 192 lanes): walsh_in + dbeta with 3 stages
 # 2.15 / 1.39 / 1.42 / 1.65 / 1.41x, with the default 2.37 / 1.62 / 2.14 / 1.73 / 1.52x;
 # walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-33% slower with 3
-# stages and 19-38% with 2
+# stages and 19-39% with 2
 GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 # tensors from this many elements on take int64 offsets (int32 would wrap)
 WIDE_NUMEL = 2**31
