@@ -603,7 +603,7 @@ def test_triton_ops_name_their_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SCAN], env=env, capture_output=True,
                          text=True, check=True).stdout
-    walsh, linear = "_walsh_kernel", "_walsh_linear_kernel"
+    walsh, linear, colsum = "_walsh_kernel", "_walsh_linear_kernel", "_column_sum_kernel"
     eager, traced, kernels = json.loads(out.splitlines()[-1])
     assert eager and traced
     assert kernels == {
@@ -612,10 +612,10 @@ def test_triton_ops_name_their_kernels():
         "walsh::ternary_ste": ["_abs_partial_kernel", "_ternary_apply_kernel"],
         "walsh::walsh_in": [walsh],
         "walsh::walsh_out": [walsh],
-        "walsh::walsh_in_gain": [walsh],
-        "walsh::walsh_out_gain": [walsh],
-        "walsh::walsh_linear": [walsh, linear],
-        "walsh::walsh_linear_backward": [walsh, linear],
+        "walsh::walsh_in_gain": [colsum, walsh],
+        "walsh::walsh_out_gain": [colsum, walsh],
+        "walsh::walsh_linear": [colsum, walsh, linear],  # (sorted by name)
+        "walsh::walsh_linear_backward": [colsum, walsh, linear],
     }
 
 

@@ -43,8 +43,8 @@ the layer with the weight transposed and the gains swapped:
 - dw = sum_i dy_g^T u_g with dy = S H (beta * dout), u = S H (alpha * x): the two block-major
   transforms of ``walsh.kernels.walsh_transform`` (rows padded as the three-kernel path's) and
   one batched GEMM (cuBLAS), shared with the three-kernel backward (``_weight_grad``).
-Partial sums are added by torch in a fixed order (no atomics), so every gradient is
-deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
+Partial sums are added in a fixed order (``walsh.kernels.column_sum``; no atomics), so every
+gradient is deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
 
 Precision: slabs in fp32, every dot of this kernel in TF32 for 16-bit inputs and IEEE for fp32.
 bf16 weights are exact in TF32, and u is rounded to TF32's 10 mantissa bits where the unfused
@@ -68,6 +68,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import (
     _hadamard,
@@ -202,7 +203,7 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
             A=a, LOG_A=int(math.log2(a)), HAS_POST=post is not None, STORE=store, GAIN=gain,
             USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return dst, (part.sum(0).view(a, ld) if gain else None)
+    return dst, (column_sum(part).view(a, ld) if gain else None)
 
 
 def walsh_linear_raw(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,

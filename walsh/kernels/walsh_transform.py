@@ -17,8 +17,8 @@ walsh_out(du) and dalpha = sum_i x * walsh_out(du) (``walsh_out_gain_raw``: du a
 written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * z
 (``walsh_in_gain_raw``: dout and z read, dy written), where z = S H y, the forward's result
 before beta, is written token-major by the forward's own pass (``walsh_out_z_raw``, saved
-instead of y). Each program writes its share of the sum (fp32) and torch adds the shares in a
-fixed order: deterministic, no atomics.
+instead of y). Each program writes its share of the sum (fp32) and a second kernel adds the
+shares in a fixed order (``walsh.kernels.column_sum``): deterministic, no atomics.
 Why z and not y: with y saved, dbeta's S H y had to be recomputed in the backward by a second
 tensor-core dot on the block-major y, converted in registers to the token-major layout of
 dout; that pass ran at 2.0-3.8x its roofline (session 9). Writing z costs the forward one
@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 
 # the naive references (same signatures), re-exported beside their kernels
@@ -320,7 +321,7 @@ def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, z: torch.Tens
     lanes = x.shape[-1] // a
     dst, part, _ = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=z,
                            width=width)
-    return dst, part.sum(0).view(a, lanes)
+    return dst, column_sum(part).view(a, lanes)
 
 
 def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, a: int,
@@ -331,7 +332,7 @@ def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Ten
     lanes = x.shape[-1] // a
     dst, part, _ = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
                            width=y.shape[2])
-    return dst, part.sum(0).view(a, lanes)
+    return dst, column_sum(part).view(a, lanes)
 
 
 # -- autograd: ops (``walsh.kernels.registry``) --------------------------------------------------
