@@ -2,13 +2,18 @@
 
 The Walsh transforms' gain passes (``walsh.kernels.walsh_transform``, ``walsh_linear``) write one
 row of partial sums per program, part [P, C] fp32 (P = tokens / GAIN_TOKENS, C = A * L), and
-the gradient is their sum over rows. Each column's rows are added in one program, in row order,
+the gradient is their sum over rows. Each column's rows are added in one program, in a fixed order,
 BLOCK_R rows at a time: deterministic, no atomics.
 
 Why a kernel of its own rather than ``part.sum(0)``: on an H200, inside CUDA graphs, torch's
-reduction took 5.2-5.4 us for every P = 256 partial table from C = 768 to 5,504 columns (0.8-5.6
-MB; 1.3 us of HBM time at the most), a sixth of the 24-lane gain passes' 32 us kernel
-(docs/benchmarks.md, session 12). This kernel spreads the columns over programs of BLOCK_C.
+reduction took 5.1-5.4 us for every P = 256 partial table from C = 768 to 5,504 columns (0.8-5.6
+MB; 1.3 us of HBM time at the most), a sixth of the 24-lane gain passes' 32 us kernel. This
+kernel spreads the columns over programs of BLOCK_C and reads each program's rows in one or a
+few [BLOCK_R, BLOCK_C] tiles. Swept (docs/benchmarks.md, session 12; us at 256 x 768 / 256 x
+5504 / 1024 x 3072 / 16 x 768): 512 x 16 took 1.9 / 2.6 / 3.7 / 1.7, 256 x 32 2.0 / 2.5 / 4.8 /
+1.6, 128 x 32 2.6 / 2.9 / 7.2 / 1.5, 64 x 32 4.0-12.7; torch 5.1 / 5.4 / 8.6 / 2.6. In the
+compiled models the change is within noise (walsh-h-1b3 +0.2%, walsh-h-125m +0.7%): there
+inductor had made its own reduction kernel of the sum.
 
 Code order: naive reference, kernel, launcher.
 """
@@ -21,7 +26,7 @@ import triton.language as tl
 
 from walsh.kernels.registry import wrap_triton
 
-# [BLOCK_R, BLOCK_C] fp32 tiles on 4 warps (see the module doc for the sweep)
+# [BLOCK_R, BLOCK_C] fp32 tiles on 4 warps: the best of the sweep in the module doc
 BLOCK_R, BLOCK_C = 512, 16
 
 
@@ -48,7 +53,8 @@ def _column_sum_kernel(src_ptr, dst_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: t
 def column_sum(part: torch.Tensor) -> torch.Tensor:
     """part [P, C] fp32 -> [C] fp32, the sum over rows (``column_sum_naive``'s signature)."""
     if part.ndim != 2 or part.dtype != torch.float32:
-        raise ValueError(f"column_sum takes a 2-D fp32 tensor, got {tuple(part.shape)} {part.dtype}")
+        raise ValueError(f"column_sum takes a 2-D fp32 tensor, got {tuple(part.shape)} "
+                         f"{part.dtype}")
     part = part.contiguous()
     rows, cols = part.shape
     if rows * cols == 0:
