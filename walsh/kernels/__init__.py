@@ -5,6 +5,8 @@
   alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``).
 - ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one op, in those
   three kernels or in one (reference: ``walsh_linear_naive``).
+- ``walsh.kernels.column_sum``: the fixed-order sum of the gain passes' per-program partial
+  sums (reference: ``column_sum_naive``, ``part.sum(0)``).
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores
   (reference: ``int8_linear_naive``, the fake-quantized product).
 
