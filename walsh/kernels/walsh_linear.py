@@ -33,10 +33,10 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
   ([A, BM, BC] @ [A, BC, BD], fp32 accumulation), and applies H, S and beta before the one
   store. HBM traffic is x, w and out, as for a dense layer; only x and w are saved. Measured
   on an H200, Triton's batched dot makes it slower than the three kernels (docs/benchmarks.md):
-  6-15x its roofline. ncu (session 12, 768 -> 3072): 255 registers per thread with 1.9M
+  6-18x its roofline. ncu (session 12, 768 -> 3072): 255 registers per thread with 1.9M
   local-memory spill requests and 139 KB of shared memory per program, so one program of 8
   warps per SM; the L1/shared-memory pipe 63% busy, DRAM 11%. bf16 dots (in place of TF32)
-  with retuned tiles took 10-17% off, not enough to keep.
+  with retuned tiles took 10-16% off, not enough to keep.
 
 The one-kernel backward uses the same kernel twice; H is symmetric, so the layer's adjoint is
 the layer with the weight transposed and the gains swapped:
