@@ -21,9 +21,11 @@ def seed() -> int:
     return s
 
 
-# rows below, at and past one BLOCK_R step; columns below, at and past one BLOCK_C program
+# rows below, at and past one BLOCK_R step; columns below, at and past one (and two) BLOCK_C
+# programs
 @pytest.mark.parametrize("rows", [1, 3, cs.BLOCK_R - 1, cs.BLOCK_R, cs.BLOCK_R + 1, 300])
-@pytest.mark.parametrize("cols", [1, cs.BLOCK_C - 1, cs.BLOCK_C + 1, 770])
+@pytest.mark.parametrize("cols", [1, cs.BLOCK_C - 1, cs.BLOCK_C, cs.BLOCK_C + 1, 2 * cs.BLOCK_C,
+                                  770])
 def test_column_sum_matches_naive(rows, cols, seed):
     part = torch.randn(rows, cols, device=DEV)
     got = cs.column_sum(part)
@@ -39,6 +41,24 @@ def test_column_sum_exact_on_integers(seed):
     counted twice (a masked row or column would show)."""
     part = torch.randint(-50, 50, (cs.BLOCK_R * 2 + 5, cs.BLOCK_C * 3 + 7), device=DEV).float()
     assert torch.equal(cs.column_sum(part), cs.column_sum_naive(part)), seed
+
+
+@pytest.mark.parametrize("view", ["transposed", "every other column"])
+def test_column_sum_of_a_strided_view(view, seed):
+    """The launcher makes its input contiguous: a view's strides are not the kernel's."""
+    base = torch.randint(-50, 50, (70, 2 * cs.BLOCK_C + 3), device=DEV).float()
+    part = base.t() if view == "transposed" else base[:, ::2]
+    assert not part.is_contiguous()
+    assert torch.equal(cs.column_sum(part), cs.column_sum_naive(part)), seed
+
+
+def test_column_sum_int64_offsets_bit_equal(monkeypatch, seed):
+    """Tables of WIDE_NUMEL elements or more take int64 row offsets; forced on a small table,
+    the sums are bit-equal to the int32 path's."""
+    part = torch.randn(cs.BLOCK_R + 9, cs.BLOCK_C * 2 + 1, device=DEV)
+    narrow = cs.column_sum(part)
+    monkeypatch.setattr(cs, "WIDE_NUMEL", 1)
+    assert torch.equal(cs.column_sum(part), narrow), seed
 
 
 def test_column_sum_is_deterministic(seed):

@@ -2,7 +2,7 @@
 ``custom_op`` under the Triton interpreter.
 
 Why ``torch.library.triton_op``: torch.compile sees into it. Inductor puts the op's torch ops
-(allocations, a bmm, a partial-sum reduction) into its graph and launches each Triton kernel
+(allocations, a bmm, casts) into its graph and launches each Triton kernel
 from its own generated code, where an opaque ``custom_op`` is called through the dispatcher
 and Triton's Python launcher. The 125M models on these kernels can be bound by the host
 without CUDA graphs (on the slower lent hosts); on a fast H200 host the two forms measured

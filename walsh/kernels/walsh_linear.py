@@ -35,7 +35,7 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
   on an H200, Triton's batched dot makes it slower than the three kernels (docs/benchmarks.md):
   6-18x its roofline. ncu (session 12, 768 -> 3072): 255 registers per thread with 1.9M
   local-memory spill requests and 139 KB of shared memory per program, so one program of 8
-  warps per SM; the L1/shared-memory pipe 63% busy, DRAM 11%. bf16 dots (in place of TF32)
+  warps per SM; memory units 63% busy (L1/TEX 67%), DRAM 11%. bf16 dots (in place of TF32)
   with retuned tiles took 10-16% off, not enough to keep.
 
 The one-kernel backward uses the same kernel twice; H is symmetric, so the layer's adjoint is
