@@ -346,6 +346,22 @@ def test_walsh_linear_op_gradients_are_deterministic(one_kernel, seed):
         assert torch.equal(f, s_), seed
 
 
+@pytest.mark.parametrize("one_kernel", [False, True])
+def test_walsh_linear_op_without_tokens(one_kernel):
+    """No tokens: an empty output and zero gradients for w and both gains (the gains' partial
+    sums have no rows; their column sums are zeros, not an empty buffer's contents)."""
+    a, li, lo = 32, 5, 9
+    x = torch.randn(0, a * li, device=DEV, requires_grad=True)
+    params = [torch.randn(s, device=DEV, requires_grad=True)
+              for s in ((a, lo, li), (a, li), (a, lo))]  # w, alpha, beta
+    out = wf.walsh_linear(x, *params, one_kernel=one_kernel)
+    assert out.shape == (0, a * lo)
+    grads = torch.autograd.grad(out, (x, *params), torch.empty_like(out))
+    assert grads[0].shape == x.shape
+    for g, p_ in zip(grads[1:], params):
+        assert g.shape == p_.shape and torch.equal(g, torch.zeros_like(p_))
+
+
 def test_walsh_linear_op_rejects_bad_inputs():
     x = torch.randn(3, 32, device=DEV)
     w, alpha, beta = torch.randn(4, 2, 8, device=DEV), torch.ones(4, 8), torch.ones(4, 2)

@@ -26,13 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import wrap_triton
+from walsh.kernels.registry import WIDE_NUMEL, wrap_triton
 
 # [BLOCK_R, BLOCK_C] fp32 tiles on 4 warps: the sweep's best at 256 x 768-3072 and 1,024 x 3072
 # (module doc); within 3% of the best at 256 x 5504, 0.25 us behind at 16 rows
 BLOCK_R, BLOCK_C = 512, 16
-# tables from this many elements on take int64 offsets (int32 would wrap)
-WIDE_NUMEL = 2**31
 
 
 def column_sum_naive(part: torch.Tensor) -> torch.Tensor:

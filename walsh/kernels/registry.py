@@ -51,6 +51,10 @@ def _probe():
 # triton.jit gives a JITFunction when it compiles, an interpreter function under TRITON_INTERPRET
 INTERPRETED = not isinstance(_probe, JITFunction)
 
+# the launchers' shared threshold: tensors from this many elements on take int64 offsets (int32
+# would wrap); below it int32 index math is cheaper
+WIDE_NUMEL = 2**31
+
 
 def wrap_triton(kernel):
     """The kernel as a launcher calls it: torch's ``wrap_triton`` while compile traces (dynamo,

@@ -191,10 +191,8 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
                              f"got {tuple(dst.shape)}")
     tiles = triton.cdiv(n, BLOCK_M)
     part = None
-    if gain:  # every entry written by the kernel; one row of zeros when there are no tokens
-        part = torch.empty(max(tiles, 1), a * ld, device=src.device, dtype=torch.float32)
-        if n == 0:
-            part.zero_()
+    if gain:  # every entry written by the kernel (no rows without tokens: column_sum gives 0)
+        part = torch.empty(tiles, a * ld, device=src.device, dtype=torch.float32)
     if n > 0:
         bc, bd = _tile(lc, src.dtype), _tile(ld, src.dtype)
         def unused():  # a pointer the kernel never reads: its own empty, never an alias

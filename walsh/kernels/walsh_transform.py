@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.column_sum import column_sum
-from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
+from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
@@ -206,8 +206,6 @@ GAIN_TOKENS = 64
 # walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-33% slower with 3
 # stages and 19-39% with 2
 GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
-# tensors from this many elements on take int64 offsets (int32 would wrap)
-WIDE_NUMEL = 2**31
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not
 MAX_CHUNK = 256
@@ -255,9 +253,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         if tuple(other.shape) != want or other.dtype != src.dtype:
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
-        # every entry written (masked lanes past L are not entries); zeros without tokens
-        part = (torch.empty if n_tok else torch.zeros)(rows, a * lanes, device=src.device,
-                                                       dtype=torch.float32)
+        # every entry written (masked lanes past L are not entries); no rows without tokens
+        part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
     z = torch.empty(n_tok, a * lanes, device=src.device, dtype=src.dtype) if store_z else None
     if scale is not None and tuple(scale.shape) != (a, lanes):
         raise ValueError(f"the gain must be ({a}, {lanes}) for {lanes} lanes of {a} blocks, got "
