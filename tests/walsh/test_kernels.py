@@ -179,7 +179,7 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
 def test_walsh_out_z(a, n, lanes, width, dtype, seed):
     """walsh_out with z = S H y before beta (saved for dbeta) in the same pass: out bit-equal to
     walsh_out_raw(y, beta), z to walsh_out_raw(y, None), from rows wider than the lanes
-    (NaN past L: never read)."""
+    (NaN past L: it reaches no result)."""
     wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)
     wide[:, :, :lanes] = torch.randn(a, n, lanes, device=DEV, dtype=dtype)
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
@@ -217,8 +217,8 @@ def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, m
 @pytest.mark.parametrize("a,n,lanes", [(32, 9, 5), (16, 7, 172), (4, 11, 86), (8, 6, 16)])
 def test_walsh_transform_padded_rows(a, n, lanes, seed):
     """Block-major rows wider than the lanes (``row_width``: 16-byte rows for cuBLAS): walsh_in
-    (and walsh_in + dbeta) writes zeros past L, walsh_out and walsh_out + dalpha never read
-    there (NaN-poisoned), and
+    (and walsh_in + dbeta) writes zeros past L; walsh_out and walsh_out + dalpha read NaN there
+    (the padding is read as 16-byte runs), which reaches none of their results; and
     every result is bit-equal to the unpadded one (the gains' fp32 sums to 1e-6: a wider row
     can change the tokens per program, so the sums' grouping)."""
     width = wt.row_width(lanes) if lanes % 8 else lanes + 8

@@ -25,7 +25,7 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
   token-major). u and z are saved for the backward, whose two transforms also sum dbeta
   (= sum dout * z) and dalpha in the same pass (``walsh_in_gain_raw``,
   ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows of the lanes rounded up
-  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's is never read) and the bmm
+  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's reaches no result) and the bmm
   a zero-padded weight, so that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
@@ -248,7 +248,7 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
     path's block-major rows are 16-byte multiples (``row_width``), so that the bmm's rows are
     aligned (cuBLAS ran the 1.3B FFN's 172-lane rows at 3.6x its roofline, session 9). u's and
     dy's padding lanes are zeros (written by the transforms), so the padded products add
-    nothing to y, du or dw within (LO, LI); y's and du's own padding lanes are never read."""
+    nothing to y, du or dw within (LO, LI); y's and du's own padding lanes reach no result."""
     lo, li = w.shape[1:]
     if row_width(lo) == lo and row_width(li) == li:
         return w

@@ -134,12 +134,12 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
                   INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
-    of LB lanes (axis 1; LB a power of 2; lanes past L not read, and written only as the
-    zeros of block-major padding) of every block.
+    of LB lanes (axis 1; LB a power of 2; token-major lanes past L neither read nor written)
+    of every block.
     IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
     else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
-    Block-major rows are LP >= L lanes wide: lanes L..LP-1 are written as zeros (IN_MODE) and
-    never read.
+    Block-major rows are LP >= L lanes wide: lanes L..LP-1 are written as zeros (IN_MODE), or
+    read (16-byte runs) into result lanes that are never stored or summed.
     GAIN: also the gain gradient sum_i T[i, h*L + j] * Z[i, h*L + j] of two token-major
     tensors, this program's share written to part[program 0, h*L + j] (fp32): in IN_MODE
     T = src (before alpha) and Z = other; else T = other and Z = S H src (the result before
@@ -165,7 +165,13 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
         block_major = g64 * N * LP + i64 * LP + j
         src_off = token_major if IN_MODE else block_major
         dst_off = block_major if IN_MODE else token_major
-        x = tl.load(src_ptr + src_off, mask=mask, other=0.0).to(tl.float32)   # [A, BT, LB]
+        # block-major rows (not IN_MODE) are read with their padding lanes (j < LP): a mask of
+        # j < L would split each row into runs of gcd(L, 8) lanes (4 at the 1.3B FFN's 172,
+        # 2 at the 350M's 86), where LP's rows are 16-byte runs. The transform mixes blocks,
+        # never lanes, so whatever the padding holds stays in lanes past L, which are never
+        # stored or summed
+        src_mask = mask if IN_MODE else (i < N) & (j < LP)
+        x = tl.load(src_ptr + src_off, mask=src_mask, other=0.0).to(tl.float32)  # [A, BT, LB]
         if GAIN:  # T * Z with T = x before alpha (IN_MODE) or other, read here for both modes
             o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
         if GAIN and IN_MODE:
@@ -325,7 +331,8 @@ def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Ten
                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_out_raw(y, scale), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
     one pass: a walsh_in's backward, dx = alpha * S H du and dalpha from du = y, alpha = scale
-    and the saved input x [N, A*L]; y's rows may be wider than L (the lanes past L not read)."""
+    and the saved input x [N, A*L]; y's rows may be wider than L (what lies past L reaches no
+    result)."""
     lanes = x.shape[-1] // a
     dst, part, _ = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
                            width=y.shape[2])
