@@ -78,6 +78,26 @@ def test_ternary_ste_forward_and_gradient(per_component, out_dtype, seed):
     assert torch.equal(w.grad, w_ref.grad), seed  # straight through: exactly g (cast)
 
 
+@pytest.mark.parametrize("per_component", [True, False])
+def test_ternary_ste_partials_over_several_blocks(per_component, seed, monkeypatch):
+    """With fewer partial programs (``PARTS``) than blocks, each program adds every P-th block
+    (5 or 10 blocks over 2 programs here, the last one partly masked) and the apply kernel adds
+    the partials: gamma (every nonzero output is +-gamma) matches the reference's scale, and
+    the output is exactly torch's rule for that gamma. A block skipped or counted twice moves
+    gamma by a fifth or more."""
+    monkeypatch.setattr(tk, "PARTS", 2)
+    w = torch.randn(2, 3, 1700, device=DEV) * 0.02  # 5,100 elements per component
+    g = 2 if per_component else 1
+    w2, _, m = tk._groups(w, per_component)
+    assert tk._abs_partials(w2, g, m).shape == (g, 2)
+    out = tk.ternary_ste(w, per_component, torch.float32)
+    gamma = out.reshape(g, -1).abs().amax(dim=1)  # [G]
+    ref = quant.absmean_scale(w, per_component).reshape(-1)
+    assert rel_err(gamma, ref) < 1e-6, seed
+    gb = gamma.view(g, *([1] * (w.ndim - 1))) if per_component else gamma.reshape(())
+    assert torch.equal(out, torch.clamp(torch.round(w / gb), -1, 1) * gb), seed
+
+
 def test_ternary_quantize_matches_reference(seed):
     w = torch.randn(8, 24, 40, device=DEV)
     codes, scale = tk.ternary_quantize(w, per_component=True)
