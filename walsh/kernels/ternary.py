@@ -17,7 +17,9 @@ Passes over w [G, M] (G = A components if ``per_component`` else 1, M elements e
 Why the partials are added inside the apply kernel: the Walsh layers' weights are small
 (18k-352k elements at the 125M-1.3B presets), so the quantizer's HBM time is under a
 microsecond and each launch costs about one (in a CUDA graph); a torch sum between the two
-kernels was a third launch (docs/benchmarks.md, session 13).
+kernels was a third launch. Measured on an H200 in CUDA graphs (session 13,
+docs/benchmarks.md): 4.6-5.8 us -> 2.9-3.7 us at 74k-352k elements, still 7-30x the HBM time,
+which is less than one launch; 34.8 -> 34.3 us at 11.3M (2.2x).
 ``absmean_scale`` (``ternary_quantize``'s scale, the INT8 path's) still adds the partials with
 torch, so its scale may differ from ``ternary_ste``'s in the last bit (another summation order).
 
