@@ -78,24 +78,46 @@ def test_ternary_ste_forward_and_gradient(per_component, out_dtype, seed):
     assert torch.equal(w.grad, w_ref.grad), seed  # straight through: exactly g (cast)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("per_component", [True, False])
-def test_ternary_ste_partials_over_several_blocks(per_component, seed, monkeypatch):
+def test_ternary_ste_partials_over_several_blocks(per_component, parts, seed, monkeypatch):
     """With fewer partial programs (``PARTS``) than blocks, each program adds every P-th block
-    (5 or 10 blocks over 2 programs here, the last one partly masked) and the apply kernel adds
-    the partials: gamma (every nonzero output is +-gamma) matches the reference's scale, and
-    the output is exactly torch's rule for that gamma. A block skipped or counted twice moves
-    gamma by a fifth or more."""
-    monkeypatch.setattr(tk, "PARTS", 2)
+    (5 or 10 blocks over 2 or 3 programs here, the last one partly masked; 3 partials leave a
+    masked lane in the apply kernel's power-of-two load) and the apply kernel adds the
+    partials: gamma (every nonzero output is +-gamma) matches the reference's scale, and the
+    output is exactly torch's rule for that gamma. A block skipped or counted twice moves
+    gamma by a tenth or more."""
+    monkeypatch.setattr(tk, "PARTS", parts)
     w = torch.randn(2, 3, 1700, device=DEV) * 0.02  # 5,100 elements per component
     g = 2 if per_component else 1
     w2, _, m = tk._groups(w, per_component)
-    assert tk._abs_partials(w2, g, m).shape == (g, 2)
+    assert tk._abs_partials(w2, g, m).shape == (g, parts)
     out = tk.ternary_ste(w, per_component, torch.float32)
     gamma = out.reshape(g, -1).abs().amax(dim=1)  # [G]
     ref = quant.absmean_scale(w, per_component).reshape(-1)
     assert rel_err(gamma, ref) < 1e-6, seed
     gb = gamma.view(g, *([1] * (w.ndim - 1))) if per_component else gamma.reshape(())
     assert torch.equal(out, torch.clamp(torch.round(w / gb), -1, 1) * gb), seed
+
+
+def test_ternary_apply_adds_partials():
+    """scale [G, P] (P = 3: PB = 4, the fourth lane masked) is added per group by the apply
+    kernel: exact integer partials give the same output and codes as their totals as [G]."""
+    w = torch.randn(2, 5, 7, device=DEV)
+    parts = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], device=DEV)
+    out, codes = tk.ternary_apply(w, parts, True, torch.float32, True, divisor=6.0)
+    total = torch.tensor([1.0, 2.5], device=DEV).view(2, 1, 1)
+    ref, ref_codes = tk.ternary_apply(w, total, True, torch.float32, True)
+    assert torch.equal(out, ref) and torch.equal(codes, ref_codes)
+
+
+@pytest.mark.parametrize("shape,per_component", [((0,), False), ((3, 0), True),
+                                                 ((2, 0, 4), True)])
+def test_ternary_empty_weight(shape, per_component):
+    """No elements: an empty output (one zero partial per group, no apply programs)."""
+    w = torch.randn(shape, device=DEV)
+    assert tk.ternary_ste(w, per_component, torch.bfloat16).shape == shape
+    assert tk.ternary_quantize(w, per_component)[0].shape == shape
 
 
 def test_ternary_quantize_matches_reference(seed):
@@ -268,6 +290,30 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
     with pytest.raises(ValueError, match="the gain must be"):  # a gain of the row width
         wt.walsh_out_raw(wide, torch.ones(a, width, device=DEV, dtype=torch.bfloat16), a,
                          lanes=lanes)
+
+
+@pytest.mark.parametrize("setting", [("OUT_TILE", 64), ("WIDE_NUMEL", 1)])
+@pytest.mark.parametrize("a,n,lanes", [(16, 5, 130)])  # A >= 16: the tensor-core dot
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed, monkeypatch):
+    """walsh_out, walsh_out + z and walsh_out + dalpha from NaN-padded rows (136 lanes for 130)
+    read in several chunks of lanes (OUT_TILE 64: three chunks, the last one's lanes 130-135
+    NaN) or with int64 offsets: bit-equal to unpadded rows under the same setting."""
+    monkeypatch.setattr(wt, *setting)
+    width = wt.row_width(lanes)
+    blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)
+    wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)
+    wide[:, :, :lanes] = blk
+    tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)
+    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
+    out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
+    assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
+    for got, ref in zip(wt.walsh_out_z_raw(wide, gain, a, lanes=lanes),
+                        wt.walsh_out_z_raw(blk, gain, a)):
+        assert torch.equal(got, ref), seed
+    dx, dalpha = wt.walsh_out_gain_raw(wide, gain, tok, a)
+    dx0, dalpha0 = wt.walsh_out_gain_raw(blk, gain, tok, a)
+    assert torch.equal(dx, dx0) and rel_err(dalpha, dalpha0) < 1e-6, seed
 
 
 def test_walsh_transform_slab_rule():

@@ -18,10 +18,11 @@ Why the partials are added inside the apply kernel: the Walsh layers' weights ar
 (18k-352k elements at the 125M-1.3B presets), so the quantizer's HBM time is under a
 microsecond and each launch costs about one (in a CUDA graph); a torch sum between the two
 kernels was a third launch. Measured on an H200 in CUDA graphs (session 13,
-docs/benchmarks.md): 4.6-5.8 us -> 2.9-3.7 us at 74k-352k elements, still 7-30x the HBM time,
+docs/benchmarks.md): 4.6-5.8 us -> 2.9-3.7 us at 74k-352k elements, still 7.5-31x the HBM time,
 which is less than one launch; 34.8 -> 34.3 us at 11.3M (2.2x).
-``absmean_scale`` (``ternary_quantize``'s scale, the INT8 path's) still adds the partials with
-torch, so its scale may differ from ``ternary_ste``'s in the last bit (another summation order).
+``absmean_scale`` (``ternary_quantize``'s scale; the layers' INT8 path quantizes with
+``walsh.quant`` in torch) still adds the partials with torch, so its scale may differ from
+``ternary_ste``'s in the last bit (another summation order).
 
 Code order (Liger style): kernels, launchers, autograd (an op), functional.
 """
@@ -39,6 +40,10 @@ BLOCK = 1024
 # at most this many partial sums per group: enough programs to fill an H100/H200 (132 SMs) for
 # the large dense-ternary weights, few enough that each apply program reads them cheaply
 PARTS = 512
+
+
+# PARTS and BLOCK are powers of two, so (it * P + p) * BLOCK stays under 2**31 for any group of
+# fewer than 2**31 elements (the masked overshoot past M cannot wrap around)
 
 
 # -- kernels ----------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
         # block-major rows (IN_MODE) take the padding lanes' zeros too
         dst_mask = (i < N) & (j < (LP if IN_MODE else L))
         tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=dst_mask)
-    if GAIN:  # [A, LB]: masked lanes and tokens added zeros
+    if GAIN:  # [A, LB]: masked tokens added zeros; lanes past L (0 * padding, maybe NaN) unstored
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
         row = tl.program_id(0).to(tl.int64) * (A * L)  # once per program: int64 either way
