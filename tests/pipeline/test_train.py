@@ -312,7 +312,7 @@ KERNEL_PATHS = {
 }
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("path", list(KERNEL_PATHS))
 def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
     """The Triton ops compose with DeepSpeed ZeRO-3 (2 gloo ranks: parameters partitioned and
@@ -326,7 +326,9 @@ def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
         cfg = run_config(data_dir, tmp_path / name, zero_stage=3, steps=6, log_interval=1,
                          eval_interval=100, ckpt_interval=100)
         cfg["model"]["overrides"].update(overrides)
-        log = finish(torchrun(write_config(tmp_path, cfg)), timeout=280)
+        # the Triton interpreter runs the Walsh kernels' programs one by one in numpy: the
+        # kernel run took 261-281 s on an idle 2-core machine (session 13), 20 s the torch run
+        log = finish(torchrun(write_config(tmp_path, cfg)), timeout=560)
         if name == "kernels":  # the trainer names the path it runs
             want = "walsh_impl=triton" if "walsh_impl" in fast else "INT8 GEMM, INT8 dx"
             assert "[walsh] linear layers: 14 x" in log and want in log, log[-2000:]
