@@ -38,12 +38,10 @@ from walsh.quant import EPS
 
 BLOCK = 1024
 # at most this many partial sums per group: enough programs to fill an H100/H200 (132 SMs) for
-# the large dense-ternary weights, few enough that each apply program reads them cheaply
-PARTS = 512
-
-
-# PARTS and BLOCK are powers of two, so (it * P + p) * BLOCK stays under 2**31 for any group of
+# the large dense-ternary weights, few enough that each apply program reads them cheaply. A
+# power of two, like BLOCK, so that (it * P + p) * BLOCK stays under 2**31 for any group of
 # fewer than 2**31 elements (the masked overshoot past M cannot wrap around)
+PARTS = 512
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -91,9 +89,8 @@ def _abs_partials(w2: torch.Tensor, g: int, m: int) -> torch.Tensor:
     blocks = max(1, triton.cdiv(m, BLOCK))
     p = min(blocks, PARTS)
     part = torch.empty(g, p, device=w2.device, dtype=torch.float32)
-    if g:
-        wrap_triton(_abs_partial_kernel)[(g, p)](w2, part, m, p, triton.cdiv(blocks, p),
-                                                 BLOCK=BLOCK)
+    wrap_triton(_abs_partial_kernel)[(g, p)](w2, part, m, p, triton.cdiv(blocks, p),
+                                             BLOCK=BLOCK)
     return part
 
 
@@ -158,7 +155,9 @@ def ternary_ste(w: torch.Tensor, per_component: bool = False,
 
 
 def ternary_quantize(w: torch.Tensor, per_component: bool = False):
-    """(int8 codes, fp32 scale) like ``walsh.quant.ternary_quantize``, in the same two passes."""
+    """(int8 codes, fp32 scale) like ``walsh.quant.ternary_quantize``: the scale from
+    ``absmean_scale`` (partials added by torch), then the apply kernel with that scale, so the
+    codes are exactly torch's rule for the scale returned."""
     scale = absmean_scale(w, per_component)
     _, codes = ternary_apply(w, scale, per_component, torch.float32, write_codes=True)
     return codes, scale
