@@ -87,8 +87,7 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     u = torch.randn(a, n, wt.row_width(lin), device=dev, dtype=bf)
     y = torch.randn(a, n, wt.row_width(lout), device=dev, dtype=bf)
     dout = torch.randn(n, fout, device=dev, dtype=bf)
-    # S H y before beta, saved by walsh_out in the layout it picks (``z_block_major``)
-    z = wt.walsh_out_z_raw(y, torch.ones(a, lout, device=dev, dtype=bf), a, lanes=lout)[1]
+    z = torch.randn(n, fout, device=dev, dtype=bf)  # S H y before beta, saved by walsh_out
     alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)

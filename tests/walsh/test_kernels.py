@@ -210,9 +210,9 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
         assert torch.equal(g, torch.zeros_like(g))
     else:
         assert rel_err(g, gain_ref) < 1e-5, seed
-    with pytest.raises(ValueError, match="other operand"):  # neither [N, A*L] nor [A, N, L]
-        wt.walsh_in_gain_raw(tok, gain, blk.transpose(0, 1), a) if which == "walsh_in" else \
-            wt.walsh_out_gain_raw(blk, gain, blk, a)  # walsh_out's: token-major only
+    with pytest.raises(ValueError, match="other operand"):  # not token-major [N, A*L]
+        wt.walsh_in_gain_raw(tok, gain, blk, a) if which == "walsh_in" else \
+            wt.walsh_out_gain_raw(blk, gain, blk, a)
 
 
 @pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (16, 5, 130, 136),
@@ -221,31 +221,15 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
 def test_walsh_out_z(a, n, lanes, width, dtype, seed):
     """walsh_out with z = S H y before beta (saved for dbeta) in the same pass: out bit-equal to
     walsh_out_raw(y, beta), z to walsh_out_raw(y, None), from rows wider than the lanes
-    (NaN past L: it reaches no result). z is token-major where L is a multiple of 8, else
-    block-major in y's rows (``z_block_major``), and walsh_in + dbeta takes it either way:
-    bit-equal dy and dbeta from the two layouts of the same z (NaN in the block-major
-    padding)."""
+    (NaN past L: it reaches no result)."""
     wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)
     wide[:, :, :lanes] = torch.randn(a, n, lanes, device=DEV, dtype=dtype)
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
     poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
     out, z = wt.walsh_out_z_raw(wide, gain, a, out=poisoned, lanes=lanes)
-    assert out is poisoned and z.dtype == dtype
+    assert out is poisoned and z.shape == (n, a * lanes) and z.dtype == dtype
     assert torch.equal(out, wt.walsh_out_raw(wide, gain, a, lanes=lanes)), seed
-    z_tok = wt.walsh_out_raw(wide, None, a, lanes=lanes)  # [N, A*L]
-    if lanes % 8:  # block-major: its first L lanes are z
-        assert wt.z_block_major(lanes) and z.shape == (a, n, width)
-        assert torch.equal(z[:, :, :lanes].transpose(0, 1).reshape(n, a * lanes), z_tok), seed
-    else:
-        assert not wt.z_block_major(lanes) and z.shape == (n, a * lanes)
-        assert torch.equal(z, z_tok), seed
-    z_blk = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)
-    z_blk[:, :, :lanes] = z_tok.view(n, a, lanes).transpose(0, 1)
-    dout = torch.randn(n, a * lanes, device=DEV, dtype=dtype)
-    dy_t, dbeta_t = wt.walsh_in_gain_raw(dout, gain, z_tok, a, width=width)
-    dy_b, dbeta_b = wt.walsh_in_gain_raw(dout, gain, z_blk, a, width=width)
-    assert torch.equal(dy_b, dy_t) and torch.equal(dbeta_b, dbeta_t), seed
-    assert n == 0 or rel_err(dbeta_b, wt.gain_grad_naive(dout, z_tok, a)) < 1e-5, seed
+    assert torch.equal(z, wt.walsh_out_raw(wide, None, a, lanes=lanes)), seed
 
 
 @pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64), ("IN_TILE", 256)])
@@ -312,8 +296,8 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
 @pytest.mark.parametrize("a,n,lanes", [(16, 5, 130)])  # A >= 16: the tensor-core dot
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed, monkeypatch):
-    """walsh_out, walsh_out + z (block-major at 130 lanes) and walsh_out + dalpha from NaN-padded
-    rows (136 lanes for 130) read in several chunks of lanes (OUT_TILE 64: three chunks, the last one's lanes 130-135
+    """walsh_out, walsh_out + z and walsh_out + dalpha from NaN-padded rows (136 lanes for 130)
+    read in several chunks of lanes (OUT_TILE 64: three chunks, the last one's lanes 130-135
     NaN) or with int64 offsets: bit-equal to unpadded rows under the same setting."""
     monkeypatch.setattr(wt, *setting)
     width = wt.row_width(lanes)
@@ -324,11 +308,9 @@ def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
     out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
     assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
-    (got, z), (ref, z_ref) = (wt.walsh_out_z_raw(wide, gain, a, lanes=lanes),
-                              wt.walsh_out_z_raw(blk, gain, a))
-    assert torch.equal(got, ref), seed
-    assert wt.z_block_major(lanes) and z.shape == (a, n, width)  # 130 lanes: block-major z
-    assert torch.equal(z[:, :, :lanes], z_ref), seed  # its lanes past L are unused
+    for got, ref in zip(wt.walsh_out_z_raw(wide, gain, a, lanes=lanes),
+                        wt.walsh_out_z_raw(blk, gain, a)):
+        assert torch.equal(got, ref), seed
     dx, dalpha = wt.walsh_out_gain_raw(wide, gain, tok, a)
     dx0, dalpha0 = wt.walsh_out_gain_raw(blk, gain, tok, a)
     assert torch.equal(dx, dx0) and rel_err(dalpha, dalpha0) < 1e-6, seed
@@ -644,9 +626,8 @@ def test_ops_trace_without_graph_breaks(impl, seed):
 
 @pytest.mark.parametrize("which", ["walsh_in", "walsh_out"])
 def test_transform_ops_compile_and_pass_opcheck(which, seed):
-    """The standalone transforms' ops (walsh_out's returns out and the internal z it saves,
-    block-major at these 5 lanes; walsh_in_gain takes dy's row width as an int, and z in
-    either layout): torch.library.opcheck on each op (schema,
+    """The standalone transforms' ops (walsh_out's returns out and the internal z it saves;
+    walsh_in_gain takes dy's row width as an int): torch.library.opcheck on each op (schema,
     fake against real, autograd registration), and the compiled transform with its backward
     equal to eager."""
     a, n, lanes = 8, 6, 5
@@ -657,8 +638,6 @@ def test_transform_ops_compile_and_pass_opcheck(which, seed):
         torch.library.opcheck(torch.ops.walsh.walsh_out.default,
                               (blk.clone().requires_grad_(), gain.clone().requires_grad_()))
         torch.library.opcheck(torch.ops.walsh.walsh_in_gain.default, (tok, gain, tok.flip(0), 8))
-        z_blk = torch.randn(a, n, 8, device=DEV)  # z as walsh_out stores it at 5 lanes
-        torch.library.opcheck(torch.ops.walsh.walsh_in_gain.default, (tok, gain, z_blk, 8))
         x = blk
     else:
         torch.library.opcheck(torch.ops.walsh.walsh_in.default,

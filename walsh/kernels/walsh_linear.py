@@ -22,14 +22,12 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
 ``fused`` -> one):
 - three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
   (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
-  four times (x, u, y, out), and walsh_out also writes z = S H y (out before beta;
-  token-major, or block-major in y's padded rows where a token-major block row would not be
-  16-byte aligned: ``z_block_major``). u and z are saved for the backward, whose two
-  transforms also sum dbeta (= sum dout * z) and dalpha in the same pass
-  (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows
-  of the lanes rounded up to 8 (``row_width``; u's and dy's padding is zeros, y's and du's
-  reaches no result) and the bmm a zero-padded weight, so that every row starts 16-byte
-  aligned.
+  four times (x, u, y, out), and walsh_out also writes z = S H y (out before beta,
+  token-major). u and z are saved for the backward, whose two transforms also sum dbeta
+  (= sum dout * z) and dalpha in the same pass (``walsh_in_gain_raw``,
+  ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows of the lanes rounded up
+  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's reaches no result) and the bmm
+  a zero-padded weight, so that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
@@ -84,7 +82,6 @@ from walsh.kernels.walsh_transform import (
     walsh_in_raw,
     walsh_out_gain_raw,
     walsh_out_z_raw,
-    z_block_major,
 )
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -260,15 +257,14 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def three_kernel_forward(x, w, alpha, beta):
-    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], z) with LIp the lanes rounded
-    up to a multiple of 8 (``row_width``; u is zero past LI) and z = S H y, out before beta,
-    written in walsh_out's pass: [N, A*LO], or [A, N, LOp] where ``z_block_major(LO)`` (y itself
-    [A, N, LOp] is not kept)."""
+    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], z [N, A*LO]) with LIp the lanes
+    rounded up to a multiple of 8 (``row_width``; u is zero past LI) and z = S H y, out before
+    beta (token-major, written in walsh_out's pass; y itself [A, N, LOp] is not kept)."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]
     y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
-    out, z = walsh_out_z_raw(y, beta, a, lanes=lo)  # [N, A*LO]; z that or [A, N, LOp]
+    out, z = walsh_out_z_raw(y, beta, a, lanes=lo)                    # [N, A*LO] each
     return out, u, z
 
 
@@ -294,8 +290,7 @@ def _linear_fake(x, w, alpha, beta, one_kernel):
     out = x.new_empty(n, a * lo)
     if one_kernel:
         return out, x.new_empty(0), x.new_empty(0)
-    z = x.new_empty(a, n, row_width(lo)) if z_block_major(lo) else x.new_empty(n, a * lo)
-    return out, x.new_empty(a, n, row_width(li)), z
+    return out, x.new_empty(a, n, row_width(li)), x.new_empty(n, a * lo)
 
 
 @kernel_op("walsh::walsh_linear", _linear_fake)

@@ -16,11 +16,9 @@ one), with the gain's gradient summed in the same pass (``GAIN``): d walsh_in: d
 walsh_out(du) and dalpha = sum_i x * walsh_out(du) (``walsh_out_gain_raw``: du and x read, dx
 written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * z
 (``walsh_in_gain_raw``: dout and z read, dy written), where z = S H y, the forward's result
-before beta, is written by the forward's own pass (``walsh_out_z_raw``, saved instead of
-y): token-major like dout, or block-major in y's padded rows where a token-major row would not
-be 16-byte aligned (``z_block_major``). Each program writes its share of the sum (fp32) and a
-second kernel adds the shares in a fixed order (``walsh.kernels.column_sum``): deterministic,
-no atomics.
+before beta, is written token-major by the forward's own pass (``walsh_out_z_raw``, saved
+instead of y). Each program writes its share of the sum (fp32) and a second kernel adds the
+shares in a fixed order (``walsh.kernels.column_sum``): deterministic, no atomics.
 Why z and not y: with y saved, dbeta's S H y had to be recomputed in the backward by a second
 tensor-core dot on the block-major y, converted in registers to the token-major layout of
 dout; that pass ran at 2.0-3.8x its roofline (session 9). Writing z costs the forward one
@@ -134,8 +132,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
                   LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
-                  INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr,
-                  Z_BLOCK_MAJOR: tl.constexpr):
+                  INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2; token-major lanes past L neither read nor written)
     of every block.
@@ -148,8 +145,6 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
     T = src (before alpha) and Z = other; else T = other and Z = S H src (the result before
     beta).
     STORE_Z (not IN_MODE): also store S H src before beta to z, token-major like dst.
-    Z_BLOCK_MAJOR: z (stored, or read as Z in IN_MODE) is block-major like src / dst, in rows
-    of LP lanes (``z_block_major``); lanes past L stored as whatever they hold, read unused.
     Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
     each block's run of tokens) are read and written as contiguous runs. Offsets are int64
     only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper.
@@ -179,11 +174,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
         src_mask = mask if IN_MODE else (i < N) & (j < LP)
         x = tl.load(src_ptr + src_off, mask=src_mask, other=0.0).to(tl.float32)  # [A, BT, LB]
         if GAIN:  # T * Z with T = x before alpha (IN_MODE) or other, read here for both modes
-            if Z_BLOCK_MAJOR and IN_MODE:  # z in y's padded rows: 16-byte runs
-                o = tl.load(other_ptr + block_major, mask=(i < N) & (j < LP),
-                            other=0.0).to(tl.float32)
-            else:
-                o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
         if GAIN and IN_MODE:
             acc += x * o
         if IN_MODE and HAS_SCALE:
@@ -193,11 +184,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
         if GAIN and not IN_MODE:
             acc += o * y
         if STORE_Z:
-            if Z_BLOCK_MAJOR:
-                tl.store(z_ptr + block_major, y.to(z_ptr.dtype.element_ty),
-                         mask=(i < N) & (j < LP))
-            else:
-                tl.store(z_ptr + token_major, y.to(z_ptr.dtype.element_ty), mask=mask)
+            tl.store(z_ptr + token_major, y.to(z_ptr.dtype.element_ty), mask=mask)
         if (not IN_MODE) and HAS_SCALE:
             y = y * s
         # block-major rows (IN_MODE) take the padding lanes' zeros too
@@ -246,25 +233,13 @@ def row_width(lanes: int) -> int:
     return -(-lanes // 8) * 8
 
 
-def z_block_major(lanes: int) -> bool:
-    """Whether walsh_out stores z block-major (in y's padded rows, [A, N, row width]) rather
-    than token-major ([N, A*L]): where a token-major block row (L lanes, at g * L) would not
-    start on 16 bytes, L not a multiple of 8. Measured on an H200 (session 13,
-    docs/benchmarks.md), walsh_in + dbeta read a block-major z at 172 lanes in 169 us against
-    205 (86 lanes: 106 against 128), while walsh_out + z wrote it in 193 against 182 (101
-    against 88): 24 us less per layer at 172. At the aligned 24, 64 and 96 lanes the
-    block-major z was 0-11% slower in both passes, so those keep z token-major."""
-    return lanes % 8 != 0
-
-
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
             width: int | None = None, store_z: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dst, fp32 partial sums [P, A*L] of the gain gradient or None without ``other``, z or
-    None without ``store_z``, in the layout ``z_block_major`` picks); ``width``: the
-    block-major tensor's row width (>= lanes; default lanes); ``other``: the gain's operand,
-    token-major [N, A*L], or in IN_MODE a block-major z [A, N, width] as walsh_out stores it."""
+    None without ``store_z``); ``width``: the block-major tensor's row width (>= lanes;
+    default lanes); ``other``: the gain's token-major [N, A*L] operand."""
     src = src.contiguous()
     width = lanes if width is None else width
     if width < lanes:
@@ -280,17 +255,14 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
-    z_bm = store_z and z_block_major(lanes)
-    if other is not None:  # read beside src: token-major (or a block-major z), src's dtype
-        z_bm = in_mode and other.ndim == 3
-        want = (a, n_tok, width) if z_bm else (n_tok, a * lanes)
+    if other is not None:  # read beside src: token-major, src's dtype
+        want = (n_tok, a * lanes)
         if tuple(other.shape) != want or other.dtype != src.dtype:
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
         # every entry written (masked lanes past L are not entries); no rows without tokens
         part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
-    z = (torch.empty(*((a, n_tok, width) if z_bm else (n_tok, a * lanes)), device=src.device,
-                     dtype=src.dtype) if store_z else None)
+    z = torch.empty(n_tok, a * lanes, device=src.device, dtype=src.dtype) if store_z else None
     if scale is not None and tuple(scale.shape) != (a, lanes):
         raise ValueError(f"the gain must be ({a}, {lanes}) for {lanes} lanes of {a} blocks, got "
                          f"{tuple(scale.shape)}")
@@ -306,8 +278,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None, STORE_Z=store_z,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=n_tok * a * width >= WIDE_NUMEL,
-        STAGES=GAIN_STAGES[in_mode] if other is not None else 0, Z_BLOCK_MAJOR=z_bm,
-        num_warps=TILE_WARPS)
+        STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=TILE_WARPS)
     return dst, part, z
 
 
@@ -337,10 +308,8 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
 
 def walsh_out_z_raw(y: torch.Tensor, beta: torch.Tensor, a: int, out: torch.Tensor | None = None,
                     lanes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(walsh_out_raw(y, beta) [N, A*L], z = walsh_out_raw(y, None)) in one pass: the forward
-    of a walsh_out whose backward takes dbeta = sum dout * z (``walsh_in_gain_raw``). z is
-    [N, A*L] token-major, or where ``z_block_major(L)`` block-major [A, N, W] like y (its
-    lanes past L hold S H of y's padding: unused)."""
+    """(walsh_out_raw(y, beta), z = walsh_out_raw(y, None)) in one pass, both [N, A*L]: the
+    forward of a walsh_out whose backward takes dbeta = sum dout * z (``walsh_in_gain_raw``)."""
     lanes = y.shape[2] if lanes is None else lanes
     dst, _, z = _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2],
                         store_z=True)
@@ -351,9 +320,8 @@ def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, z: torch.Tens
                       out: torch.Tensor | None = None, width: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * z) in one pass,
-    z token-major like x or block-major [A, N, width] as ``walsh_out_z_raw`` stores it (lanes
-    past L unused): a walsh_out's backward, dy and dbeta from dout = x and the forward's
-    z = S H y."""
+    z token-major like x: a walsh_out's backward, dy and dbeta from dout = x and the forward's
+    z = S H y (``walsh_out_z_raw``)."""
     lanes = x.shape[-1] // a
     dst, part, _ = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=z,
                            width=width)
@@ -404,13 +372,12 @@ _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 def _walsh_out_fake(y, beta):
     out = y.new_empty(y.shape[1], y.shape[0] * beta.shape[1])
-    return out, (torch.empty_like(y) if z_block_major(beta.shape[1]) else torch.empty_like(out))
+    return out, torch.empty_like(out)
 
 
 @kernel_op("walsh::walsh_out", _walsh_out_fake)
 def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, z): z = S H y before beta (in ``z_block_major``'s layout), saved for dbeta
-    instead of y."""
+    """(out, z): z = S H y before beta, saved for dbeta instead of y."""
     return walsh_out_z_raw(y, beta, beta.shape[0], lanes=beta.shape[1])
 
 
