@@ -87,7 +87,7 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     u = torch.randn(a, n, wt.row_width(lin), device=dev, dtype=bf)
     y = torch.randn(a, n, wt.row_width(lout), device=dev, dtype=bf)
     dout = torch.randn(n, fout, device=dev, dtype=bf)
-    z = torch.randn(n, fout, device=dev, dtype=bf)  # S H y before beta, saved by walsh_out
+    out = torch.randn(n, fout, device=dev, dtype=bf)  # the forward's output, saved for dbeta
     alpha, beta = (torch.ones(a, k, device=dev, dtype=bf) for k in (lin, lout))
     w = torch.randn(a, lout, lin, device=dev) * 0.02  # fp32 latent weights
     wq = w.to(bf)
@@ -102,10 +102,9 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     return [
         # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
         ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a, width=u.shape[2]), three["walsh_in"]),
-        ("walsh_out + z", lambda: wt.walsh_out_z_raw(y, beta, a, lanes=lout),
-         three["walsh_out + z"]),
+        ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a, lanes=lout), three["walsh_out"]),
         # the backward's transforms with their gains' gradients (dbeta, dalpha) in one pass
-        ("walsh_in + dbeta", lambda: wt.walsh_in_gain_raw(dout, beta, z, a, width=y.shape[2]),
+        ("walsh_in + dbeta", lambda: wt.walsh_in_gain_raw(dout, beta, out, a, width=y.shape[2]),
          three["walsh_in (dout) + dbeta"]),
         ("walsh_out + dalpha", lambda: wt.walsh_out_gain_raw(u, alpha, x, a),
          three["walsh_out (du) + alpha + dalpha"]),

@@ -54,10 +54,10 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
     return [
         Kernel("walsh_in", hi, 0, 2 * ACT * n * i),
         Kernel("bmm fwd", g, 0, ACT * (n * i + n * o + w)),
-        # y read; out and z = S H y (before beta, saved for dbeta) written
-        Kernel("walsh_out + z", ho, 0, 3 * ACT * n * o),
+        # y read, out written (out is saved for dbeta = sum dout * out / beta)
+        Kernel("walsh_out", ho, 0, 2 * ACT * n * o),
         # the backward's transforms compute the gains' gradients in the same pass: dout and
-        # the saved z read, dy written; du and x read, dx written
+        # the saved out read, dy written; du and x read, dx written
         Kernel("walsh_in (dout) + dbeta", ho, 0, 3 * ACT * n * o),
         Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
         Kernel("walsh_out (du) + alpha + dalpha", hi, 0, 3 * ACT * n * i),

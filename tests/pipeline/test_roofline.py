@@ -72,14 +72,15 @@ def test_one_kernel_walsh_path_recomputes_its_forward_for_dbeta():
 
 
 def test_three_kernel_walsh_path_by_hand():
-    """walsh_out writes out and z (S H y, saved for dbeta): three passes over [N, out]; the
-    backward's walsh_in reads dout and z, writes dy (three passes, one H dot: z is read, not
-    recomputed); walsh_out + dalpha reads du and x, writes dx."""
+    """walsh_out reads y and writes out (two passes over [N, out]; out itself is saved for
+    dbeta); the backward's walsh_in reads dout and out, writes dy (three passes, one H dot);
+    walsh_out + dalpha reads du and x, writes dx."""
     layer = make_linear("walsh", 32, 768, 3072, walsh_impl="triton", ternary=True)
     ks = {k.name: k for k in linear_kernels(layer, N)}
     ho, hi = 2 * 32 * N * 3072, 2 * 32 * N * 768
-    assert ks["walsh_out + z"].bytes == ks["walsh_in (dout) + dbeta"].bytes == 3 * 2 * N * 3072
-    assert ks["walsh_out + z"].flops == ks["walsh_in (dout) + dbeta"].flops == ho
+    assert ks["walsh_out"].bytes == 2 * 2 * N * 3072
+    assert ks["walsh_in (dout) + dbeta"].bytes == 3 * 2 * N * 3072
+    assert ks["walsh_out"].flops == ks["walsh_in (dout) + dbeta"].flops == ho
     assert ks["walsh_in"].bytes == 2 * 2 * N * 768 and ks["walsh_in"].flops == hi
     assert ks["walsh_out (du) + alpha + dalpha"].bytes == 3 * 2 * N * 768
 

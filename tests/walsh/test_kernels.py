@@ -8,6 +8,7 @@ marked ``gpu`` repeat them at the 125M model's shapes on CUDA.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -183,8 +184,9 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed, monkeypatch):
     """The backward passes: a transform plus a gain's gradient in one kernel, against the naive
-    transform and gain_grad_naive in fp32: walsh_in + sum_i T * Z (both token-major: dout and
-    the forward's z), walsh_out + sum_i T * (S H Y) (T token-major, Y block-major). ``tokens``
+    transform and gain_grad_naive in fp32: walsh_in + sum_i T * F / gain (both token-major:
+    dout and the forward's out F = beta * z; lanes whose gain is exactly 0 get exactly 0),
+    walsh_out + sum_i T * (S H Y) (T token-major, Y block-major). ``tokens``
     (per program, GAIN_TOKENS) makes programs loop over several token slabs, ragged at the end
     (37 tokens in slabs of 4, 1030 in slabs of 16), or over one."""
     monkeypatch.setattr(wt, "GAIN_TOKENS", tokens)
@@ -192,11 +194,15 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
     blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: du
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
     ones = torch.ones(a, lanes, device=DEV)
-    if which == "walsh_in":  # dy = S H (beta dout), dbeta = sum dout * z
-        z = torch.randn(n, a * lanes, device=DEV, dtype=dtype)
-        gain_ref = wt.gain_grad_naive(tok.float(), z.float(), a)
+    if which == "walsh_in":  # dy = S H (beta dout), dbeta = sum dout * out / beta
+        gain[-1, 0] = 0.0  # no z to recover from out there: dbeta 0
+        fwd = torch.randn(n, a * lanes, device=DEV, dtype=dtype)  # the forward's out
+        gf = gain.float()
+        z = torch.where(gf != 0, fwd.float().view(n, a, lanes) / gf, 0.0).view(n, a * lanes)
+        gain_ref = wt.gain_grad_naive(tok.float(), z, a)
         poisoned = torch.full((a, n, lanes), float("nan"), device=DEV, dtype=dtype)
-        out, g = wt.walsh_in_gain_raw(tok, gain, z, a, out=poisoned)
+        out, g = wt.walsh_in_gain_raw(tok, gain, fwd, a, out=poisoned)
+        assert g[-1, 0] == 0
         ref = wt.walsh_in_naive(tok.float(), gain.float())
     else:  # dx = alpha * S H du, dalpha = sum x * S H du
         gain_ref = wt.gain_grad_naive(tok.float(), wt.walsh_out_naive(blk.float(), ones), a)
@@ -215,21 +221,51 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
             wt.walsh_out_gain_raw(blk, gain, blk, a)
 
 
-@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (16, 5, 130, 136),
-                                             (4, 70, 3, 8), (2, 0, 5, 8), (32, 40, 172, 176)])
+@pytest.mark.parametrize("one_kernel", [None, False, True])  # None: the walsh_out op alone
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_walsh_out_z(a, n, lanes, width, dtype, seed):
-    """walsh_out with z = S H y before beta (saved for dbeta) in the same pass: out bit-equal to
-    walsh_out_raw(y, beta), z to walsh_out_raw(y, None), from rows wider than the lanes
-    (NaN past L: it reaches no result)."""
-    wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)
-    wide[:, :, :lanes] = torch.randn(a, n, lanes, device=DEV, dtype=dtype)
-    gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
-    poisoned = torch.full((n, a * lanes), float("nan"), device=DEV, dtype=dtype)
-    out, z = wt.walsh_out_z_raw(wide, gain, a, out=poisoned, lanes=lanes)
-    assert out is poisoned and z.shape == (n, a * lanes) and z.dtype == dtype
-    assert torch.equal(out, wt.walsh_out_raw(wide, gain, a, lanes=lanes)), seed
-    assert torch.equal(z, wt.walsh_out_raw(wide, None, a, lanes=lanes)), seed
+def test_walsh_ops_save_out_for_dbeta(one_kernel, dtype, seed):
+    """dbeta = sum dout * out / beta from the op's own output: autograd keeps that very tensor
+    (nothing of its size beside it but the three-kernel path's u; the one-kernel path keeps
+    neither); lanes whose beta is exactly 0 get dbeta 0 (module doc of walsh_transform), the
+    others and every other gradient match the naive path."""
+    a, n, li, lo = 16, 9, 5, 7
+    beta = (1 + 0.3 * torch.randn(a, lo, device=DEV)).to(dtype)
+    beta[0, 0] = beta[5, 6] = 0.0
+    dead = torch.zeros(a, lo, dtype=torch.bool, device=DEV)
+    dead[0, 0] = dead[5, 6] = True
+    if one_kernel is None:
+        inputs = [torch.randn(a, n, lo, device=DEV, dtype=dtype), beta]  # y, beta
+        op, naive = wt.walsh_out, wt.walsh_out_naive
+    else:
+        inputs = [torch.randn(n, a * li, device=DEV, dtype=dtype),
+                  (torch.randn(a, lo, li, device=DEV) / li**0.5).to(dtype),
+                  (1 + 0.3 * torch.randn(a, li, device=DEV)).to(dtype), beta]
+        op = functools.partial(wf.walsh_linear, one_kernel=one_kernel)
+        naive = wf.walsh_linear_naive
+    inputs = [t.requires_grad_() for t in inputs]
+    refs = [t.detach().float().requires_grad_() for t in inputs]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = op(*inputs)
+    numels = sorted(t.numel() for t in saved)
+    if one_kernel is None:  # out and beta; y is not kept
+        assert numels == sorted([out.numel(), beta.numel()])
+    elif not one_kernel:  # x, w, alpha, beta, u [A, N, 8 lanes] and out
+        assert numels == sorted([t.numel() for t in inputs] + [a * n * 8, out.numel()])
+    else:  # x, w, alpha, beta and two empties
+        assert numels == sorted([t.numel() for t in inputs] + [0, 0])
+    assert any(t.data_ptr() == out.data_ptr() for t in saved) == (one_kernel is not True)
+    g = torch.randn(out.shape, device=DEV).to(dtype).float()
+    (out.float() * g).sum().backward()
+    (naive(*refs) * g).sum().backward()
+    for t, r in zip(inputs[:-1], refs[:-1]):
+        assert rel_err(t.grad, r.grad) < TOL[dtype], seed
+    db, db_ref = inputs[-1].grad, refs[-1].grad
+    if one_kernel:  # recomputed from x: exact at beta = 0 too
+        assert rel_err(db, db_ref) < TOL[dtype], seed
+    else:
+        assert torch.equal(db[dead], torch.zeros_like(db[dead]))
+        assert rel_err(db[~dead], db_ref[~dead]) < TOL[dtype], seed
 
 
 @pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64), ("IN_TILE", 256)])
@@ -243,17 +279,14 @@ def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, m
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(torch.bfloat16)
     calls = [lambda: (wt.walsh_in_raw(tok, gain, a),), lambda: (wt.walsh_out_raw(blk, gain, a),),
              lambda: wt.walsh_in_gain_raw(tok, gain, tok.flip(0), a),
-             lambda: wt.walsh_out_gain_raw(blk, gain, tok, a),
-             lambda: wt.walsh_out_z_raw(blk, gain, a)]
+             lambda: wt.walsh_out_gain_raw(blk, gain, tok, a)]
     before = [call() for call in calls]
     monkeypatch.setattr(wt, *setting)
     for call, ref in zip(calls, before):
         got = call()
         assert torch.equal(got[0], ref[0]), seed
-        if len(ref) > 1 and ref[1].dtype == torch.float32:  # the partial sums: other shares
-            assert rel_err(got[1], ref[1]) < 1e-6, seed  # per program with another tile
-        elif len(ref) > 1:  # z
-            assert torch.equal(got[1], ref[1]), seed
+        if len(ref) > 1:  # the partial sums: other shares per program with another tile
+            assert rel_err(got[1], ref[1]) < 1e-6, seed
 
 
 @pytest.mark.parametrize("a,n,lanes", [(32, 9, 5), (16, 7, 172), (4, 11, 86), (8, 6, 16)])
@@ -296,7 +329,7 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
 @pytest.mark.parametrize("a,n,lanes", [(16, 5, 130)])  # A >= 16: the tensor-core dot
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed, monkeypatch):
-    """walsh_out, walsh_out + z and walsh_out + dalpha from NaN-padded rows (136 lanes for 130)
+    """walsh_out and walsh_out + dalpha from NaN-padded rows (136 lanes for 130)
     read in several chunks of lanes (OUT_TILE 64: three chunks, the last one's lanes 130-135
     NaN) or with int64 offsets: bit-equal to unpadded rows under the same setting."""
     monkeypatch.setattr(wt, *setting)
@@ -308,9 +341,6 @@ def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
     out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
     assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
-    for got, ref in zip(wt.walsh_out_z_raw(wide, gain, a, lanes=lanes),
-                        wt.walsh_out_z_raw(blk, gain, a)):
-        assert torch.equal(got, ref), seed
     dx, dalpha = wt.walsh_out_gain_raw(wide, gain, tok, a)
     dx0, dalpha0 = wt.walsh_out_gain_raw(blk, gain, tok, a)
     assert torch.equal(dx, dx0) and rel_err(dalpha, dalpha0) < 1e-6, seed
@@ -626,8 +656,8 @@ def test_ops_trace_without_graph_breaks(impl, seed):
 
 @pytest.mark.parametrize("which", ["walsh_in", "walsh_out"])
 def test_transform_ops_compile_and_pass_opcheck(which, seed):
-    """The standalone transforms' ops (walsh_out's returns out and the internal z it saves;
-    walsh_in_gain takes dy's row width as an int): torch.library.opcheck on each op (schema,
+    """The standalone transforms' ops (walsh_out's saves its own out for dbeta; walsh_in_gain
+    takes dy's row width as an int): torch.library.opcheck on each op (schema,
     fake against real, autograd registration), and the compiled transform with its backward
     equal to eager."""
     a, n, lanes = 8, 6, 5

@@ -22,12 +22,12 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
 ``fused`` -> one):
 - three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
   (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
-  four times (x, u, y, out), and walsh_out also writes z = S H y (out before beta,
-  token-major). u and z are saved for the backward, whose two transforms also sum dbeta
-  (= sum dout * z) and dalpha in the same pass (``walsh_in_gain_raw``,
-  ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows of the lanes rounded up
-  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's reaches no result) and the bmm
-  a zero-padded weight, so that every row starts 16-byte aligned.
+  four times (x, u, y, out). u and out are saved for the backward, whose two transforms also
+  sum dbeta (= sum dout * out / beta, the module doc of ``walsh_transform`` says why) and dalpha
+  in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The block-major u, y, du
+  and dy have rows of the lanes rounded up to 8 (``row_width``; u's and dy's padding is zeros,
+  y's and du's reaches no result) and the bmm a zero-padded weight, so that every row starts
+  16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
@@ -81,7 +81,7 @@ from walsh.kernels.walsh_transform import (
     walsh_in_gain_raw,
     walsh_in_raw,
     walsh_out_gain_raw,
-    walsh_out_z_raw,
+    walsh_out_raw,
 )
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
@@ -257,25 +257,24 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def three_kernel_forward(x, w, alpha, beta):
-    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp], z [N, A*LO]) with LIp the lanes
-    rounded up to a multiple of 8 (``row_width``; u is zero past LI) and z = S H y, out before
-    beta (token-major, written in walsh_out's pass; y itself [A, N, LOp] is not kept)."""
+    """The three-kernel forward: (out [N, A*LO], u [A, N, LIp]) with LIp the lanes rounded up
+    to a multiple of 8 (``row_width``; u is zero past LI); y [A, N, LOp] is not kept."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]
     y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
-    out, z = walsh_out_z_raw(y, beta, a, lanes=lo)                    # [N, A*LO] each
-    return out, u, z
+    return walsh_out_raw(y, beta, a, lanes=lo), u                     # [N, A*LO]
 
 
-def three_kernel_backward(dout, x, w, alpha, beta, u, z):
-    """Its backward from the saved u and z (H is symmetric: each transform's adjoint is the
-    other one): (dx, dw, dalpha fp32, dbeta fp32). Each transform computes its gain's gradient
-    in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``): dbeta = sum dout * z,
-    dalpha = sum x * S H (W^T dy)."""
+def three_kernel_backward(dout, x, w, alpha, beta, u, out):
+    """Its backward from the saved u and the forward's own out (H is symmetric: each
+    transform's adjoint is the other one): (dx, dw, dalpha fp32, dbeta fp32). Each transform
+    computes its gain's gradient in the same pass (``walsh_in_gain_raw``,
+    ``walsh_out_gain_raw``): dbeta = sum dout * out / beta (= sum dout * S H y; 0 where beta
+    is 0), dalpha = sum x * S H (W^T dy)."""
     a, lo, li = w.shape
     wp = padded_weight(w)                                            # [A, LOp, LIp]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, z, a, width=wp.shape[1])  # [A, N, LOp] = S H (b dout)
+    dy, dbeta = walsh_in_gain_raw(dout, beta, out, a, width=wp.shape[1])  # [A, N, LOp]
     dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, wp), alpha, x, a)   # [N, A*LI]
     return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
 
@@ -288,22 +287,20 @@ def _linear_fake(x, w, alpha, beta, one_kernel):
     a, lo, li = w.shape
     n = x.shape[0]
     out = x.new_empty(n, a * lo)
-    if one_kernel:
-        return out, x.new_empty(0), x.new_empty(0)
-    return out, x.new_empty(a, n, row_width(li)), x.new_empty(n, a * lo)
+    return out, x.new_empty(0) if one_kernel else x.new_empty(a, n, row_width(li))
 
 
 @kernel_op("walsh::walsh_linear", _linear_fake)
 def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-               one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, u, z): u and z are the three-kernel path's intermediates, saved for its backward;
+               one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, u): u is the three-kernel path's intermediate, saved for its backward beside out;
     empty for the one-kernel path, whose backward recomputes from x."""
-    if one_kernel:  # (an op's outputs may not alias: two empties)
-        return walsh_linear_raw(x, w, alpha, beta), x.new_empty(0), x.new_empty(0)
+    if one_kernel:
+        return walsh_linear_raw(x, w, alpha, beta), x.new_empty(0)
     return three_kernel_forward(x, w, alpha, beta)
 
 
-def _linear_backward_fake(dout, x, w, alpha, beta, u, z, one_kernel):
+def _linear_backward_fake(dout, x, w, alpha, beta, u, out, one_kernel):
     return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
         torch.empty_like(beta)
 
@@ -311,24 +308,27 @@ def _linear_backward_fake(dout, x, w, alpha, beta, u, z, one_kernel):
 @kernel_op("walsh::walsh_linear_backward", _linear_backward_fake)
 def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                         alpha: torch.Tensor, beta: torch.Tensor, u: torch.Tensor,
-                        z: torch.Tensor, one_kernel: bool
+                        out: torch.Tensor, one_kernel: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if one_kernel:
         dx, dw, dalpha, dbeta = walsh_linear_backward_raw(dout, x, w, alpha, beta)
     else:
-        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, z)
+        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, out)
     return dx.to(x.dtype), dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
 
 
 def _setup(ctx, inputs, output):
     x, w, alpha, beta, one_kernel = inputs
     ctx.one_kernel = one_kernel
-    ctx.set_materialize_grads(False)  # u and z get no gradient: no zero buffers of their size
-    ctx.save_for_backward(x, w, alpha, beta, output[1], output[2])
+    ctx.set_materialize_grads(False)  # u gets no gradient: no zero buffer of its size
+    # out itself for dbeta (three kernels): the consumers of the gate, up and value projections
+    # keep the same tensor for their own backward. The one-kernel path needs no out: its
+    # empty u stands in, so that out is not kept alive for nothing
+    ctx.save_for_backward(x, w, alpha, beta, output[1], output[1] if one_kernel else output[0])
 
 
-def _backward(ctx, dout, _du, _dz):  # u and z are internal: their gradients are never used
-    if dout is None:  # only u or z was used: nothing flows back
+def _backward(ctx, dout, _du):  # u is internal: its gradient is never used
+    if dout is None:  # only u was used: nothing flows back
         return None, None, None, None, None
     dx, dw, dalpha, dbeta = _linear_backward_op(dout.contiguous(), *ctx.saved_tensors,
                                                 ctx.one_kernel)
@@ -344,7 +344,7 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] (all x's dtype) -> [N, A*LO]:
     the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
-    z as well)."""
+    out as well)."""
     a, lo, li = w.shape
     if a < 2 or a & (a - 1):
         raise ValueError(f"walsh_linear: blocks must be a power of two >= 2, got {a}")

@@ -14,19 +14,26 @@ The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's `
 Backward reuses the forward kernel (H is symmetric, so each transform's adjoint is the other
 one), with the gain's gradient summed in the same pass (``GAIN``): d walsh_in: dx = alpha *
 walsh_out(du) and dalpha = sum_i x * walsh_out(du) (``walsh_out_gain_raw``: du and x read, dx
-written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * z
-(``walsh_in_gain_raw``: dout and z read, dy written), where z = S H y, the forward's result
-before beta, is written token-major by the forward's own pass (``walsh_out_z_raw``, saved
-instead of y). Each program writes its share of the sum (fp32) and a second kernel adds the
-shares in a fixed order (``walsh.kernels.column_sum``): deterministic, no atomics.
-Why z and not y: with y saved, dbeta's S H y had to be recomputed in the backward by a second
-tensor-core dot on the block-major y, converted in registers to the token-major layout of
-dout; that pass ran at 2.0-3.8x its roofline (session 9). Writing z costs the forward one
-more pass over [N, A*n_out], the backward loses the dot and the layout change: measured on an
-H200 (session 10, docs/benchmarks.md) the pair walsh_out + walsh_in-with-dbeta took 1.01-1.30x
-less time at every model width (1.18x at the 1.3B FFN's 172 lanes), and the saved tensor is
-the same size (smaller by y's row padding). (Before session 8 the sums were a third kernel
-reading the transform's output back, and dbeta's walsh_out(y) a fourth that wrote it.)
+written); d walsh_out: dy = walsh_in(dout, beta) and dbeta = sum_i dout * z with z = S H y,
+the forward's result before beta, taken as out / beta from the forward's own output
+(``walsh_in_gain_raw``: dout and out read, dy written; each program divides its share by
+beta). Each program writes its share of the sum (fp32) and a second kernel adds the shares in
+a fixed order (``walsh.kernels.column_sum``): deterministic, no atomics.
+Why out / beta: dbeta needs S H y, and the saved tensor that gives it has changed twice.
+Until session 10 y was saved, and the backward recomputed S H y with a second tensor-core dot
+on the block-major y, converted in registers to dout's token-major layout (2.0-3.8x its
+roofline, session 9). Sessions 10-13 had walsh_out write z = S H y beside out, one more
+[N, A*n_out] write per forward, saved instead of y. Since session 14 the op saves its output
+out itself: out = beta * z is written anyway, and the consumers of the gate, up and value
+projections (SwiGLU, attention) keep that very tensor for their own backward, so nothing more
+is stored for them. Dividing by beta is exact to the saved dtype: out rounds beta * z once,
+so out / beta is z with the relative error of z rounded to that dtype, as the saved z had;
+the division is of each program's fp32 sum, not of each element. A lane whose beta is exactly
+0 has out = 0 there and no z to recover: its dbeta is 0 (the lane stays at 0; beta starts at
+1 and is not decayed, so training does not land on 0; a lane set to 0 by hand stays dead
+under this path where autograd's naive path would revive it). (Before session 8 the sums were
+a third kernel reading the transform's output back, and dbeta's walsh_out(y) a fourth that
+wrote it.)
 
 Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
 fp32 before the one rounding to the output dtype (the naive butterfly rounds at each of its
@@ -40,9 +47,10 @@ log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
   (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9).
 - fp16: a TF32 dot (fp16 values are exact in TF32, not in bf16).
 - fp32: an IEEE dot (no TF32): fp32 matches the reference to ~1e-7.
-dbeta multiplies dout by z as stored, in the input dtype (bf16 in training): as the naive path
-does (its autograd saves the bf16 S H y), where the second dot had used S H y in fp32
-(session 10 measured the two dbeta 1.6e-3 apart, relative, at 16k tokens).
+dbeta sums dout times the saved out, in the input dtype (bf16 in training), and divides by beta
+in fp32: z to the precision of bf16, as the naive path has it (its autograd saves the bf16
+S H y), where the second dot had used S H y in fp32 (session 10 measured the two dbeta 1.6e-3
+apart, relative, at 16k tokens).
 
 Code order: naive references, kernels, launchers, autograd (ops), functional.
 """
@@ -127,12 +135,12 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 
 
 @triton.jit
-def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, ITERS, inv_sqrt_a,
+def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
                   A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
                   LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, STORE_Z: tl.constexpr,
-                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
-                  INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
+                  IEEE: tl.constexpr, BF16_DOT: tl.constexpr, INTERPRETED: tl.constexpr,
+                  WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2; token-major lanes past L neither read nor written)
     of every block.
@@ -142,9 +150,9 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
     read (16-byte runs) into result lanes that are never stored or summed.
     GAIN: also the gain gradient sum_i T[i, h*L + j] * Z[i, h*L + j] of two token-major
     tensors, this program's share written to part[program 0, h*L + j] (fp32): in IN_MODE
-    T = src (before alpha) and Z = other; else T = other and Z = S H src (the result before
-    beta).
-    STORE_Z (not IN_MODE): also store S H src before beta to z, token-major like dst.
+    T = src (before the scale) and Z = other / scale (other = the forward's out = beta * z; the
+    share is divided, 0 where the scale is 0), or Z = other without a scale; else T = other
+    and Z = S H src (the result before alpha).
     Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
     each block's run of tokens) are read and written as contiguous runs. Offsets are int64
     only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper.
@@ -183,8 +191,6 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
                        INTERPRETED)                                    # [A, BT, LB]
         if GAIN and not IN_MODE:
             acc += o * y
-        if STORE_Z:
-            tl.store(z_ptr + token_major, y.to(z_ptr.dtype.element_ty), mask=mask)
         if (not IN_MODE) and HAS_SCALE:
             y = y * s
         # block-major rows (IN_MODE) take the padding lanes' zeros too
@@ -194,8 +200,11 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, z_ptr, N, IT
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
         row = tl.program_id(0).to(tl.int64) * (A * L)  # once per program: int64 either way
-        tl.store(part_ptr + row + gj * L + jj, tl.sum(acc, axis=1),
-                 mask=jj < L)
+        share = tl.sum(acc, axis=1)                                    # [A, LB]
+        if IN_MODE and HAS_SCALE:  # sum dout * out / beta: z's share (0 where beta is 0)
+            s2 = tl.reshape(s, [A, LB])
+            share = tl.where(s2 != 0.0, share / tl.where(s2 != 0.0, s2, 1.0), 0.0)
+        tl.store(part_ptr + row + gj * L + jj, share, mask=jj < L)
 
 
 # -- launcher ---------------------------------------------------------------------------------
@@ -235,10 +244,9 @@ def row_width(lanes: int) -> int:
 
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
-            width: int | None = None, store_z: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dst, fp32 partial sums [P, A*L] of the gain gradient or None without ``other``, z or
-    None without ``store_z``); ``width``: the block-major tensor's row width (>= lanes;
+            width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dst, fp32 partial sums [P, A*L] of the gain gradient or None without ``other``);
+    ``width``: the block-major tensor's row width (>= lanes;
     default lanes); ``other``: the gain's token-major [N, A*L] operand."""
     src = src.contiguous()
     width = lanes if width is None else width
@@ -248,8 +256,6 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    if store_z and in_mode:
-        raise ValueError("z (the result before the gain) is walsh_out's, not walsh_in's")
     lb, bt = _slab(max(width, 1), IN_TILE if in_mode else OUT_TILE)
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
@@ -262,24 +268,23 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
                              f"{tuple(other.shape)} {other.dtype}")
         # every entry written (masked lanes past L are not entries); no rows without tokens
         part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
-    z = torch.empty(n_tok, a * lanes, device=src.device, dtype=src.dtype) if store_z else None
     if scale is not None and tuple(scale.shape) != (a, lanes):
         raise ValueError(f"the gain must be ({a}, {lanes}) for {lanes} lanes of {a} blocks, got "
                          f"{tuple(scale.shape)}")
     if n_tok * width == 0:
-        return dst, part, z
+        return dst, part
     # unused pointers get empties of their own, never aliases of used ones
     def arg(t, dtype=src.dtype):
         return t.contiguous() if t is not None else src.new_empty(0, dtype=dtype)
 
     wrap_triton(_walsh_kernel)[(rows, chunks)](
-        src, dst, arg(scale), arg(other), arg(part, torch.float32), arg(z), n_tok, iters,
+        src, dst, arg(scale), arg(other), arg(part, torch.float32), n_tok, iters,
         1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
-        IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None, STORE_Z=store_z,
+        IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=n_tok * a * width >= WIDE_NUMEL,
         STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=TILE_WARPS)
-    return dst, part, z
+    return dst, part
 
 
 def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
@@ -306,25 +311,16 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
     return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2])[0]
 
 
-def walsh_out_z_raw(y: torch.Tensor, beta: torch.Tensor, a: int, out: torch.Tensor | None = None,
-                    lanes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(walsh_out_raw(y, beta), z = walsh_out_raw(y, None)) in one pass, both [N, A*L]: the
-    forward of a walsh_out whose backward takes dbeta = sum dout * z (``walsh_in_gain_raw``)."""
-    lanes = y.shape[2] if lanes is None else lanes
-    dst, _, z = _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2],
-                        store_z=True)
-    return dst, z
-
-
-def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, z: torch.Tensor, a: int,
+def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, fwd: torch.Tensor, a: int,
                       out: torch.Tensor | None = None, width: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * z) in one pass,
-    z token-major like x: a walsh_out's backward, dy and dbeta from dout = x and the forward's
-    z = S H y (``walsh_out_z_raw``)."""
+    """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * fwd / alpha)
+    in one pass, fwd token-major like x (without alpha: sum x * fwd): a walsh_out's backward,
+    dy and dbeta from dout = x, beta = alpha and the forward's output fwd = beta * S H y
+    (lanes where beta is 0 get 0: the module doc)."""
     lanes = x.shape[-1] // a
-    dst, part, _ = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=z,
-                           width=width)
+    dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=fwd,
+                        width=width)
     return dst, column_sum(part).view(a, lanes)
 
 
@@ -335,7 +331,7 @@ def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Ten
     and the saved input x [N, A*L]; y's rows may be wider than L (what lies past L reaches no
     result)."""
     lanes = x.shape[-1] // a
-    dst, part, _ = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
+    dst, part = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
                            width=y.shape[2])
     return dst, column_sum(part).view(a, lanes)
 
@@ -371,27 +367,23 @@ _walsh_in_op.register_autograd(_in_backward, setup_context=_in_setup)
 
 
 def _walsh_out_fake(y, beta):
-    out = y.new_empty(y.shape[1], y.shape[0] * beta.shape[1])
-    return out, torch.empty_like(out)
+    return y.new_empty(y.shape[1], y.shape[0] * beta.shape[1])
 
 
 @kernel_op("walsh::walsh_out", _walsh_out_fake)
-def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, z): z = S H y before beta, saved for dbeta instead of y."""
-    return walsh_out_z_raw(y, beta, beta.shape[0], lanes=beta.shape[1])
+def _walsh_out_op(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return walsh_out_raw(y, beta, beta.shape[0], lanes=beta.shape[1])
 
 
 def _out_setup(ctx, inputs, output):
     ctx.width = inputs[0].shape[2]  # dy's rows are as wide as y's
-    ctx.set_materialize_grads(False)  # z is internal: it gets no gradient
-    ctx.save_for_backward(output[1], inputs[1])
+    ctx.save_for_backward(output, inputs[1])  # out (= beta * S H y) for dbeta, not y
 
 
-def _out_backward(ctx, dout, _dz):
-    if dout is None:  # only z was used (the op's internal output): nothing flows back
-        return None, None
-    z, beta = ctx.saved_tensors
-    dy, dbeta = _walsh_in_gain_op(dout, beta, z, ctx.width)  # S H (beta dout), sum dout * z
+def _out_backward(ctx, dout):
+    out, beta = ctx.saved_tensors
+    # S H (beta dout), sum dout * out / beta
+    dy, dbeta = _walsh_in_gain_op(dout, beta, out, ctx.width)
     return dy, dbeta.to(beta.dtype)
 
 
@@ -399,15 +391,15 @@ _walsh_out_op.register_autograd(_out_backward, setup_context=_out_setup)
 
 
 # the backward passes: a transform with its gain's gradient in the same pass (no autograd)
-def _walsh_in_gain_fake(x, alpha, z, width):
+def _walsh_in_gain_fake(x, alpha, fwd, width):
     a, lanes = alpha.shape
     return (x.new_empty(a, x.shape[0], width), x.new_empty(a, lanes, dtype=torch.float32))
 
 
 @kernel_op("walsh::walsh_in_gain", _walsh_in_gain_fake)
-def _walsh_in_gain_op(x: torch.Tensor, alpha: torch.Tensor, z: torch.Tensor, width: int
+def _walsh_in_gain_op(x: torch.Tensor, alpha: torch.Tensor, fwd: torch.Tensor, width: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    return walsh_in_gain_raw(x, alpha, z, alpha.shape[0], width=width)
+    return walsh_in_gain_raw(x, alpha, fwd, alpha.shape[0], width=width)
 
 
 def _walsh_out_gain_fake(y, scale, x):
@@ -435,4 +427,4 @@ def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     if y.ndim != 3 or beta.shape[1] != y.shape[2]:
         raise ValueError(f"walsh_out: y {tuple(y.shape)} and beta {tuple(beta.shape)} do not fit "
                          "y [A, N, L], beta [A, L]")
-    return _walsh_out_op(y, beta)[0]
+    return _walsh_out_op(y, beta)
