@@ -19,14 +19,17 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   ``triton`` layers keep only their A x n_out x n_in blocks), plus the embedding table cast
   for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` fp32 logits and their gradient (chunk * V * 4 * 2).
-* Walsh ``triton`` layers (three kernels) also save two intermediates for the backward:
-  u [A, B*T, n_in'] with n_in' the lanes rounded up to 8 (16-byte rows, ``row_width`` in
-  ``walsh.kernels.walsh_transform``) and z [B*T, out] (the output before beta, written by
-  walsh_out; since session 10, in place of y [A, B*T, n_out']): about B * T * (in + out)
-  activations per layer, beyond the rough term. walsh-h-1b3 at 16 x 1024 tokens measured
-  58.5 GiB peak (session 10; 58.4 in session 8, 58.6 in session 9) against 36.2 GiB for
-  ``dense`` (docs/benchmarks.md); this term puts the estimate at 57.3 GiB (it was 29 GiB
-  without it). When checkpointing recomputes a layer, only that layer's are counted.
+* Walsh ``triton`` layers (three kernels) also save for the backward u [A, B*T, n_in'] with
+  n_in' the lanes rounded up to 8 (16-byte rows, ``row_width`` in
+  ``walsh.kernels.walsh_transform``) and their own output [B*T, out] (for dbeta). The output
+  of the value, gate and up projections is the very tensor attention and SwiGLU keep for
+  their own backward, so it adds nothing there (without a bias); the query, key, attention
+  output and down projections' outputs are kept only for dbeta: about B * T * (in + out)
+  activations per layer beyond the rough term, less the shared outputs. walsh-h-1b3 at
+  16 x 1024 tokens measured 47.4 GiB peak (session 14; 58.5 in sessions 8-13, when
+  walsh_out wrote z = S H y beside out and the backward kept z) against 36.2 GiB for
+  ``dense`` (docs/benchmarks.md); this term puts the estimate at 47.8 GiB. When
+  checkpointing recomputes a layer, only that layer's are counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.
@@ -38,6 +41,7 @@ import torch
 
 from pipeline.config import RunConfig, resolve_batch, resolved_precision, total_steps
 from walsh.models import WalshLM
+from walsh.layers.base import StructuredLinear
 from walsh.models.config import WalshConfig
 
 GIB = 1024**3
@@ -49,17 +53,27 @@ def meta_model(wc: WalshConfig) -> WalshLM:
         return WalshLM(wc)
 
 
+# the layers whose output the next op keeps for its own backward (SDPA keeps v, SwiGLU gate and
+# up): the Walsh op's saved output is that same tensor, unless a bias comes between them
+SHARED_OUTPUTS = ("attn.v", "mlp.gate", "mlp.up")
+
+
 def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
-    """Sum of the saved u and z widths over the Walsh ``triton`` layers (of one block when
-    checkpointing): u block-major, each block's lanes rounded up to the row width; z (S H y,
-    ``walsh_linear.three_kernel_forward``) token-major, the output features."""
+    """Sum of the widths the Walsh ``triton`` layers save beyond the rough term (of one block
+    when checkpointing): u block-major, each block's lanes rounded up to the row width; the
+    output (``walsh_linear``'s autograd) token-major, the output features, where no consumer
+    keeps it anyway (``SHARED_OUTPUTS``)."""
     wc = model.config
     if wc.algebra != "walsh" or wc.walsh_impl != "triton":
         return 0
     from walsh.kernels.walsh_transform import row_width  # the triton path has triton
 
-    width = sum(layer.blocks * row_width(layer.n_in) + layer.out_features
-                for layer in model.structured_layers())
+    width = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, StructuredLinear):
+            width += layer.blocks * row_width(layer.n_in)
+            if not name.endswith(SHARED_OUTPUTS) or layer.bias is not None:
+                width += layer.out_features
     return width // wc.n_layer if checkpointing else width
 
 

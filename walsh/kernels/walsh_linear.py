@@ -13,10 +13,10 @@ kernels from its generated code. Measured on an H200 (docs/benchmarks.md, sessio
 walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the custom-op form
 at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
 session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots and
-3-stage gain pass);
-walsh-h-1b3 (24 x 2048) at 1.65x dense (session 13, +1.3% on one host from walsh_out's 16-byte
-reads of padded rows; 1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in session 10,
-1.64-1.66x in sessions 11-12).
+3-stage gain pass, 0.87x with session 14's dbeta from the saved out);
+walsh-h-1b3 (24 x 2048) at 1.73x dense (session 14, +3.1% on one host and 11 GiB less peak
+memory from saving out instead of writing z; 1.31-1.36x in session 8, 1.50x in session 9,
+1.56-1.58x in session 10, 1.64-1.66x in sessions 11-12, 1.65x in session 13).
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
