@@ -227,7 +227,8 @@ def test_walsh_ops_save_out_for_dbeta(one_kernel, dtype, seed):
     """dbeta = sum dout * out / beta from the op's own output: autograd keeps that very tensor
     (nothing of its size beside it but the three-kernel path's u; the one-kernel path keeps
     neither); lanes whose beta is exactly 0 get dbeta 0 (module doc of walsh_transform), the
-    others and every other gradient match the naive path."""
+    others and every other gradient match the naive path; an in-place change of the saved out
+    makes the backward raise instead of using it."""
     a, n, li, lo = 16, 9, 5, 7
     beta = (1 + 0.3 * torch.randn(a, lo, device=DEV)).to(dtype)
     beta[0, 0] = beta[5, 6] = 0.0
@@ -266,6 +267,10 @@ def test_walsh_ops_save_out_for_dbeta(one_kernel, dtype, seed):
     else:
         assert torch.equal(db[dead], torch.zeros_like(db[dead]))
         assert rel_err(db[~dead], db_ref[~dead]) < TOL[dtype], seed
+        changed = op(*inputs)
+        changed.mul_(2)  # the saved out changed in place: autograd refuses, loudly
+        with pytest.raises(RuntimeError, match="inplace operation"):
+            changed.sum().backward()
 
 
 @pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64), ("IN_TILE", 256)])

@@ -344,7 +344,8 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] (all x's dtype) -> [N, A*LO]:
     the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
-    out as well)."""
+    the output itself, so an in-place change of the output before the backward raises
+    autograd's error, as for any op that saves its result)."""
     a, lo, li = w.shape
     if a < 2 or a & (a - 1):
         raise ValueError(f"walsh_linear: blocks must be a power of two >= 2, got {a}")

@@ -422,7 +422,8 @@ def walsh_in(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def walsh_out(y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major."""
+    """y [A, N, L], beta [A, L] (y's dtype) -> out [N, A*L] = beta * (S H y), token-major
+    (saved for dbeta: an in-place change of it before the backward raises autograd's error)."""
     _check("walsh_out", y, beta)
     if y.ndim != 3 or beta.shape[1] != y.shape[2]:
         raise ValueError(f"walsh_out: y {tuple(y.shape)} and beta {tuple(beta.shape)} do not fit "
