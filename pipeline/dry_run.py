@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import RunConfig, resolve_batch, resolved_precision, total_steps
-from walsh.models import WalshLM
 from walsh.layers.base import StructuredLinear
+from walsh.models import WalshLM
 from walsh.models.config import WalshConfig
 
 GIB = 1024**3
