@@ -25,7 +25,8 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   of the value, gate and up projections is the very tensor attention and SwiGLU keep for
   their own backward, so it adds nothing there (without a bias); the query, key, attention
   output and down projections' outputs are kept only for dbeta: about B * T * (in + out)
-  activations per layer beyond the rough term, less the shared outputs. walsh-h-1b3 at
+  activations per layer beyond the rough term, less the shared outputs (shared while SDPA keeps
+  v as passed, as its flash, cuDNN and memory-efficient kernels do). walsh-h-1b3 at
   16 x 1024 tokens measured 47.4 GiB peak (session 14; 58.5 in sessions 8-13, when
   walsh_out wrote z = S H y beside out and the backward kept z) against 36.2 GiB for
   ``dense`` (docs/benchmarks.md); this term puts the estimate at 47.8 GiB. When

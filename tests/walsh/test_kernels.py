@@ -180,7 +180,7 @@ def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
                                               (16, 100, 130, 16), (4, 0, 5, 16),
                                               (32, 300, 24, 64), (4, 37, 40, 16),
                                               (16, 50, 96, 8), (8, 21, 136, 16),
-                                              (32, 40, 172, 16)])
+                                              (32, 40, 172, 16), (4, 37, 256, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed, monkeypatch):
     """The backward passes: a transform plus a gain's gradient in one kernel, against the naive
@@ -188,7 +188,8 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
     dout and the forward's out F = beta * z; lanes whose gain is exactly 0 get exactly 0),
     walsh_out + sum_i T * (S H Y) (T token-major, Y block-major). ``tokens``
     (per program, GAIN_TOKENS) makes programs loop over several token slabs, ragged at the end
-    (37 tokens in slabs of 4, 1030 in slabs of 16), or over one."""
+    (37 tokens in slabs of 4, 1030 in slabs of 16), or over one; 256 lanes are two chunks of
+    walsh_in's 128-lane tile (each chunk divides its own lanes' shares by beta)."""
     monkeypatch.setattr(wt, "GAIN_TOKENS", tokens)
     tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)      # token-major: dout or x
     blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: du
@@ -314,9 +315,9 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
     out = wt.walsh_out_raw(wide, gain, a, lanes=lanes)
     assert torch.equal(out, wt.walsh_out_raw(blk, gain, a)), seed
     poisoned = torch.full((a, n, width), float("nan"), device=DEV, dtype=torch.bfloat16)
-    z = tok.flip(0)  # any token-major tensor
-    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, z, a, out=poisoned, width=width)
-    dy0, dbeta0 = wt.walsh_in_gain_raw(tok, gain, z, a)
+    fwd = tok.flip(0)  # any token-major tensor (the forward's out)
+    dy, dbeta = wt.walsh_in_gain_raw(tok, gain, fwd, a, out=poisoned, width=width)
+    dy0, dbeta0 = wt.walsh_in_gain_raw(tok, gain, fwd, a)
     assert dy.shape == (a, n, width) and torch.equal(dy[:, :, :lanes], dy0), seed
     assert torch.equal(dy[:, :, lanes:], torch.zeros_like(dy[:, :, lanes:]))
     assert rel_err(dbeta, dbeta0) < 1e-6, seed

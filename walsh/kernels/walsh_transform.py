@@ -26,14 +26,16 @@ roofline, session 9). Sessions 10-13 had walsh_out write z = S H y beside out, o
 [N, A*n_out] write per forward, saved instead of y. Since session 14 the op saves its output
 out itself: out = beta * z is written anyway, and the consumers of the gate, up and value
 projections (SwiGLU, attention) keep that very tensor for their own backward, so nothing more
-is stored for them. Dividing by beta is exact to the saved dtype: out rounds beta * z once,
-so out / beta is z with the relative error of z rounded to that dtype, as the saved z had;
-the division is of each program's fp32 sum, not of each element. A lane whose beta is exactly
-0 has out = 0 there and no z to recover: its dbeta is 0 (the lane stays at 0; beta starts at
-1 and is not decayed, so training does not land on 0; a lane set to 0 by hand stays dead
-under this path where autograd's naive path would revive it). (Before session 8 the sums were
-a third kernel reading the transform's output back, and dbeta's walsh_out(y) a fourth that
-wrote it.)
+is stored for them. Dividing by beta is as accurate as the saved z was: out rounds beta * z
+once, so out / beta is z with the relative error of z rounded to the saved dtype (bf16 and fp32
+at any beta; fp16 while beta * z stays in fp16's normal range: below it, fp16's subnormals
+lose bits that z itself would have kept); the division (the GPU's fp32 divide, within 2 ulp)
+is of each program's fp32 sum, not of each element. A lane whose beta is exactly 0 has
+out = 0 there and no z to recover: its dbeta is 0 (the lane stays at 0; beta starts at 1 and
+is not decayed, so training does not land on 0; a lane set to 0 by hand stays dead under
+this path, where the ``blocks``, ``dense`` and ``fused`` paths would revive it). (Before
+session 8 the sums were a third kernel reading the transform's output back, and dbeta's
+walsh_out(y) a fourth that wrote it.)
 
 Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
 fp32 before the one rounding to the output dtype (the naive butterfly rounds at each of its

@@ -7,8 +7,10 @@ With X[g] the A input slices (n_in each), alpha [A, n_in], beta [A, n_out] (init
 Closed form (a dyadic convolution): out_h = beta_h * sum_k V_{h^k} (alpha_k * x_k) with
 V_m = (1/A) sum_g (-1)^popcount(g & m) W_g.  Parameters in*out/A + A*(n_in + n_out).
 
-Three implementations with the same result, chosen by ``impl`` (a config value, never an
-environment switch):
+Implementations with the same result, chosen by ``impl`` (a config value, never an
+environment switch). One gradient aside: where a beta lane is exactly 0, ``"triton"`` gives it
+dbeta = 0 (it recovers S H Y from its saved output, ``walsh.kernels.walsh_transform``) and the
+others the true sum; beta starts at 1 and is not decayed, so training does not meet this.
 - ``"blocks"`` (default): the structured path above, in*out/A multiply-adds per token plus
   (in + out) log2(A) additions, in plain PyTorch (the reference).
 - ``"dense"``: materialize the closed form [out, in] once per forward and run one GEMM (dense

@@ -7,7 +7,8 @@ ternary BitLinear model, ``walsh-o`` octonion (Cayley-Dickson A = 8) ternary wit
 far fewer parameters, which ``WalshLM.num_params()`` reports.
 
 ``walsh-h-*`` runs the Walsh layers with ``walsh_impl="dense"`` (the closed form materialized
-once per step, one GEMM). All implementations compute the same function; which is fastest
+once per step, one GEMM). All implementations compute the same function (one gradient aside,
+at a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest
 depends on the width (one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sessions 8-14):
 ``"dense"`` trains at 0.97x the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x
 at 24 x 2048; ``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused
