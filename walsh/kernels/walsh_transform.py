@@ -154,7 +154,7 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
     tensors, this program's share written to part[program 0, h*L + j] (fp32): in IN_MODE
     T = src (before the scale) and Z = other / scale (other = the forward's out = beta * z; the
     share is divided, 0 where the scale is 0), or Z = other without a scale; else T = other
-    and Z = S H src (the result before alpha).
+    and Z = S H src (the result before the scale).
     Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
     each block's run of tokens) are read and written as contiguous runs. Offsets are int64
     only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper.
@@ -248,8 +248,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dst, fp32 partial sums [P, A*L] of the gain gradient or None without ``other``);
-    ``width``: the block-major tensor's row width (>= lanes;
-    default lanes); ``other``: the gain's token-major [N, A*L] operand."""
+    ``width``: the block-major tensor's row width (>= lanes; default lanes); ``other``: the
+    gain's token-major [N, A*L] operand."""
     src = src.contiguous()
     width = lanes if width is None else width
     if width < lanes:
@@ -334,7 +334,7 @@ def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Ten
     result)."""
     lanes = x.shape[-1] // a
     dst, part = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
-                           width=y.shape[2])
+                        width=y.shape[2])
     return dst, column_sum(part).view(a, lanes)
 
 
