@@ -34,7 +34,7 @@ import math
 import os
 from pathlib import Path
 
-from data_prep.local_ray import free_port, use_local_ray_env
+from data_prep.local_ray import free_ports, use_local_ray_env
 from pipeline.config import RunConfig, from_dict, load
 from pipeline.tracking import configured_uri, sqlite_path
 
@@ -97,13 +97,13 @@ def init_ray(cfg: RunConfig, address: str | None) -> None:
                  runtime_env={"env_vars": {"RAY_ADDRESS": address}} if pin else None)
         return
     need = math.ceil(cfg.cluster.workers * cfg.cluster.cpus_per_worker) + 1  # + Train's actors
-    gcs_port = free_port()
+    gcs_port, dashboard_port = free_ports(2)  # outside the ephemeral range: see free_ports
     before = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by the head node only
     try:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
                  _node_ip_address="127.0.0.1", include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}})
     finally:
         if before is None:
