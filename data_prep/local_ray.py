@@ -35,7 +35,7 @@ def use_local_ray_env() -> None:
 
 
 def _ephemeral_start() -> int:
-    """The first port of the OS's ephemeral range (read on Linux; elsewhere 32768, Linux's default)."""
+    """The first port of the ephemeral range (read on Linux; elsewhere 32768, Linux's default)."""
     try:
         return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
     except (OSError, ValueError, IndexError):
