@@ -35,7 +35,7 @@ from _helpers import (
     write_yaml,
 )
 
-from data_prep.local_ray import LOCAL_RAY_ENV, free_port
+from data_prep.local_ray import LOCAL_RAY_ENV, free_ports
 from pipeline.checkpoint import export_fp32
 from pipeline.config import from_dict
 from walsh.models import WalshLM
@@ -182,14 +182,14 @@ def test_joins_an_existing_cluster_with_address(data_dir, tmp_path):
     # a private temp dir: `ray start` records "the current cluster" there, not in /tmp/ray where
     # any other ray.init() on this machine would pick it up (short: Ray's socket paths live in it)
     ray_tmp = tempfile.mkdtemp(prefix="wr", dir="/tmp")
-    port = free_port()
+    port, dashboard_port = free_ports(2)
     env = walsh_env(**LOCAL_RAY_ENV)
     head_log = tmp_path / "ray-start.txt"
     with open(head_log, "w") as f:  # not a pipe: the daemons it leaves would hold it open
         head = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port),
              "--node-ip-address", "127.0.0.1", "--num-cpus", "4", "--disable-usage-stats",
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
              "--temp-dir", ray_tmp],
             stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
