@@ -14,6 +14,13 @@ spread over 1.25 is reported with the steps' times, as warm-up work leaking into
 steps looks like that). Random tokens are fine: the
 cost of these layers does not depend on the data.
 
+``--profile DIR`` profiles two more steps of each row (``pipeline.profiling.write_profile``: the
+kernels by time, and each top kernel's launches by duration). Judge a kernel change by this,
+in the model, and not only by ``walsh bench layer``: session 14's layer bench timed a change at
+-22 us per 172-lane layer that moved the 1.3B step by 0.2 ms. Session 14 profiled the default
+compile mode; how the profiler sees CUDA graphs' replays (``--compile-mode reduce-overhead``)
+was not checked.
+
 A preset may carry its own overrides: ``walsh-h-125m:walsh_impl=triton`` (several as
 ``name:k=v,k=v``), on top of the ``--set`` ones that apply to every preset; values are YAML,
 as in configs.
@@ -25,14 +32,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import yaml
+from torch.profiler import ProfilerActivity, profile
 
 from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import CUDA_GRAPH_MODES, compile_blocks
+from pipeline.profiling import write_profile
 from pipeline.roofline import step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets
 
@@ -70,9 +81,10 @@ def bench_one(
     spec: str, overrides: dict, seq_len: int, batch: int, steps: int, warmup: int,
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
     compile_scope: str = "blocks", compile_mode: str | None = None,
-    ceilings: tuple[float, float] | None = None,
+    ceilings: tuple[float, float] | None = None, profile_dir: Path | None = None,
 ) -> dict:
-    """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None."""
+    """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None;
+    ``profile_dir``: profile ``PROFILE_STEPS`` more steps after the timed ones, written there."""
     name, own = parse_spec(spec)
     cfg = get_preset(name, **{**overrides, **own})
     if cfg.block_size < seq_len:
@@ -124,6 +136,16 @@ def bench_one(
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" and not graphs
             else float("nan"))
     roof = step_roofline_ms(model, batch, seq_len, *ceilings) if ceilings else None
+    if profile_dir is not None:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t1 = time.perf_counter()
+            for i in range(PROFILE_STEPS):
+                step(i)
+            sync()
+            wall = time.perf_counter() - t1
+        head = write_profile(prof, wall, PROFILE_STEPS, profile_dir, device.type == "cuda")
+        print(f"# {spec} profile: {head} -> {profile_dir}", flush=True)
     return {
         "preset": spec, "overrides": {**overrides, **own}, "shape": (cfg.n_layer, cfg.n_embd),
         "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compile_model,
@@ -190,6 +212,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory bandwidth for the roofline column (default: measured on CUDA; "
                         "on CPU the column is left out unless this and --peak-tflops are set)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help=f"after each row's timed steps, profile {PROFILE_STEPS} more and write "
+                        "DIR/<preset>-<compile>/summary.txt (kernel time by name, launches by "
+                        "duration) and trace.json")
 
 
 HEADER = (f"{'preset':<34}{'compile':>8}{'tok/s':>11}{'x dense':>8}{'ms/step':>9}"
@@ -197,6 +223,13 @@ HEADER = (f"{'preset':<34}{'compile':>8}{'tok/s':>11}{'x dense':>8}{'ms/step':>9
           f"{'spread':>7}")
 # a timed step this many times the median is reported (``spread``: slowest over median)
 SPREAD_WARN = 1.25
+PROFILE_STEPS = 2  # steps a --profile window spans (after the timed ones: compiled, warm)
+
+
+def profile_dir_name(spec: str, compiled: bool) -> str:
+    """``walsh-h-1b3:walsh_impl=triton`` compiled -> ``walsh-h-1b3_walsh_impl-triton-compiled``."""
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", spec.replace("=", "-"))
+    return f"{slug}-{'compiled' if compiled else 'eager'}"
 
 
 def _line(r: dict) -> str:
@@ -238,7 +271,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     for spec in args.presets:
         for comp in modes:
             r = bench_one(spec, overrides, args.seq_len, args.batch, args.steps, args.warmup,
-                          comp, device, dtype, args.compile_scope, args.compile_mode, ceilings)
+                          comp, device, dtype, args.compile_scope, args.compile_mode, ceilings,
+                          Path(args.profile) / profile_dir_name(spec, comp) if args.profile
+                          else None)
             r["mfu"] = r["tflops"] / peak if peak else None
             rows.append(r)
             if device.type == "cuda":

@@ -75,6 +75,17 @@ def test_bench_train_cpu_writes_rows(tmp_path):
     assert rows[0]["spread"] == pytest.approx(max(step_ms) / sorted(step_ms)[1])  # / median
 
 
+def test_bench_train_profile_writes_each_rows_summary(tmp_path):
+    main(["bench", "train", "--presets", "tiny:n_layer=1", "--seq-len", "16", "--batch", "2",
+          "--steps", "1", "--warmup", "1", "--compile", "off", "--device", "cpu", "--set",
+          "vocab_size=128", "--profile", str(tmp_path / "prof")])
+    out = tmp_path / "prof" / "tiny_n_layer-1-eager"
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("steps 2: wall "), summary[:200]  # PROFILE_STEPS, not --steps
+    assert "aten::" in summary and "launches of the top 12 CPU ops" in summary
+    assert json.loads((out / "trace.json").read_text())["traceEvents"]
+
+
 def test_bench_train_roofline_column_from_given_ceilings(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "train", "--presets", "tiny", "--seq-len", "32", "--batch", "2", "--steps",
