@@ -55,21 +55,20 @@ def free_ports(n: int) -> list[int]:
     found, so the ports differ. Where the ephemeral range leaves no room, ``bind(0)``."""
     top = _ephemeral_start() - 1
     rng = random.SystemRandom()  # not the global generator: callers seed that
-    with contextlib.ExitStack() as held:
-        ports: list[int] = []
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:  # each found port's socket, open until all are found
         for _ in range(200 * n):
-            if len(ports) == n:
-                break
-            s = held.enter_context(socket.socket())
+            s = socket.socket()
             try:
                 s.bind(("127.0.0.1", rng.randint(PORT_FLOOR, top) if top > PORT_FLOOR else 0))
             except OSError:  # in use (or TIME_WAIT): draw again
+                s.close()
                 continue
-            ports.append(s.getsockname()[1])
-        if len(ports) < n:
-            raise RuntimeError(f"found only {len(ports)} of {n} free ports on 127.0.0.1 "
-                               f"between {PORT_FLOOR} and {top}")
-        return ports
+            ports.append(held.enter_context(s).getsockname()[1])
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"found only {len(ports)} of {n} free ports on 127.0.0.1 "
+                       f"between {PORT_FLOOR} and {top}")
 
 
 def free_port() -> int:

@@ -39,11 +39,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.profiler import ProfilerActivity, profile
 
 from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import CUDA_GRAPH_MODES, compile_blocks
-from pipeline.profiling import write_profile
+from pipeline.profiling import make_profiler, write_profile
 from pipeline.roofline import step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets
 
@@ -137,8 +136,7 @@ def bench_one(
             else float("nan"))
     roof = step_roofline_ms(model, batch, seq_len, *ceilings) if ceilings else None
     if profile_dir is not None:
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
+        with make_profiler(device.type == "cuda") as prof:
             t1 = time.perf_counter()
             for i in range(PROFILE_STEPS):
                 step(i)

@@ -37,8 +37,7 @@ class StepProfiler:
             return
         start, stop = self.window
         if step == start:
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-            self._prof = profile(activities=acts)
+            self._prof = make_profiler(self.cuda)
             self._sync()
             self._prof.__enter__()
             self._t0 = time.perf_counter()
@@ -56,6 +55,11 @@ class StepProfiler:
     def _write(self, prof: profile, wall_s: float, steps: int) -> None:
         head = write_profile(prof, wall_s, steps, self.out, self.cuda)
         print(f"[walsh] profile: {head} -> {self.out}", flush=True)
+
+
+def make_profiler(cuda: bool) -> profile:
+    """A profiler of CPU activity, and of CUDA kernels when ``cuda``; enter it to record."""
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 
 
 def write_profile(prof: profile, wall_s: float, steps: int, out: Path, cuda: bool) -> str:
