@@ -11,7 +11,12 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   cross-entropy costs about half of a 125M step (docs/benchmarks.md). At ZeRO-3 the loss stays
   eager (it reads the tied embedding, which ZeRO-3 keeps partitioned outside its forward).
   Under CUDA graphs (modes "reduce-overhead", "max-autotune") every parameter's gradient is
-  copied out of the graph's memory pool as it arrives (``_own_grads``).
+  copied out of the graph's memory pool as it arrives (``_own_grads``);
+- ZeRO-3 leaf modules: a module that runs its children's layers as one op
+  (``walsh.layers.hadamard.shared_input``: attention's q, k, v and the MLP's gate, up; it has
+  ``grouped`` set) reads their parameters in its own forward, where ZeRO-3 would have them
+  partitioned (gathered in each child's forward hook, which the group does not call). Flagged as
+  a leaf, its own hook gathers the whole subtree's parameters.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ def _checkpointed(forward):
 def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
     """Move to ``device`` and apply activation checkpointing and compilation per config."""
     model = model.to(device)
+    if cfg.train.zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_module
+
+        for m in model.modules():
+            if getattr(m, "grouped", False):
+                set_z3_leaf_module(m, True)
     if cfg.train.activation_checkpointing:
         for block in model.blocks:
             block.forward = _checkpointed(block.forward)

@@ -137,12 +137,25 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 
 
 @triton.jit
-def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, inv_sqrt_a,
-                  A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
-                  LB: tl.constexpr, BT: tl.constexpr, IN_MODE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
-                  IEEE: tl.constexpr, BF16_DOT: tl.constexpr, INTERPRETED: tl.constexpr,
-                  WIDE: tl.constexpr, STAGES: tl.constexpr):
+def _pick(a, b, c, p: tl.constexpr):
+    """The p-th of three values (p a compile-time constant): a group member's gain, source
+    or sum. Those past the group's size are never defined and never picked."""
+    if p == 0:
+        r = a
+    elif p == 1:
+        r = b
+    else:
+        r = c
+    return r
+
+
+@triton.jit
+def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N,
+                  ITERS, inv_sqrt_a, A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr,
+                  LP: tl.constexpr, LB: tl.constexpr, BT: tl.constexpr, P: tl.constexpr,
+                  IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, GAIN: tl.constexpr,
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
+                  INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
     of LB lanes (axis 1; LB a power of 2; token-major lanes past L neither read nor written)
     of every block.
@@ -159,54 +172,92 @@ def _walsh_kernel(src_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N, ITERS, in
     each block's run of tokens) are read and written as contiguous runs. Offsets are int64
     only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper.
     STAGES: the token loop's software-pipelining depth (``tl.range``), 0 for the compiler's
-    default (``GAIN_STAGES``)."""
+    default (``GAIN_STAGES``).
+    P (1-3): a group of P layers that share their input (``walsh.kernels.walsh_group``), with
+    P gains scale [P, A, L]. IN_MODE: the x slab is read once and P results written, u[p] at
+    dst + p * N * A * LP; GAIN needs P = 1. Else: the P block-major sources src, src1, src2
+    are read in turn and one result written, out = sum_p scale[p] * S H src_p (the group's
+    dx); GAIN: part[program 0, p, h*L + j] = sum_i other * (S H src_p) for each p."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
     g64 = g.to(tl.int64) if WIDE else g
-    if HAS_SCALE:  # alpha or beta [A, L] -> [A, 1, LB]
-        s = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
+    if HAS_SCALE:  # the P gains [P, A, L] -> [A, 1, LB] each (hoisted out of the token loop)
+        s0 = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
+        s1 = s0  # stand-ins past the group's size (never picked)
+        s2 = s0
+        if P > 1:
+            s1 = tl.load(scale_ptr + (A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
+        if P > 2:
+            s2 = tl.load(scale_ptr + (2 * A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
+    # one group member's block-major plane, A * N * LP elements
+    plane = (N.to(tl.int64) if WIDE else N) * (A * LP)
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
-    acc = tl.zeros([A, BT, LB], dtype=tl.float32)
+    acc0 = tl.zeros([A, BT, LB], dtype=tl.float32)  # GAIN's sums, one per group member
+    acc1 = acc0  # stand-ins past the group's size (never picked)
+    acc2 = acc0
+    if P > 1:
+        acc1 = tl.zeros([A, BT, LB], dtype=tl.float32)
+    if P > 2:
+        acc2 = tl.zeros([A, BT, LB], dtype=tl.float32)
     for it in tl.range(0, ITERS, num_stages=STAGES if STAGES > 0 else None):
         i = ((tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT))[None, :, None]  # [1, BT, 1]
         mask = (i < N) & (j < L)                                       # [1, BT, LB]
         i64 = i.to(tl.int64) if WIDE else i
         token_major = i64 * (A * L) + g64 * L + j                      # [A, BT, LB]
         block_major = g64 * N * LP + i64 * LP + j
-        src_off = token_major if IN_MODE else block_major
-        dst_off = block_major if IN_MODE else token_major
-        # block-major rows (not IN_MODE) are read with their padding lanes (j < LP): a mask of
-        # j < L would split each row into runs of gcd(L, 8) lanes (4 at the 1.3B FFN's 172,
-        # 2 at the 350M's 86), where LP's rows are 16-byte runs. The transform mixes blocks,
-        # never lanes, so whatever the padding holds stays in lanes past L, which are never
-        # stored or summed. Measured on an H200 (session 13, docs/benchmarks.md), bit-equal:
-        # walsh_out + dalpha 260 -> 226 us at 172 lanes, 139 -> 116 us at 86
-        src_mask = mask if IN_MODE else (i < N) & (j < LP)
-        x = tl.load(src_ptr + src_off, mask=src_mask, other=0.0).to(tl.float32)  # [A, BT, LB]
-        if GAIN:  # T * Z with T = x before alpha (IN_MODE) or other, read here for both modes
+        if GAIN:  # T * Z's token-major operand (IN_MODE: Z = other / scale; else T = other)
             o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
-        if GAIN and IN_MODE:
-            acc += x * o
-        if IN_MODE and HAS_SCALE:
-            x = x * s
-        y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
-                       INTERPRETED)                                    # [A, BT, LB]
-        if GAIN and not IN_MODE:
-            acc += o * y
-        if (not IN_MODE) and HAS_SCALE:
-            y = y * s
-        # block-major rows (IN_MODE) take the padding lanes' zeros too
-        dst_mask = (i < N) & (j < (LP if IN_MODE else L))
-        tl.store(dst_ptr + dst_off, y.to(dst_ptr.dtype.element_ty), mask=dst_mask)
+        if IN_MODE:
+            x = tl.load(src_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+            if GAIN:  # T = x before alpha
+                acc0 += x * o
+            for p in tl.static_range(P):
+                xs = x
+                if HAS_SCALE:
+                    xs = x * _pick(s0, s1, s2, p)
+                y = _transform(xs, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
+                               INTERPRETED)                            # [A, BT, LB]
+                # block-major rows take the padding lanes' zeros too
+                tl.store(dst_ptr + p * plane + block_major, y.to(dst_ptr.dtype.element_ty),
+                         mask=(i < N) & (j < LP))
+        else:
+            for p in tl.static_range(P):
+                # block-major rows are read with their padding lanes (j < LP): a mask of
+                # j < L would split each row into runs of gcd(L, 8) lanes (4 at the 1.3B FFN's
+                # 172, 2 at the 350M's 86), where LP's rows are 16-byte runs. The transform
+                # mixes blocks, never lanes, so whatever the padding holds stays in lanes past
+                # L, which are never stored or summed. Measured on an H200 (session 13,
+                # docs/benchmarks.md), bit-equal: walsh_out + dalpha 260 -> 226 us at 172
+                # lanes, 139 -> 116 us at 86
+                src = _pick(src_ptr, src1_ptr, src2_ptr, p)
+                x = tl.load(src + block_major, mask=(i < N) & (j < LP),
+                            other=0.0).to(tl.float32)                  # [A, BT, LB]
+                y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
+                               INTERPRETED)
+                if GAIN:  # Z = S H src_p, before the scale
+                    if p == 0:
+                        acc0 += o * y
+                    if p == 1:
+                        acc1 += o * y
+                    if p == 2:
+                        acc2 += o * y
+                if HAS_SCALE:
+                    y = y * _pick(s0, s1, s2, p)
+                if p == 0:
+                    total = y
+                else:
+                    total += y
+            tl.store(dst_ptr + token_major, total.to(dst_ptr.dtype.element_ty), mask=mask)
     if GAIN:  # [A, LB]: masked tokens added zeros; lanes past L (0 * padding, maybe NaN) unstored
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
-        row = tl.program_id(0).to(tl.int64) * (A * L)  # once per program: int64 either way
-        share = tl.sum(acc, axis=1)                                    # [A, LB]
-        if IN_MODE and HAS_SCALE:  # sum dout * out / beta: z's share (0 where beta is 0)
-            s2 = tl.reshape(s, [A, LB])
-            share = tl.where(s2 != 0.0, share / tl.where(s2 != 0.0, s2, 1.0), 0.0)
-        tl.store(part_ptr + row + gj * L + jj, share, mask=jj < L)
+        row = tl.program_id(0).to(tl.int64) * (P * A * L)  # once per program: int64 either way
+        for p in tl.static_range(P):
+            share = tl.sum(_pick(acc0, acc1, acc2, p), axis=1)         # [A, LB]
+            if IN_MODE and HAS_SCALE:  # sum dout * out / beta: z's share (0 where beta is 0)
+                s2d = tl.reshape(s0, [A, LB])
+                share = tl.where(s2d != 0.0, share / tl.where(s2d != 0.0, s2d, 1.0), 0.0)
+            tl.store(part_ptr + row + (p * A + gj) * L + jj, share, mask=jj < L)
 
 
 # -- launcher ---------------------------------------------------------------------------------
@@ -227,6 +278,10 @@ GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not
 MAX_CHUNK = 256
+# a group of layers that share their input (``walsh.kernels.walsh_group``: q, k, v; gate, up):
+# at most three, and the tile of their walsh_out + dalpha pass, which holds a result and a sum
+# per layer beside the slab (at OUT_TILE's 256 lanes that is 64 fp32 registers a tensor)
+MAX_GROUP, GROUP_OUT_TILE = 3, 128
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:
@@ -246,19 +301,31 @@ def row_width(lanes: int) -> int:
 
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
-            width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dst, fp32 partial sums [P, A*L] of the gain gradient or None without ``other``);
-    ``width``: the block-major tensor's row width (>= lanes; default lanes); ``other``: the
-    gain's token-major [N, A*L] operand."""
-    src = src.contiguous()
+            width: int | None = None, group: int = 1, more: tuple[torch.Tensor, ...] = ()
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dst, fp32 partial sums [rows, group * A*L] of the gain gradient or None without
+    ``other``); ``width``: the block-major tensors' row width (>= lanes; default lanes);
+    ``other``: the gain's token-major [N, A*L] operand. ``group`` > 1 (``_walsh_kernel``'s P):
+    scale is [group, A, L]; in_mode writes dst [group, A, N, width]; else the sources are src
+    and ``more`` (group in all, each [A, N, width])."""
+    if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
+            in_mode and (more or (group > 1 and other is not None))):
+        raise ValueError(f"a group of {group} layers (at most {MAX_GROUP}) needs one source "
+                         "per layer without a gain gradient (walsh_in) or with (walsh_out); got "
+                         f"{1 + len(more)} sources, gain gradient {other is not None}")
+    srcs = [t.contiguous() for t in (src, *more)]
     width = lanes if width is None else width
     if width < lanes:
         raise ValueError(f"block-major rows of {width} lanes cannot hold {lanes}")
+    if not in_mode and any(t.shape != srcs[0].shape for t in srcs):
+        raise ValueError(f"a group's sources differ in shape: {[tuple(t.shape) for t in srcs]}")
     shape = (a, n_tok, width) if in_mode else (n_tok, a * lanes)
+    shape = (group, *shape) if in_mode and group > 1 else shape
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    lb, bt = _slab(max(width, 1), IN_TILE if in_mode else OUT_TILE)
+    tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
+    lb, bt = _slab(max(width, 1), tile)
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
@@ -269,9 +336,10 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
             raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
                              f"{tuple(other.shape)} {other.dtype}")
         # every entry written (masked lanes past L are not entries); no rows without tokens
-        part = torch.empty(rows, a * lanes, device=src.device, dtype=torch.float32)
-    if scale is not None and tuple(scale.shape) != (a, lanes):
-        raise ValueError(f"the gain must be ({a}, {lanes}) for {lanes} lanes of {a} blocks, got "
+        part = torch.empty(rows, group * a * lanes, device=src.device, dtype=torch.float32)
+    want = (a, lanes) if group == 1 else (group, a, lanes)
+    if scale is not None and tuple(scale.shape) != want:
+        raise ValueError(f"the gain must be {want} for {lanes} lanes of {a} blocks, got "
                          f"{tuple(scale.shape)}")
     if n_tok * width == 0:
         return dst, part
@@ -279,12 +347,13 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     def arg(t, dtype=src.dtype):
         return t.contiguous() if t is not None else src.new_empty(0, dtype=dtype)
 
+    srcs += [arg(None) for _ in range(MAX_GROUP - len(srcs))]
     wrap_triton(_walsh_kernel)[(rows, chunks)](
-        src, dst, arg(scale), arg(other), arg(part, torch.float32), n_tok, iters,
+        *srcs, dst, arg(scale), arg(other), arg(part, torch.float32), n_tok, iters,
         1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
-        IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None,
+        P=group, IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
-        INTERPRETED=INTERPRETED, WIDE=n_tok * a * width >= WIDE_NUMEL,
+        INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
         STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=TILE_WARPS)
     return dst, part
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from walsh.layers.hadamard import group_layers, shared_input
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -50,11 +52,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); ``make`` builds each linear of the configured algebra."""
 
-    def __init__(self, make, dim: int, hidden: int, out_scale: float) -> None:
+    def __init__(self, make, dim: int, hidden: int, out_scale: float,
+                 group: bool = False) -> None:
         super().__init__()
         self.gate = make(dim, hidden)
         self.up = make(dim, hidden)
         self.down = make(hidden, dim, init_scale=out_scale)
+        self.grouped = False  # gate and up through walsh.layers.hadamard.shared_input
+        if group:
+            self.grouped = group_layers([self.gate, self.up])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.grouped:
+            gate, up = shared_input([self.gate, self.up], x)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(F.silu(gate) * up)

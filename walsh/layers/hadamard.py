@@ -92,6 +92,7 @@ class WalshLinear(StructuredLinear):
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
+        self.in_group = False  # run with others by shared_input (``group_layers``; for ``path``)
 
     def fan_in(self) -> int:
         return self.n_in  # each output sees one block's worth of (mixed) inputs
@@ -118,25 +119,33 @@ class WalshLinear(StructuredLinear):
         if self.impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         x = autocast_input(x)
-        dt = x.dtype
+        w, alpha, beta = self._operands(x.dtype)
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        if self._kernel_fns:  # one op: [N, in] -> [N, out]
+            out = self._kernel_fns["walsh_linear"](x2, w, alpha, beta,
+                                                   one_kernel=self.impl == "fused")
+        else:  # transform, A GEMMs, transform, in torch ops
+            y = torch.bmm(walsh_in_naive(x2, alpha), w.transpose(1, 2))  # [A, N, n_out]
+            out = walsh_out_naive(y, beta)  # [N, out]
+        return self._finish(out, x.shape)
+
+    def _operands(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w [A, n_out, n_in], alpha [A, n_in], beta [A, n_out]) in dtype dt, w quantized."""
         k = self._kernel_fns
         quantize = k["quantize"] if k else ternary_ste
         if self.ternary:
             w = quantize(self.weight, self.per_component_scale, dt)  # [A, n_out, n_in]
         else:
             w = self.weight.to(dt)
-        x2 = x.reshape(-1, self.in_features)  # [N, in]
-        alpha, beta = self.alpha.to(dt), self.beta.to(dt)
-        if k:  # one op: [N, in] -> [N, out]
-            out = k["walsh_linear"](x2, w, alpha, beta, one_kernel=self.impl == "fused")
-        else:  # transform, A GEMMs, transform, in torch ops
-            y = torch.bmm(walsh_in_naive(x2, alpha), w.transpose(1, 2))  # [A, N, n_out]
-            out = walsh_out_naive(y, beta)  # [N, out]
-        out = out.view(*x.shape[:-1], self.out_features)
+        return w, self.alpha.to(dt), self.beta.to(dt)
+
+    def _finish(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """[N, out] -> [..., out] (the input's leading dims), plus the bias."""
+        out = out.view(*shape[:-1], self.out_features)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def path(self) -> str:
-        return f"WalshLinear: walsh_impl={self.impl}"
+        return f"WalshLinear: walsh_impl={self.impl}" + (" (grouped)" if self.in_group else "")
 
     def flops_per_token(self) -> int:
         if self.impl == "dense":
@@ -148,3 +157,38 @@ class WalshLinear(StructuredLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", impl={self.impl}"
+
+
+def groupable(layers) -> bool:
+    """Whether ``shared_input`` runs these layers as one op: 2 or 3 Walsh layers on the
+    ``triton`` path with one weight shape and no activation quantization (which would give
+    each its own input)."""
+    first = layers[0]
+    return 2 <= len(layers) <= 3 and all(
+        isinstance(m, WalshLinear) and m.impl == "triton" and not m.act_bits
+        and m.weight.shape == first.weight.shape and m.ternary == first.ternary
+        and m.per_component_scale == first.per_component_scale for m in layers)
+
+
+def group_layers(layers) -> bool:
+    """At build time: whether a module that feeds these layers one input should call
+    ``shared_input``; marks them grouped (their ``path`` says so) where ``groupable``."""
+    ok = groupable(layers)
+    for m in layers:
+        m.in_group = ok
+    return ok
+
+
+def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in layers]; where ``groupable``, as one op (``walsh.kernels.walsh_group``)
+    that reads x once and writes one input gradient. It reads the layers' parameters from the
+    caller's forward, not theirs: under ZeRO-3 the caller must be a leaf module
+    (``pipeline.parallelize``), whose hook gathers its children's parameters."""
+    if not groupable(layers):
+        return [m(x) for m in layers]
+    from walsh.kernels.walsh_group import walsh_group
+
+    x = autocast_input(x)
+    ops = [m._operands(x.dtype) for m in layers]  # [(w, alpha, beta)] per layer
+    outs = walsh_group(x.reshape(-1, x.shape[-1]), *(list(t) for t in zip(*ops)))
+    return [m._finish(o, x.shape) for m, o in zip(layers, outs)]

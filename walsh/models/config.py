@@ -38,6 +38,10 @@ class WalshConfig:
     # "blocks" (structured, PyTorch) | "dense" (materialized closed form) | "triton" (a fused
     # kernel per transform) | "fused" (the whole layer in one kernel): walsh.layers.hadamard
     walsh_impl: str = "blocks"
+    # with walsh_impl "triton": the layers that share an input (q, k, v; gate, up) as one op
+    # that reads it once and writes one input gradient (walsh.kernels.walsh_group); false runs
+    # them one by one (the same results up to the rounding of dx and dalpha's sums)
+    walsh_group: bool = True
     ternary: bool = False
     per_component_scale: bool = False  # one absmean gamma per algebra component
     act_bits: int | None = None  # None | 8: per-token activation quantization

@@ -28,6 +28,7 @@ from walsh.layers import (
     make_linear,
     rope_cache,
 )
+from walsh.layers.hadamard import group_layers, shared_input
 from walsh.layers.mixers import _Mixer
 from walsh.loss import linear_cross_entropy
 from walsh.models.config import WalshConfig
@@ -50,6 +51,7 @@ class Attention(nn.Module):
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layer)
         self.q, self.k, self.v = (_linear(cfg, c, c) for _ in range(3))
         self.o = _linear(cfg, c, c, init_scale=out_scale)
+        self.grouped = cfg.walsh_group and group_layers([self.q, self.k, self.v])
         self.mixer: nn.Module | None = None
         if cfg.head_mix:
             mixer = WalshMixer if cfg.mixer_kind == "walsh" else CayleyDicksonMixer
@@ -58,9 +60,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         b, t, c = x.shape  # x: [B, T, C]; cos/sin: [T, D/2] at positions start_pos..+T
         h, d = self.cfg.n_head, self.cfg.head_dim
-        q = apply_rope(self.q(x).view(b, t, h, d), cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k = apply_rope(self.k(x).view(b, t, h, d), cos, sin).transpose(1, 2)
-        v = self.v(x).view(b, t, h, d).transpose(1, 2)
+        if self.grouped:  # one op (walsh.layers.hadamard.shared_input)
+            q, k, v = shared_input([self.q, self.k, self.v], x)  # [B, T, C] each
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = apply_rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # [B, H, T, D]
+        k = apply_rope(k.view(b, t, h, d), cos, sin).transpose(1, 2)
+        v = v.view(b, t, h, d).transpose(1, 2)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -88,6 +94,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(
             lambda i, o, **kw: _linear(cfg, i, o, **kw),
             cfg.n_embd, cfg.mlp_hidden, out_scale=1.0 / math.sqrt(2 * cfg.n_layer),
+            group=cfg.walsh_group,
         )
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):  # [B, T, C] -> [B, T, C]

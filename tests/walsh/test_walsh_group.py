@@ -1,0 +1,214 @@
+"""The shared-input group of Walsh layers (walsh.kernels.walsh_group) against its naive
+reference and against the layers one by one: forward and every gradient on odd sizes, fp32
+(1e-5) and bf16 (1e-2) relative bounds, fresh random inputs (the seed is in every failure
+message), launchers' outputs written into NaN-poisoned buffers; what autograd keeps; the model
+with and without grouping. On CPU under TRITON_INTERPRET=1 (tests/conftest.py); the ``gpu``
+tests repeat it at the 1.3B model's shapes and compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _helpers import rel_err, small_config
+
+pytest.importorskip("triton")
+from walsh.kernels import walsh_group as wg  # noqa: E402
+from walsh.kernels import walsh_linear as wf  # noqa: E402
+from walsh.kernels import walsh_transform as wt  # noqa: E402
+from walsh.layers import WalshLinear  # noqa: E402
+from walsh.layers.hadamard import groupable, shared_input  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+def _group(p, a, n, li, lo, dtype, dev=DEV):
+    """x [N, A*LI] and p layers' (w, alpha, beta), each a leaf that requires grad."""
+    x = torch.randn(n, a * li, device=dev).to(dtype)
+    ws = [(torch.randn(a, lo, li, device=dev) / li**0.5).to(dtype) for _ in range(p)]
+    alphas = [(1 + 0.3 * torch.randn(a, li, device=dev)).to(dtype) for _ in range(p)]
+    betas = [(1 + 0.3 * torch.randn(a, lo, device=dev)).to(dtype) for _ in range(p)]
+    return [t.requires_grad_() for t in (x, *ws, *alphas, *betas)]
+
+
+def _run(fn, leaves, p, grads):
+    """(outputs, gradients of every leaf) of fn(x, ws, alphas, betas) against ``grads``."""
+    x, rest = leaves[0], leaves[1:]
+    outs = fn(x, rest[:p], rest[p:2 * p], rest[2 * p:])
+    return outs, torch.autograd.grad([o.float() for o in outs], leaves, grads)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a,n,li,lo", [(32, 37, 3, 2), (4, 70, 5, 7), (8, 9, 24, 24),
+                                       (16, 5, 130, 9)])  # 130 lanes: two chunks of 128
+def test_group_forward_and_grads_match_naive(p, dtype, a, n, li, lo, seed):
+    leaves = _group(p, a, n, li, lo, dtype)
+    refs = [t.detach().float().requires_grad_() for t in leaves]
+    grads = [torch.randn(n, a * lo, device=DEV).to(dtype).float() for _ in range(p)]
+    outs, got = _run(wg.walsh_group, leaves, p, grads)
+    want_outs, want = _run(wg.walsh_group_naive, refs, p, grads)
+    assert len(outs) == p and all(o.dtype == dtype for o in outs)
+    for o, r in zip(outs, want_outs):
+        assert rel_err(o, r) < TOL[dtype], seed
+    for k, (g, r) in enumerate(zip(got, want)):
+        assert g.shape == r.shape and rel_err(g, r) < TOL[dtype], (k, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_equals_the_layers_one_by_one(dtype, seed):
+    """Against the single-layer op: the same kernels' arithmetic, but one batched GEMM over
+    P*A blocks where each layer had its own, dx's P terms added in fp32 before one rounding
+    (one by one, autograd adds the rounded terms), and dalpha's shares over other token
+    tiles: a tenth of the naive bound (bf16 outputs may round 1 ulp apart), and for dx the
+    naive bound (in bf16 the one-by-one dx carries P + 1 roundings, 3e-3 apart measured)."""
+    p, a, n, li, lo = 3, 16, 45, 6, 5
+    leaves = _group(p, a, n, li, lo, dtype)
+    grads = [torch.randn(n, a * lo, device=DEV).to(dtype).float() for _ in range(p)]
+    outs, got = _run(wg.walsh_group, leaves, p, grads)
+    one_by_one = lambda x, ws, al, be: [wf.walsh_linear(x, *t) for t in zip(ws, al, be)]
+    ref_outs, ref = _run(one_by_one, leaves, p, grads)
+    for o, r in zip(outs, ref_outs):
+        assert rel_err(o, r) < TOL[dtype] / 10, seed
+    for k, (g, r) in enumerate(zip(got, ref)):
+        assert rel_err(g, r) < TOL[dtype] / (1 if k == 0 else 10), (k, seed)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (8, 3, 130, 136)])
+def test_group_launchers_write_every_output(p, a, n, lanes, width, seed):
+    """Into NaN-poisoned buffers: walsh_in_group_raw equals walsh_in_raw with each alpha bit
+    for bit (padding lanes zero), and walsh_out_group_gain_raw's dx and dalpha the sums of the
+    single passes (fp32)."""
+    x = torch.randn(n, a * lanes, device=DEV)
+    alpha = 1 + 0.3 * torch.randn(p, a, lanes, device=DEV)
+    u = torch.full((p, a, n, width), float("nan"), device=DEV)
+    wg.walsh_in_group_raw(x, alpha, width=width, out=u)
+    for k in range(p):
+        assert torch.equal(u[k], wt.walsh_in_raw(x, alpha[k], a, width=width)), (k, seed)
+    dus = [torch.randn(a, n, width, device=DEV) for _ in range(p)]
+    dx = torch.full((n, a * lanes), float("nan"), device=DEV)
+    _, dalpha = wg.walsh_out_group_gain_raw(dus, alpha, x, out=dx)
+    singles = [wt.walsh_out_gain_raw(du, alpha[k], x, a) for k, du in enumerate(dus)]
+    assert rel_err(dx, sum(s[0] for s in singles)) < 1e-6, seed
+    for k, (_, da) in enumerate(singles):
+        assert rel_err(dalpha[k], da) < 1e-6, (k, seed)
+
+
+def test_group_saves_its_outputs_and_u():
+    """For dbeta, autograd keeps each output itself (attention and SwiGLU keep the same
+    tensors) and one u for the group: nothing else of an activation's size."""
+    p, a, n, li, lo = 3, 8, 11, 5, 7
+    leaves = _group(p, a, n, li, lo, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = wg.walsh_group(leaves[0], leaves[1:1 + p], leaves[1 + p:1 + 2 * p],
+                              leaves[1 + 2 * p:])
+    ptrs = {t.data_ptr() for t in saved}
+    assert all(o.data_ptr() in ptrs for o in outs)
+    big = sorted(t.numel() for t in saved if t.numel() >= n * a * min(li, lo))
+    assert big == sorted([n * a * li, p * a * n * 8] + [n * a * lo] * p)  # x, u, the outs
+    outs = wg.walsh_group(leaves[0], leaves[1:1 + p], leaves[1 + p:1 + 2 * p],
+                          leaves[1 + 2 * p:])  # (saved-tensor hooks skip the version check)
+    outs[1].mul_(2)  # a saved output changed in place: autograd refuses, loudly
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        sum(o.sum() for o in outs).backward()
+
+
+def test_group_rejects_bad_inputs():
+    x, w1, w2, a1, a2, b1, b2 = _group(2, 4, 3, 5, 6, torch.float32)
+    with pytest.raises(ValueError, match="2 to 3 layers"):
+        wg.walsh_group(x, [w1], [a1], [b1])
+    with pytest.raises(ValueError, match="2 to 3 layers"):
+        wg.walsh_group(x, [w1, w2] * 2, [a1, a2] * 2, [b1, b2] * 2)
+    with pytest.raises(ValueError, match="layer 1's shapes"):
+        wg.walsh_group(x, [w1, w2[:, :5]], [a1, a2], [b1, b2])
+    with pytest.raises(ValueError, match="layer 0's alpha dtype"):
+        wg.walsh_group(x, [w1, w2], [a1.double(), a2], [b1, b2])
+    with pytest.raises(ValueError, match="at most 3"):
+        wt._launch(x, torch.ones(4, 4, 5), 4, 5, 3, in_mode=True, group=4)
+
+
+def test_groupable_and_shared_input():
+    """Only 2-3 ``triton`` Walsh layers of one weight shape, without activation quantization,
+    run as a group; otherwise shared_input calls each layer (same results)."""
+    mk = lambda **kw: WalshLinear(32, 16, blocks=4, impl="triton", ternary=True, **kw).to(DEV)
+    assert groupable([mk(), mk()]) and groupable([mk(), mk(), mk()])
+    assert not groupable([mk()]) and not groupable([mk()] * 4)
+    assert not groupable([mk(), mk(act_bits=8)])
+    assert not groupable([mk(), WalshLinear(32, 8, blocks=4, impl="triton").to(DEV)])
+    assert not groupable([mk(), WalshLinear(32, 16, blocks=4, impl="blocks").to(DEV)])
+    layers = [mk(bias=True), mk(bias=True)]
+    for m in layers:
+        torch.nn.init.normal_(m.bias)
+    x = torch.randn(2, 7, 32, device=DEV)
+    for got, m in zip(shared_input(layers, x), layers):
+        assert got.shape == (2, 7, 16) and rel_err(got, m(x)) < 1e-6
+
+
+@pytest.mark.parametrize("algebra_dim", [4, 32])
+def test_model_with_and_without_groups(algebra_dim, seed):
+    """walsh_group on and off: the same loss and gradients (fp32), the grouped run's paths
+    say so, and head mixing or activation quantization leave it as it was."""
+    from walsh.models import WalshLM
+
+    cfg = small_config(n_embd=64 if algebra_dim == 4 else 128, algebra="walsh",
+                       algebra_dim=algebra_dim, walsh_impl="triton", ternary=True)
+    grouped = WalshLM(cfg).to(DEV)
+    plain = WalshLM(cfg.replace(walsh_group=False)).to(DEV)
+    plain.load_state_dict(grouped.state_dict())
+    assert grouped.linear_paths() == ("10 x WalshLinear: walsh_impl=triton (grouped); "
+                                      "4 x WalshLinear: walsh_impl=triton")
+    assert plain.linear_paths() == "14 x WalshLinear: walsh_impl=triton"
+    idx = torch.randint(0, 256, (2, 19), device=DEV)
+    tgt = torch.randint(0, 256, (2, 19), device=DEV)
+    losses = [m(idx, tgt) for m in (grouped, plain)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[0], losses[1]) < 1e-6, seed
+    ref = dict(plain.named_parameters())
+    for name, prm in grouped.named_parameters():
+        assert rel_err(prm.grad, ref[name].grad) < 1e-5, (name, seed)
+    quantized = WalshLM(cfg.replace(act_bits=8))
+    assert "grouped" not in quantized.linear_paths()
+
+
+# -- full shapes on the GPU -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("p,c,hidden", [(3, 2048, 2048), (2, 2048, 5504), (2, 768, 2048)])
+def test_group_full_shape_compiled_cuda(p, c, hidden, seed):
+    """At 16k tokens, bf16: the grouped layers (eager and compiled) against the layers one by
+    one on the ``blocks`` path (the 1.3B attention and FFN, with its 172-lane padded rows)."""
+    layers = [WalshLinear(c, hidden, blocks=32, impl="triton", ternary=True).cuda()
+              for _ in range(p)]
+    refs = [WalshLinear(c, hidden, blocks=32, impl="blocks", ternary=True).cuda()
+            for _ in range(p)]
+    for r, m in zip(refs, layers):
+        r.load_state_dict(m.state_dict())
+    x = torch.randn(16, 1024, c, device="cuda")
+    g = [torch.randn(16, 1024, hidden, device="cuda") for _ in range(p)]
+    results = []
+    for fn, mods in ((lambda x: [m(x) for m in refs], refs),
+                     (lambda x: shared_input(layers, x), layers),
+                     (torch.compile(lambda x: shared_input(layers, x)), layers)):
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = fn(xs)
+        sum((o.float() * gk).sum() for o, gk in zip(outs, g)).backward()
+        results.append([*outs, xs.grad] + [prm.grad.clone() for m in mods
+                                           for prm in m.parameters()])
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+    for got in results[1:]:
+        for k, (a, b) in enumerate(zip(got, results[0])):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-2, (k, seed)

@@ -1,0 +1,181 @@
+"""Walsh-Hadamard layers that share their input as one op: attention's q, k, v; the MLP's gate, up.
+
+Run one by one (``walsh.kernels.walsh_linear``, three kernels), P layers on one input x
+[N, A*LI] read x P times in their walsh_in passes, and in the backward each reads x again for
+its dalpha and writes a dx of its own, which autograd then adds (read P, write 1). As a group of
+P (2 or 3) layers with weights of one shape:
+    u      [P, A, N, LIp] = walsh_in of x with each layer's alpha, one pass: x read once
+    y      [P*A, N, LOp]  = one bmm over the P*A blocks (the layers' padded weights stacked)
+    out_p  [N, A*LO]      = walsh_out(y_p, beta_p), one pass per layer, as the layer's own
+backward, per layer as the layer's own: dy_p, dbeta_p = walsh_in_gain(dout_p, beta_p, out_p);
+du_p = dy_p W_p; dw_p = dy_p^T u_p; then for the group in one pass (``_walsh_kernel``'s P):
+    dx = sum_p alpha_p * S H du_p, dalpha_p = sum_i x * S H du_p    (du_p read in turn, x once)
+HBM passes over an [N, C] tensor saved per group, against the layers one by one: forward P - 1
+(x's reads); backward 3 (P - 1) (x's reads, the dx writes and autograd's reads of them). At the
+1.3B shapes (16 x 1024 tokens, C = 2048, bf16) a pass is 64 MiB, about 19 us of HBM time.
+
+Every result is the layers' own (the same kernels' arithmetic in the same order) except dx,
+whose P terms are added in fp32 before the one rounding (one by one, each term is rounded to
+the input dtype and autograd adds the rounded terms), and dalpha, whose per-program shares
+cover a different tile of tokens (``GROUP_OUT_TILE``). The naive reference with the same
+signature is ``walsh_group_naive``.
+
+Who calls it: ``walsh.layers.hadamard.shared_input`` for layers on the ``triton`` path that
+share an input and a weight shape (the model's attention and MLP). ZeRO-3 gathers a module's
+parameters in its own forward hook, and the group reads its members' parameters from the parent
+module's forward: ``pipeline.parallelize`` marks those parents as ZeRO-3 leaf modules.
+
+Code order: naive reference, launchers, autograd (ops), functional.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from walsh.kernels.column_sum import column_sum
+from walsh.kernels.registry import kernel_op
+from walsh.kernels.walsh_linear import _weight_grad, padded_weight, walsh_linear_naive
+from walsh.kernels.walsh_transform import (
+    MAX_GROUP,
+    _launch,
+    row_width,
+    walsh_in_gain_raw,
+    walsh_out_raw,
+)
+
+
+def walsh_group_naive(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
+                      betas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x [N, A*LI], ws[p] [A, LO, LI], alphas[p] [A, LI], betas[p] [A, LO] -> [N, A*LO] each:
+    the layers one by one (``blocks`` path)."""
+    return [walsh_linear_naive(x, w, al, be) for w, al, be in zip(ws, alphas, betas)]
+
+
+# -- launchers --------------------------------------------------------------------------------
+def walsh_in_group_raw(x: torch.Tensor, alpha: torch.Tensor, width: int | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, A*L], alpha [P, A, L] -> u [P, A, N, width]: walsh_in_raw with each alpha, in one
+    pass over x (no autograd; lanes past L zeros)."""
+    p, a, lanes = alpha.shape
+    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, width=width,
+                   group=p)[0]
+
+
+def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: torch.Tensor,
+                             out: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dus[p] [A, N, W], alpha [P, A, L], x [N, A*L] -> (dx [N, A*L] = sum_p alpha_p * S H
+    dus[p], fp32 dalpha [P, A, L] = sum over tokens of x * S H dus[p]) in one pass (no
+    autograd); what lies past L in dus' rows reaches no result."""
+    p, a, lanes = alpha.shape
+    dst, part = _launch(dus[0], alpha, a, lanes, x.shape[0], in_mode=False, out=out, other=x,
+                        width=dus[0].shape[2], group=p, more=tuple(dus[1:]))
+    return dst, column_sum(part).view(p, a, lanes)
+
+
+def group_forward(x, ws, alphas, betas):
+    """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``)."""
+    p, (a, lo, li), n = len(ws), ws[0].shape, x.shape[0]
+    wp = torch.cat([padded_weight(w) for w in ws])                     # [P*A, LOp, LIp]
+    u = walsh_in_group_raw(x, torch.stack(alphas), width=wp.shape[2])  # [P, A, N, LIp]
+    y = torch.bmm(u.view(p * a, n, wp.shape[2]), wp.transpose(1, 2))   # [P*A, N, LOp]
+    return [walsh_out_raw(y[k * a:(k + 1) * a], be, a, lanes=lo)
+            for k, be in enumerate(betas)], u
+
+
+def group_backward(douts, x, ws, alphas, betas, u, outs):
+    """(dx, dws, fp32 dalphas [P, A, LI], fp32 dbetas): each layer's dy and dbeta as its own
+    backward's (dbeta = sum dout * out / beta), its du and dw by its own bmm, then dx and the
+    dalphas in one pass over the P du's and x."""
+    a, lo, li = ws[0].shape
+    dxs_in, dws, dbetas = [], [], []
+    for k, w in enumerate(ws):
+        wp = padded_weight(w)                                          # [A, LOp, LIp]
+        dy, dbeta = walsh_in_gain_raw(douts[k], betas[k], outs[k], a, width=wp.shape[1])
+        dxs_in.append(torch.bmm(dy, wp))                               # du_k [A, N, LIp]
+        dws.append(_weight_grad(dy, u[k], lo, li))
+        dbetas.append(dbeta)
+    dx, dalpha = walsh_out_group_gain_raw(dxs_in, torch.stack(alphas), x)
+    return dx, dws, dalpha, dbetas
+
+
+# -- autograd: a forward and a backward op per group (``walsh.kernels.registry``) -------------
+def _group_fake(x, ws, alphas, betas):
+    a, lo, li = ws[0].shape
+    n = x.shape[0]
+    return [x.new_empty(n, a * lo) for _ in ws] + [x.new_empty(len(ws), a, n, row_width(li))]
+
+
+@kernel_op("walsh::walsh_group", _group_fake)
+def _group_op(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
+              betas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[out_1, .., out_P, u]: u is saved for the backward beside the outs."""
+    outs, u = group_forward(x, ws, alphas, betas)
+    return [*outs, u]
+
+
+def _group_backward_fake(douts, x, ws, alphas, betas, u, outs):
+    return [torch.empty_like(x), *(torch.empty_like(t) for t in (*ws, *alphas, *betas))]
+
+
+@kernel_op("walsh::walsh_group_backward", _group_backward_fake)
+def _group_backward_op(douts: list[torch.Tensor], x: torch.Tensor, ws: list[torch.Tensor],
+                       alphas: list[torch.Tensor], betas: list[torch.Tensor], u: torch.Tensor,
+                       outs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[dx, dw_1.., dalpha_1.., dbeta_1..], each in its input's dtype."""
+    dx, dws, dalpha, dbetas = group_backward(douts, x, ws, alphas, betas, u, outs)
+    return [dx.to(x.dtype), *(d.to(w.dtype) for d, w in zip(dws, ws)),
+            # copies: the dalphas are rows of one tensor, and an op's outputs may not alias
+            *(d.to(al.dtype, copy=True) for d, al in zip(dalpha.unbind(0), alphas)),
+            *(d.to(be.dtype) for d, be in zip(dbetas, betas))]
+
+
+def _setup(ctx, inputs, output):
+    x, ws, alphas, betas = inputs
+    ctx.p = len(ws)
+    ctx.set_materialize_grads(False)  # u gets no gradient: no zero buffer of its size
+    # the outs themselves for dbeta: attention and SwiGLU keep the same tensors for their own
+    # backward (``walsh.kernels.walsh_transform``'s module doc)
+    ctx.save_for_backward(x, output[-1], *ws, *alphas, *betas, *output[:-1])
+
+
+def _backward(ctx, grads):
+    p = ctx.p
+    x, u, *rest = ctx.saved_tensors
+    ws, alphas, betas, outs = (rest[k * p:(k + 1) * p] for k in range(4))
+    douts = grads[:p]
+    if all(d is None for d in douts):  # only u was used: nothing flows back
+        return None, None, None, None
+    douts = [torch.zeros_like(o) if d is None else d.contiguous() for d, o in zip(douts, outs)]
+    r = _group_backward_op(douts, x, list(ws), list(alphas), list(betas), u, list(outs))
+    return r[0], r[1:1 + p], r[1 + p:1 + 2 * p], r[1 + 2 * p:]
+
+
+_group_op.register_autograd(_backward, setup_context=_setup)
+
+
+# -- functional -------------------------------------------------------------------------------
+def walsh_group(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
+                betas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x [N, A*LI], ws[p] [A, LO, LI], alphas[p] [A, LI], betas[p] [A, LO] (2 or 3 layers, all
+    x's dtype) -> P outputs [N, A*LO]: the twin of ``walsh_group_naive``, differentiable in all.
+    Each output is saved for the backward (an in-place change of one before the backward
+    raises autograd's error)."""
+    p = len(ws)
+    if not 2 <= p <= MAX_GROUP or len(alphas) != p or len(betas) != p:
+        raise ValueError(f"walsh_group: 2 to {MAX_GROUP} layers, each with a weight, alpha and "
+                         f"beta; got {len(ws)}, {len(alphas)}, {len(betas)}")
+    a, lo, li = ws[0].shape
+    if a < 2 or a & (a - 1):
+        raise ValueError(f"walsh_group: blocks must be a power of two >= 2, got {a}")
+    for k in range(p):
+        shapes = (tuple(ws[k].shape), tuple(alphas[k].shape), tuple(betas[k].shape))
+        if x.ndim != 2 or x.shape[1] != a * li or shapes != ((a, lo, li), (a, li), (a, lo)):
+            raise ValueError(f"walsh_group: layer {k}'s shapes w, alpha, beta {shapes} with x "
+                             f"{tuple(x.shape)} do not fit x [N, A*LI], w [A, LO, LI], alpha "
+                             f"[A, LI], beta [A, LO] with A, LO, LI = {a}, {lo}, {li}")
+        for name, t in (("w", ws[k]), ("alpha", alphas[k]), ("beta", betas[k])):
+            if t.dtype != x.dtype:
+                raise ValueError(f"walsh_group: layer {k}'s {name} dtype {t.dtype} != x dtype "
+                                 f"{x.dtype}")
+    return list(_group_op(x, list(ws), list(alphas), list(betas))[:-1])
