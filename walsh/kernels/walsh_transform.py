@@ -280,7 +280,10 @@ GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 MAX_CHUNK = 256
 # a group of layers that share their input (``walsh.kernels.walsh_group``: q, k, v; gate, up):
 # at most three, and the tile of their walsh_out + dalpha pass, which holds a result and a sum
-# per layer beside the slab (at OUT_TILE's 256 lanes that is 64 fp32 registers a tensor)
+# per layer beside the slab (at OUT_TILE's 256 lanes that is 64 fp32 registers a tensor).
+# Swept on an H200 (CUDA graphs, N = 16k, A = 32, bf16; docs/benchmarks.md, session 16), us
+# at tiles of 64 / 128 / 256 lanes, 4 warps: 3 x 64 lanes 173 / 149 / 203, 2 x 64 lanes 137 /
+# 117 / 110, 3 x 24 lanes 79 / 78 / 91
 MAX_GROUP, GROUP_OUT_TILE = 3, 128
 
 
@@ -326,6 +329,10 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
     tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
     lb, bt = _slab(max(width, 1), tile)
+    # a group's dx pass on a slab wider than its tile (the 1.3B FFN's 172 lanes as one chunk of
+    # 256) holds a result and P sums of that width: with 4 warps it spilled (H200, P = 2:
+    # 628 us, against 423 us with 8; at 64 and 24 lanes 4 warps were as fast or faster)
+    warps = 2 * TILE_WARPS if group > 1 and not in_mode and lb * bt > tile else TILE_WARPS
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
@@ -354,7 +361,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         P=group, IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
-        STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=TILE_WARPS)
+        STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=warps)
     return dst, part
 
 
