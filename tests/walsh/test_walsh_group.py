@@ -125,6 +125,29 @@ def test_group_saves_its_outputs_and_u():
         sum(o.sum() for o in outs).backward()
 
 
+def test_group_ops_pass_opcheck_and_compile(seed):
+    """torch.library.opcheck on the forward and backward ops (schema, fake against real,
+    autograd registration; list arguments and outputs), and the compiled group (fullgraph)
+    with its backward equal to eager."""
+    p, a, n, li, lo = 2, 8, 6, 5, 3
+    leaves = _group(p, a, n, li, lo, torch.float32)
+    x, ws, al, be = leaves[0], leaves[1:1 + p], leaves[1 + p:1 + 2 * p], leaves[1 + 2 * p:]
+    torch.library.opcheck(torch.ops.walsh.walsh_group.default, (x, ws, al, be))
+    outs = [o.detach() for o in wg.walsh_group(x, ws, al, be)]
+    u = wg.walsh_in_group_raw(x.detach(), torch.stack(al).detach(), width=8)
+    douts = [torch.randn_like(o) for o in outs]
+    plain = [t.detach() for t in leaves]
+    torch.library.opcheck(torch.ops.walsh.walsh_group_backward.default,
+                          (douts, plain[0], plain[1:1 + p], plain[1 + p:1 + 2 * p],
+                           plain[1 + 2 * p:], u, outs))
+    results = []
+    for fn in (wg.walsh_group, torch.compile(wg.walsh_group, fullgraph=True, backend="aot_eager")):
+        got = _run(fn, leaves, p, douts)
+        results.append([*got[0], *got[1]])
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled), seed
+
+
 def test_group_rejects_bad_inputs():
     x, w1, w2, a1, a2, b1, b2 = _group(2, 4, 3, 5, 6, torch.float32)
     with pytest.raises(ValueError, match="2 to 3 layers"):
