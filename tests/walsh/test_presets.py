@@ -195,6 +195,8 @@ def test_structured_models_are_smaller(counts):
         (dict(mlp_hidden=100, algebra="cayley_dickson"), "mlp_hidden"),  # 100 % 8
         (dict(vocab_size=0), "vocab_size"),
         (dict(n_layer=True), "n_layer"),
+        (dict(walsh_group=3), "walsh_group"),
+        (dict(ternary="yes"), "ternary"),
     ],
 )
 def test_config_errors_name_the_field(kw, field):

@@ -5,6 +5,9 @@
   alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``).
 - ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one op, in those
   three kernels or in one (reference: ``walsh_linear_naive``).
+- ``walsh.kernels.walsh_group``: two or three Walsh-Hadamard layers that share their input
+  (q, k, v; gate, up) as one op that reads it once and writes one input gradient (reference:
+  ``walsh_group_naive``, the layers one by one).
 - ``walsh.kernels.column_sum``: the fixed-order sum of the gain passes' per-program partial
   sums (reference: ``column_sum_naive``, ``part.sum(0)``).
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores

@@ -329,9 +329,11 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
     tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
     lb, bt = _slab(max(width, 1), tile)
-    # a group's dx pass on a slab wider than its tile (the 1.3B FFN's 172 lanes as one chunk of
-    # 256) holds a result and P sums of that width: with 4 warps it spilled (H200, P = 2:
-    # 628 us, against 423 us with 8; at 64 and 24 lanes 4 warps were as fast or faster)
+    # a group's dx pass on a slab wider than its tile (172 lanes, 5504 input features, as one
+    # chunk of 256; no preset has such a group: theirs are at 24, 32 and 64 lanes) holds a
+    # result and P sums of that width: with 4 warps it spilled (H200, P = 2: 628 us, against
+    # 423 us with 8; at 64 and 24 lanes 4 warps were as fast or faster; single layers' passes
+    # were fastest with 4 at every width, session 16)
     warps = 2 * TILE_WARPS if group > 1 and not in_mode and lb * bt > tile else TILE_WARPS
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)

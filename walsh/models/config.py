@@ -75,6 +75,9 @@ class WalshConfig:
             val = getattr(self, key)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise bad(key, f"must be a positive integer, got {val!r}")
+        for f in dataclasses.fields(self):  # a YAML 3 or "yes" is no switch
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise bad(f.name, f"must be true or false, got {getattr(self, f.name)!r}")
         if self.algebra not in ALGEBRAS:
             raise bad("algebra", f"must be one of {ALGEBRAS}, got {self.algebra!r}")
         if self.algebra_dim is None:
