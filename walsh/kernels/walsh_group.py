@@ -75,7 +75,7 @@ def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: to
 
 def group_forward(x, ws, alphas, betas):
     """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``)."""
-    p, (a, lo, li), n = len(ws), ws[0].shape, x.shape[0]
+    p, (a, lo, _), n = len(ws), ws[0].shape, x.shape[0]
     wp = torch.cat([padded_weight(w) for w in ws])                     # [P*A, LOp, LIp]
     u = walsh_in_group_raw(x, torch.stack(alphas), width=wp.shape[2])  # [P, A, N, LIp]
     y = torch.bmm(u.view(p * a, n, wp.shape[2]), wp.transpose(1, 2))   # [P*A, N, LOp]
