@@ -10,7 +10,9 @@ Counted: each kernel's operands read once and its results written once; activati
 (2 B), latent weights fp32 (the ternary quantizer reads them twice and writes bf16), weight
 gradients written in their dtype. The kernel lists follow ``walsh.kernels.walsh_linear`` (the
 three-kernel and one-kernel paths), ``walsh.kernels.int8_linear`` and the dense GEMM path;
-the PyTorch ``blocks`` path is costed as the three-kernel one. Not counted: normalization,
+the PyTorch ``blocks`` path is costed as the three-kernel one. A layer in a group of P that
+shares its input (``walsh.kernels.walsh_group``) is costed with its 1/P share of the group's
+read of x (walsh_in, and the dx pass) and of its dx write. Not counted: normalization,
 residual, SwiGLU and RoPE passes, embeddings, the optimizer, launch overhead, and the LM head
 weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
 step over it ("x roof") says how far the whole step is from its kernels' ideal.
@@ -43,6 +45,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
     i, o, a, w = layer.in_features, layer.out_features, layer.blocks, layer.weight.numel()
     g = 2 * n * i * o / a  # the A block GEMMs
     hi, ho = 2 * a * n * i, 2 * a * n * o  # H applied as [A, A] tensor-core dots
+    share = 1 / max(1, layer.in_group)  # of a group's x read and dx write (one per group)
     if layer.impl == "fused":
         return [
             Kernel("walsh fused fwd", g + hi + ho, 0, ACT * (n * i + n * o + w)),
@@ -52,7 +55,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
             Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
         ]
     return [
-        Kernel("walsh_in", hi, 0, 2 * ACT * n * i),
+        Kernel("walsh_in", hi, 0, ACT * n * i * (1 + share)),
         Kernel("bmm fwd", g, 0, ACT * (n * i + n * o + w)),
         # y read, out written (out is saved for dbeta = sum dout * out / beta)
         Kernel("walsh_out", ho, 0, 2 * ACT * n * o),
@@ -60,7 +63,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
         # the saved out read, dy written; du and x read, dx written
         Kernel("walsh_in (dout) + dbeta", ho, 0, 3 * ACT * n * o),
         Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
-        Kernel("walsh_out (du) + alpha + dalpha", hi, 0, 3 * ACT * n * i),
+        Kernel("walsh_out (du) + alpha + dalpha", hi, 0, ACT * n * i * (1 + 2 * share)),
         Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
     ]
 

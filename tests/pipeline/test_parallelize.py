@@ -4,10 +4,13 @@ replayed over between micro steps."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from pipeline.parallelize import compile_blocks
+from pipeline.config import load
+from pipeline.parallelize import compile_blocks, parallelize
 from walsh.models import WalshLM
 from walsh.models.presets import get_preset
 
@@ -40,3 +43,20 @@ def test_compiled_blocks_accumulate_the_eager_gradients(mode):
     for (name, _), g, w in zip(eager.named_parameters(), got, want):
         err = ((g - w).norm() / w.norm().clamp(min=1e-12)).item()
         assert err < 1e-4, (name, mode, err)  # fp32: compiled kernels reorder sums only
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("group", [True, False])
+def test_zero3_leaf_modules_are_the_grouping_parents(stage, group):
+    """At ZeRO-3, the modules that run their children's Walsh layers as one op (attention,
+    SwiGLU; ``grouped``) are DeepSpeed leaf modules, so that their own hook gathers the
+    children's parameters; nothing else, and nothing at other stages or without groups."""
+    pytest.importorskip("triton")
+    cfg = load(Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml", [
+        f"train.zero_stage={stage}", "train.compile=false", "model.preset=tiny",
+        "model.overrides.algebra=walsh", "model.overrides.algebra_dim=4",
+        "model.overrides.walsh_impl=triton", f"model.overrides.walsh_group={group}"])
+    model = parallelize(WalshLM(cfg.walsh_config()), cfg, torch.device("cpu"))
+    leaves = {n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)}
+    want = {f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn", "mlp")}
+    assert leaves == (want if stage == 3 and group else set())

@@ -85,6 +85,26 @@ def test_three_kernel_walsh_path_by_hand():
     assert ks["walsh_out (du) + alpha + dalpha"].bytes == 3 * 2 * N * 768
 
 
+def test_grouped_walsh_layers_share_their_input_passes():
+    """q, k, v as a group (walsh.kernels.walsh_group): one read of x in walsh_in and one in the
+    dx pass, one dx write, for the three; the layers alone (walsh_group false) each their own.
+    Per attention of C = 768 at N tokens: 3 (P - 1) = 6 fewer [N, C] passes (x's reads in
+    both passes, the dx writes; autograd's reads of the dx's lie in the uncounted norm
+    backward)."""
+    def attn_bytes(group):
+        with torch.device("meta"):
+            model = WalshLM(get_preset("walsh-h-125m", walsh_impl="triton", n_layer=1,
+                                       walsh_group=group))
+        attn = model.blocks[0].attn
+        return {name: sum(k.bytes for k in linear_kernels(getattr(attn, name), N)
+                          if k.name.startswith(("walsh_in", "walsh_out (du)")))
+                for name in "qkvo"}
+    grouped, alone = attn_bytes(True), attn_bytes(False)
+    assert grouped["o"] == alone["o"]  # not in a group
+    saved = sum(alone[m] - grouped[m] for m in "qkv")
+    assert saved == pytest.approx(6 * 2 * N * 768)
+
+
 def test_step_roofline_sums_the_models_kernels_and_counts_attention_and_head():
     with torch.device("meta"):
         model = WalshLM(get_preset("dense-125m", n_layer=2))

@@ -51,7 +51,7 @@ def _run(fn, leaves, p, grads):
 @pytest.mark.parametrize("p", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("a,n,li,lo", [(32, 37, 3, 2), (4, 70, 5, 7), (8, 9, 24, 24),
-                                       (16, 5, 130, 9)])  # 130 lanes: two chunks of 128
+                                       (4, 3, 250, 9)])  # rows of 256: two chunks of 128
 def test_group_forward_and_grads_match_naive(p, dtype, a, n, li, lo, seed):
     leaves = _group(p, a, n, li, lo, dtype)
     refs = [t.detach().float().requires_grad_() for t in leaves]
@@ -85,7 +85,8 @@ def test_group_equals_the_layers_one_by_one(dtype, seed):
 
 
 @pytest.mark.parametrize("p", [2, 3])
-@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (8, 3, 130, 136)])
+@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8),
+                                             (4, 3, 250, 256)])  # two chunks of 128 lanes
 def test_group_launchers_write_every_output(p, a, n, lanes, width, seed):
     """Into NaN-poisoned buffers: walsh_in_group_raw equals walsh_in_raw with each alpha bit
     for bit (padding lanes zero), and walsh_out_group_gain_raw's dx and dalpha the sums of the
@@ -171,22 +172,41 @@ def test_groupable_and_shared_input():
     assert not groupable([mk(), mk(act_bits=8)])
     assert not groupable([mk(), WalshLinear(32, 8, blocks=4, impl="triton").to(DEV)])
     assert not groupable([mk(), WalshLinear(32, 16, blocks=4, impl="blocks").to(DEV)])
-    layers = [mk(bias=True), mk(bias=True)]
-    for m in layers:
-        torch.nn.init.normal_(m.bias)
     x = torch.randn(2, 7, 32, device=DEV)
-    for got, m in zip(shared_input(layers, x), layers):
-        assert got.shape == (2, 7, 16) and rel_err(got, m(x)) < 1e-6
+    layers = [mk(bias=True), mk(bias=True)]
+    uneven = [mk(), WalshLinear(32, 8, blocks=4, impl="triton").to(DEV)]  # one by one
+    for group in (layers, uneven):
+        for m in group:
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias)
+        for got, m in zip(shared_input(group, x), group):
+            assert got.shape == (2, 7, m.out_features) and rel_err(got, m(x)) < 1e-6
 
 
-@pytest.mark.parametrize("algebra_dim", [4, 32])
-def test_model_with_and_without_groups(algebra_dim, seed):
-    """walsh_group on and off: the same loss and gradients (fp32), the grouped run's paths
-    say so, and head mixing or activation quantization leave it as it was."""
+def test_unused_group_member_gets_no_gradient():
+    """As alone: a layer whose output reaches no loss gets None, not zeros (which an
+    optimizer's weight decay and momentum would still act on)."""
+    layers = [WalshLinear(32, 16, blocks=4, impl="triton", ternary=True).to(DEV)
+              for _ in range(3)]
+    x = torch.randn(5, 32, device=DEV, requires_grad=True)
+    q, _, v = shared_input(layers, x)
+    (q.sum() + v.square().sum()).backward()
+    assert x.grad is not None
+    for m, used in zip(layers, (True, False, True)):
+        for prm in m.parameters():
+            assert (prm.grad is not None) == used
+
+
+@pytest.mark.parametrize("algebra_dim,head_mix", [(4, False), (32, False), (32, True)])
+def test_model_with_and_without_groups(algebra_dim, head_mix, seed):
+    """walsh_group on and off: the same loss and gradients (fp32), with and without head
+    mixing (after attention, untouched by the group); the grouped run's paths say so, and
+    activation quantization leaves the layers one by one."""
     from walsh.models import WalshLM
 
+    mix = dict(head_mix=True, head_mix_dim=4) if head_mix else {}
     cfg = small_config(n_embd=64 if algebra_dim == 4 else 128, algebra="walsh",
-                       algebra_dim=algebra_dim, walsh_impl="triton", ternary=True)
+                       algebra_dim=algebra_dim, walsh_impl="triton", ternary=True, **mix)
     grouped = WalshLM(cfg).to(DEV)
     plain = WalshLM(cfg.replace(walsh_group=False)).to(DEV)
     plain.load_state_dict(grouped.state_dict())

@@ -137,10 +137,12 @@ def _ternary_ste_op(w: torch.Tensor, per_component: bool, out_dtype: torch.dtype
 
 def _setup(ctx, inputs, output):
     ctx.w_dtype = inputs[0].dtype
+    # no gradient in (a grouped Walsh layer whose output reached no loss): none out, not zeros
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad):  # straight through: dL/dw = dL/dw_eff
-    return grad.to(ctx.w_dtype), None, None
+    return None if grad is None else grad.to(ctx.w_dtype), None, None
 
 
 _ternary_ste_op.register_autograd(_backward, setup_context=_setup)

@@ -12,13 +12,15 @@ du_p = dy_p W_p; dw_p = dy_p^T u_p; then for the group in one pass (``_walsh_ker
     dx = sum_p alpha_p * S H du_p, dalpha_p = sum_i x * S H du_p    (du_p read in turn, x once)
 HBM passes over an [N, C] tensor saved per group, against the layers one by one: forward P - 1
 (x's reads); backward 3 (P - 1) (x's reads, the dx writes and autograd's reads of them). At the
-1.3B shapes (16 x 1024 tokens, C = 2048, bf16) a pass is 64 MiB, about 19 us of HBM time.
+1.3B shapes (16 x 1024 tokens, C = 2048, bf16) a pass is 64 MiB, about 16 us of HBM time.
 
-Every result is the layers' own (the same kernels' arithmetic in the same order) except dx,
-whose P terms are added in fp32 before the one rounding (one by one, each term is rounded to
-the input dtype and autograd adds the rounded terms), and dalpha, whose per-program shares
-cover a different tile of tokens (``GROUP_OUT_TILE``). The naive reference with the same
-signature is ``walsh_group_naive``.
+The results are the layers' own up to rounding: the transforms' arithmetic is the single
+passes', but the forward's GEMM is one batched call over P*A blocks (cuBLAS may pick another
+kernel than for A, and so round differently), dx's P terms are added in fp32 before the one
+rounding (one by one, each term is rounded to the input dtype and autograd adds the rounded
+terms), and dalpha's shares are summed in another order within each program (the dx pass's
+tile is ``GROUP_OUT_TILE``). The naive reference with the same signature is
+``walsh_group_naive``.
 
 Who calls it: ``walsh.layers.hadamard.shared_input`` for layers on the ``triton`` path that
 share an input and a weight shape (the model's attention and MLP). ZeRO-3 gathers a module's
@@ -134,8 +136,9 @@ def _setup(ctx, inputs, output):
     x, ws, alphas, betas = inputs
     ctx.p = len(ws)
     ctx.set_materialize_grads(False)  # u gets no gradient: no zero buffer of its size
-    # the outs themselves for dbeta: attention and SwiGLU keep the same tensors for their own
-    # backward (``walsh.kernels.walsh_transform``'s module doc)
+    # the outs themselves for dbeta: SDPA keeps v and SwiGLU keeps gate and up, the same
+    # tensors, for their own backward (``walsh.kernels.walsh_transform``'s module doc); q and k
+    # are kept for dbeta alone (RoPE saves neither)
     ctx.save_for_backward(x, output[-1], *ws, *alphas, *betas, *output[:-1])
 
 
@@ -146,9 +149,13 @@ def _backward(ctx, grads):
     douts = grads[:p]
     if all(d is None for d in douts):  # only u was used: nothing flows back
         return None, None, None, None
+    used = [d is not None for d in douts]
     douts = [torch.zeros_like(o) if d is None else d.contiguous() for d, o in zip(douts, outs)]
     r = _group_backward_op(douts, x, list(ws), list(alphas), list(betas), u, list(outs))
-    return r[0], r[1:1 + p], r[1 + p:1 + 2 * p], r[1 + 2 * p:]
+    # a layer whose output was not used gets no gradients (None, as alone), not zeros
+    dws, dalphas, dbetas = ([g if k else None for g, k in zip(r[s:s + p], used)]
+                            for s in (1, 1 + p, 1 + 2 * p))
+    return r[0], dws, dalphas, dbetas
 
 
 _group_op.register_autograd(_backward, setup_context=_setup)

@@ -320,8 +320,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     width = lanes if width is None else width
     if width < lanes:
         raise ValueError(f"block-major rows of {width} lanes cannot hold {lanes}")
-    if not in_mode and any(t.shape != srcs[0].shape for t in srcs):
-        raise ValueError(f"a group's sources differ in shape: {[tuple(t.shape) for t in srcs]}")
+    if not in_mode and any(tuple(t.shape) != (a, n_tok, width) for t in srcs):
+        raise ValueError(f"block-major sources must be {(a, n_tok, width)} for {n_tok} tokens, "
+                         f"got {[tuple(t.shape) for t in srcs]}")
     shape = (a, n_tok, width) if in_mode else (n_tok, a * lanes)
     shape = (group, *shape) if in_mode and group > 1 else shape
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
@@ -332,8 +333,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     # a group's dx pass on a slab wider than its tile (172 lanes, 5504 input features, as one
     # chunk of 256; no preset has such a group: theirs are at 24, 32 and 64 lanes) holds a
     # result and P sums of that width: with 4 warps it spilled (H200, P = 2: 628 us, against
-    # 423 us with 8; at 64 and 24 lanes 4 warps were as fast or faster; single layers' passes
-    # were fastest with 4 at every width, session 16)
+    # 423 us with 8). At the presets' widths 4 warps were faster (3 x 64 lanes 149 against
+    # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
+    # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
     warps = 2 * TILE_WARPS if group > 1 and not in_mode and lb * bt > tile else TILE_WARPS
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)

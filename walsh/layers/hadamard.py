@@ -94,7 +94,7 @@ class WalshLinear(StructuredLinear):
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
-        self.in_group = False  # run with others by shared_input (``group_layers``; for ``path``)
+        self.in_group = 0  # the size of its shared_input group, 0 alone (``group_layers``)
 
     def fan_in(self) -> int:
         return self.n_in  # each output sees one block's worth of (mixed) inputs
@@ -177,7 +177,8 @@ def group_layers(layers) -> bool:
     ``shared_input``; marks them grouped (their ``path`` says so) where ``groupable``."""
     ok = groupable(layers)
     for m in layers:
-        m.in_group = ok
+        if isinstance(m, WalshLinear):  # its ``path`` and the roofline's bytes say so
+            m.in_group = len(layers) if ok else 0
     return ok
 
 
