@@ -2,7 +2,8 @@
 
 - ``walsh.kernels.ternary``: fused ternary weight quantization (reference: ``walsh.quant``).
 - ``walsh.kernels.walsh_transform``: the Walsh-Hadamard layer's block transforms fused with
-  alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``).
+  alpha/beta and the layout changes (reference: ``walsh_in_naive`` / ``walsh_out_naive``);
+  their one Triton kernel is in ``walsh.kernels.walsh_transform_kernel``.
 - ``walsh.kernels.walsh_linear``: the whole Walsh-Hadamard layer as one op, in those
   three kernels or in one (reference: ``walsh_linear_naive``).
 - ``walsh.kernels.walsh_group``: two or three Walsh-Hadamard layers that share their input

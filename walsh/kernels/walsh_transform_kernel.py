@@ -1,0 +1,197 @@
+"""The Triton kernel of the Walsh-Hadamard transforms (``walsh.kernels.walsh_transform``).
+
+One kernel serves every pass: walsh_in (token-major x -> block-major u = S H (alpha * x)),
+walsh_out (block-major y -> token-major out = beta * S H y), each optionally with its gain's
+gradient summed in the same pass (``GAIN``), and groups of layers that share an input
+(``P``; ``walsh.kernels.walsh_group``). The launchers, ops and the naive references are in
+``walsh.kernels.walsh_transform``, whose module doc gives the math.
+
+Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
+fp32 before the one rounding to the output dtype (the naive butterfly rounds at each of its
+log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
+- bf16: a bf16 ``tl.dot``. H (+-1) and bf16 inputs are exact in bf16; walsh_in rounds alpha * x
+  to bf16 first, as the naive path does. Before session 11 this was a TF32 dot (alpha * x kept
+  10 mantissa bits); bf16 operands take fewer registers (the TF32 slabs spilled at 172 lanes),
+  and on an H200 the plain transforms and walsh_out + dalpha took 3-11% less time, walsh_in +
+  dbeta 21-28% less with its 3-stage loop (``GAIN_STAGES``; docs/benchmarks.md, session 11).
+  Under the Triton interpreter (CI) the same bf16-rounded operands go through an fp32 dot
+  (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9).
+- fp16: a TF32 dot (fp16 values are exact in TF32, not in bf16).
+- fp32: an IEEE dot (no TF32): fp32 matches the reference to ~1e-7.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# -- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
+    """H [A, A] fp32 with H[h, g] = (-1)^popcount(h & g), built in registers."""
+    bits = tl.arange(0, A)[:, None] & tl.arange(0, A)[None, :]
+    par = tl.zeros([A, A], dtype=tl.int32)
+    for b in tl.static_range(LOG_A):
+        par += (bits >> b) & 1
+    return 1.0 - 2.0 * (par & 1).to(tl.float32)
+
+
+@triton.jit
+def _bf16_values(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32: the interpreter's
+    stand-in for a bf16 dot's operand. Under TRITON_INTERPRET=1 (triton 3.9) a bf16 ``tl.dot``
+    multiplies the raw bits and ``.to(tl.bfloat16)`` truncates, where the GPU rounds to
+    nearest. Bit arithmetic on the fp32 pattern (finite x): add half an ulp of bf16, less one
+    unless the kept last bit is odd, and clear the low 16 bits. A NaN whose low 16 bits are set
+    would come out wrong; the operands here are bf16 values times a bf16 gain (exact in fp32),
+    whose NaNs have those bits clear."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr,
+               USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
+               INTERPRETED: tl.constexpr):
+    """[A, BT, LB] fp32 -> S H x along axis 0, fp32."""
+    x2 = tl.reshape(x, [A, BT * LB])
+    if USE_DOT:
+        if BF16_DOT:  # bf16 inputs: x rounded to bf16 (+-1 is exact), fp32 accumulation
+            if INTERPRETED:  # the same products, through an fp32 dot (see _bf16_values)
+                y = tl.dot(h_mat, _bf16_values(x2), input_precision="ieee")
+            else:
+                y = tl.dot(h_mat.to(tl.bfloat16), x2.to(tl.bfloat16))  # [A, BT * LB]
+        elif IEEE:  # fp32 inputs: exact products, no TF32
+            y = tl.dot(h_mat, x2, input_precision="ieee")
+        else:  # fp16 inputs: +-1 and fp16 values are exact in TF32, so TF32 loses nothing
+            y = tl.dot(h_mat, x2, input_precision="tf32")
+    else:
+        y = tl.sum(h_mat[:, :, None] * x2[None, :, :], axis=1)
+    # S cast to fp32: compiled, inductor passes Python floats as fp64
+    return tl.reshape(y, [A, BT, LB]) * tl.cast(inv_sqrt_a, tl.float32)
+
+
+@triton.jit
+def _pick(a, b, c, p: tl.constexpr):
+    """The p-th of three values (p a compile-time constant): a group member's gain, source
+    or sum. Those past the group's size are never defined and never picked."""
+    if p == 0:
+        r = a
+    elif p == 1:
+        r = b
+    else:
+        r = c
+    return r
+
+
+@triton.jit
+def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N,
+                  ITERS, inv_sqrt_a, A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr,
+                  LP: tl.constexpr, LB: tl.constexpr, BT: tl.constexpr, P: tl.constexpr,
+                  IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, GAIN: tl.constexpr,
+                  USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
+                  INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
+    """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
+    of LB lanes (axis 1; LB a power of 2; token-major lanes past L neither read nor written)
+    of every block.
+    IN_MODE: src token-major x[i, g*L + j], dst block-major u[h, i, j], alpha[g, j] before H;
+    else src block-major y[g, i, j], dst token-major out[i, h*L + j], beta[h, j] after H.
+    Block-major rows are LP >= L lanes wide: lanes L..LP-1 are written as zeros (IN_MODE), or
+    read (16-byte runs) into result lanes that are never stored or summed.
+    GAIN: also the gain gradient sum_i T[i, h*L + j] * Z[i, h*L + j] of two token-major
+    tensors, this program's share written to part[program 0, h*L + j] (fp32): in IN_MODE
+    T = src (before the scale) and Z = other / scale (other = the forward's out = beta * z; the
+    share is divided, 0 where the scale is 0), or Z = other without a scale; else T = other
+    and Z = S H src (the result before the scale).
+    Offsets are affine in (g, i, j) with L a compile-time constant, so each token's lanes (and
+    each block's run of tokens) are read and written as contiguous runs. Offsets are int64
+    only when a tensor has 2**31 elements or more (``WIDE``): int32 index math is cheaper.
+    STAGES: the token loop's software-pipelining depth (``tl.range``), 0 for the compiler's
+    default (``GAIN_STAGES``).
+    P (1-3): a group of P layers that share their input (``walsh.kernels.walsh_group``), with
+    P gains scale [P, A, L]. IN_MODE: the x slab is read once and P results written, u[p] at
+    dst + p * N * A * LP; GAIN needs P = 1. Else: the P block-major sources src, src1, src2
+    are read in turn and one result written, out = sum_p scale[p] * S H src_p (the group's
+    dx); GAIN: part[program 0, p, h*L + j] = sum_i other * (S H src_p) for each p."""
+    g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
+    j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
+    g64 = g.to(tl.int64) if WIDE else g
+    if HAS_SCALE:  # the P gains [P, A, L] -> [A, 1, LB] each (hoisted out of the token loop)
+        s0 = tl.load(scale_ptr + g * L + j, mask=j < L, other=0.0).to(tl.float32)
+        s1 = s0  # stand-ins past the group's size (never picked)
+        s2 = s0
+        if P > 1:
+            s1 = tl.load(scale_ptr + (A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
+        if P > 2:
+            s2 = tl.load(scale_ptr + (2 * A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
+    # one group member's block-major plane, A * N * LP elements
+    plane = (N.to(tl.int64) if WIDE else N) * (A * LP)
+    h_mat = _hadamard(A, LOG_A)                                        # [A, A]
+    acc0 = tl.zeros([A, BT, LB], dtype=tl.float32)  # GAIN's sums, one per group member
+    acc1 = acc0  # stand-ins past the group's size (never picked)
+    acc2 = acc0
+    if P > 1:
+        acc1 = tl.zeros([A, BT, LB], dtype=tl.float32)
+    if P > 2:
+        acc2 = tl.zeros([A, BT, LB], dtype=tl.float32)
+    for it in tl.range(0, ITERS, num_stages=STAGES if STAGES > 0 else None):
+        i = ((tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT))[None, :, None]  # [1, BT, 1]
+        mask = (i < N) & (j < L)                                       # [1, BT, LB]
+        i64 = i.to(tl.int64) if WIDE else i
+        token_major = i64 * (A * L) + g64 * L + j                      # [A, BT, LB]
+        block_major = g64 * N * LP + i64 * LP + j
+        if GAIN:  # T * Z's token-major operand (IN_MODE: Z = other / scale; else T = other)
+            o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+        if IN_MODE:
+            x = tl.load(src_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+            if GAIN:  # T = x before alpha
+                acc0 += x * o
+            for p in tl.static_range(P):
+                xs = x
+                if HAS_SCALE:
+                    xs = x * _pick(s0, s1, s2, p)
+                y = _transform(xs, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
+                               INTERPRETED)                            # [A, BT, LB]
+                # block-major rows take the padding lanes' zeros too
+                tl.store(dst_ptr + p * plane + block_major, y.to(dst_ptr.dtype.element_ty),
+                         mask=(i < N) & (j < LP))
+        else:
+            for p in tl.static_range(P):
+                # block-major rows are read with their padding lanes (j < LP): a mask of
+                # j < L would split each row into runs of gcd(L, 8) lanes (4 at the 1.3B FFN's
+                # 172, 2 at the 350M's 86), where LP's rows are 16-byte runs. The transform
+                # mixes blocks, never lanes, so whatever the padding holds stays in lanes past
+                # L, which are never stored or summed. Measured on an H200 (session 13,
+                # docs/benchmarks.md), bit-equal: walsh_out + dalpha 260 -> 226 us at 172
+                # lanes, 139 -> 116 us at 86
+                src = _pick(src_ptr, src1_ptr, src2_ptr, p)
+                x = tl.load(src + block_major, mask=(i < N) & (j < LP),
+                            other=0.0).to(tl.float32)                  # [A, BT, LB]
+                y = _transform(x, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
+                               INTERPRETED)
+                if GAIN:  # Z = S H src_p, before the scale
+                    if p == 0:
+                        acc0 += o * y
+                    if p == 1:
+                        acc1 += o * y
+                    if p == 2:
+                        acc2 += o * y
+                if HAS_SCALE:
+                    y = y * _pick(s0, s1, s2, p)
+                if p == 0:
+                    total = y
+                else:
+                    total += y
+            tl.store(dst_ptr + token_major, total.to(dst_ptr.dtype.element_ty), mask=mask)
+    if GAIN:  # [A, LB]: masked tokens added zeros; lanes past L (0 * padding, maybe NaN) unstored
+        gj = tl.reshape(g, [A, 1])
+        jj = tl.reshape(j, [1, LB])
+        row = tl.program_id(0).to(tl.int64) * (P * A * L)  # once per program: int64 either way
+        for p in tl.static_range(P):
+            share = tl.sum(_pick(acc0, acc1, acc2, p), axis=1)         # [A, LB]
+            if IN_MODE and HAS_SCALE:  # sum dout * out / beta: z's share (0 where beta is 0)
+                s2d = tl.reshape(s0, [A, LB])
+                share = tl.where(s2d != 0.0, share / tl.where(s2d != 0.0, s2d, 1.0), 0.0)
+            tl.store(part_ptr + row + (p * A + gj) * L + jj, share, mask=jj < L)
