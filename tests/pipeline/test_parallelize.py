@@ -49,8 +49,9 @@ def test_compiled_blocks_accumulate_the_eager_gradients(mode):
 @pytest.mark.parametrize("group", [True, False])
 def test_zero3_leaf_modules_are_the_grouping_parents(stage, group):
     """At ZeRO-3, the modules that run their children's Walsh layers as one op (attention,
-    SwiGLU; ``grouped``) are DeepSpeed leaf modules, so that their own hook gathers the
-    children's parameters; nothing else, and nothing at other stages or without groups."""
+    SwiGLU: their children have ``in_group``) are DeepSpeed leaf modules, so that their own
+    hook gathers the children's parameters; nothing else, and nothing at other stages or
+    without groups."""
     pytest.importorskip("triton")
     cfg = load(Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml", [
         f"train.zero_stage={stage}", "train.compile=false", "model.preset=tiny",

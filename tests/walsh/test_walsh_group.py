@@ -19,7 +19,7 @@ from walsh.kernels import walsh_group as wg  # noqa: E402
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
-from walsh.layers.hadamard import groupable, shared_input  # noqa: E402
+from walsh.layers.hadamard import group_layers, groupable, shared_input  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -176,6 +176,7 @@ def test_groupable_and_shared_input():
     layers = [mk(bias=True), mk(bias=True)]
     uneven = [mk(), WalshLinear(32, 8, blocks=4, impl="triton").to(DEV)]  # one by one
     for group in (layers, uneven):
+        group_layers(group)
         for m in group:
             if m.bias is not None:
                 torch.nn.init.normal_(m.bias)
@@ -189,6 +190,7 @@ def test_unused_group_member_gets_no_gradient():
     layers = [WalshLinear(32, 16, blocks=4, impl="triton", ternary=True).to(DEV)
               for _ in range(3)]
     x = torch.randn(5, 32, device=DEV, requires_grad=True)
+    group_layers(layers)
     q, _, v = shared_input(layers, x)
     (q.sum() + v.square().sum()).backward()
     assert x.grad is not None
@@ -238,6 +240,7 @@ def test_group_full_shape_compiled_cuda(p, c, hidden, seed):
             for _ in range(p)]
     for r, m in zip(refs, layers):
         r.load_state_dict(m.state_dict())
+    group_layers(layers)
     x = torch.randn(16, 1024, c, device="cuda")
     g = [torch.randn(16, 1024, hidden, device="cuda") for _ in range(p)]
     results = []

@@ -39,14 +39,13 @@ import torch
 
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op
-from walsh.kernels.walsh_linear import _weight_grad, padded_weight, walsh_linear_naive
-from walsh.kernels.walsh_transform import (
-    MAX_GROUP,
-    _launch,
-    row_width,
-    walsh_in_gain_raw,
-    walsh_out_raw,
+from walsh.kernels.walsh_linear import (
+    _weight_grad,
+    backward_to_du,
+    padded_weight,
+    walsh_linear_naive,
 )
+from walsh.kernels.walsh_transform import MAX_GROUP, _launch, row_width, walsh_out_raw
 
 
 def walsh_group_naive(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
@@ -92,15 +91,14 @@ def group_backward(douts, x, ws, alphas, betas, u, outs):
     """(dx, dws, fp32 dalphas [P, A, LI], fp32 dbetas): each layer's dy and dbeta as its own
     backward's (dbeta = sum dout * out / beta), its du and dw by its own bmm, then dx and the
     dalphas in one pass over the P du's and x."""
-    a, lo, li = ws[0].shape
-    dxs_in, dws, dbetas = [], [], []
+    _, lo, li = ws[0].shape
+    dus, dws, dbetas = [], [], []
     for k, w in enumerate(ws):
-        wp = padded_weight(w)                                          # [A, LOp, LIp]
-        dy, dbeta = walsh_in_gain_raw(douts[k], betas[k], outs[k], a, width=wp.shape[1])
-        dxs_in.append(torch.bmm(dy, wp))                               # du_k [A, N, LIp]
+        dy, du, dbeta = backward_to_du(douts[k], w, betas[k], outs[k])  # du_k [A, N, LIp]
+        dus.append(du)
         dws.append(_weight_grad(dy, u[k], lo, li))
         dbetas.append(dbeta)
-    dx, dalpha = walsh_out_group_gain_raw(dxs_in, torch.stack(alphas), x)
+    dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas), x)
     return dx, dws, dalpha, dbetas
 
 

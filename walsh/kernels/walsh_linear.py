@@ -275,10 +275,18 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, out):
     ``walsh_out_gain_raw``): dbeta = sum dout * out / beta (= sum dout * S H y; 0 where beta
     is 0), dalpha = sum x * S H (W^T dy)."""
     a, lo, li = w.shape
-    wp = padded_weight(w)                                            # [A, LOp, LIp]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, out, a, width=wp.shape[1])  # [A, N, LOp]
-    dx, dalpha = walsh_out_gain_raw(torch.bmm(dy, wp), alpha, x, a)   # [N, A*LI]
+    dy, du, dbeta = backward_to_du(dout, w, beta, out)
+    dx, dalpha = walsh_out_gain_raw(du, alpha, x, a)                  # [N, A*LI]
     return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
+
+
+def backward_to_du(dout, w, beta, out):
+    """The three-kernel backward up to the input transform: (dy [A, N, LOp], du [A, N, LIp],
+    fp32 dbeta [A, LO]), with dy, dbeta = walsh_in_gain(dout, beta, out) and du = dy W (the
+    padded weight); shared with ``walsh.kernels.walsh_group``, whose layers end in one dx pass."""
+    wp = padded_weight(w)                                            # [A, LOp, LIp]
+    dy, dbeta = walsh_in_gain_raw(dout, beta, out, w.shape[0], width=wp.shape[1])
+    return dy, torch.bmm(dy, wp), dbeta
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches

@@ -76,7 +76,8 @@ from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 # graphs at 24, 64, 86, 172 and 256 lanes, transforms and gain passes (session 9,
 # docs/benchmarks.md): 4 warps and one slab were best or within 3% everywhere; walsh_out (and
 # walsh_out + dalpha) ran faster with 256-lane tiles at every width but 24 (6% slower there),
-# walsh_in with 128 at all but 172. int32 offsets (below) took 2-13% off the transforms.
+# walsh_in with 128 at all but 172. int32 offsets (the kernel's ``WIDE``) took 2-13% off the
+# transforms.
 IN_TILE, OUT_TILE, TILE_WARPS = 128, 256, 4
 
 

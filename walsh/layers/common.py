@@ -58,13 +58,9 @@ class SwiGLU(nn.Module):
         self.gate = make(dim, hidden)
         self.up = make(dim, hidden)
         self.down = make(hidden, dim, init_scale=out_scale)
-        self.grouped = False  # gate and up through walsh.layers.hadamard.shared_input
-        if group:
-            self.grouped = group_layers([self.gate, self.up])
+        if group:  # gate and up as one op where they allow (walsh.layers.hadamard)
+            group_layers([self.gate, self.up])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
-        if self.grouped:
-            gate, up = shared_input([self.gate, self.up], x)
-        else:
-            gate, up = self.gate(x), self.up(x)
+        gate, up = shared_input([self.gate, self.up], x)
         return self.down(F.silu(gate) * up)

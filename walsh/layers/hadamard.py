@@ -87,10 +87,12 @@ class WalshLinear(StructuredLinear):
         if impl in _KERNEL_IMPLS:  # fail at build time, naming the config value, if no triton
             try:
                 from walsh.kernels.ternary import ternary_ste as quantize
+                from walsh.kernels.walsh_group import walsh_group
                 from walsh.kernels.walsh_linear import walsh_linear
             except ImportError as e:
                 raise ImportError(f"walsh_impl={impl!r} needs the triton package: {e}") from e
-            self._kernel_fns = {"quantize": quantize, "walsh_linear": walsh_linear}
+            self._kernel_fns = {"quantize": quantize, "walsh_linear": walsh_linear,
+                                "walsh_group": walsh_group}
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
@@ -172,26 +174,26 @@ def groupable(layers) -> bool:
         and m.per_component_scale == first.per_component_scale for m in layers)
 
 
-def group_layers(layers) -> bool:
-    """At build time: whether a module that feeds these layers one input should call
-    ``shared_input``; marks them grouped (their ``path`` says so) where ``groupable``."""
+def group_layers(layers) -> None:
+    """At build time, by the module that feeds these layers one input: where ``groupable``,
+    mark them a group (``in_group``: ``shared_input`` runs them as one op, their ``path`` says
+    so, the roofline costs their shared passes once, and ``pipeline.parallelize`` makes the
+    module, their parent, a ZeRO-3 leaf)."""
     ok = groupable(layers)
     for m in layers:
-        if isinstance(m, WalshLinear):  # its ``path`` and the roofline's bytes say so
+        if isinstance(m, WalshLinear):
             m.in_group = len(layers) if ok else 0
-    return ok
 
 
 def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
-    """[m(x) for m in layers]; where ``groupable``, as one op (``walsh.kernels.walsh_group``)
-    that reads x once and writes one input gradient. It reads the layers' parameters from the
-    caller's forward, not theirs: under ZeRO-3 the caller must be a leaf module
-    (``pipeline.parallelize``), whose hook gathers its children's parameters."""
-    if not groupable(layers):
+    """[m(x) for m in layers]; for layers that ``group_layers`` marked as this group, as one op
+    (``walsh.kernels.walsh_group``) that reads x once and writes one input gradient. It reads
+    the layers' parameters from the caller's forward, not theirs: under ZeRO-3 the caller must
+    be a leaf module (``pipeline.parallelize``), whose hook gathers its children's parameters."""
+    if any(getattr(m, "in_group", 0) != len(layers) for m in layers):
         return [m(x) for m in layers]
-    from walsh.kernels.walsh_group import walsh_group
-
     x = autocast_input(x)
     ops = [m._operands(x.dtype) for m in layers]  # [(w, alpha, beta)] per layer
-    outs = walsh_group(x.reshape(-1, x.shape[-1]), *(list(t) for t in zip(*ops)))
+    outs = layers[0]._kernel_fns["walsh_group"](x.reshape(-1, x.shape[-1]),
+                                                 *(list(t) for t in zip(*ops)))
     return [m._finish(o, x.shape) for m, o in zip(layers, outs)]

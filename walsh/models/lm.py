@@ -51,7 +51,8 @@ class Attention(nn.Module):
         out_scale = 1.0 / math.sqrt(2 * cfg.n_layer)
         self.q, self.k, self.v = (_linear(cfg, c, c) for _ in range(3))
         self.o = _linear(cfg, c, c, init_scale=out_scale)
-        self.grouped = cfg.walsh_group and group_layers([self.q, self.k, self.v])
+        if cfg.walsh_group:  # q, k, v as one op where they allow (walsh.layers.hadamard)
+            group_layers([self.q, self.k, self.v])
         self.mixer: nn.Module | None = None
         if cfg.head_mix:
             mixer = WalshMixer if cfg.mixer_kind == "walsh" else CayleyDicksonMixer
@@ -60,10 +61,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         b, t, c = x.shape  # x: [B, T, C]; cos/sin: [T, D/2] at positions start_pos..+T
         h, d = self.cfg.n_head, self.cfg.head_dim
-        if self.grouped:  # one op (walsh.layers.hadamard.shared_input)
-            q, k, v = shared_input([self.q, self.k, self.v], x)  # [B, T, C] each
-        else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = shared_input([self.q, self.k, self.v], x)  # [B, T, C] each
         q = apply_rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # [B, H, T, D]
         k = apply_rope(k.view(b, t, h, d), cos, sin).transpose(1, 2)
         v = v.view(b, t, h, d).transpose(1, 2)
