@@ -13,8 +13,9 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   Under CUDA graphs (modes "reduce-overhead", "max-autotune") every parameter's gradient is
   copied out of the graph's memory pool as it arrives (``_own_grads``);
 - ZeRO-3 leaf modules: a module that runs its children's layers as one op
-  (``walsh.layers.hadamard.shared_input``: attention's q, k, v and the MLP's gate, up; the
-  children have ``in_group`` set) reads their parameters in its own forward, where ZeRO-3
+  (``walsh.layers.hadamard.shared_input``: attention's q, k, v and the MLP's gate, up;
+  ``swiglu_down``: the MLP's down projection on silu(gate) * up; ``run_by_parent`` says which
+  children) reads their parameters in its own forward, where ZeRO-3
   would have them partitioned (gathered in each child's forward hook, which the group does not
   call). Flagged as a leaf, its own hook gathers the whole subtree's parameters.
 """
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import RunConfig
+from walsh.layers.hadamard import run_by_parent
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay graphs
 
@@ -47,7 +49,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
         from deepspeed.utils import set_z3_leaf_module
 
         for m in model.modules():
-            if any(getattr(c, "in_group", 0) for c in m.children()):
+            if any(run_by_parent(c) for c in m.children()):
                 set_z3_leaf_module(m, True)
     if cfg.train.activation_checkpointing:
         for block in model.blocks:

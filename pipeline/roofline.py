@@ -12,9 +12,12 @@ gradients written in their dtype. The kernel lists follow ``walsh.kernels.walsh_
 three-kernel and one-kernel paths), ``walsh.kernels.int8_linear`` and the dense GEMM path;
 the PyTorch ``blocks`` path is costed as the three-kernel one. A layer in a group of P that
 shares its input (``walsh.kernels.walsh_group``) is costed with its 1/P share of the group's
-read of x (walsh_in, and the dx pass) and of its dx write. Not counted: normalization,
-residual, SwiGLU and RoPE passes, embeddings, the optimizer, launch overhead, and the LM head
-weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
+read of x (walsh_in, and the dx pass) and of its dx write. SwiGLU's product is a pass of its
+own each way (forward: gate, up read, h written; backward: dh, gate, up read, dgate, dup
+written), except where the down projection computes it in its own passes
+(``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads du, gate
+and up and writes dgate and dup). Not counted: normalization, residual and RoPE passes,
+embeddings, the optimizer, launch overhead, and the LM head weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
 step over it ("x roof") says how far the whole step is from its kernels' ideal.
 """
 
@@ -46,6 +49,9 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
     g = 2 * n * i * o / a  # the A block GEMMs
     hi, ho = 2 * a * n * i, 2 * a * n * o  # H applied as [A, A] tensor-core dots
     share = 1 / max(1, layer.in_group)  # of a group's x read and dx write (one per group)
+    # the input's passes: walsh_in's reads (x, or gate and up) and the dx pass's reads and
+    # writes besides du (x and dx, or gate, up, dgate and dup)
+    reads_in, dx_pass = (2, 4) if layer.swiglu_input else (share, 2 * share)
     if layer.impl == "fused":
         return [
             Kernel("walsh fused fwd", g + hi + ho, 0, ACT * (n * i + n * o + w)),
@@ -55,7 +61,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
             Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
         ]
     return [
-        Kernel("walsh_in", hi, 0, ACT * n * i * (1 + share)),
+        Kernel("walsh_in", hi, 0, ACT * n * i * (1 + reads_in)),
         Kernel("bmm fwd", g, 0, ACT * (n * i + n * o + w)),
         # y read, out written (out is saved for dbeta = sum dout * out / beta)
         Kernel("walsh_out", ho, 0, 2 * ACT * n * o),
@@ -63,7 +69,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
         # the saved out read, dy written; du and x read, dx written
         Kernel("walsh_in (dout) + dbeta", ho, 0, 3 * ACT * n * o),
         Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
-        Kernel("walsh_out (du) + alpha + dalpha", hi, 0, ACT * n * i * (1 + 2 * share)),
+        Kernel("walsh_out (du) + alpha + dalpha", hi, 0, ACT * n * i * (1 + dx_pass)),
         Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
     ]
 
@@ -109,6 +115,12 @@ def model_kernels(model: WalshLM, batch: int, seq_len: int) -> list[Kernel]:
     out = [k for layer in model.structured_layers() for k in linear_kernels(layer, n)]
     # flash attention: 2 T C FLOPs per token forward (causal), backward twice that; reads
     # q, k, v (and o, do in backward), writes o (dq, dk, dv)
+    # SwiGLU's product where the down projection does not compute it (forward: gate, up read,
+    # h written; backward: dh, gate, up read, dgate, dup written)
+    h = c.mlp_hidden
+    apart = sum(not getattr(b.mlp.down, "swiglu_input", False) for b in model.blocks)
+    out += apart * [Kernel("SwiGLU fwd", 0, 0, 3 * ACT * n * h),
+                    Kernel("SwiGLU bwd", 0, 0, 5 * ACT * n * h)]
     out += c.n_layer * [Kernel("attention fwd", 2 * n * t * d, 0, 4 * ACT * n * d),
                         Kernel("attention bwd", 4 * n * t * d, 0, 8 * ACT * n * d)]
     # tied head + cross-entropy: logits forward, recomputed in backward, dh and dW

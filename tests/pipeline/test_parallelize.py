@@ -46,18 +46,21 @@ def test_compiled_blocks_accumulate_the_eager_gradients(mode):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("group", [True, False])
-def test_zero3_leaf_modules_are_the_grouping_parents(stage, group):
-    """At ZeRO-3, the modules that run their children's Walsh layers as one op (attention,
-    SwiGLU: their children have ``in_group``) are DeepSpeed leaf modules, so that their own
-    hook gathers the children's parameters; nothing else, and nothing at other stages or
-    without groups."""
+@pytest.mark.parametrize("group,fuse", [(True, True), (True, False), (False, True),
+                                        (False, False)])
+def test_zero3_leaf_modules_are_the_grouping_parents(stage, group, fuse):
+    """At ZeRO-3, the modules that run their children's Walsh layers inside an op of their own
+    (attention with q, k, v grouped; SwiGLU with gate, up grouped or with silu(gate) * up in
+    the down projection) are DeepSpeed leaf modules, so that their own hook gathers the
+    children's parameters; nothing else, and nothing at other stages or with neither."""
     pytest.importorskip("triton")
     cfg = load(Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml", [
         f"train.zero_stage={stage}", "train.compile=false", "model.preset=tiny",
         "model.overrides.algebra=walsh", "model.overrides.algebra_dim=4",
-        "model.overrides.walsh_impl=triton", f"model.overrides.walsh_group={group}"])
+        "model.overrides.walsh_impl=triton", f"model.overrides.walsh_group={group}",
+        f"model.overrides.walsh_swiglu={fuse}"])
     model = parallelize(WalshLM(cfg.walsh_config()), cfg, torch.device("cpu"))
     leaves = {n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)}
-    want = {f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn", "mlp")}
-    assert leaves == (want if stage == 3 and group else set())
+    parts = ("attn",) * group + ("mlp",) * (group or fuse)
+    want = {f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in parts}
+    assert leaves == (want if stage == 3 else set())

@@ -137,3 +137,24 @@ def test_bench_layer_rows_run_and_take_the_rooflines_counts():
     gemm = rows["int8 GEMM dx"][1]
     assert gemm.flops == 0 and gemm.int8_ops == 2 * n * fin * fout
     assert gemm.bytes == n * fout + fin * fout + 2 * n * fin  # int8 dout and codes, bf16 dx
+
+
+def test_swiglu_inside_the_down_projection_saves_five_passes():
+    """The MLP with silu(gate) * up computed in the down projection's passes
+    (walsh.kernels.walsh_swiglu): 6 passes over [N, H] (gate and up read in walsh_in; gate
+    and up read, dgate and dup written in the dx pass) against 11 apart (SwiGLU's forward 3
+    and backward 5, the down layer's read of h in walsh_in and its read of h and write of dh
+    in the dx pass)."""
+    def mlp_bytes(fuse):
+        with torch.device("meta"):
+            model = WalshLM(get_preset("walsh-h-125m", walsh_impl="triton", n_layer=1,
+                                       walsh_swiglu=fuse))
+        down = model.blocks[0].mlp.down
+        assert down.swiglu_input == fuse
+        ks = model_kernels(model, 4, N // 4)
+        return sum(k.bytes for k in linear_kernels(down, N)) + sum(
+            k.bytes for k in ks if k.name.startswith("SwiGLU")), ks
+    (fused, ks_fused), (apart, _) = mlp_bytes(True), mlp_bytes(False)
+    h = get_preset("walsh-h-125m").mlp_hidden
+    assert not [k for k in ks_fused if k.name.startswith("SwiGLU")]
+    assert apart - fused == pytest.approx(5 * 2 * N * h)

@@ -317,8 +317,9 @@ KERNEL_PATHS = {
 def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
     """The Triton ops compose with DeepSpeed ZeRO-3 (2 gloo ranks: parameters partitioned and
     gathered around the ops): the run completes, step 1's loss equals the PyTorch path's (same
-    init, same function, fp32), the Walsh run's (with q, k, v and gate, up grouped on leaf
-    modules) follows it at every step, and the loss falls."""
+    init, same function, fp32), the Walsh run's (with q, k, v and gate, up grouped, and the
+    down projection computing silu(gate) * up, on leaf modules) follows it at every step, and
+    the loss falls."""
     fast, twin = KERNEL_PATHS[path]
     losses = {}
     for name, overrides in (("kernels", fast), ("torch", {**fast, **twin})):
@@ -331,10 +332,12 @@ def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
         # kernel run took 261-281 s on an idle 2-core machine (session 13), 20 s the torch run
         log = finish(torchrun(write_config(tmp_path, cfg)), timeout=560)
         if name == "kernels":  # the trainer names the path it runs
-            # the Walsh run's q, k, v and gate, up as groups on ZeRO-3's leaf modules
-            # (pipeline.parallelize); 10 grouped layers of the 2 blocks' 14
-            want = ("10 x WalshLinear: walsh_impl=triton (grouped); 4 x" if "walsh_impl" in fast
-                    else "14 x")
+            # the Walsh run's q, k, v and gate, up as groups and down with SwiGLU's product
+            # inside, on ZeRO-3's leaf modules (pipeline.parallelize); of the 2 blocks' 14
+            # layers 10 grouped, 2 fused
+            want = ("10 x WalshLinear: walsh_impl=triton (grouped); 2 x WalshLinear: "
+                    "walsh_impl=triton; 2 x WalshLinear: walsh_impl=triton (silu(gate) * up "
+                    "inside)" if "walsh_impl" in fast else "14 x")
             assert "[walsh] linear layers: " + want in log, log[-2000:]
             assert "walsh_impl=triton" in log or "INT8 GEMM, INT8 dx" in log, log[-2000:]
         losses[name] = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]

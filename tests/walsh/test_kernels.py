@@ -694,7 +694,7 @@ def test_transform_ops_compile_and_pass_opcheck(which, seed):
 _SCAN = """
 import json
 import walsh.kernels.int8_linear, walsh.kernels.walsh_linear, walsh.kernels.ternary
-import walsh.kernels.walsh_group
+import walsh.kernels.walsh_group, walsh.kernels.walsh_swiglu
 from torch._library.triton import triton_ops_to_kernels
 from walsh.kernels import registry
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -736,6 +736,8 @@ def test_triton_ops_name_their_kernels():
         "walsh::walsh_linear_backward": [colsum, walsh, linear],
         "walsh::walsh_group": [walsh],
         "walsh::walsh_group_backward": [colsum, walsh],
+        "walsh::swiglu_linear": [walsh],
+        "walsh::swiglu_linear_backward": [colsum, walsh],
     }
 
 

@@ -196,6 +196,7 @@ def test_structured_models_are_smaller(counts):
         (dict(vocab_size=0), "vocab_size"),
         (dict(n_layer=True), "n_layer"),
         (dict(walsh_group=3), "walsh_group"),
+        (dict(walsh_swiglu="yes"), "walsh_swiglu"),
         (dict(ternary="yes"), "ternary"),
     ],
 )

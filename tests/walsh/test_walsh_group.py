@@ -208,7 +208,8 @@ def test_model_with_and_without_groups(algebra_dim, head_mix, seed):
 
     mix = dict(head_mix=True, head_mix_dim=4) if head_mix else {}
     cfg = small_config(n_embd=64 if algebra_dim == 4 else 128, algebra="walsh",
-                       algebra_dim=algebra_dim, walsh_impl="triton", ternary=True, **mix)
+                       algebra_dim=algebra_dim, walsh_impl="triton", ternary=True,
+                       walsh_swiglu=False, **mix)
     grouped = WalshLM(cfg).to(DEV)
     plain = WalshLM(cfg.replace(walsh_group=False)).to(DEV)
     plain.load_state_dict(grouped.state_dict())

@@ -258,12 +258,13 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
     return F.pad(w, (0, row_width(li) - li, 0, row_width(lo) - lo))
 
 
-def three_kernel_forward(x, w, alpha, beta):
+def three_kernel_forward(x, w, alpha, beta, up=None):
     """The three-kernel forward: (out [N, A*LO], u [A, N, LIp]) with LIp the lanes rounded up
-    to a multiple of 8 (``row_width``; u is zero past LI); y [A, N, LOp] is not kept."""
+    to a multiple of 8 (``row_width``; u is zero past LI); y [A, N, LOp] is not kept. With
+    ``up``, the layer's input is silu(x) * up (``walsh.kernels.walsh_swiglu``)."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
-    u = walsh_in_raw(x, alpha, a, width=wp.shape[2])                  # [A, N, LIp]
+    u = walsh_in_raw(x, alpha, a, width=wp.shape[2], up=up)           # [A, N, LIp]
     y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
     return walsh_out_raw(y, beta, a, lanes=lo), u                     # [N, A*LO]
 

@@ -112,6 +112,9 @@ MAX_CHUNK = 256
 # at tiles of 64 / 128 / 256 lanes, 4 warps: 3 x 64 lanes 173 / 149 / 203, 2 x 64 lanes 137 /
 # 117 / 110, 3 x 24 lanes 79 / 78 / 91
 MAX_GROUP, GROUP_OUT_TILE = 3, 128
+# warps of the dx pass with SwiGLU's product inside (``walsh.kernels.walsh_swiglu``), which holds
+# up, sigmoid(gate) and silu(gate) beside the result and the sum
+SWIGLU_OUT_WARPS = 8
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:
@@ -131,18 +134,32 @@ def row_width(lanes: int) -> int:
 
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
-            width: int | None = None, group: int = 1, more: tuple[torch.Tensor, ...] = ()
+            width: int | None = None, group: int = 1, more: tuple[torch.Tensor, ...] = (),
+            up: torch.Tensor | None = None, out1: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dst, fp32 partial sums [rows, group * A*L] of the gain gradient or None without
     ``other``); ``width``: the block-major tensors' row width (>= lanes; default lanes);
     ``other``: the gain's token-major [N, A*L] operand. ``group`` > 1 (``_walsh_kernel``'s P):
     scale is [group, A, L]; in_mode writes dst [group, A, N, width]; else the sources are src
-    and ``more`` (group in all, each [A, N, width])."""
+    and ``more`` (group in all, each [A, N, width]). ``up`` (token-major [N, A*L]; the kernel's
+    SWIGLU): the input is silu(gate) * up with gate = src (in_mode, no gain) or gate = other
+    (else, with a scale), which then writes dgate to dst and dup to ``out1``."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
             in_mode and (more or (group > 1 and other is not None))):
         raise ValueError(f"a group of {group} layers (at most {MAX_GROUP}) needs one source "
                          "per layer without a gain gradient (walsh_in) or with (walsh_out); got "
                          f"{1 + len(more)} sources, gain gradient {other is not None}")
+    if up is not None and (group > 1 or (other is not None) == in_mode or (
+            not in_mode and (scale is None or out1 is None))):
+        raise ValueError("silu(gate) * up as the input is one layer's walsh_in without a gain "
+                         "gradient, or its walsh_out with the gain, its gradient and a second "
+                         "output")
+    want = (n_tok, a * lanes)
+    for name, t in (("up", up), ("out1", out1)):
+        if t is not None and (tuple(t.shape) != want or t.dtype != src.dtype
+                              or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {want} {src.dtype} tensor, got "
+                             f"{tuple(t.shape)} {t.dtype}")
     srcs = [t.contiguous() for t in (src, *more)]
     width = lanes if width is None else width
     if width < lanes:
@@ -164,6 +181,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
     # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
     warps = 2 * TILE_WARPS if group > 1 and not in_mode and lb * bt > tile else TILE_WARPS
+    if up is not None and not in_mode:
+        warps = SWIGLU_OUT_WARPS
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
@@ -187,9 +206,10 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
 
     srcs += [arg(None) for _ in range(MAX_GROUP - len(srcs))]
     wrap_triton(_walsh_kernel)[(rows, chunks)](
-        *srcs, dst, arg(scale), arg(other), arg(part, torch.float32), n_tok, iters,
-        1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
-        P=group, IN_MODE=in_mode, HAS_SCALE=scale is not None, GAIN=other is not None,
+        *srcs, dst, arg(scale), arg(other), arg(part, torch.float32), arg(up), arg(out1),
+        n_tok, iters, 1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width,
+        LB=lb, BT=bt, P=group, IN_MODE=in_mode, HAS_SCALE=scale is not None,
+        GAIN=other is not None, SWIGLU=up is not None,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
         STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=warps)
@@ -205,11 +225,14 @@ def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
-                 out: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, width: int | None = None,
+                 up: torch.Tensor | None = None) -> torch.Tensor:
     """[N, A*L] -> [A, N, width] (no autograd; width >= L, default L, lanes past L zeros);
-    ``out``: a buffer to write into (tests poison it)."""
+    ``out``: a buffer to write into (tests poison it); ``up`` [N, A*L]: transform silu(x) * up
+    instead of x (``walsh.kernels.walsh_swiglu``)."""
     lanes = x.shape[-1] // a
-    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, width=width)[0]
+    return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, width=width,
+                   up=up)[0]
 
 
 def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,

@@ -2,8 +2,9 @@
 
 One kernel serves every pass: walsh_in (token-major x -> block-major u = S H (alpha * x)),
 walsh_out (block-major y -> token-major out = beta * S H y), each optionally with its gain's
-gradient summed in the same pass (``GAIN``), and groups of layers that share an input
-(``P``; ``walsh.kernels.walsh_group``). The launchers, ops and the naive references are in
+gradient summed in the same pass (``GAIN``), groups of layers that share an input
+(``P``; ``walsh.kernels.walsh_group``), and the MLP's down projection with SwiGLU's product
+inside (``SWIGLU``; ``walsh.kernels.walsh_swiglu``). The launchers, ops and the naive references are in
 ``walsh.kernels.walsh_transform``, whose module doc gives the math.
 
 Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
@@ -74,6 +75,13 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
 
 
 @triton.jit
+def _silu_parts(g):
+    """(sigmoid(g), silu(g) = g sigmoid(g)) of fp32 g."""
+    sg = tl.sigmoid(g)
+    return sg, g * sg
+
+
+@triton.jit
 def _pick(a, b, c, p: tl.constexpr):
     """The p-th of three values (p a compile-time constant): a group member's gain, source
     or sum. Those past the group's size are never defined and never picked."""
@@ -87,10 +95,11 @@ def _pick(a, b, c, p: tl.constexpr):
 
 
 @triton.jit
-def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, N,
-                  ITERS, inv_sqrt_a, A: tl.constexpr, LOG_A: tl.constexpr, L: tl.constexpr,
-                  LP: tl.constexpr, LB: tl.constexpr, BT: tl.constexpr, P: tl.constexpr,
-                  IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, GAIN: tl.constexpr,
+def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, up_ptr,
+                  dst1_ptr, N, ITERS, inv_sqrt_a, A: tl.constexpr, LOG_A: tl.constexpr,
+                  L: tl.constexpr, LP: tl.constexpr, LB: tl.constexpr, BT: tl.constexpr,
+                  P: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  GAIN: tl.constexpr, SWIGLU: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
                   INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
@@ -114,7 +123,12 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
     P gains scale [P, A, L]. IN_MODE: the x slab is read once and P results written, u[p] at
     dst + p * N * A * LP; GAIN needs P = 1. Else: the P block-major sources src, src1, src2
     are read in turn and one result written, out = sum_p scale[p] * S H src_p (the group's
-    dx); GAIN: part[program 0, p, h*L + j] = sum_i other * (S H src_p) for each p."""
+    dx); GAIN: part[program 0, p, h*L + j] = sum_i other * (S H src_p) for each p.
+    SWIGLU (P = 1; ``walsh.kernels.walsh_swiglu``): the layer's input is h = silu(gate) * up,
+    computed in fp32 from two token-major tensors and never stored. IN_MODE (no GAIN): gate =
+    src, up = up_ptr's. Else (GAIN and a scale): gate = other, up = up_ptr's; the gain sum
+    takes T = h, and with dh = scale * S H src (the input gradient) the pass writes dgate =
+    dh * up * silu'(gate) to dst and dup = dh * silu(gate) to dst1 (token-major)."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
     g64 = g.to(tl.int64) if WIDE else g
@@ -142,10 +156,14 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
         i64 = i.to(tl.int64) if WIDE else i
         token_major = i64 * (A * L) + g64 * L + j                      # [A, BT, LB]
         block_major = g64 * N * LP + i64 * LP + j
-        if GAIN:  # T * Z's token-major operand (IN_MODE: Z = other / scale; else T = other)
+        if GAIN and not SWIGLU:  # T * Z's token-major operand (IN_MODE: Z = other / scale;
+            # else T = other)
             o = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
         if IN_MODE:
             x = tl.load(src_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+            if SWIGLU:  # x = silu(gate) * up
+                x = _silu_parts(x)[1] * tl.load(up_ptr + token_major, mask=mask,
+                                                other=0.0).to(tl.float32)
             if GAIN:  # T = x before alpha
                 acc0 += x * o
             for p in tl.static_range(P):
@@ -157,6 +175,22 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                 # block-major rows take the padding lanes' zeros too
                 tl.store(dst_ptr + p * plane + block_major, y.to(dst_ptr.dtype.element_ty),
                          mask=(i < N) & (j < LP))
+        elif SWIGLU:  # P = 1: dh = scale * S H src; gate and up read after the transform,
+            # so that no slab but the sum is held across it (at 172 lanes a slab is 64 fp32
+            # registers a thread)
+            y = _transform(tl.load(src_ptr + block_major, mask=(i < N) & (j < LP),
+                                   other=0.0).to(tl.float32),
+                           h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT, INTERPRETED)
+            gate = tl.load(other_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(up_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
+            sg, silu = _silu_parts(gate)
+            acc0 += silu * up * y  # T = h
+            y = y * s0  # dh
+            tl.store(dst1_ptr + token_major, (y * silu).to(dst1_ptr.dtype.element_ty),
+                     mask=mask)
+            # silu'(gate) = sg (1 + gate (1 - sg)) = sg + silu (1 - sg)
+            y = y * up * (sg + silu * (1.0 - sg))
+            tl.store(dst_ptr + token_major, y.to(dst_ptr.dtype.element_ty), mask=mask)
         else:
             for p in tl.static_range(P):
                 # block-major rows are read with their padding lanes (j < LP): a mask of

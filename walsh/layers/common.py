@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from walsh.layers.hadamard import group_layers, shared_input
+from walsh.layers.hadamard import fuse_swiglu, group_layers, shared_input, swiglu_down
 
 
 class RMSNorm(nn.Module):
@@ -53,14 +53,16 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); ``make`` builds each linear of the configured algebra."""
 
     def __init__(self, make, dim: int, hidden: int, out_scale: float,
-                 group: bool = False) -> None:
+                 group: bool = False, fuse: bool = False) -> None:
         super().__init__()
         self.gate = make(dim, hidden)
         self.up = make(dim, hidden)
         self.down = make(hidden, dim, init_scale=out_scale)
         if group:  # gate and up as one op where they allow (walsh.layers.hadamard)
             group_layers([self.gate, self.up])
+        if fuse:  # silu(gate) * up inside down's kernels where it allows (walsh.layers.hadamard)
+            fuse_swiglu(self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
-        gate, up = shared_input([self.gate, self.up], x)
-        return self.down(F.silu(gate) * up)
+        gate, up = shared_input([self.gate, self.up], x)  # [B, T, H] each
+        return swiglu_down(self.down, gate, up)

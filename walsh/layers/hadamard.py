@@ -24,6 +24,8 @@ others the true sum; beta starts at 1 and is not decayed, so training does not m
   1024 (docs/benchmarks.md, sessions 8-16). Layers that share an input (the model's q, k, v
   and gate, up) run as one op (``shared_input``, config ``walsh_group``), which reads the
   input once and writes one input gradient (``walsh.kernels.walsh_group``).
+  The MLP's down projection computes SwiGLU's silu(gate) * up in its own passes
+  (``swiglu_down``, config ``walsh_swiglu``; ``walsh.kernels.walsh_swiglu``).
 - ``"fused"``: as ``"triton"``, with the whole forward (transform, A GEMMs, transform, gains)
   in one kernel per token tile, so that the activations cross HBM once each way and only x is
   saved for the backward. Measured slower than ``"triton"`` (Triton's batched dot; see
@@ -89,14 +91,16 @@ class WalshLinear(StructuredLinear):
                 from walsh.kernels.ternary import ternary_ste as quantize
                 from walsh.kernels.walsh_group import walsh_group
                 from walsh.kernels.walsh_linear import walsh_linear
+                from walsh.kernels.walsh_swiglu import swiglu_linear
             except ImportError as e:
                 raise ImportError(f"walsh_impl={impl!r} needs the triton package: {e}") from e
             self._kernel_fns = {"quantize": quantize, "walsh_linear": walsh_linear,
-                                "walsh_group": walsh_group}
+                                "walsh_group": walsh_group, "swiglu_linear": swiglu_linear}
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
         self.in_group = 0  # the size of its shared_input group, 0 alone (``group_layers``)
+        self.swiglu_input = False  # computes silu(gate) * up itself (``fuse_swiglu``)
 
     def fan_in(self) -> int:
         return self.n_in  # each output sees one block's worth of (mixed) inputs
@@ -149,7 +153,8 @@ class WalshLinear(StructuredLinear):
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def path(self) -> str:
-        return f"WalshLinear: walsh_impl={self.impl}" + (" (grouped)" if self.in_group else "")
+        return (f"WalshLinear: walsh_impl={self.impl}" + (" (grouped)" if self.in_group else "")
+                + (" (silu(gate) * up inside)" if self.swiglu_input else ""))
 
     def flops_per_token(self) -> int:
         if self.impl == "dense":
@@ -197,3 +202,32 @@ def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
     outs = layers[0]._kernel_fns["walsh_group"](x.reshape(-1, x.shape[-1]),
                                                  *(list(t) for t in zip(*ops)))
     return [m._finish(o, x.shape) for m, o in zip(layers, outs)]
+
+
+def fuse_swiglu(down) -> None:
+    """At build time, by the SwiGLU that feeds ``down`` silu(gate) * up: where ``down`` is a
+    Walsh layer on the ``triton`` path without activation quantization, mark it
+    (``swiglu_input``: ``swiglu_down`` runs it on gate and up as one op, its ``path`` says so,
+    the roofline costs it so, and ``pipeline.parallelize`` makes its parent a ZeRO-3 leaf)."""
+    if isinstance(down, WalshLinear):
+        down.swiglu_input = down.impl == "triton" and not down.act_bits
+
+
+def swiglu_down(down, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate) * up); for a layer that ``fuse_swiglu`` marked, as one op
+    (``walsh.kernels.walsh_swiglu``) that computes the product in the layer's own passes and
+    never stores it. It reads the layer's parameters from the caller's forward: under ZeRO-3
+    the caller must be a leaf module (``pipeline.parallelize``)."""
+    if not getattr(down, "swiglu_input", False):
+        return down(F.silu(gate) * up)
+    gate, up = autocast_input(gate), autocast_input(up)
+    w, alpha, beta = down._operands(gate.dtype)
+    out = down._kernel_fns["swiglu_linear"](gate.reshape(-1, gate.shape[-1]),
+                                            up.reshape(-1, up.shape[-1]), w, alpha, beta)
+    return down._finish(out, gate.shape)
+
+
+def run_by_parent(module) -> bool:
+    """Whether ``module``'s parent runs it inside an op of its own (``group_layers``,
+    ``fuse_swiglu``), reading its parameters from the parent's forward."""
+    return bool(getattr(module, "in_group", 0) or getattr(module, "swiglu_input", False))

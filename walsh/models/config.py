@@ -42,6 +42,9 @@ class WalshConfig:
     # that reads it once and writes one input gradient (walsh.kernels.walsh_group); false runs
     # them one by one (the same results up to the rounding of dx and dalpha's sums)
     walsh_group: bool = True
+    # with walsh_impl "triton": the MLP's silu(gate) * up computed inside the down projection's
+    # passes, never stored (walsh.kernels.walsh_swiglu); false runs SwiGLU's product apart
+    walsh_swiglu: bool = True
     ternary: bool = False
     per_component_scale: bool = False  # one absmean gamma per algebra component
     act_bits: int | None = None  # None | 8: per-token activation quantization

@@ -92,7 +92,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(
             lambda i, o, **kw: _linear(cfg, i, o, **kw),
             cfg.n_embd, cfg.mlp_hidden, out_scale=1.0 / math.sqrt(2 * cfg.n_layer),
-            group=cfg.walsh_group,
+            group=cfg.walsh_group, fuse=cfg.walsh_swiglu,
         )
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):  # [B, T, C] -> [B, T, C]
