@@ -212,14 +212,16 @@ def test_model_with_and_without_the_fusion(group, seed):
 
 # -- full shapes on the GPU -------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("c,hidden", [(2048, 5504), (768, 2048)])
+@pytest.mark.parametrize("c,hidden", [(2048, 5504), (1024, 2752), (768, 2048)])
 def test_full_shape_compiled_cuda(c, hidden, seed):
-    """At 16k tokens, bf16: the MLP with the fusion (eager and compiled) against the MLP on
-    the ``blocks`` path (the 1.3B FFN's 172-lane padded rows, the 125M's 64)."""
-    make = lambda impl: lambda i, o, **kw: WalshLinear(i, o, blocks=32, impl=impl,
-                                                       ternary=True, **kw)
-    ref = SwiGLU(make("blocks"), c, hidden, 1.0).cuda()
-    mlp = SwiGLU(make("triton"), c, hidden, 1.0, group=True, fuse=True).cuda()
+    """At 16k tokens, bf16: the MLP with the fusion (eager and compiled) against the same MLP
+    with the product apart (the 1.3B FFN's 172-lane padded rows, the 350M's 86, the 125M's
+    64: each width has its own launch, ``walsh_transform.SWIGLU_DX``). Against the ``blocks``
+    path the MLP is two bf16 layers deep (gate and up, then down), whose errors add: measured
+    1.3e-2 at the 1.3B shape, so the naive bounds are the single layers' tests'."""
+    make = lambda i, o, **kw: WalshLinear(i, o, blocks=32, impl="triton", ternary=True, **kw)
+    ref = SwiGLU(make, c, hidden, 1.0, group=True).cuda()
+    mlp = SwiGLU(make, c, hidden, 1.0, group=True, fuse=True).cuda()
     mlp.load_state_dict(ref.state_dict())
     x = torch.randn(16, 1024, c, device="cuda")
     g = torch.randn(16, 1024, c, device="cuda")

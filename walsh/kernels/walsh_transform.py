@@ -112,9 +112,16 @@ MAX_CHUNK = 256
 # at tiles of 64 / 128 / 256 lanes, 4 warps: 3 x 64 lanes 173 / 149 / 203, 2 x 64 lanes 137 /
 # 117 / 110, 3 x 24 lanes 79 / 78 / 91
 MAX_GROUP, GROUP_OUT_TILE = 3, 128
-# warps of the dx pass with SwiGLU's product inside (``walsh.kernels.walsh_swiglu``), which holds
-# up, sigmoid(gate) and silu(gate) beside the result and the sum
-SWIGLU_OUT_WARPS = 8
+# the passes with SwiGLU's product inside (``walsh.kernels.walsh_swiglu``), keyed by the padded
+# lanes (next_pow2 of the row width): walsh_in's warps, and the dx pass's (tile, warps,
+# pipelining stages); the dx pass holds up, sigmoid(gate) and silu(gate) beside its result and
+# sum, and spilled with 4 warps at 256 lanes (1026 us against 469). Swept on an H200 (CUDA
+# graphs, N = 16k, A = 32, bf16; docs/benchmarks.md, session 17): walsh_in with 4 / 8 / 16
+# warps at 172 lanes 267 / 236 / 227 us, 86 lanes 114 / 112 / 187, 64 lanes 57 / 58 / 96; the
+# dx pass over tiles 128 / 256 x 4 / 8 / 16 warps x 0-3 stages, best 469 us at 172 lanes, 230
+# at 86, 107 at 64 (the worst 1028, 805 and 178). Other widths take the plain passes' launch
+SWIGLU_IN_WARPS = {256: 16, 128: 8, 64: 4}
+SWIGLU_DX = {256: (256, 16, 3), 128: (128, 4, 0), 64: (256, 8, 1)}
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:
@@ -173,6 +180,13 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
     tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
+    warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if other is not None else 0
+    if up is not None:  # SwiGLU's product inside: measured per padded width
+        key = triton.next_power_of_2(max(width, 1))
+        if in_mode:
+            warps = SWIGLU_IN_WARPS.get(key, warps)
+        else:
+            tile, warps, stages = SWIGLU_DX.get(key, (tile, warps, stages))
     lb, bt = _slab(max(width, 1), tile)
     # a group's dx pass on a slab wider than its tile (172 lanes, 5504 input features, as one
     # chunk of 256; no preset has such a group: theirs are at 24, 32 and 64 lanes) holds a
@@ -180,9 +194,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     # 423 us with 8). At the presets' widths 4 warps were faster (3 x 64 lanes 149 against
     # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
     # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
-    warps = 2 * TILE_WARPS if group > 1 and not in_mode and lb * bt > tile else TILE_WARPS
-    if up is not None and not in_mode:
-        warps = SWIGLU_OUT_WARPS
+    if group > 1 and not in_mode and lb * bt > tile:
+        warps = 2 * TILE_WARPS
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
@@ -212,7 +225,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         GAIN=other is not None, SWIGLU=up is not None,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
-        STAGES=GAIN_STAGES[in_mode] if other is not None else 0, num_warps=warps)
+        STAGES=stages, num_warps=warps)
     return dst, part
 
 
