@@ -182,7 +182,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
     warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if other is not None else 0
     if up is not None:  # SwiGLU's product inside: measured per padded width
-        key = triton.next_power_of_2(max(width, 1))
+        # int: a dict key cannot be a SymInt (compiled with dynamic shapes); the width is a
+        # compile-time constant of the kernel (LP) anyway
+        key = triton.next_power_of_2(max(int(width), 1))
         if in_mode:
             warps = SWIGLU_IN_WARPS.get(key, warps)
         else:
