@@ -17,8 +17,9 @@ own each way (forward: gate, up read, h written; backward: dh, gate, up read, dg
 written), except where the down projection computes it in its own passes
 (``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads du, gate
 and up and writes dgate and dup). Not counted: normalization, residual and RoPE passes,
-embeddings, the optimizer, launch overhead, and the LM head weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
-step over it ("x roof") says how far the whole step is from its kernels' ideal.
+embeddings, the optimizer, launch overhead, and the LM head weight re-read per loss chunk. The
+sum is therefore a lower bound on a step, and a measured step over it ("x roof") says how far
+the whole step is from its kernels' ideal.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
 - ``walsh.kernels.walsh_group``: two or three Walsh-Hadamard layers that share their input
   (q, k, v; gate, up) as one op that reads it once and writes one input gradient (reference:
   ``walsh_group_naive``, the layers one by one).
+- ``walsh.kernels.walsh_swiglu``: the MLP's down projection on silu(gate) * up as one op that
+  computes the product in the layer's own passes and never stores it (reference:
+  ``swiglu_linear_naive``).
 - ``walsh.kernels.column_sum``: the fixed-order sum of the gain passes' per-program partial
   sums (reference: ``column_sum_naive``, ``part.sum(0)``).
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores

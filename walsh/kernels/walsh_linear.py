@@ -14,9 +14,10 @@ walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the c
 at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
 session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots and
 3-stage gain pass, 0.87x with session 14's dbeta from the saved out, 0.85x without and 0.87x
-with session 16's groups, ``walsh.kernels.walsh_group``, on another host); walsh-h-1b3
-(24 x 2048) at 1.74x dense with the groups (session 16: +4.8% over 1.66x without them on one
-host; 1.73x in session 14, with 11 GiB less peak memory from saving out instead of writing z;
+with session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with session
+17's SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``); walsh-h-1b3
+(24 x 2048) at 1.78-1.80x dense with both (session 17), 1.74x with the groups (session 16:
++4.8% over 1.66x without them on one host; 1.73x in session 14, with 11 GiB less peak memory from saving out instead of writing z;
 1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in session 10, 1.64-1.66x in sessions
 11-12, 1.65x in session 13).
 

@@ -1,4 +1,5 @@
-"""The MLP's down projection with SwiGLU's product inside its kernels: down(silu(gate) * up) as one op.
+"""The MLP's down projection with SwiGLU's product inside its passes: down(silu(gate) * up),
+one op.
 
 SwiGLU (``walsh.layers.common``) feeds its down projection h = silu(gate) * up [N, H]. Apart,
 the product is an elementwise kernel of its own, and h crosses HBM four times a step: written
@@ -18,6 +19,15 @@ written and read; backward: gate and up read, dgate and dup written, against h r
 written by the dx pass, then dh, gate and up read and dgate and dup written). And h is not
 saved. At the 1.3B shape (H = 5504, 16 x 1024 tokens, bf16) a pass is 180 MB, about 42 us at
 4.25 TB/s: 5 passes are about 5 ms of a step's 24 layers, and h is 4.3 GB of memory.
+
+Measured on an H200 (docs/benchmarks.md, session 17; CUDA graphs, 16k tokens, bf16), the two
+passes against the product apart (SwiGLU's compiled kernels plus the layer's own passes), us:
+at 64 lanes (H = 2048, the 125M) forward 58.7 against 85.1, backward 106.0 against 156.4; at
+86 (the 350M) 114.4 against 135.4 and 229.2 against 240.5; at 172 (the 1.3B) 225.0 against
+247.3 and 466.7 against 477.2: the dx pass at wide rows runs at 2.2x its roofline (the plain
+one at 2.1x), so the 1.3B keeps less than the bytes promise. In the models: walsh-h-125m
++2.0% (CUDA graphs, 0.90x dense against 0.88x), walsh-h-1b3 +0.4-1.0% (three pairs) with
+43.4 GiB peak against 47.4-47.9.
 
 Precision: h and silu'(gate) are computed in fp32 and never rounded (the unfused path rounds
 silu(gate), h, and SwiGLU's backward products to the input dtype); the transforms and GEMMs

@@ -2,10 +2,10 @@
 
 One kernel serves every pass: walsh_in (token-major x -> block-major u = S H (alpha * x)),
 walsh_out (block-major y -> token-major out = beta * S H y), each optionally with its gain's
-gradient summed in the same pass (``GAIN``), groups of layers that share an input
-(``P``; ``walsh.kernels.walsh_group``), and the MLP's down projection with SwiGLU's product
-inside (``SWIGLU``; ``walsh.kernels.walsh_swiglu``). The launchers, ops and the naive references are in
-``walsh.kernels.walsh_transform``, whose module doc gives the math.
+gradient summed in the same pass (``GAIN``), groups of layers that share an input (``P``;
+``walsh.kernels.walsh_group``), and the MLP's down projection with SwiGLU's product inside
+(``SWIGLU``; ``walsh.kernels.walsh_swiglu``). The launchers, ops and the naive references are
+in ``walsh.kernels.walsh_transform``, whose module doc gives the math.
 
 Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
 fp32 before the one rounding to the output dtype (the naive butterfly rounds at each of its

@@ -7,7 +7,6 @@ and returns the input dtype; RoPE (theta 10000) rotates pairs (x[2i], x[2i+1]) o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from walsh.layers.hadamard import fuse_swiglu, group_layers, shared_input, swiglu_down

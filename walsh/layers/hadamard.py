@@ -20,8 +20,8 @@ others the true sum; beta starts at 1 and is not decayed, so training does not m
   and layout change (in the backward also with the gain's gradient), the A GEMMs one batched
   cuBLAS call, and the ternary weight is quantized by ``walsh.kernels.ternary``; needs
   ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU). The fastest path at 2048 features
-  (walsh-h-1b3 at 1.74x the dense model on an H200), slower than ``"dense"`` at 768 and
-  1024 (docs/benchmarks.md, sessions 8-16). Layers that share an input (the model's q, k, v
+  (walsh-h-1b3 at 1.78-1.80x the dense model on an H200), slower than ``"dense"`` at 768
+  and 1024 (docs/benchmarks.md, sessions 8-17). Layers that share an input (the model's q, k, v
   and gate, up) run as one op (``shared_input``, config ``walsh_group``), which reads the
   input once and writes one input gradient (``walsh.kernels.walsh_group``).
   The MLP's down projection computes SwiGLU's silu(gate) * up in its own passes
