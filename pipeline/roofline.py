@@ -114,14 +114,14 @@ def model_kernels(model: WalshLM, batch: int, seq_len: int) -> list[Kernel]:
     c = model.config
     n, d, t = batch * seq_len, c.n_embd, seq_len
     out = [k for layer in model.structured_layers() for k in linear_kernels(layer, n)]
-    # flash attention: 2 T C FLOPs per token forward (causal), backward twice that; reads
-    # q, k, v (and o, do in backward), writes o (dq, dk, dv)
     # SwiGLU's product where the down projection does not compute it (forward: gate, up read,
     # h written; backward: dh, gate, up read, dgate, dup written)
     h = c.mlp_hidden
     apart = sum(not getattr(b.mlp.down, "swiglu_input", False) for b in model.blocks)
     out += apart * [Kernel("SwiGLU fwd", 0, 0, 3 * ACT * n * h),
                     Kernel("SwiGLU bwd", 0, 0, 5 * ACT * n * h)]
+    # flash attention: 2 T C FLOPs per token forward (causal), backward twice that; reads
+    # q, k, v (and o, do in backward), writes o (dq, dk, dv)
     out += c.n_layer * [Kernel("attention fwd", 2 * n * t * d, 0, 4 * ACT * n * d),
                         Kernel("attention bwd", 4 * n * t * d, 0, 8 * ACT * n * d)]
     # tied head + cross-entropy: logits forward, recomputed in backward, dh and dW

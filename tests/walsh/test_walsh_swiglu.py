@@ -79,8 +79,9 @@ def test_equals_the_product_apart(dtype, seed):
         assert rel_err(g, r) < bound, (k, seed)
 
 
-@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8),
-                                             (4, 3, 250, 256)])
+@pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (4, 5, 86, 88),
+                                             (4, 9, 64, 64), (4, 3, 250, 256),
+                                             (4, 2, 300, 304)])  # the launch table's rows
 def test_launchers_write_every_output(a, n, lanes, width, seed):
     """Into NaN-poisoned buffers (fp32): walsh_in on silu(gate) * up equals walsh_in of the
     product computed apart (padding lanes zero); the dx pass's dgate, dup and dalpha equal
@@ -140,6 +141,20 @@ def test_ops_pass_opcheck_and_compile(seed):
         assert torch.equal(eager, compiled), seed
 
 
+def test_strided_inputs(seed):
+    """gate and up as transposed views (not contiguous): the same results as contiguous."""
+    a, n, li, lo = 4, 20, 6, 5
+    leaves = _leaves(a, n, li, lo, torch.float32)
+    strided = [t.detach().t().contiguous().t().requires_grad_() for t in leaves[:2]]
+    assert not strided[0].is_contiguous()
+    grad = torch.randn(n, a * lo, device=DEV)
+    out, got = _run(ws.swiglu_linear, [*strided, *leaves[2:]], grad)
+    ref_out, ref = _run(ws.swiglu_linear, leaves, grad)
+    assert torch.equal(out, ref_out), seed
+    for k, (g, r) in enumerate(zip(got, ref)):
+        assert torch.equal(g, r), (k, seed)
+
+
 def test_rejects_bad_inputs():
     gate, up, w, alpha, beta = _leaves(4, 3, 5, 6, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
@@ -158,15 +173,16 @@ def test_fuse_swiglu_marks_only_triton_layers_without_act_quant():
     marked layer's parent is run by its parent's op (``run_by_parent``)."""
     mk = lambda impl="triton", **kw: WalshLinear(32, 16, blocks=4, impl=impl, **kw).to(DEV)
     layers = {"triton": mk(), "act8": mk(act_bits=8), "blocks": mk("blocks"),
-              "bias": mk(bias=True)}
+              "fused": mk("fused"), "dense": mk("dense"), "bias": mk(bias=True)}
     for m in layers.values():
         fuse_swiglu(m)
     assert {k: m.swiglu_input for k, m in layers.items()} == {
-        "triton": True, "act8": False, "blocks": False, "bias": True}
+        "triton": True, "act8": False, "blocks": False, "fused": False, "dense": False,
+        "bias": True}
     assert run_by_parent(layers["triton"]) and not run_by_parent(layers["blocks"])
     torch.nn.init.normal_(layers["bias"].bias)
     gate, up = torch.randn(2, 7, 32, device=DEV), torch.randn(2, 7, 32, device=DEV)
-    for name, m in layers.items():
+    for name, m in layers.items():  # unmarked layers: the fallback runs (both sides alike)
         got = swiglu_down(m, gate, up)
         m.swiglu_input = False
         want = m(F.silu(gate) * up)

@@ -12,14 +12,15 @@ torch.compile the ops are ``triton_op``s (``walsh.kernels.registry``): inductor 
 kernels from its generated code. Measured on an H200 (docs/benchmarks.md, sessions 7-8), the
 walsh-h-125m triton path ran at 0.60x dense on a fast host in either form (the custom-op form
 at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0.79x with the
-session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots and
-3-stage gain pass, 0.87x with session 14's dbeta from the saved out, 0.85x without and 0.87x
-with session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with session
-17's SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``); walsh-h-1b3
-(24 x 2048) at 1.78-1.80x dense with both (session 17), 1.74x with the groups (session 16:
-+4.8% over 1.66x without them on one host; 1.73x in session 14, with 11 GiB less peak memory from saving out instead of writing z;
-1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in session 10, 1.64-1.66x in sessions
-11-12, 1.65x in session 13).
+session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots and 3-stage
+gain pass, 0.87x with session 14's dbeta from the saved out, 0.85x without and 0.87x with
+session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with session 17's
+SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``); walsh-h-1b3 (24 x 2048)
+at 1.78-1.80x dense with both (session 17, against two dense runs on its host; the SwiGLU
+change's own share +0.4-1.0%, the rest is the host), 1.74x with the groups (session 16: +4.8%
+over 1.66x without them on one host; 1.73x in session 14, with 11 GiB less peak memory from
+saving out instead of writing z; 1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in
+session 10, 1.64-1.66x in sessions 11-12, 1.65x in session 13).
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):

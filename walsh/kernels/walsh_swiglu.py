@@ -29,9 +29,11 @@ one at 2.1x), so the 1.3B keeps less than the bytes promise. In the models: wals
 +2.0% (CUDA graphs, 0.90x dense against 0.88x), walsh-h-1b3 +0.4-1.0% (three pairs) with
 43.4 GiB peak against 47.4-47.9.
 
-Precision: h and silu'(gate) are computed in fp32 and never rounded (the unfused path rounds
-silu(gate), h, and SwiGLU's backward products to the input dtype); the transforms and GEMMs
-are the layer's own. The naive reference with the same signature is ``swiglu_linear_naive``.
+Precision: h and silu'(gate) are computed in fp32. The forward rounds h once, as alpha * h, for
+the transform's dot (bf16 operands, as the layer's own walsh_in); the dalpha sum, dgate and dup
+use h unrounded. The unfused path rounds silu(gate), h, and SwiGLU's backward products to the
+input dtype. The transforms and GEMMs are the layer's own. The naive reference with the same
+signature is ``swiglu_linear_naive``.
 
 Who calls it: ``walsh.layers.hadamard.swiglu_down`` for a down projection that
 ``fuse_swiglu`` marked (a Walsh layer on the ``triton`` path without activation quantization;
@@ -74,7 +76,8 @@ def walsh_out_swiglu_gain_raw(du: torch.Tensor, alpha: torch.Tensor, gate: torch
     dalpha = sum over tokens of silu(gate) * up * S H du, in one pass (no autograd); what lies
     past L in du's rows reaches no result. ``out``, ``out1``: buffers for dgate and dup."""
     a, lanes = alpha.shape
-    out1 = torch.empty_like(gate) if out1 is None else out1
+    if out1 is None:  # contiguous whatever gate's strides (the launcher checks)
+        out1 = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     dgate, part = _launch(du, alpha, a, lanes, gate.shape[0], in_mode=False, out=out,
                           other=gate, width=du.shape[2], up=up.contiguous(), out1=out1)
     return dgate, out1, column_sum(part).view(a, lanes)
@@ -119,6 +122,8 @@ def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # u gets no gradient: no zero buffer of its size
     # gate and up are the group's outputs, which it keeps for its own dbeta: no new memory
+    # (with a bias on gate and up, the group keeps them before the bias and this op after,
+    # as the product apart did)
     ctx.save_for_backward(*inputs, output[1], output[0])
 
 
@@ -150,4 +155,5 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor, alpha: 
     for name, t in (("up", up), ("w", w), ("alpha", alpha), ("beta", beta)):
         if t.dtype != gate.dtype:
             raise ValueError(f"swiglu_linear: {name} dtype {t.dtype} != gate dtype {gate.dtype}")
-    return _swiglu_op(gate, up, w, alpha, beta)[0]
+    # contiguous: the op saves them for the dx pass, which reads and writes token-major rows
+    return _swiglu_op(gate.contiguous(), up.contiguous(), w, alpha, beta)[0]

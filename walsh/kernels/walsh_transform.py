@@ -119,7 +119,7 @@ MAX_GROUP, GROUP_OUT_TILE = 3, 128
 # graphs, N = 16k, A = 32, bf16; docs/benchmarks.md, session 17): walsh_in with 4 / 8 / 16
 # warps at 172 lanes 267 / 236 / 227 us, 86 lanes 114 / 112 / 187, 64 lanes 57 / 58 / 96; the
 # dx pass over tiles 128 / 256 x 4 / 8 / 16 warps x 0-3 stages, best 469 us at 172 lanes, 230
-# at 86, 107 at 64 (the worst 1028, 805 and 178). Other widths take the plain passes' launch
+# at 86, 107 at 64 (the worst 1028, 805 and 178). Narrower rows take the plain passes' launch
 SWIGLU_IN_WARPS = {256: 16, 128: 8, 64: 4}
 SWIGLU_DX = {256: (256, 16, 3), 128: (128, 4, 0), 64: (256, 8, 1)}
 
@@ -183,8 +183,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if other is not None else 0
     if up is not None:  # SwiGLU's product inside: measured per padded width
         # int: a dict key cannot be a SymInt (compiled with dynamic shapes); the width is a
-        # compile-time constant of the kernel (LP) anyway
-        key = triton.next_power_of_2(max(int(width), 1))
+        # compile-time constant of the kernel (LP) anyway. Rows wider than MAX_CHUNK run in
+        # chunks of at most that many lanes: they take its entry (not measured)
+        key = min(triton.next_power_of_2(max(int(width), 1)), MAX_CHUNK)
         if in_mode:
             warps = SWIGLU_IN_WARPS.get(key, warps)
         else:

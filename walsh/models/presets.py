@@ -14,7 +14,8 @@ depends on the width (one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sess
 at 24 x 2048; ``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused
 kernels) at 0.90x (session 17) and 0.83-0.96x (session 13, before sessions 14-17's
 changes; not re-measured; 350M varies by up to 20% between runs), but
-**1.78-1.80x at 24 x 2048** (walsh-h-1b3, session 17), where the structure's 32x fewer GEMM
+**1.78-1.80x at 24 x 2048** (walsh-h-1b3, session 17; session 16's 1.74x was on another
+host, and session 17's own change gave +0.4-1.0%), where the structure's 32x fewer GEMM
 FLOPs outweigh its transforms, with 43 GiB peak against the dense path's 36 GiB. The presets
 keep ``"dense"`` at every size so that a sweep's memory and code path do not change with the
 size; pass ``walsh_impl=triton`` for the 24 x 2048 speed.
