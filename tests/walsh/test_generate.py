@@ -23,6 +23,9 @@ MODELS = {
                         head_mix_dim=4),
     "walsh32-mix4": dict(algebra="walsh", algebra_dim=32, ternary=True, head_mix=True,
                          head_mix_dim=4, n_embd=128),
+    # the Triton path (grouped q, k, v and gate, up; SwiGLU's product in down) at the cache's
+    # offsets and chunk sizes
+    "walsh8-triton": dict(algebra="walsh", algebra_dim=8, ternary=True, walsh_impl="triton"),
 }
 
 
@@ -65,7 +68,7 @@ def test_cached_last_token_logits_equal_full_forward(name):
         assert rel_err(model.logits(h[:, -1]), full[:, -1]) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["cd8-mix-hash", "walsh8-mix4"])
+@pytest.mark.parametrize("name", ["cd8-mix-hash", "walsh8-mix4", "walsh8-triton"])
 def test_generate_greedy_equals_full_recompute(name):
     model = build(name)
     idx = prompts(3, 5, seed=2)

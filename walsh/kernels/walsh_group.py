@@ -80,9 +80,13 @@ def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: to
 def group_forward(x, ws, alphas, betas):
     """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``)."""
     p, (a, lo, _), n = len(ws), ws[0].shape, x.shape[0]
-    wp = torch.cat([padded_weight(w) for w in ws])                     # [P*A, LOp, LIp]
-    u = walsh_in_group_raw(x, torch.stack(alphas), width=wp.shape[2])  # [P, A, N, LIp]
-    y = torch.bmm(u.view(p * a, n, wp.shape[2]), wp.transpose(1, 2))   # [P*A, N, LOp]
+    # the weights stacked already transposed ([P*A, LIp, LOp], contiguous: the cat copies
+    # either way). cuBLAS ran the transposed view at the 1.3B FFN's 2 x 32 blocks of 64 -> 176
+    # lanes in 200.5 us, the contiguous copy in 143.3, bit-equal (H200, session 17; the q, k,
+    # v group's 64 -> 64 lanes: 103.5 and 103.2)
+    wt = torch.cat([padded_weight(w).transpose(1, 2) for w in ws])      # [P*A, LIp, LOp]
+    u = walsh_in_group_raw(x, torch.stack(alphas), width=wt.shape[1])  # [P, A, N, LIp]
+    y = torch.bmm(u.view(p * a, n, wt.shape[1]), wt)                   # [P*A, N, LOp]
     return [walsh_out_raw(y[k * a:(k + 1) * a], be, a, lanes=lo)
             for k, be in enumerate(betas)], u
 
