@@ -11,6 +11,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
+    """fast(x) equals ref(x) (fp32, ``tol``) in its output, the input's gradient and every
+    parameter's gradient; returns fast's output."""
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fast(xf)
+    assert out_f.shape == out_r.shape == shape
+    assert rel_err(out_f, out_r) < tol, seed
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < tol, seed
+    for name, p in ref.named_parameters():
+        assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < tol, (name, seed)
+    return out_f
+
+
 def small_config(vocab_size: int = 256, block_size: int = 32, n_embd: int = 128, **kw):
     """A 2-layer, 8-head WalshConfig over a 256-token vocabulary (the tiny preset's shape);
     ``kw`` sets any other field (algebra, ternary, head mixing, ...)."""

@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def seed() -> int:
+    """A fresh random seed for the global RNG, returned so that a failure message can name it
+    (the kernel tests draw new inputs every run)."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
 def gen(request: pytest.FixtureRequest) -> torch.Generator:
     """Seeds the global RNG (layer init) and returns a generator, both from the test id, so
     every test draws fresh inputs that are still reproducible by name."""

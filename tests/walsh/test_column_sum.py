@@ -3,8 +3,6 @@ under TRITON_INTERPRET=1 (tests/conftest.py) and on CUDA where there is one."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,12 +11,6 @@ from walsh.kernels import column_sum as cs  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.fixture
-def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 # rows below, at and past one BLOCK_R step; columns below, at and past one (and two) BLOCK_C

@@ -8,8 +8,6 @@ tests repeat it at the 1.3B model's shapes and compiled.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from _helpers import rel_err, small_config
@@ -24,12 +22,6 @@ from walsh.layers.hadamard import group_layers, groupable, shared_input  # noqa:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-
-@pytest.fixture
-def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 def _group(p, a, n, li, lo, dtype, dev=DEV):

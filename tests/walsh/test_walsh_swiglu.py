@@ -8,8 +8,6 @@ model with and without the fusion. On CPU under TRITON_INTERPRET=1 (tests/confte
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,12 +24,6 @@ from walsh.layers.hadamard import fuse_swiglu, run_by_parent, swiglu_down  # noq
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-
-@pytest.fixture
-def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 def _leaves(a, n, li, lo, dtype, dev=DEV):
