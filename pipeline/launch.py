@@ -21,7 +21,8 @@ import subprocess
 import sys
 
 from data_prep.manifest import Manifest
-from pipeline.config import RunConfig, check_against_manifest, load, resolve_batch
+from pipeline.config import RunConfig, check_against_manifest, resolve_batch
+from pipeline.config_load import load
 
 # NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM (cluster.nvlink_multicast)
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",

@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from data_prep import stage, tokenizer
     from pipeline import launch
     from pipeline.checkpoint import export_fp32
-    from pipeline.config import load
+    from pipeline.config_load import load
     from walsh.generate import generate
     from walsh.models import WalshLM
 

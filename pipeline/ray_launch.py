@@ -35,7 +35,8 @@ import os
 from pathlib import Path
 
 from data_prep.local_ray import free_ports, use_local_ray_env
-from pipeline.config import RunConfig, from_dict, load
+from pipeline.config import RunConfig
+from pipeline.config_load import from_dict, load
 from pipeline.tracking import configured_uri, sqlite_path
 
 # Ray Train tees every print() of a worker into its logger as well: each line twice on the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import load
+from pipeline.config_load import load
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,10 @@ from pipeline.config import (
     ModelCfg,
     RunConfig,
     check_against_manifest,
-    from_dict,
-    load,
     resolve_batch,
     total_steps,
 )
+from pipeline.config_load import from_dict, load
 from pipeline.dry_run import describe, memory_estimate, meta_model
 from walsh.models import WalshLM
 from walsh.models.presets import get_preset

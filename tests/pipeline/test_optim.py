@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import from_dict
+from pipeline.config_load import from_dict
 from pipeline.optim import (
     ComponentMuon,
     apply_schedule,

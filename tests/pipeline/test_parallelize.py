@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load
+from pipeline.config_load import load
 from pipeline.parallelize import compile_blocks, parallelize
 from walsh.models import WalshLM
 from walsh.models.presets import get_preset

@@ -37,7 +37,7 @@ from _helpers import (
 
 from data_prep.local_ray import LOCAL_RAY_ENV, free_ports
 from pipeline.checkpoint import export_fp32
-from pipeline.config import from_dict
+from pipeline.config_load import from_dict
 from walsh.models import WalshLM
 
 pytestmark = pytest.mark.multiprocess

@@ -29,7 +29,7 @@ from _helpers import (
 )
 
 from data_prep.local_ray import free_port
-from pipeline.config import from_dict
+from pipeline.config_load import from_dict
 from pipeline.tracking import RUN_ID_FILE, Tracker, artifact_root, default_uri
 from walsh.models import WalshLM
 

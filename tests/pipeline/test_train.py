@@ -26,7 +26,8 @@ from _helpers import (
 )
 
 from pipeline.checkpoint import export_fp32
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError
+from pipeline.config_load import from_dict
 from walsh.models import WalshLM
 
 pytestmark = pytest.mark.multiprocess
@@ -186,7 +187,7 @@ def test_dry_run_starts_nothing(data_dir, tmp_path):
 
 AUTOCAST_PROBE = """
 import sys, torch, deepspeed
-from pipeline.config import load
+from pipeline.config_load import load
 from pipeline.trainer import autocast_dtype, deepspeed_config, init_distributed
 from walsh.models import WalshLM
 import os
