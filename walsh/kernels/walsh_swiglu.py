@@ -2,10 +2,10 @@
 one op.
 
 SwiGLU (``walsh.layers.common``) feeds its down projection h = silu(gate) * up [N, H]. Apart,
-the product is an elementwise kernel of its own, and h crosses HBM four times a step: written
-by SwiGLU's forward, read by the down layer's walsh_in, and in the backward the down layer's dx
-pass writes dh, which SwiGLU's backward reads again beside gate and up. The down layer also
-saves h for its dalpha. Here the down projection's two passes over its input compute h
+the product is an elementwise kernel of its own, and h and dh cross HBM five times a step: h
+written by SwiGLU's forward and read by the down layer's walsh_in and by its dx pass (for
+dalpha), dh written by that pass and read by SwiGLU's backward beside gate and up. The down
+layer also saves h for its dalpha. Here the down projection's two passes over its input compute h
 themselves (``_walsh_kernel``'s SWIGLU), from the gate and up that the group op
 (``walsh.kernels.walsh_group``) wrote and saved anyway:
     forward:  u = walsh_in(silu(gate) * up, alpha)                    gate and up read, u written
