@@ -139,6 +139,45 @@ def row_width(lanes: int) -> int:
     return -(-lanes // 8) * 8
 
 
+def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bool
+                   ) -> tuple[int, int, int, int]:
+    """(LB lanes per chunk, tokens per slab, warps, pipelining stages) of a pass: the tile and
+    stages by mode, a group's dx pass's tile (``GROUP_OUT_TILE``), and the SwiGLU passes'
+    table entries (``SWIGLU_IN_WARPS``, ``SWIGLU_DX``)."""
+    tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
+    warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if gain else 0
+    if swiglu:  # SwiGLU's product inside: measured per padded width
+        # int: a dict key cannot be a SymInt (compiled with dynamic shapes); the width is a
+        # compile-time constant of the kernel (LP) anyway. Rows wider than MAX_CHUNK run in
+        # chunks of at most that many lanes: they take its entry (not measured)
+        key = min(triton.next_power_of_2(max(int(width), 1)), MAX_CHUNK)
+        if in_mode:
+            warps = SWIGLU_IN_WARPS.get(key, warps)
+        else:
+            tile, warps, stages = SWIGLU_DX.get(key, (tile, warps, stages))
+    lb, bt = _slab(max(width, 1), tile)
+    # a group's dx pass on a slab wider than its tile (172 lanes, 5504 input features, as one
+    # chunk of 256; no preset has such a group: theirs are at 24, 32 and 64 lanes) holds a
+    # result and P sums of that width: with 4 warps it spilled (H200, P = 2: 628 us, against
+    # 423 us with 8). At the presets' widths 4 warps were faster (3 x 64 lanes 149 against
+    # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
+    # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
+    if group > 1 and not in_mode and lb * bt > tile:
+        warps = 2 * TILE_WARPS
+    return lb, bt, warps, stages
+
+
+def _check_token_major(name: str, t: torch.Tensor | None, want: tuple[int, int],
+                       dtype: torch.dtype, contiguous: bool = False) -> None:
+    """A token-major operand of ``_launch`` (None: unused) is [N, A*L] in src's dtype, and
+    contiguous where the kernel writes it or reads it without a copy."""
+    if t is not None and (tuple(t.shape) != want or t.dtype != dtype
+                          or (contiguous and not t.is_contiguous())):
+        what = "contiguous " if contiguous else ""
+        raise ValueError(f"{name} must be a {what}{want} {dtype} tensor, got {tuple(t.shape)} "
+                         f"{t.dtype}")
+
+
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
             width: int | None = None, group: int = 1, more: tuple[torch.Tensor, ...] = (),
@@ -161,12 +200,10 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         raise ValueError("silu(gate) * up as the input is one layer's walsh_in without a gain "
                          "gradient, or its walsh_out with the gain, its gradient and a second "
                          "output")
-    want = (n_tok, a * lanes)
-    for name, t in (("up", up), ("out1", out1)):
-        if t is not None and (tuple(t.shape) != want or t.dtype != src.dtype
-                              or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {want} {src.dtype} tensor, got "
-                             f"{tuple(t.shape)} {t.dtype}")
+    tokens = (n_tok, a * lanes)  # the token-major operands' shape, in src's dtype
+    _check_token_major("the gain's other operand", other, tokens, src.dtype)
+    _check_token_major("up", up, tokens, src.dtype, contiguous=True)
+    _check_token_major("out1", out1, tokens, src.dtype, contiguous=True)
     srcs = [t.contiguous() for t in (src, *more)]
     width = lanes if width is None else width
     if width < lanes:
@@ -179,35 +216,13 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
-    warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if other is not None else 0
-    if up is not None:  # SwiGLU's product inside: measured per padded width
-        # int: a dict key cannot be a SymInt (compiled with dynamic shapes); the width is a
-        # compile-time constant of the kernel (LP) anyway. Rows wider than MAX_CHUNK run in
-        # chunks of at most that many lanes: they take its entry (not measured)
-        key = min(triton.next_power_of_2(max(int(width), 1)), MAX_CHUNK)
-        if in_mode:
-            warps = SWIGLU_IN_WARPS.get(key, warps)
-        else:
-            tile, warps, stages = SWIGLU_DX.get(key, (tile, warps, stages))
-    lb, bt = _slab(max(width, 1), tile)
-    # a group's dx pass on a slab wider than its tile (172 lanes, 5504 input features, as one
-    # chunk of 256; no preset has such a group: theirs are at 24, 32 and 64 lanes) holds a
-    # result and P sums of that width: with 4 warps it spilled (H200, P = 2: 628 us, against
-    # 423 us with 8). At the presets' widths 4 warps were faster (3 x 64 lanes 149 against
-    # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
-    # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
-    if group > 1 and not in_mode and lb * bt > tile:
-        warps = 2 * TILE_WARPS
+    lb, bt, warps, stages = _launch_params(in_mode, group, width, other is not None,
+                                           up is not None)
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
-    if other is not None:  # read beside src: token-major, src's dtype
-        want = (n_tok, a * lanes)
-        if tuple(other.shape) != want or other.dtype != src.dtype:
-            raise ValueError(f"the gain's other operand must be {want} {src.dtype}, got "
-                             f"{tuple(other.shape)} {other.dtype}")
+    if other is not None:
         # every entry written (masked lanes past L are not entries); no rows without tokens
         part = torch.empty(rows, group * a * lanes, device=src.device, dtype=torch.float32)
     want = (a, lanes) if group == 1 else (group, a, lanes)
