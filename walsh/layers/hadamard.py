@@ -168,14 +168,18 @@ class WalshLinear(StructuredLinear):
         return super().extra_repr() + f", impl={self.impl}"
 
 
+def _on_kernels(m) -> bool:
+    """A Walsh layer on the ``triton`` path without activation quantization (which would give
+    it an input of its own): what a parent may run inside a kernel op of its own."""
+    return isinstance(m, WalshLinear) and m.impl == "triton" and not m.act_bits
+
+
 def groupable(layers) -> bool:
-    """Whether ``shared_input`` runs these layers as one op: 2 or 3 Walsh layers on the
-    ``triton`` path with one weight shape and no activation quantization (which would give
-    each its own input)."""
+    """Whether ``shared_input`` runs these layers as one op: 2 or 3 layers ``_on_kernels``
+    with one weight shape."""
     first = layers[0]
     return 2 <= len(layers) <= 3 and all(
-        isinstance(m, WalshLinear) and m.impl == "triton" and not m.act_bits
-        and m.weight.shape == first.weight.shape and m.ternary == first.ternary
+        _on_kernels(m) and m.weight.shape == first.weight.shape and m.ternary == first.ternary
         and m.per_component_scale == first.per_component_scale for m in layers)
 
 
@@ -205,12 +209,12 @@ def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def fuse_swiglu(down) -> None:
-    """At build time, by the SwiGLU that feeds ``down`` silu(gate) * up: where ``down`` is a
-    Walsh layer on the ``triton`` path without activation quantization, mark it
-    (``swiglu_input``: ``swiglu_down`` runs it on gate and up as one op, its ``path`` says so,
-    the roofline costs it so, and ``pipeline.parallelize`` makes its parent a ZeRO-3 leaf)."""
+    """At build time, by the SwiGLU that feeds ``down`` silu(gate) * up: where ``down`` is
+    ``_on_kernels``, mark it (``swiglu_input``: ``swiglu_down`` runs it on gate and up as one
+    op, its ``path`` says so, the roofline costs it so, and ``pipeline.parallelize`` makes its
+    parent a ZeRO-3 leaf)."""
     if isinstance(down, WalshLinear):
-        down.swiglu_input = down.impl == "triton" and not down.act_bits
+        down.swiglu_input = _on_kernels(down)
 
 
 def swiglu_down(down, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
