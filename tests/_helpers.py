@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+# the kernel tests' device and bounds: every kernel's forward and gradients against its naive
+# reference on odd sizes, fp32 to 1e-5 and 16-bit to 1e-2 relative, with fresh random inputs
+# each run (the ``seed`` fixture, tests/conftest.py, named in every failure message) and
+# outputs written into NaN-poisoned buffers. On CPU the kernels run under TRITON_INTERPRET=1
+# at small shapes; the tests marked ``gpu`` repeat them at the models' shapes on CUDA
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the relative error every float comparison in the suite uses."""
@@ -25,6 +33,22 @@ def assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
     for name, p in ref.named_parameters():
         assert rel_err(dict(fast.named_parameters())[name].grad, p.grad) < tol, (name, seed)
     return out_f
+
+
+def assert_models_agree(model, twin, seed) -> None:
+    """``twin`` (another config of the same function) loaded with ``model``'s weights gives
+    the same loss (1e-6) and every parameter's gradient (1e-5) on one random batch (fp32)."""
+    twin.load_state_dict(model.state_dict())
+    dev = next(model.parameters()).device
+    idx = torch.randint(0, 256, (2, 19), device=dev)
+    tgt = torch.randint(0, 256, (2, 19), device=dev)
+    losses = [m(idx, tgt) for m in (model, twin)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[0], losses[1]) < 1e-6, seed
+    ref = dict(twin.named_parameters())
+    for name, prm in model.named_parameters():
+        assert rel_err(prm.grad, ref[name].grad) < 1e-5, (name, seed)
 
 
 def small_config(vocab_size: int = 256, block_size: int = 32, n_embd: int = 128, **kw):

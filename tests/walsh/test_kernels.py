@@ -2,11 +2,7 @@
 against the ``blocks`` path, the layers on the kernels, and how the ops are registered
 (every kernel op of walsh.kernels).
 
-Forward and every gradient on a grid with odd sizes, fp32 (1e-5) and bf16 (1e-2) relative
-bounds, fresh random inputs each run (the seed is in every failure message, ``seed`` in
-tests/conftest.py), outputs written into NaN-poisoned buffers. On CPU the kernels run under
-TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; the tests marked ``gpu`` repeat them at
-the models' shapes on CUDA.
+The bounds and conventions: ``TOL`` and ``DEV`` in tests/_helpers.py.
 """
 
 from __future__ import annotations
@@ -15,16 +11,12 @@ import os
 
 import pytest
 import torch
-from _helpers import assert_layers_agree, rel_err
+from _helpers import DEV, TOL, assert_layers_agree, rel_err
 
 pytest.importorskip("triton")
 
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
 
 # -- the layer op (three kernels or one) ------------------------------------------------------
 # (a, n, lanes in, lanes out): more than one token tile (16), contraction chunk and output

@@ -1,25 +1,18 @@
 """The fused ternary weight quantization (walsh.kernels.ternary) against walsh.quant.
 
-Forward and every gradient on a grid with odd sizes, fp32 (1e-5) and bf16 (1e-2) relative
-bounds, fresh random inputs each run (the seed is in every failure message, ``seed`` in
-tests/conftest.py), outputs written into NaN-poisoned buffers. On CPU the kernels run under
-TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; the tests marked ``gpu`` repeat them at
-the models' shapes on CUDA.
+The bounds and conventions: ``TOL`` and ``DEV`` in tests/_helpers.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import rel_err
+from _helpers import DEV, TOL, rel_err
 
 pytest.importorskip("triton")
 
 from walsh import quant  # noqa: E402
 from walsh.kernels import ternary as tk  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 # -- fused ternary quantization ---------------------------------------------------------------

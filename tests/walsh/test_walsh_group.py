@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import rel_err, small_config
+from _helpers import DEV, TOL, assert_models_agree, rel_err, small_config
 
 pytest.importorskip("triton")
 from walsh.kernels import walsh_group as wg  # noqa: E402
@@ -18,10 +18,6 @@ from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
 from walsh.layers.hadamard import group_layers, groupable, shared_input  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
 
 
 def _group(p, a, n, li, lo, dtype, dev=DEV):
@@ -204,19 +200,10 @@ def test_model_with_and_without_groups(algebra_dim, head_mix, seed):
                        walsh_swiglu=False, **mix)
     grouped = WalshLM(cfg).to(DEV)
     plain = WalshLM(cfg.replace(walsh_group=False)).to(DEV)
-    plain.load_state_dict(grouped.state_dict())
     assert grouped.linear_paths() == ("10 x WalshLinear: walsh_impl=triton (grouped); "
                                       "4 x WalshLinear: walsh_impl=triton")
     assert plain.linear_paths() == "14 x WalshLinear: walsh_impl=triton"
-    idx = torch.randint(0, 256, (2, 19), device=DEV)
-    tgt = torch.randint(0, 256, (2, 19), device=DEV)
-    losses = [m(idx, tgt) for m in (grouped, plain)]
-    for loss in losses:
-        loss.backward()
-    assert rel_err(losses[0], losses[1]) < 1e-6, seed
-    ref = dict(plain.named_parameters())
-    for name, prm in grouped.named_parameters():
-        assert rel_err(prm.grad, ref[name].grad) < 1e-5, (name, seed)
+    assert_models_agree(grouped, plain, seed)
     quantized = WalshLM(cfg.replace(act_bits=8))
     assert "grouped" not in quantized.linear_paths()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import rel_err, small_config
+from _helpers import DEV, TOL, assert_models_agree, rel_err, small_config
 
 pytest.importorskip("triton")
 from walsh.kernels import walsh_linear as wf  # noqa: E402
@@ -20,10 +20,6 @@ from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
 from walsh.layers.common import SwiGLU  # noqa: E402
 from walsh.layers.hadamard import fuse_swiglu, run_by_parent, swiglu_down  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
 
 
 def _leaves(a, n, li, lo, dtype, dev=DEV):
@@ -204,18 +200,9 @@ def test_model_with_and_without_the_fusion(group, seed):
                        ternary=True, walsh_group=group)
     fused = WalshLM(cfg).to(DEV)
     plain = WalshLM(cfg.replace(walsh_swiglu=False)).to(DEV)
-    plain.load_state_dict(fused.state_dict())
     assert "2 x WalshLinear: walsh_impl=triton (silu(gate) * up inside)" in fused.linear_paths()
     assert "inside" not in plain.linear_paths()
-    idx = torch.randint(0, 256, (2, 19), device=DEV)
-    tgt = torch.randint(0, 256, (2, 19), device=DEV)
-    losses = [m(idx, tgt) for m in (fused, plain)]
-    for loss in losses:
-        loss.backward()
-    assert rel_err(losses[0], losses[1]) < 1e-6, seed
-    ref = dict(plain.named_parameters())
-    for name, prm in fused.named_parameters():
-        assert rel_err(prm.grad, ref[name].grad) < 1e-5, (name, seed)
+    assert_models_agree(fused, plain, seed)
 
 
 # -- full shapes on the GPU -------------------------------------------------------------------

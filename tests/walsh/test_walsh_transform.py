@@ -1,11 +1,7 @@
 """The Walsh-Hadamard block transforms (walsh.kernels.walsh_transform) against their naive
 references, alone and with their gains' gradients; launch settings; padded rows; the ops.
 
-Forward and every gradient on a grid with odd sizes, fp32 (1e-5) and bf16 (1e-2) relative
-bounds, fresh random inputs each run (the seed is in every failure message, ``seed`` in
-tests/conftest.py), outputs written into NaN-poisoned buffers. On CPU the kernels run under
-TRITON_INTERPRET=1 (tests/conftest.py) at small shapes; the tests marked ``gpu`` repeat them at
-the models' shapes on CUDA.
+The bounds and conventions: ``TOL`` and ``DEV`` in tests/_helpers.py.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from _helpers import rel_err
+from _helpers import DEV, TOL, rel_err
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -22,10 +18,6 @@ import triton.language as tl  # noqa: E402
 
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
 
 # -- Walsh-Hadamard transforms ----------------------------------------------------------------
 # Every case has >= 16 gain entries: a gain's gradient is a sum over tokens, and with a handful
