@@ -15,7 +15,9 @@ HBM passes over an [N, C] tensor saved per group, against the layers one by one:
 1.3B shapes (16 x 1024 tokens, C = 2048, bf16) a pass is 64 MiB, about 16 us of HBM time.
 Measured on an H200 (docs/benchmarks.md, session 16), grouped against one by one in one
 process: walsh-h-1b3 +4.8% (1.74x the dense model against 1.66x), walsh-h-125m +3.3% (CUDA
-graphs, 0.87x against 0.85x); the group passes at 1.2-1.9x their rooflines at 64 lanes.
+graphs, 0.87x against 0.85x); the group passes at 1.2-1.9x their rooflines at 64 lanes. The
+forward GEMM's untransposed weight (session 17, ``group_forward``) came after these figures
+and was timed alone only.
 
 The results are the layers' own up to rounding: the transforms' arithmetic is the single
 passes', but the forward's GEMM is one batched call over P*A blocks (cuBLAS may pick another

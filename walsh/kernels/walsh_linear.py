@@ -17,10 +17,11 @@ gain pass, 0.87x with session 14's dbeta from the saved out, 0.85x without and 0
 session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with session 17's
 SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``); walsh-h-1b3 (24 x 2048)
 at 1.78-1.80x dense with both (session 17, against two dense runs on its host; the SwiGLU
-change's own share +0.4-1.0%, the rest is the host), 1.74x with the groups (session 16: +4.8%
-over 1.66x without them on one host; 1.73x in session 14, with 11 GiB less peak memory from
-saving out instead of writing z; 1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in
-session 10, 1.64-1.66x in sessions 11-12, 1.65x in session 13).
+change's own share +0.4-1.0%, the rest is the host; before the group GEMM's untransposed
+weight, timed alone only), 1.74x with the groups (session 16: +4.8% over 1.66x without them on
+one host; 1.73x in session 14, with 11 GiB less peak memory from saving out instead of writing
+z; 1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in session 10, 1.64-1.66x in
+sessions 11-12, 1.65x in session 13).
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
