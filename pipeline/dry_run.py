@@ -73,7 +73,9 @@ def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
     for name, layer in model.named_modules():
         if isinstance(layer, StructuredLinear):
             width += layer.blocks * row_width(layer.n_in)
-            if not name.endswith(SHARED_OUTPUTS) or layer.bias is not None:
+            # q and k with RoPE inside (walsh.layers.hadamard.fuse_rope) output what SDPA keeps
+            shared = name.endswith(SHARED_OUTPUTS) or getattr(layer, "rope_output", False)
+            if not shared or layer.bias is not None:
                 width += layer.out_features
     return width // wc.n_layer if checkpointing else width
 

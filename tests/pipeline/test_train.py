@@ -333,10 +333,11 @@ def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
         # kernel run took 261-281 s on an idle 2-core machine (session 13), 20 s the torch run
         log = finish(torchrun(write_config(tmp_path, cfg)), timeout=560)
         if name == "kernels":  # the trainer names the path it runs
-            # the Walsh run's q, k, v and gate, up as groups and down with SwiGLU's product
-            # inside, on ZeRO-3's leaf modules (pipeline.parallelize); of the 2 blocks' 14
-            # layers 10 grouped, 2 fused
-            want = ("10 x WalshLinear: walsh_impl=triton (grouped); 2 x WalshLinear: "
+            # the Walsh run's q, k, v and gate, up as groups (q and k with RoPE inside) and
+            # down with SwiGLU's product inside, on ZeRO-3's leaf modules
+            # (pipeline.parallelize); of the 2 blocks' 14 layers 10 grouped, 2 fused
+            want = ("4 x WalshLinear: walsh_impl=triton (grouped) (RoPE inside); 6 x "
+                    "WalshLinear: walsh_impl=triton (grouped); 2 x WalshLinear: "
                     "walsh_impl=triton; 2 x WalshLinear: walsh_impl=triton (silu(gate) * up "
                     "inside)" if "walsh_impl" in fast else "14 x")
             assert "[walsh] linear layers: " + want in log, log[-2000:]

@@ -23,9 +23,12 @@ MODELS = {
                         head_mix_dim=4),
     "walsh32-mix4": dict(algebra="walsh", algebra_dim=32, ternary=True, head_mix=True,
                          head_mix_dim=4, n_embd=128),
-    # the Triton path (grouped q, k, v and gate, up; SwiGLU's product in down) at the cache's
-    # offsets and chunk sizes
+    # the Triton path (grouped q, k, v and gate, up; SwiGLU's product in down; q and k
+    # rotated inside their ops) at the cache's offsets and chunk sizes (heads of one block at
+    # A = 8, of four at A = 32)
     "walsh8-triton": dict(algebra="walsh", algebra_dim=8, ternary=True, walsh_impl="triton"),
+    "walsh32-triton": dict(algebra="walsh", algebra_dim=32, ternary=True, walsh_impl="triton",
+                           n_embd=128),
 }
 
 

@@ -121,14 +121,14 @@ def test_group_ops_pass_opcheck_and_compile(seed):
     p, a, n, li, lo = 2, 8, 6, 5, 3
     leaves = _group(p, a, n, li, lo, torch.float32)
     x, ws, al, be = leaves[0], leaves[1:1 + p], leaves[1 + p:1 + 2 * p], leaves[1 + 2 * p:]
-    torch.library.opcheck(torch.ops.walsh.walsh_group.default, (x, ws, al, be))
+    torch.library.opcheck(torch.ops.walsh.walsh_group.default, (x, ws, al, be, None, None, 0))
     outs = [o.detach() for o in wg.walsh_group(x, ws, al, be)]
     u = wg.walsh_in_group_raw(x.detach(), torch.stack(al).detach(), width=8)
     douts = [torch.randn_like(o) for o in outs]
     plain = [t.detach() for t in leaves]
     torch.library.opcheck(torch.ops.walsh.walsh_group_backward.default,
                           (douts, plain[0], plain[1:1 + p], plain[1 + p:1 + 2 * p],
-                           plain[1 + 2 * p:], u, outs))
+                           plain[1 + 2 * p:], u, outs, None, None, 0))
     results = []
     for fn in (wg.walsh_group, torch.compile(wg.walsh_group, fullgraph=True, backend="aot_eager")):
         got = _run(fn, leaves, p, douts)
@@ -197,7 +197,7 @@ def test_model_with_and_without_groups(algebra_dim, head_mix, seed):
     mix = dict(head_mix=True, head_mix_dim=4) if head_mix else {}
     cfg = small_config(n_embd=64 if algebra_dim == 4 else 128, algebra="walsh",
                        algebra_dim=algebra_dim, walsh_impl="triton", ternary=True,
-                       walsh_swiglu=False, **mix)
+                       walsh_swiglu=False, walsh_rope=False, **mix)
     grouped = WalshLM(cfg).to(DEV)
     plain = WalshLM(cfg.replace(walsh_group=False)).to(DEV)
     assert grouped.linear_paths() == ("10 x WalshLinear: walsh_impl=triton (grouped); "

@@ -79,8 +79,9 @@ def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: to
     return dst, column_sum(part).view(p, a, lanes)
 
 
-def group_forward(x, ws, alphas, betas):
-    """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``)."""
+def group_forward(x, ws, alphas, betas, rope=None, n_rope=0):
+    """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``). The first
+    ``n_rope`` outputs rotated by ``rope`` (cos, sin) in their walsh_out pass (q and k)."""
     p, (a, lo, _), n = len(ws), ws[0].shape, x.shape[0]
     # the weights stacked already transposed ([P*A, LIp, LOp], contiguous: the cat copies
     # either way). cuBLAS ran the transposed view at the 1.3B FFN's 2 x 32 blocks of 64 -> 176
@@ -89,18 +90,20 @@ def group_forward(x, ws, alphas, betas):
     wt = torch.cat([padded_weight(w).transpose(1, 2) for w in ws])      # [P*A, LIp, LOp]
     u = walsh_in_group_raw(x, torch.stack(alphas), width=wt.shape[1])  # [P, A, N, LIp]
     y = torch.bmm(u.view(p * a, n, wt.shape[1]), wt)                   # [P*A, N, LOp]
-    return [walsh_out_raw(y[k * a:(k + 1) * a], be, a, lanes=lo)
+    return [walsh_out_raw(y[k * a:(k + 1) * a], be, a, lanes=lo,
+                          rope=rope if k < n_rope else None)
             for k, be in enumerate(betas)], u
 
 
-def group_backward(douts, x, ws, alphas, betas, u, outs):
+def group_backward(douts, x, ws, alphas, betas, u, outs, rope=None, n_rope=0):
     """(dx, dws, fp32 dalphas [P, A, LI], fp32 dbetas): each layer's dy and dbeta as its own
     backward's (dbeta = sum dout * out / beta), its du and dw by its own bmm, then dx and the
     dalphas in one pass over the P du's and x."""
     _, lo, li = ws[0].shape
     dus, dws, dbetas = [], [], []
     for k, w in enumerate(ws):
-        dy, du, dbeta = backward_to_du(douts[k], w, betas[k], outs[k])  # du_k [A, N, LIp]
+        dy, du, dbeta = backward_to_du(douts[k], w, betas[k], outs[k],  # du_k [A, N, LIp]
+                                       rope if k < n_rope else None)
         dus.append(du)
         dws.append(_weight_grad(dy, u[k], lo, li))
         dbetas.append(dbeta)
@@ -109,7 +112,11 @@ def group_backward(douts, x, ws, alphas, betas, u, outs):
 
 
 # -- autograd: a forward and a backward op per group (``walsh.kernels.registry``) -------------
-def _group_fake(x, ws, alphas, betas):
+def _rope(cos, sin):
+    return None if cos is None else (cos, sin)
+
+
+def _group_fake(x, ws, alphas, betas, cos, sin, n_rope):
     a, lo, li = ws[0].shape
     n = x.shape[0]
     return [x.new_empty(n, a * lo) for _ in ws] + [x.new_empty(len(ws), a, n, row_width(li))]
@@ -117,22 +124,26 @@ def _group_fake(x, ws, alphas, betas):
 
 @kernel_op("walsh::walsh_group", _group_fake)
 def _group_op(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
-              betas: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[out_1, .., out_P, u]: u is saved for the backward beside the outs."""
-    outs, u = group_forward(x, ws, alphas, betas)
+              betas: list[torch.Tensor], cos: torch.Tensor | None, sin: torch.Tensor | None,
+              n_rope: int) -> list[torch.Tensor]:
+    """[out_1, .., out_P, u]: u is saved for the backward beside the outs; the first n_rope
+    outs rotated by RoPE (cos, sin)."""
+    outs, u = group_forward(x, ws, alphas, betas, _rope(cos, sin), n_rope)
     return [*outs, u]
 
 
-def _group_backward_fake(douts, x, ws, alphas, betas, u, outs):
+def _group_backward_fake(douts, x, ws, alphas, betas, u, outs, cos, sin, n_rope):
     return [torch.empty_like(x), *(torch.empty_like(t) for t in (*ws, *alphas, *betas))]
 
 
 @kernel_op("walsh::walsh_group_backward", _group_backward_fake)
 def _group_backward_op(douts: list[torch.Tensor], x: torch.Tensor, ws: list[torch.Tensor],
                        alphas: list[torch.Tensor], betas: list[torch.Tensor], u: torch.Tensor,
-                       outs: list[torch.Tensor]) -> list[torch.Tensor]:
+                       outs: list[torch.Tensor], cos: torch.Tensor | None,
+                       sin: torch.Tensor | None, n_rope: int) -> list[torch.Tensor]:
     """[dx, dw_1.., dalpha_1.., dbeta_1..], each in its input's dtype."""
-    dx, dws, dalpha, dbetas = group_backward(douts, x, ws, alphas, betas, u, outs)
+    dx, dws, dalpha, dbetas = group_backward(douts, x, ws, alphas, betas, u, outs,
+                                             _rope(cos, sin), n_rope)
     return [dx.to(x.dtype), *(d.to(w.dtype) for d, w in zip(dws, ws)),
             # copies: the dalphas are rows of one tensor, and an op's outputs may not alias
             *(d.to(al.dtype, copy=True) for d, al in zip(dalpha.unbind(0), alphas)),
@@ -140,29 +151,31 @@ def _group_backward_op(douts: list[torch.Tensor], x: torch.Tensor, ws: list[torc
 
 
 def _setup(ctx, inputs, output):
-    x, ws, alphas, betas = inputs
-    ctx.p = len(ws)
+    x, ws, alphas, betas, cos, sin, n_rope = inputs
+    ctx.p, ctx.n_rope = len(ws), n_rope
     ctx.set_materialize_grads(False)  # u gets no gradient: no zero buffer of its size
     # the outs themselves for dbeta: SDPA keeps v and SwiGLU keeps gate and up, the same
     # tensors, for their own backward (``walsh.kernels.walsh_transform``'s module doc); q and k
-    # are kept for dbeta alone (RoPE saves neither)
-    ctx.save_for_backward(x, output[-1], *ws, *alphas, *betas, *output[:-1])
+    # are the tensors SDPA keeps when RoPE is applied inside (n_rope = 2), else kept for dbeta
+    # alone (RoPE apart saves neither)
+    ctx.save_for_backward(x, output[-1], cos, sin, *ws, *alphas, *betas, *output[:-1])
 
 
 def _backward(ctx, grads):
     p = ctx.p
-    x, u, *rest = ctx.saved_tensors
+    x, u, cos, sin, *rest = ctx.saved_tensors
     ws, alphas, betas, outs = (rest[k * p:(k + 1) * p] for k in range(4))
     douts = grads[:p]
     if all(d is None for d in douts):  # only u was used: nothing flows back
-        return None, None, None, None
+        return None, None, None, None, None, None, None
     used = [d is not None for d in douts]
     douts = [torch.zeros_like(o) if d is None else d.contiguous() for d, o in zip(douts, outs)]
-    r = _group_backward_op(douts, x, list(ws), list(alphas), list(betas), u, list(outs))
+    r = _group_backward_op(douts, x, list(ws), list(alphas), list(betas), u, list(outs), cos,
+                           sin, ctx.n_rope)
     # a layer whose output was not used gets no gradients (None, as alone), not zeros
     dws, dalphas, dbetas = ([g if k else None for g, k in zip(r[s:s + p], used)]
                             for s in (1, 1 + p, 1 + 2 * p))
-    return r[0], dws, dalphas, dbetas
+    return r[0], dws, dalphas, dbetas, None, None, None
 
 
 _group_op.register_autograd(_backward, setup_context=_setup)
@@ -170,12 +183,17 @@ _group_op.register_autograd(_backward, setup_context=_setup)
 
 # -- functional -------------------------------------------------------------------------------
 def walsh_group(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
-                betas: list[torch.Tensor]) -> list[torch.Tensor]:
+                betas: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                n_rope: int = 0) -> list[torch.Tensor]:
     """x [N, A*LI], ws[p] [A, LO, LI], alphas[p] [A, LI], betas[p] [A, LO] (2 or 3 layers, all
     x's dtype) -> P outputs [N, A*LO]: the twin of ``walsh_group_naive``, differentiable in all.
     Each output is saved for the backward (an in-place change of one before the backward
-    raises autograd's error)."""
+    raises autograd's error). ``rope`` (fp32 cos, sin [T, D/2]; ``walsh_linear``'s): the first
+    ``n_rope`` outputs (attention's q and k) rotated inside their walsh_out pass."""
     p = len(ws)
+    if not 0 <= n_rope <= p or (n_rope > 0) != (rope is not None):
+        raise ValueError(f"walsh_group: n_rope {n_rope} of {p} layers needs RoPE's tables, and "
+                         "tables need n_rope > 0")
     if not 2 <= p <= MAX_GROUP or len(alphas) != p or len(betas) != p:
         raise ValueError(f"walsh_group: 2 to {MAX_GROUP} layers, each with a weight, alpha and "
                          f"beta; got {len(ws)}, {len(alphas)}, {len(betas)}")
@@ -192,4 +210,5 @@ def walsh_group(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tens
             if t.dtype != x.dtype:
                 raise ValueError(f"walsh_group: layer {k}'s {name} dtype {t.dtype} != x dtype "
                                  f"{x.dtype}")
-    return list(_group_op(x, list(ws), list(alphas), list(betas))[:-1])
+    cos, sin = rope if rope is not None else (None, None)
+    return list(_group_op(x, list(ws), list(alphas), list(betas), cos, sin, n_rope)[:-1])

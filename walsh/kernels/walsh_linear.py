@@ -261,35 +261,37 @@ def padded_weight(w: torch.Tensor) -> torch.Tensor:
     return F.pad(w, (0, row_width(li) - li, 0, row_width(lo) - lo))
 
 
-def three_kernel_forward(x, w, alpha, beta, up=None):
+def three_kernel_forward(x, w, alpha, beta, up=None, rope=None):
     """The three-kernel forward: (out [N, A*LO], u [A, N, LIp]) with LIp the lanes rounded up
     to a multiple of 8 (``row_width``; u is zero past LI); y [A, N, LOp] is not kept. With
-    ``up``, the layer's input is silu(x) * up (``walsh.kernels.walsh_swiglu``)."""
+    ``up``, the layer's input is silu(x) * up (``walsh.kernels.walsh_swiglu``); with ``rope``
+    (cos, sin [T, D/2]), out is rotated by RoPE in walsh_out's pass."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2], up=up)           # [A, N, LIp]
     y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
-    return walsh_out_raw(y, beta, a, lanes=lo), u                     # [N, A*LO]
+    return walsh_out_raw(y, beta, a, lanes=lo, rope=rope), u          # [N, A*LO]
 
 
-def three_kernel_backward(dout, x, w, alpha, beta, u, out):
+def three_kernel_backward(dout, x, w, alpha, beta, u, out, rope=None):
     """Its backward from the saved u and the forward's own out (H is symmetric: each
     transform's adjoint is the other one): (dx, dw, dalpha fp32, dbeta fp32). Each transform
     computes its gain's gradient in the same pass (``walsh_in_gain_raw``,
     ``walsh_out_gain_raw``): dbeta = sum dout * out / beta (= sum dout * S H y; 0 where beta
-    is 0), dalpha = sum x * S H (W^T dy)."""
+    is 0), dalpha = sum x * S H (W^T dy). ``rope``: out was rotated (dout is its gradient)."""
     a, lo, li = w.shape
-    dy, du, dbeta = backward_to_du(dout, w, beta, out)
+    dy, du, dbeta = backward_to_du(dout, w, beta, out, rope)
     dx, dalpha = walsh_out_gain_raw(du, alpha, x, a)                  # [N, A*LI]
     return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
 
 
-def backward_to_du(dout, w, beta, out):
+def backward_to_du(dout, w, beta, out, rope=None):
     """The three-kernel backward up to the input transform: (dy [A, N, LOp], du [A, N, LIp],
     fp32 dbeta [A, LO]), with dy, dbeta = walsh_in_gain(dout, beta, out) and du = dy W (the
-    padded weight); shared with ``walsh.kernels.walsh_group``, whose layers end in one dx pass."""
+    padded weight); shared with ``walsh.kernels.walsh_group``, whose layers end in one dx pass.
+    ``rope``: out is RoPE-rotated and dout its gradient, both rotated back in the pass."""
     wp = padded_weight(w)                                            # [A, LOp, LIp]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, out, w.shape[0], width=wp.shape[1])
+    dy, dbeta = walsh_in_gain_raw(dout, beta, out, w.shape[0], width=wp.shape[1], rope=rope)
     return dy, torch.bmm(dy, wp), dbeta
 
 
@@ -297,7 +299,12 @@ def backward_to_du(dout, w, beta, out):
 # inductor makes from its own code; opaque custom ops under the interpreter), so that eager mode
 # pays the dispatcher (tens of microseconds of host time each) twice per layer, not once per
 # kernel ----------------------------------------------------------------------------------
-def _linear_fake(x, w, alpha, beta, one_kernel):
+def _rope(cos, sin):
+    """The ops' optional RoPE tables as the launchers take them."""
+    return None if cos is None else (cos, sin)
+
+
+def _linear_fake(x, w, alpha, beta, one_kernel, cos, sin):
     a, lo, li = w.shape
     n = x.shape[0]
     out = x.new_empty(n, a * lo)
@@ -306,15 +313,17 @@ def _linear_fake(x, w, alpha, beta, one_kernel):
 
 @kernel_op("walsh::walsh_linear", _linear_fake)
 def _linear_op(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-               one_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               one_kernel: bool, cos: torch.Tensor | None, sin: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, u): u is the three-kernel path's intermediate, saved for its backward beside out;
-    empty for the one-kernel path, whose backward recomputes from x."""
+    empty for the one-kernel path, whose backward recomputes from x. cos, sin: RoPE's tables
+    (three kernels only), out rotated."""
     if one_kernel:
         return walsh_linear_raw(x, w, alpha, beta), x.new_empty(0)
-    return three_kernel_forward(x, w, alpha, beta)
+    return three_kernel_forward(x, w, alpha, beta, rope=_rope(cos, sin))
 
 
-def _linear_backward_fake(dout, x, w, alpha, beta, u, out, one_kernel):
+def _linear_backward_fake(dout, x, w, alpha, beta, u, out, one_kernel, cos, sin):
     return torch.empty_like(x), torch.empty_like(w), torch.empty_like(alpha), \
         torch.empty_like(beta)
 
@@ -322,31 +331,35 @@ def _linear_backward_fake(dout, x, w, alpha, beta, u, out, one_kernel):
 @kernel_op("walsh::walsh_linear_backward", _linear_backward_fake)
 def _linear_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                         alpha: torch.Tensor, beta: torch.Tensor, u: torch.Tensor,
-                        out: torch.Tensor, one_kernel: bool
+                        out: torch.Tensor, one_kernel: bool, cos: torch.Tensor | None,
+                        sin: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if one_kernel:
         dx, dw, dalpha, dbeta = walsh_linear_backward_raw(dout, x, w, alpha, beta)
     else:
-        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, out)
+        dx, dw, dalpha, dbeta = three_kernel_backward(dout, x, w, alpha, beta, u, out,
+                                                      _rope(cos, sin))
     return dx.to(x.dtype), dw.to(w.dtype), dalpha.to(alpha.dtype), dbeta.to(beta.dtype)
 
 
 def _setup(ctx, inputs, output):
-    x, w, alpha, beta, one_kernel = inputs
+    x, w, alpha, beta, one_kernel, cos, sin = inputs
     ctx.one_kernel = one_kernel
     ctx.set_materialize_grads(False)  # u gets no gradient: no zero buffer of its size
     # out itself for dbeta (three kernels): the consumers of the gate, up and value projections
     # keep the same tensor for their own backward. The one-kernel path needs no out: its
     # empty u stands in, so that out is not kept alive for nothing
-    ctx.save_for_backward(x, w, alpha, beta, output[1], output[1] if one_kernel else output[0])
+    ctx.save_for_backward(x, w, alpha, beta, output[1], output[1] if one_kernel else output[0],
+                          cos, sin)  # RoPE's tables or None
 
 
 def _backward(ctx, dout, _du):  # u is internal: its gradient is never used
     if dout is None:  # only u was used: nothing flows back
-        return None, None, None, None, None
-    dx, dw, dalpha, dbeta = _linear_backward_op(dout.contiguous(), *ctx.saved_tensors,
-                                                ctx.one_kernel)
-    return dx, dw, dalpha, dbeta, None
+        return None, None, None, None, None, None, None
+    *saved, cos, sin = ctx.saved_tensors
+    dx, dw, dalpha, dbeta = _linear_backward_op(dout.contiguous(), *saved, ctx.one_kernel,
+                                                cos, sin)
+    return dx, dw, dalpha, dbeta, None, None, None
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup)
@@ -354,13 +367,19 @@ _linear_op.register_autograd(_backward, setup_context=_setup)
 
 # -- functional -------------------------------------------------------------------------------
 def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                 one_kernel: bool = False) -> torch.Tensor:
+                 one_kernel: bool = False,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [N, A*LI], w [A, LO, LI], alpha [A, LI], beta [A, LO] (all x's dtype) -> [N, A*LO]:
     the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
     the output itself, so an in-place change of the output before the backward raises
-    autograd's error, as for any op that saves its result)."""
+    autograd's error, as for any op that saves its result). ``rope``: fp32 (cos, sin) [T, D/2]
+    at the tokens' positions (x's rows are sequences of T tokens): the output rotated by
+    RoPE in heads of D lanes, inside walsh_out's pass (three kernels only; its backward
+    rotates back inside walsh_in's)."""
     a, lo, li = w.shape
+    if rope is not None and one_kernel:
+        raise ValueError("walsh_linear: rope runs on the three-kernel path, not one_kernel")
     if a < 2 or a & (a - 1):
         raise ValueError(f"walsh_linear: blocks must be a power of two >= 2, got {a}")
     if x.ndim != 2 or x.shape[1] != a * li or alpha.shape != (a, li) or beta.shape != (a, lo):
@@ -370,4 +389,5 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     for name, t in (("w", w), ("alpha", alpha), ("beta", beta)):
         if t.dtype != x.dtype:
             raise ValueError(f"walsh_linear: {name} dtype {t.dtype} != x dtype {x.dtype}")
-    return _linear_op(x, w, alpha, beta, one_kernel)[0]
+    cos, sin = rope if rope is not None else (None, None)
+    return _linear_op(x, w, alpha, beta, one_kernel, cos, sin)[0]

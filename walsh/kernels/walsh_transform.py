@@ -181,7 +181,8 @@ def _check_token_major(name: str, t: torch.Tensor | None, want: tuple[int, int],
 def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n_tok: int,
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
             width: int | None = None, group: int = 1, more: tuple[torch.Tensor, ...] = (),
-            up: torch.Tensor | None = None, out1: torch.Tensor | None = None
+            up: torch.Tensor | None = None, out1: torch.Tensor | None = None,
+            rope: tuple[torch.Tensor, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dst, fp32 partial sums [rows, group * A*L] of the gain gradient or None without
     ``other``); ``width``: the block-major tensors' row width (>= lanes; default lanes);
@@ -189,7 +190,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     scale is [group, A, L]; in_mode writes dst [group, A, N, width]; else the sources are src
     and ``more`` (group in all, each [A, N, width]). ``up`` (token-major [N, A*L]; the kernel's
     SWIGLU): the input is silu(gate) * up with gate = src (in_mode, no gain) or gate = other
-    (else, with a scale), which then writes dgate to dst and dup to ``out1``."""
+    (else, with a scale), which then writes dgate to dst and dup to ``out1``. ``rope``: fp32
+    (cos, sin) [T, D/2] of a rotated output (the kernel's ROPE): walsh_out rotates its result;
+    walsh_in with the gain (its backward) rotates dout and the saved output back."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
             in_mode and (more or (group > 1 and other is not None))):
         raise ValueError(f"a group of {group} layers (at most {MAX_GROUP}) needs one source "
@@ -200,6 +203,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         raise ValueError("silu(gate) * up as the input is one layer's walsh_in without a gain "
                          "gradient, or its walsh_out with the gain, its gradient and a second "
                          "output")
+    if rope is not None:
+        _check_rope(rope, n_tok, a * lanes, lanes,
+                    group == 1 and up is None and (other is not None) == in_mode)
     tokens = (n_tok, a * lanes)  # the token-major operands' shape, in src's dtype
     _check_token_major("the gain's other operand", other, tokens, src.dtype)
     _check_token_major("up", up, tokens, src.dtype, contiguous=True)
@@ -238,13 +244,34 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     srcs += [arg(None) for _ in range(MAX_GROUP - len(srcs))]
     wrap_triton(_walsh_kernel)[(rows, chunks)](
         *srcs, dst, arg(scale), arg(other), arg(part, torch.float32), arg(up), arg(out1),
-        n_tok, iters, 1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width,
-        LB=lb, BT=bt, P=group, IN_MODE=in_mode, HAS_SCALE=scale is not None,
-        GAIN=other is not None, SWIGLU=up is not None,
+        *(arg(t, torch.float32) for t in (rope or (None, None))), n_tok,
+        rope[0].shape[0] if rope else 1, iters, 1.0 / math.sqrt(a), A=a,
+        LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt, P=group, IN_MODE=in_mode,
+        HAS_SCALE=scale is not None, GAIN=other is not None, SWIGLU=up is not None,
+        ROPE=rope is not None, D=2 * rope[0].shape[1] if rope else 2,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
         STAGES=stages, num_warps=warps)
     return dst, part
+
+
+def _check_rope(rope, n_tok: int, features: int, lanes: int, allowed: bool) -> None:
+    """RoPE's tables fit the pass: cos, sin fp32 contiguous [T, D/2] with T dividing the
+    tokens (the rows of a batch of sequences of T), D dividing the features, and pairs of
+    lanes inside a block (L even)."""
+    cos, sin = rope
+    if not allowed:
+        raise ValueError("RoPE goes with one layer's walsh_out, or its walsh_in with the gain "
+                         "gradient (its backward)")
+    t, half = cos.shape if cos.ndim == 2 else (0, 0)
+    if (cos.shape != sin.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or not (cos.is_contiguous() and sin.is_contiguous()) or t == 0 or half == 0):
+        raise ValueError(f"RoPE tables must be fp32 contiguous [T, D/2], got cos "
+                         f"{tuple(cos.shape)} {cos.dtype}, sin {tuple(sin.shape)} {sin.dtype}")
+    if n_tok % t or features % (2 * half) or lanes % 2:
+        raise ValueError(f"RoPE with T = {t}, D = {2 * half} does not fit {n_tok} tokens of "
+                         f"{features} features in blocks of {lanes} lanes (T must divide the "
+                         "tokens, D the features, and the lanes must be even)")
 
 
 def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
@@ -267,23 +294,27 @@ def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
 
 
 def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
-                  out: torch.Tensor | None = None, lanes: int | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, lanes: int | None = None,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """[A, N, W] -> [N, A*L] from the first L = ``lanes`` (default W) lanes of each row (no
-    autograd)."""
+    autograd); ``rope``: (cos, sin) [T, D/2], the result rotated (heads of D lanes)."""
     lanes = y.shape[2] if lanes is None else lanes
-    return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2])[0]
+    return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2],
+                   rope=rope)[0]
 
 
 def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, fwd: torch.Tensor, a: int,
-                      out: torch.Tensor | None = None, width: int | None = None
+                      out: torch.Tensor | None = None, width: int | None = None,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * fwd / alpha)
     in one pass, fwd token-major like x (without alpha: sum x * fwd): a walsh_out's backward,
     dy and dbeta from dout = x, beta = alpha and the forward's output fwd = beta * S H y
-    (lanes where beta is 0 get 0: the module doc)."""
+    (lanes where beta is 0 get 0: the module doc). ``rope``: x and fwd are of a rotated
+    output (``walsh_out_raw``'s), rotated back in the pass."""
     lanes = x.shape[-1] // a
     dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=fwd,
-                        width=width)
+                        width=width, rope=rope)
     return dst, column_sum(part).view(a, lanes)
 
 

@@ -3,8 +3,9 @@
 One kernel serves every pass: walsh_in (token-major x -> block-major u = S H (alpha * x)),
 walsh_out (block-major y -> token-major out = beta * S H y), each optionally with its gain's
 gradient summed in the same pass (``GAIN``), groups of layers that share an input (``P``;
-``walsh.kernels.walsh_group``), and the MLP's down projection with SwiGLU's product inside
-(``SWIGLU``; ``walsh.kernels.walsh_swiglu``). The launchers, ops and the naive references are
+``walsh.kernels.walsh_group``), the MLP's down projection with SwiGLU's product inside
+(``SWIGLU``; ``walsh.kernels.walsh_swiglu``), and attention's q and k projections with RoPE
+applied to their output (``ROPE``). The launchers, ops and the naive references are
 in ``walsh.kernels.walsh_transform``, whose module doc gives the math.
 
 Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
@@ -82,6 +83,23 @@ def _silu_parts(g):
 
 
 @triton.jit
+def _rope(x, cos_ptr, sin_ptr, i, g, T, N, SIGN: tl.constexpr, A: tl.constexpr,
+          L: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
+    """x [A, BT, LB] fp32 (token i, feature g*L + j; L even, so a pair of lanes (2m, 2m+1) of
+    a head lies in one block) -> each pair rotated by its token's position i % T: SIGN 1 the
+    forward rotation (x0 c - x1 s, x0 s + x1 c; ``walsh.layers.common.apply_rope``), -1 its
+    inverse, which is also its adjoint. cos, sin: fp32 [T, D/2] tables."""
+    x0, x1 = tl.split(tl.reshape(x, [A, BT, LB // 2, 2]))            # [A, BT, LB/2] each
+    jj = (tl.program_id(1) * LB + 2 * tl.arange(0, LB // 2))[None, None, :]  # even lanes
+    pos = i % T                                                        # [1, BT, 1]
+    m = ((g * L + jj) % D) // 2                                       # the pair's frequency
+    ok = (i < N) & (jj < L)
+    c = tl.load(cos_ptr + pos * (D // 2) + m, mask=ok, other=0.0)
+    s = tl.load(sin_ptr + pos * (D // 2) + m, mask=ok, other=0.0) * SIGN
+    return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [A, BT, LB])
+
+
+@triton.jit
 def _pick(a, b, c, p: tl.constexpr):
     """The p-th of three values (p a compile-time constant): a group member's gain, source
     or sum. Those past the group's size are never defined and never picked."""
@@ -96,10 +114,11 @@ def _pick(a, b, c, p: tl.constexpr):
 
 @triton.jit
 def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, part_ptr, up_ptr,
-                  dst1_ptr, N, ITERS, inv_sqrt_a, A: tl.constexpr, LOG_A: tl.constexpr,
-                  L: tl.constexpr, LP: tl.constexpr, LB: tl.constexpr, BT: tl.constexpr,
-                  P: tl.constexpr, IN_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  GAIN: tl.constexpr, SWIGLU: tl.constexpr,
+                  dst1_ptr, cos_ptr, sin_ptr, N, T, ITERS, inv_sqrt_a, A: tl.constexpr,
+                  LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, LB: tl.constexpr,
+                  BT: tl.constexpr, P: tl.constexpr, IN_MODE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, SWIGLU: tl.constexpr,
+                  ROPE: tl.constexpr, D: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
                   INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
@@ -128,7 +147,11 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
     computed in fp32 from two token-major tensors and never stored. IN_MODE (no GAIN): gate =
     src, up = up_ptr's. Else (GAIN and a scale): gate = other, up = up_ptr's; the gain sum
     takes T = h, and with dh = scale * S H src (the input gradient) the pass writes dgate =
-    dh * up * silu'(gate) to dst and dup = dh * silu(gate) to dst1 (token-major)."""
+    dh * up * silu'(gate) to dst and dup = dh * silu(gate) to dst1 (token-major).
+    ROPE (P = 1; heads of D lanes, positions i % T, fp32 cos, sin [T, D/2]): the layer's output
+    is RoPE(beta * S H y), pairs of lanes rotated (``_rope``). OUT mode (walsh_out, no GAIN):
+    the result is rotated before its store. IN_MODE with GAIN (that walsh_out's backward: src
+    = dout of the rotated output, other = the saved rotated output): both rotated back first."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
     g64 = g.to(tl.int64) if WIDE else g
@@ -164,6 +187,9 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
             if SWIGLU:  # x = silu(gate) * up
                 x = _silu_parts(x)[1] * tl.load(up_ptr + token_major, mask=mask,
                                                 other=0.0).to(tl.float32)
+            if ROPE:  # dout and out of a rotated output, rotated back (the adjoint)
+                x = _rope(x, cos_ptr, sin_ptr, i, g, T, N, -1.0, A, L, D, BT, LB)
+                o = _rope(o, cos_ptr, sin_ptr, i, g, T, N, -1.0, A, L, D, BT, LB)
             if GAIN:  # T = x before alpha
                 acc0 += x * o
             for p in tl.static_range(P):
@@ -218,6 +244,8 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                     total = y
                 else:
                     total += y
+            if ROPE:  # out = RoPE(beta * S H y)
+                total = _rope(total, cos_ptr, sin_ptr, i, g, T, N, 1.0, A, L, D, BT, LB)
             tl.store(dst_ptr + token_major, total.to(dst_ptr.dtype.element_ty), mask=mask)
     if GAIN:  # [A, LB]: masked tokens added zeros; lanes past L (0 * padding, maybe NaN) unstored
         gj = tl.reshape(g, [A, 1])

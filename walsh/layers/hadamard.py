@@ -101,6 +101,7 @@ class WalshLinear(StructuredLinear):
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
         self.in_group = 0  # the size of its shared_input group, 0 alone (``group_layers``)
         self.swiglu_input = False  # computes silu(gate) * up itself (``fuse_swiglu``)
+        self.rope_output = False  # rotates its output by RoPE inside its op (``fuse_rope``)
 
     def fan_in(self) -> int:
         return self.n_in  # each output sees one block's worth of (mixed) inputs
@@ -122,7 +123,12 @@ class WalshLinear(StructuredLinear):
         blocks = blocks * self.beta[:, None, :, None] * self.alpha[None, :, None, :]
         return blocks.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:  # [..., in] -> [..., out]
+        """``rope``: RoPE's (cos, sin) [T, D/2] for a layer ``fuse_rope`` marked: the output
+        ([..., T, out] in heads of D) comes rotated."""
+        if rope is not None and not self.rope_output:
+            raise ValueError("WalshLinear: rope is for layers that fuse_rope marked")
         x = self.quantize_input(x)
         if self.impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
@@ -131,7 +137,7 @@ class WalshLinear(StructuredLinear):
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         if self._kernel_fns:  # one op: [N, in] -> [N, out]
             out = self._kernel_fns["walsh_linear"](x2, w, alpha, beta,
-                                                   one_kernel=self.impl == "fused")
+                                                   one_kernel=self.impl == "fused", rope=rope)
         else:  # transform, A GEMMs, transform, in torch ops
             y = torch.bmm(walsh_in_naive(x2, alpha), w.transpose(1, 2))  # [A, N, n_out]
             out = walsh_out_naive(y, beta)  # [N, out]
@@ -154,7 +160,8 @@ class WalshLinear(StructuredLinear):
 
     def path(self) -> str:
         return (f"WalshLinear: walsh_impl={self.impl}" + (" (grouped)" if self.in_group else "")
-                + (" (silu(gate) * up inside)" if self.swiglu_input else ""))
+                + (" (silu(gate) * up inside)" if self.swiglu_input else "")
+                + (" (RoPE inside)" if self.rope_output else ""))
 
     def flops_per_token(self) -> int:
         if self.impl == "dense":
@@ -194,17 +201,22 @@ def group_layers(layers) -> None:
             m.in_group = len(layers) if ok else 0
 
 
-def shared_input(layers, x: torch.Tensor) -> list[torch.Tensor]:
+def shared_input(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
     """[m(x) for m in layers]; for layers that ``group_layers`` marked as this group, as one op
     (``walsh.kernels.walsh_group``) that reads x once and writes one input gradient. It reads
     the layers' parameters from the caller's forward, not theirs: under ZeRO-3 the caller must
-    be a leaf module (``pipeline.parallelize``), whose hook gathers its children's parameters."""
+    be a leaf module (``pipeline.parallelize``), whose hook gathers its children's parameters.
+    ``rope``: (cos, sin), passed to the layers that ``fuse_rope`` marked (the leading ones)."""
+    marked = [bool(getattr(m, "rope_output", False)) for m in layers]
     if any(getattr(m, "in_group", 0) != len(layers) for m in layers):
-        return [m(x) for m in layers]
+        return [m(x, rope=rope) if r else m(x) for m, r in zip(layers, marked)]
     x = autocast_input(x)
     ops = [m._operands(x.dtype) for m in layers]  # [(w, alpha, beta)] per layer
+    n_rope = sum(marked) if rope is not None else 0
     outs = layers[0]._kernel_fns["walsh_group"](x.reshape(-1, x.shape[-1]),
-                                                 *(list(t) for t in zip(*ops)))
+                                                 *(list(t) for t in zip(*ops)),
+                                                 rope=rope if n_rope else None, n_rope=n_rope)
     return [m._finish(o, x.shape) for m, o in zip(layers, outs)]
 
 
@@ -229,6 +241,22 @@ def swiglu_down(down, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = down._kernel_fns["swiglu_linear"](gate.reshape(-1, gate.shape[-1]),
                                             up.reshape(-1, up.shape[-1]), w, alpha, beta)
     return down._finish(out, gate.shape)
+
+
+def fuse_rope(layers, head_dim: int) -> bool:
+    """At build time, by attention for its q and k: where every one is a Walsh layer on the
+    ``triton`` path without activation quantization or bias (a bias added after the rotation
+    would be a different function), whose blocks hold whole pairs of lanes (out_features / A
+    even) in heads of ``head_dim``, mark them (``rope_output``: they rotate their output by
+    RoPE inside their walsh_out pass, and rotate back inside the backward's walsh_in; their
+    ``path`` says so). Returns whether it marked them; otherwise the caller rotates."""
+    ok = all(isinstance(m, WalshLinear) and m.impl == "triton" and not m.act_bits
+             and m.bias is None and m.n_out % 2 == 0 and m.out_features % head_dim == 0
+             for m in layers)
+    for m in layers:
+        if isinstance(m, WalshLinear):
+            m.rope_output = ok
+    return ok
 
 
 def run_by_parent(module) -> bool:

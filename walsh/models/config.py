@@ -45,6 +45,10 @@ class WalshConfig:
     # with walsh_impl "triton": the MLP's silu(gate) * up computed inside the down projection's
     # passes, never stored (walsh.kernels.walsh_swiglu); false runs SwiGLU's product apart
     walsh_swiglu: bool = True
+    # with walsh_impl "triton": attention's q and k rotated by RoPE inside their walsh_out pass
+    # (and rotated back inside the backward's walsh_in), not by a pass of its own; false rotates
+    # them apart (walsh.kernels.walsh_transform_kernel's ROPE)
+    walsh_rope: bool = True
     ternary: bool = False
     per_component_scale: bool = False  # one absmean gamma per algebra component
     act_bits: int | None = None  # None | 8: per-token activation quantization

@@ -28,7 +28,7 @@ from walsh.layers import (
     make_linear,
     rope_cache,
 )
-from walsh.layers.hadamard import group_layers, shared_input
+from walsh.layers.hadamard import fuse_rope, group_layers, shared_input
 from walsh.layers.mixers import _Mixer
 from walsh.loss import linear_cross_entropy
 from walsh.models.config import WalshConfig
@@ -53,6 +53,8 @@ class Attention(nn.Module):
         self.o = _linear(cfg, c, c, init_scale=out_scale)
         if cfg.walsh_group:  # q, k, v as one op where they allow (walsh.layers.hadamard)
             group_layers([self.q, self.k, self.v])
+        # RoPE inside q's and k's own passes where they allow (walsh.layers.hadamard)
+        self.rope_inside = cfg.walsh_rope and fuse_rope([self.q, self.k], cfg.head_dim)
         self.mixer: nn.Module | None = None
         if cfg.head_mix:
             mixer = WalshMixer if cfg.mixer_kind == "walsh" else CayleyDicksonMixer
@@ -61,10 +63,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         b, t, c = x.shape  # x: [B, T, C]; cos/sin: [T, D/2] at positions start_pos..+T
         h, d = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = shared_input([self.q, self.k, self.v], x)  # [B, T, C] each
-        q = apply_rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k = apply_rope(k.view(b, t, h, d), cos, sin).transpose(1, 2)
-        v = v.view(b, t, h, d).transpose(1, 2)
+        rope = (cos.float().contiguous(), sin.float().contiguous()) if self.rope_inside else None
+        q, k, v = shared_input([self.q, self.k, self.v], x, rope=rope)  # [B, T, C] each
+        q, k, v = (z.view(b, t, h, d) for z in (q, k, v))
+        if not self.rope_inside:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

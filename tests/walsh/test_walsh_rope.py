@@ -1,0 +1,251 @@
+"""RoPE inside the q and k projections' passes (the Walsh kernel's ROPE; ``walsh_linear`` and
+``walsh_group`` with ``rope``) against RoPE apart (``walsh.layers.common.apply_rope``): the
+passes, forward and every gradient on odd sizes (fp32 1e-5, bf16 1e-2 relative), what autograd
+keeps, the marking rule, the model with and without, and causality. On CPU under
+TRITON_INTERPRET=1 (tests/conftest.py); the ``gpu`` test repeats it at the 1.3B attention's
+shape, compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _helpers import rel_err, small_config
+
+pytest.importorskip("triton")
+from walsh.kernels import walsh_group as wg  # noqa: E402
+from walsh.kernels import walsh_linear as wf  # noqa: E402
+from walsh.kernels import walsh_transform as wt  # noqa: E402
+from walsh.layers import WalshLinear  # noqa: E402
+from walsh.layers.common import apply_rope, rope_cache  # noqa: E402
+from walsh.layers.hadamard import fuse_rope  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+def _tables(t, d, offset=0):
+    """RoPE's fp32 tables at positions offset..offset+t-1 (as the model slices them)."""
+    cos, sin = rope_cache(offset + t, d, device=DEV)
+    return cos[offset:].contiguous(), sin[offset:].contiguous()
+
+
+def _rotate(z, cos, sin, sign=1):
+    """z [B*T, F] rotated in heads of D (apply_rope; sign -1: back)."""
+    t, d = cos.shape[0], 2 * cos.shape[1]
+    return apply_rope(z.view(-1, t, z.shape[1] // d, d), cos, sign * sin).reshape(z.shape)
+
+
+# a, lanes, row width, head dim, tokens per sequence, sequences: heads within a block, across
+# four blocks, of the whole row; two 256-lane chunks; a 2-lane block
+SHAPES = [(4, 6, 8, 6, 5, 3), (32, 4, 8, 16, 7, 2), (8, 2, 8, 16, 3, 2), (4, 250, 256, 40, 3, 1)]
+
+
+@pytest.mark.parametrize("a,lanes,width,d,t,b", SHAPES)
+def test_passes_rotate_and_rotate_back(a, lanes, width, d, t, b, seed):
+    """Into NaN-poisoned buffers (fp32): walsh_out with RoPE equals RoPE of the plain pass's
+    result; its backward pass (walsh_in + dbeta) on a rotated output and its gradient equals
+    the plain pass on both rotated back."""
+    n = t * b
+    cos, sin = _tables(t, d, offset=3)
+    y = torch.randn(a, n, width, device=DEV)
+    beta = 1 + 0.3 * torch.randn(a, lanes, device=DEV)
+    out = torch.full((n, a * lanes), float("nan"), device=DEV)
+    wt.walsh_out_raw(y, beta, a, lanes=lanes, out=out, rope=(cos, sin))
+    plain = wt.walsh_out_raw(y, beta, a, lanes=lanes)
+    assert rel_err(out, _rotate(plain, cos, sin)) < 1e-6 and rel_err(out, plain) > 0.1, seed
+    dout = torch.randn(n, a * lanes, device=DEV)
+    dy = torch.full((a, n, width), float("nan"), device=DEV)
+    _, dbeta = wt.walsh_in_gain_raw(dout, beta, out, a, width=width, out=dy, rope=(cos, sin))
+    want_dy, want_dbeta = wt.walsh_in_gain_raw(_rotate(dout, cos, sin, -1).contiguous(), beta,
+                                               _rotate(out, cos, sin, -1).contiguous(), a,
+                                               width=width)
+    assert rel_err(dy, want_dy) < 1e-6 and rel_err(dbeta, want_dbeta) < 1e-6, seed
+
+
+def _layer(a, li, lo, n, dtype, p=1):
+    x = torch.randn(n, a * li, device=DEV).to(dtype)
+    ws = [(torch.randn(a, lo, li, device=DEV) / li**0.5).to(dtype) for _ in range(p)]
+    als = [(1 + 0.3 * torch.randn(a, li, device=DEV)).to(dtype) for _ in range(p)]
+    bes = [(1 + 0.3 * torch.randn(a, lo, device=DEV)).to(dtype) for _ in range(p)]
+    return [t.requires_grad_() for t in (x, *ws, *als, *bes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a,li,lo,d,t,b", [(4, 5, 6, 8, 5, 3), (32, 3, 2, 4, 7, 2),
+                                           (8, 24, 24, 64, 3, 2)])
+def test_linear_with_rope_matches_naive(dtype, a, li, lo, d, t, b, seed):
+    n = t * b
+    cos, sin = _tables(t, d)
+    leaves = _layer(a, li, lo, n, dtype)
+    refs = [z.detach().float().requires_grad_() for z in leaves]
+    out = wf.walsh_linear(*leaves, rope=(cos, sin))
+    want = _rotate(wf.walsh_linear_naive(*refs), cos, sin)
+    g = torch.randn(n, a * lo, device=DEV)
+    got, ref = torch.autograd.grad(out.float(), leaves, g), torch.autograd.grad(want, refs, g)
+    assert out.dtype == dtype and rel_err(out, want) < TOL[dtype], seed
+    for k, (p, q) in enumerate(zip(got, ref)):
+        assert rel_err(p, q) < TOL[dtype], (k, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_rotates_its_first_outputs(dtype, seed):
+    """q, k, v as a group with RoPE on q and k (n_rope = 2), v untouched."""
+    a, li, lo, d, t, b, p = 4, 5, 6, 8, 5, 3, 3
+    n = t * b
+    cos, sin = _tables(t, d)
+    leaves = _layer(a, li, lo, n, dtype, p)
+    refs = [z.detach().float().requires_grad_() for z in leaves]
+    outs = wg.walsh_group(leaves[0], leaves[1:4], leaves[4:7], leaves[7:], rope=(cos, sin),
+                          n_rope=2)
+    want = wg.walsh_group_naive(refs[0], refs[1:4], refs[4:7], refs[7:])
+    want = [_rotate(o, cos, sin) if k < 2 else o for k, o in enumerate(want)]
+    gs = [torch.randn(n, a * lo, device=DEV) for _ in range(p)]
+    got = torch.autograd.grad([o.float() for o in outs], leaves, gs)
+    ref = torch.autograd.grad(want, refs, gs)
+    for o, w in zip(outs, want):
+        assert rel_err(o, w) < TOL[dtype], seed
+    for k, (p_, q) in enumerate(zip(got, ref)):
+        assert rel_err(p_, q) < TOL[dtype], (k, seed)
+
+
+def test_saves_the_rotated_output():
+    """The op saves its own (rotated) output for dbeta: the tensor SDPA keeps as its q or k,
+    so that RoPE inside adds nothing to what is kept (apart, q and k before RoPE were kept
+    beside SDPA's rotated copies)."""
+    a, li, lo, d, t, b = 4, 5, 6, 8, 5, 3
+    cos, sin = _tables(t, d)
+    leaves = _layer(a, li, lo, t * b, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z):
+        out = wf.walsh_linear(*leaves, rope=(cos, sin))
+    assert out.data_ptr() in {z.data_ptr() for z in saved}
+
+
+def test_ops_pass_opcheck_and_compile(seed):
+    """torch.library.opcheck on the layer's and the group's ops with RoPE's tables, and the
+    compiled layer (fullgraph) with its backward equal to eager."""
+    a, li, lo, d, t, b = 8, 5, 4, 8, 3, 2
+    n = t * b
+    cos, sin = _tables(t, d)
+    leaves = _layer(a, li, lo, n, torch.float32)
+    torch.library.opcheck(torch.ops.walsh.walsh_linear.default, (*leaves, False, cos, sin))
+    plain = [z.detach() for z in leaves]
+    out, u = torch.ops.walsh.walsh_linear.default(*plain, False, cos, sin)
+    torch.library.opcheck(torch.ops.walsh.walsh_linear_backward.default,
+                          (torch.randn_like(out), *plain, u, out, False, cos, sin))
+    group = _layer(a, li, lo, n, torch.float32, 2)
+    torch.library.opcheck(torch.ops.walsh.walsh_group.default,
+                          (group[0], group[1:3], group[3:5], group[5:], cos, sin, 1))
+    fn = lambda *z: wf.walsh_linear(*z, rope=(cos, sin))
+    g = torch.randn(n, a * lo, device=DEV)
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        o = f(*leaves)
+        results.append([o, *torch.autograd.grad(o, leaves, g)])
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled), seed
+
+
+def test_rejects_bad_inputs():
+    x, w, al, be = _layer(4, 5, 6, 15, torch.float32)
+    cos, sin = _tables(5, 8)
+    with pytest.raises(ValueError, match="T must divide the tokens"):
+        wf.walsh_linear(x, w, al, be, rope=_tables(4, 8))
+    with pytest.raises(ValueError, match="D the features"):
+        wf.walsh_linear(x, w, al, be, rope=_tables(5, 16))
+    with pytest.raises(ValueError, match="lanes must be even"):
+        wf.walsh_linear(x, w[:, :5], al, be[:, :5], rope=_tables(5, 4))
+    with pytest.raises(ValueError, match="fp32 contiguous"):
+        wf.walsh_linear(x, w, al, be, rope=(cos.half(), sin.half()))
+    with pytest.raises(ValueError, match="not one_kernel"):
+        wf.walsh_linear(x, w, al, be, one_kernel=True, rope=(cos, sin))
+    with pytest.raises(ValueError, match="n_rope"):
+        wg.walsh_group(x, [w, w], [al, al], [be, be], n_rope=1)
+    with pytest.raises(ValueError, match="one layer's walsh_out"):
+        wt._launch(x, al, 4, 5, 15, in_mode=True, rope=(cos, sin))
+    with pytest.raises(ValueError, match="fuse_rope marked"):
+        WalshLinear(20, 24, blocks=4, impl="triton")(x[:, :20], rope=(cos, sin))
+
+
+def test_fuse_rope_marks_only_fitting_triton_layers():
+    """All of q and k or none: ``triton`` Walsh layers without activation quantization or
+    bias, whose blocks hold whole pairs of lanes."""
+    mk = lambda impl="triton", out=32, **kw: WalshLinear(32, out, blocks=4, impl=impl, **kw)
+    assert fuse_rope([mk(), mk()], 8)
+    for other in (mk(bias=True), mk(act_bits=8), mk("blocks"), mk("fused"), mk(out=36)):
+        pair = [mk(), other]
+        assert not fuse_rope(pair, 4 if other.out_features == 36 else 8)
+        assert not any(m.rope_output for m in pair)
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_model_with_and_without_rope_inside(group, seed):
+    """walsh_rope on and off: the same loss and gradients (fp32), grouped or one by one; the
+    paths say so; and the model stays causal (a later token changes no earlier logit)."""
+    from walsh.models import WalshLM
+
+    cfg = small_config(n_embd=128, algebra="walsh", algebra_dim=32, walsh_impl="triton",
+                       ternary=True, walsh_group=group)  # heads of 16 lanes: 4 blocks
+    inside = WalshLM(cfg).to(DEV)
+    apart = WalshLM(cfg.replace(walsh_rope=False)).to(DEV)
+    apart.load_state_dict(inside.state_dict())
+    assert inside.linear_paths().startswith("4 x WalshLinear: walsh_impl=triton"
+                                            + " (grouped)" * group + " (RoPE inside)")
+    assert "RoPE" not in apart.linear_paths()
+    idx = torch.randint(0, 256, (2, 19), device=DEV)
+    tgt = torch.randint(0, 256, (2, 19), device=DEV)
+    losses = [m(idx, tgt) for m in (inside, apart)]
+    for loss in losses:
+        loss.backward()
+    assert rel_err(losses[0], losses[1]) < 1e-6, seed
+    ref = dict(apart.named_parameters())
+    for name, prm in inside.named_parameters():
+        assert rel_err(prm.grad, ref[name].grad) < 1e-5, (name, seed)
+    with torch.no_grad():
+        changed = idx.clone()
+        changed[:, 11] = (changed[:, 11] + 1) % 256
+        before, after = inside(idx), inside(changed)
+    assert torch.equal(before[:, :11], after[:, :11]), seed
+    assert not torch.equal(before[:, 11:], after[:, 11:]), seed
+
+
+# -- full shapes on the GPU -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["walsh-h-1b3", "walsh-h-125m"])
+def test_attention_full_shape_compiled_cuda(preset, seed):
+    """At 16k tokens, bf16: attention with RoPE inside q's and k's passes (eager and compiled)
+    against the same attention with RoPE apart (heads of 128 lanes over 64-lane blocks at
+    1.3B, of 64 over 24-lane blocks at 125M)."""
+    from walsh.models import WalshLM, get_preset
+
+    cfg = get_preset(preset, walsh_impl="triton", n_layer=1)
+    inside = WalshLM(cfg).cuda()
+    apart = WalshLM(cfg.replace(walsh_rope=False)).cuda()
+    apart.load_state_dict(inside.state_dict())
+    assert inside.blocks[0].attn.rope_inside and not apart.blocks[0].attn.rope_inside
+    x = torch.randn(16, 1024, cfg.n_embd, device="cuda")
+    g = torch.randn(16, 1024, cfg.n_embd, device="cuda")
+    cos, sin = inside.rope_cos[:1024], inside.rope_sin[:1024]
+    results = []
+    for model, compiled in ((apart, False), (inside, False), (inside, True)):
+        attn = model.blocks[0].attn
+        fn = torch.compile(attn) if compiled else attn
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(xs, cos, sin)
+        (out.float() * g).sum().backward()
+        results.append([out, xs.grad] + [p.grad.clone() for p in attn.parameters()])
+        attn.zero_grad(set_to_none=True)
+    for got in results[1:]:
+        for k, (a, b) in enumerate(zip(got, results[0])):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-2, (k, seed)
