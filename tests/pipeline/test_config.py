@@ -303,9 +303,10 @@ def test_describe_tiny():
 
 def test_memory_estimate_counts_the_walsh_triton_paths_saved_transforms():
     """walsh_impl triton saves u (B*T*in per layer, bf16) and its own output (B*T*out), which
-    is the tensor SDPA (v) and SwiGLU (gate, up) keep anyway: per block 6C + H of u, and 4C of
-    outputs (q, k, o, down); with a bias all seven outputs count. The other paths save
-    neither; with checkpointing, one block's worth."""
+    is the tensor SDPA (v, and q and k with RoPE inside) and SwiGLU (gate, up) keep anyway: per
+    block 6C + H of u, and 2C of outputs (o, down; 4C with q and k when RoPE runs apart); with
+    a bias all seven outputs count. The other paths save neither; with checkpointing, one
+    block's worth."""
     def est(impl, ckpt=False, preset="walsh-h-125m", **over):
         cfg = from_dict(raw(model={"preset": preset, "overrides": {"walsh_impl": impl, **over}},
                             train={"steps": 1, "micro_batch": 2, "global_batch": 2,
@@ -315,10 +316,12 @@ def test_memory_estimate_counts_the_walsh_triton_paths_saved_transforms():
     wc = cfg.walsh_config()
     c, h, n_layer = wc.n_embd, wc.mlp_hidden, wc.n_layer
     tokens = 2 * cfg.data.seq_len
-    assert tri["walsh_saved"] == 2 * tokens * n_layer * (6 * c + h + 4 * c)
+    assert tri["walsh_saved"] == 2 * tokens * n_layer * (6 * c + h + 2 * c)
     assert tri["total"] == sum(v for k, v in tri.items() if k != "total")
+    rope_apart = est("triton", walsh_rope=False)[0]["walsh_saved"]
+    assert rope_apart == 2 * tokens * n_layer * (6 * c + h + 4 * c)
     assert est("dense")[0]["walsh_saved"] == est("fused")[0]["walsh_saved"] == 0
-    assert est("triton", ckpt=True)[0]["walsh_saved"] == 2 * tokens * (6 * c + h + 4 * c)
+    assert est("triton", ckpt=True)[0]["walsh_saved"] == 2 * tokens * (6 * c + h + 2 * c)
     biased = est("triton", bias=True)[0]["walsh_saved"]
     assert biased == 2 * tokens * n_layer * (6 * c + h + 5 * c + 2 * h)
     # 350M's FFN hidden 2752 = 32 blocks x 86 lanes: the down projection's u is saved in rows of
@@ -327,7 +330,7 @@ def test_memory_estimate_counts_the_walsh_triton_paths_saved_transforms():
     m350, cfg350 = est("triton", preset="walsh-h-350m")
     wc = cfg350.walsh_config()
     c, h = wc.n_embd, wc.mlp_hidden
-    assert m350["walsh_saved"] == 2 * 2 * cfg350.data.seq_len * 24 * (10 * c + h + 2 * 32)
+    assert m350["walsh_saved"] == 2 * 2 * cfg350.data.seq_len * 24 * (8 * c + h + 2 * 32)
 
 
 def test_describe_raises_on_bad_batch():
