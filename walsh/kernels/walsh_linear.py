@@ -265,7 +265,7 @@ def three_kernel_forward(x, w, alpha, beta, up=None, rope=None):
     """The three-kernel forward: (out [N, A*LO], u [A, N, LIp]) with LIp the lanes rounded up
     to a multiple of 8 (``row_width``; u is zero past LI); y [A, N, LOp] is not kept. With
     ``up``, the layer's input is silu(x) * up (``walsh.kernels.walsh_swiglu``); with ``rope``
-    (cos, sin [T, D/2]), out is rotated by RoPE in walsh_out's pass."""
+    (per-lane cos, sin [T, A*LO], ``rope_lanes``), out is rotated by RoPE in walsh_out's pass."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2], up=up)           # [A, N, LIp]
@@ -373,10 +373,10 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
     the output itself, so an in-place change of the output before the backward raises
-    autograd's error, as for any op that saves its result). ``rope``: fp32 (cos, sin) [T, D/2]
-    at the tokens' positions (x's rows are sequences of T tokens): the output rotated by
-    RoPE in heads of D lanes, inside walsh_out's pass (three kernels only; its backward
-    rotates back inside walsh_in's)."""
+    autograd's error, as for any op that saves its result). ``rope``: RoPE's per-lane fp32
+    tables (cos, sin) [T, A*LO] at the tokens' positions (``walsh.layers.common.rope_lanes``;
+    x's rows are sequences of T tokens): the output rotated by RoPE, inside walsh_out's pass
+    (three kernels only; its backward rotates back inside walsh_in's)."""
     a, lo, li = w.shape
     if rope is not None and one_kernel:
         raise ValueError("walsh_linear: rope runs on the three-kernel path, not one_kernel")

@@ -83,20 +83,24 @@ def _silu_parts(g):
 
 
 @triton.jit
-def _rope(x, cos_ptr, sin_ptr, i, g, T, N, SIGN: tl.constexpr, A: tl.constexpr,
-          L: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
-    """x [A, BT, LB] fp32 (token i, feature g*L + j; L even, so a pair of lanes (2m, 2m+1) of
-    a head lies in one block) -> each pair rotated by its token's position i % T: SIGN 1 the
-    forward rotation (x0 c - x1 s, x0 s + x1 c; ``walsh.layers.common.apply_rope``), -1 its
-    inverse, which is also its adjoint. cos, sin: fp32 [T, D/2] tables."""
+def _swap_pairs(x, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
+    """x [A, BT, LB] -> x with lanes 2m and 2m + 1 swapped. On a loaded slab (a blocked layout,
+    each thread holding runs of lanes) the split and join stay in registers. Session 17's RoPE
+    rotated the dot's result this way and gathered [T, D/2] tables per element, and its passes
+    took 2-5x as long (docs/benchmarks.md); here only loaded slabs are split."""
     x0, x1 = tl.split(tl.reshape(x, [A, BT, LB // 2, 2]))            # [A, BT, LB/2] each
-    jj = (tl.program_id(1) * LB + 2 * tl.arange(0, LB // 2))[None, None, :]  # even lanes
-    pos = i % T                                                        # [1, BT, 1]
-    m = ((g * L + jj) % D) // 2                                       # the pair's frequency
-    ok = (i < N) & (jj < L)
-    c = tl.load(cos_ptr + pos * (D // 2) + m, mask=ok, other=0.0)
-    s = tl.load(sin_ptr + pos * (D // 2) + m, mask=ok, other=0.0) * SIGN
-    return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), [A, BT, LB])
+    return tl.reshape(tl.join(x1, x0), [A, BT, LB])
+
+
+@triton.jit
+def _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A: tl.constexpr, L: tl.constexpr):
+    """RoPE's per-lane tables (``walsh.layers.common.rope_lanes``, fp32 [T, A*L]) at tokens i
+    (position i % T), features g*L + j -> (c, s) [A, BT, LB] fp32: the rotated output is
+    c * z + s * z', z' the pair partner's value (s = -sin on the pair's first lane)."""
+    off = (i % T) * (A * L) + g * L + j  # token-major like the data: contiguous runs
+    ok = (i < N) & (j < L)
+    return (tl.load(cos_ptr + off, mask=ok, other=0.0),
+            tl.load(sin_ptr + off, mask=ok, other=0.0))
 
 
 @triton.jit
@@ -118,7 +122,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                   LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, LB: tl.constexpr,
                   BT: tl.constexpr, P: tl.constexpr, IN_MODE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, SWIGLU: tl.constexpr,
-                  ROPE: tl.constexpr, D: tl.constexpr,
+                  ROPE: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
                   INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
@@ -148,10 +152,12 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
     src, up = up_ptr's. Else (GAIN and a scale): gate = other, up = up_ptr's; the gain sum
     takes T = h, and with dh = scale * S H src (the input gradient) the pass writes dgate =
     dh * up * silu'(gate) to dst and dup = dh * silu(gate) to dst1 (token-major).
-    ROPE (P = 1; heads of D lanes, positions i % T, fp32 cos, sin [T, D/2]): the layer's output
-    is RoPE(beta * S H y), pairs of lanes rotated (``_rope``). OUT mode (walsh_out, no GAIN):
-    the result is rotated before its store. IN_MODE with GAIN (that walsh_out's backward: src
-    = dout of the rotated output, other = the saved rotated output): both rotated back first."""
+    ROPE (P = 1; positions i % T; per-lane fp32 tables cos, sin [T, A*L],
+    ``walsh.layers.common.rope_lanes``): the layer's output is RoPE(z), z = beta * S H y, its
+    pairs of lanes (2m, 2m + 1) rotated: r = c * z + s * z' with z' the partner lane's value.
+    OUT mode (walsh_out, no GAIN): z' comes from a second transform of the slab with its pairs
+    swapped. IN_MODE with GAIN (that walsh_out's backward: src = dout of the rotated output,
+    other = the saved rotated output): both rotated back first, z = c * r - s * r'."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
     g64 = g.to(tl.int64) if WIDE else g
@@ -163,6 +169,8 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
             s1 = tl.load(scale_ptr + (A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
         if P > 2:
             s2 = tl.load(scale_ptr + (2 * A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
+        if ROPE:  # the pair partner's gain, for the rotation's second term
+            s0_swapped = _swap_pairs(s0, A, 1, LB)
     # one group member's block-major plane, A * N * LP elements
     plane = (N.to(tl.int64) if WIDE else N) * (A * LP)
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
@@ -187,9 +195,11 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
             if SWIGLU:  # x = silu(gate) * up
                 x = _silu_parts(x)[1] * tl.load(up_ptr + token_major, mask=mask,
                                                 other=0.0).to(tl.float32)
-            if ROPE:  # dout and out of a rotated output, rotated back (the adjoint)
-                x = _rope(x, cos_ptr, sin_ptr, i, g, T, N, -1.0, A, L, D, BT, LB)
-                o = _rope(o, cos_ptr, sin_ptr, i, g, T, N, -1.0, A, L, D, BT, LB)
+            if ROPE:  # dout and out of a rotated output, rotated back (the adjoint):
+                # z = c * r - s * r' for r = c * z + s * z' (c^2 + s^2 = 1, s' = -s)
+                c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A, L)
+                x = c * x - s * _swap_pairs(x, A, BT, LB)
+                o = c * o - s * _swap_pairs(o, A, BT, LB)
             if GAIN:  # T = x before alpha
                 acc0 += x * o
             for p in tl.static_range(P):
@@ -240,12 +250,19 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                         acc2 += o * y
                 if HAS_SCALE:
                     y = y * _pick(s0, s1, s2, p)
+                if ROPE:  # P = 1: out = c * z + s * z', z' = the partner lane's beta * S H y,
+                    # from a second transform of the slab with its pairs swapped (a dot costs
+                    # less than moving the first one's result between lanes)
+                    ys = _transform(_swap_pairs(x, A, BT, LB), h_mat, inv_sqrt_a, A, BT, LB,
+                                    USE_DOT, IEEE, BF16_DOT, INTERPRETED)
+                    if HAS_SCALE:
+                        ys = ys * s0_swapped
+                    c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A, L)
+                    y = c * y + s * ys
                 if p == 0:
                     total = y
                 else:
                     total += y
-            if ROPE:  # out = RoPE(beta * S H y)
-                total = _rope(total, cos_ptr, sin_ptr, i, g, T, N, 1.0, A, L, D, BT, LB)
             tl.store(dst_ptr + token_major, total.to(dst_ptr.dtype.element_ty), mask=mask)
     if GAIN:  # [A, LB]: masked tokens added zeros; lanes past L (0 * padding, maybe NaN) unstored
         gj = tl.reshape(g, [A, 1])

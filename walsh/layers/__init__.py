@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from walsh.layers.base import StructuredLinear, TernaryLinear
 from walsh.layers.cayley_dickson import CayleyDicksonLinear, cd_materialize
-from walsh.layers.common import RMSNorm, SwiGLU, apply_rope, rope_cache
+from walsh.layers.common import RMSNorm, SwiGLU, apply_rope, rope_cache, rope_lanes
 from walsh.layers.hadamard import WALSH_IMPLS, WalshLinear
 from walsh.layers.mixers import CayleyDicksonMixer, WalshMixer
 
@@ -45,4 +45,5 @@ __all__ = [
     "cd_materialize",
     "make_linear",
     "rope_cache",
+    "rope_lanes",
 ]

@@ -125,8 +125,8 @@ class WalshLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:  # [..., in] -> [..., out]
-        """``rope``: RoPE's (cos, sin) [T, D/2] for a layer ``fuse_rope`` marked: the output
-        ([..., T, out] in heads of D) comes rotated."""
+        """``rope``: RoPE's per-lane tables (cos, sin) [T, out] (``rope_lanes``) for a layer
+        ``fuse_rope`` marked: the output ([..., T, out]) comes rotated."""
         if rope is not None and not self.rope_output:
             raise ValueError("WalshLinear: rope is for layers that fuse_rope marked")
         x = self.quantize_input(x)
