@@ -84,7 +84,8 @@ def test_linear_with_rope_matches_naive(dtype, a, li, lo, d, t, b, seed):
     refs = [z.detach().float().requires_grad_() for z in leaves]
     out = wf.walsh_linear(*leaves, rope=_lanes(cos, sin, a * lo))
     want = _rotate(wf.walsh_linear_naive(*refs), cos, sin)
-    g = torch.randn(n, a * lo, device=DEV)
+    # the upstream gradient of a bf16 output is bf16: the reference gets the same values
+    g = torch.randn(n, a * lo, device=DEV).to(dtype).float()
     got, ref = torch.autograd.grad(out.float(), leaves, g), torch.autograd.grad(want, refs, g)
     assert out.dtype == dtype and rel_err(out, want) < TOL[dtype], seed
     for k, (p, q) in enumerate(zip(got, ref)):
@@ -103,7 +104,7 @@ def test_group_rotates_its_first_outputs(dtype, seed):
                           rope=_lanes(cos, sin, a * lo), n_rope=2)
     want = wg.walsh_group_naive(refs[0], refs[1:4], refs[4:7], refs[7:])
     want = [_rotate(o, cos, sin) if k < 2 else o for k, o in enumerate(want)]
-    gs = [torch.randn(n, a * lo, device=DEV) for _ in range(p)]
+    gs = [torch.randn(n, a * lo, device=DEV).to(dtype).float() for _ in range(p)]  # as above
     got = torch.autograd.grad([o.float() for o in outs], leaves, gs)
     ref = torch.autograd.grad(want, refs, gs)
     for o, w in zip(outs, want):

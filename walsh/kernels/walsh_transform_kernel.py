@@ -84,10 +84,7 @@ def _silu_parts(g):
 
 @triton.jit
 def _swap_pairs(x, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
-    """x [A, BT, LB] -> x with lanes 2m and 2m + 1 swapped. On a loaded slab (a blocked layout,
-    each thread holding runs of lanes) the split and join stay in registers. Session 17's RoPE
-    rotated the dot's result this way and gathered [T, D/2] tables per element, and its passes
-    took 2-5x as long (docs/benchmarks.md); here only loaded slabs are split."""
+    """x [A, BT, LB] -> x with lanes 2m and 2m + 1 swapped (a split and a join)."""
     x0, x1 = tl.split(tl.reshape(x, [A, BT, LB // 2, 2]))            # [A, BT, LB/2] each
     return tl.reshape(tl.join(x1, x0), [A, BT, LB])
 
@@ -96,7 +93,9 @@ def _swap_pairs(x, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
 def _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A: tl.constexpr, L: tl.constexpr):
     """RoPE's per-lane tables (``walsh.layers.common.rope_lanes``, fp32 [T, A*L]) at tokens i
     (position i % T), features g*L + j -> (c, s) [A, BT, LB] fp32: the rotated output is
-    c * z + s * z', z' the pair partner's value (s = -sin on the pair's first lane)."""
+    c * z + s * z', z' the pair partner's value (s = -sin on the pair's first lane). Session
+    17's first try gathered [T, D/2] tables per element, pair by pair, and its backward pass
+    took 520 us where this one takes 91 (the 1.3B q, H200; docs/benchmarks.md, session 18)."""
     off = (i % T) * (A * L) + g * L + j  # token-major like the data: contiguous runs
     ok = (i < N) & (j < L)
     return (tl.load(cos_ptr + off, mask=ok, other=0.0),
@@ -155,8 +154,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
     ROPE (P = 1; positions i % T; per-lane fp32 tables cos, sin [T, A*L],
     ``walsh.layers.common.rope_lanes``): the layer's output is RoPE(z), z = beta * S H y, its
     pairs of lanes (2m, 2m + 1) rotated: r = c * z + s * z' with z' the partner lane's value.
-    OUT mode (walsh_out, no GAIN): z' comes from a second transform of the slab with its pairs
-    swapped. IN_MODE with GAIN (that walsh_out's backward: src = dout of the rotated output,
+    OUT mode (walsh_out, no GAIN): the result rotated before its store. IN_MODE with GAIN (that walsh_out's backward: src = dout of the rotated output,
     other = the saved rotated output): both rotated back first, z = c * r - s * r'."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
@@ -169,8 +167,6 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
             s1 = tl.load(scale_ptr + (A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
         if P > 2:
             s2 = tl.load(scale_ptr + (2 * A + g) * L + j, mask=j < L, other=0.0).to(tl.float32)
-        if ROPE:  # the pair partner's gain, for the rotation's second term
-            s0_swapped = _swap_pairs(s0, A, 1, LB)
     # one group member's block-major plane, A * N * LP elements
     plane = (N.to(tl.int64) if WIDE else N) * (A * LP)
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
@@ -250,15 +246,12 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                         acc2 += o * y
                 if HAS_SCALE:
                     y = y * _pick(s0, s1, s2, p)
-                if ROPE:  # P = 1: out = c * z + s * z', z' = the partner lane's beta * S H y,
-                    # from a second transform of the slab with its pairs swapped (a dot costs
-                    # less than moving the first one's result between lanes)
-                    ys = _transform(_swap_pairs(x, A, BT, LB), h_mat, inv_sqrt_a, A, BT, LB,
-                                    USE_DOT, IEEE, BF16_DOT, INTERPRETED)
-                    if HAS_SCALE:
-                        ys = ys * s0_swapped
+                if ROPE:  # P = 1: out = c * z + s * z', z = beta * S H y, z' its pair
+                    # partner's value, moved between lanes on the transform's result. A second
+                    # transform of the pair-swapped slab instead took 104 us where this takes
+                    # 53 (the 1.3B q, H200; docs/benchmarks.md, session 18)
                     c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A, L)
-                    y = c * y + s * ys
+                    y = c * y + s * _swap_pairs(y, A, BT, LB)
                 if p == 0:
                     total = y
                 else:
