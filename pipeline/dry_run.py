@@ -26,11 +26,15 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   their own backward, so it adds nothing there (without a bias); the query, key, attention
   output and down projections' outputs are kept only for dbeta: about B * T * (in + out)
   activations per layer beyond the rough term, less the shared outputs (shared while SDPA keeps
-  v as passed, as its flash, cuDNN and memory-efficient kernels do). walsh-h-1b3 at
-  16 x 1024 tokens measured 47.4 GiB peak (session 14; 58.5 in sessions 8-13, when
-  walsh_out wrote z = S H y beside out and the backward kept z) against 36.2 GiB for
-  ``dense`` (docs/benchmarks.md); this term puts the estimate at 47.8 GiB. When
-  checkpointing recomputes a layer, only that layer's are counted.
+  v as passed, as its flash, cuDNN and memory-efficient kernels do). With RoPE inside
+  (``walsh_rope``) the query and key outputs are the rotated tensors SDPA keeps: shared too.
+  With SwiGLU's product inside the down projection (``walsh_swiglu``) the product
+  silu(gate) * up is never stored, and the rough term counts it: B * T * hidden comes off.
+  walsh-h-1b3 at 16 x 1024 tokens measured 40.74 GiB peak with both inside, 43.37 with RoPE
+  apart, 47.40-47.93 with both apart (sessions 17-18, docs/benchmarks.md; 58.5 in sessions
+  8-13, when walsh_out wrote z = S H y beside out and the backward kept z); the estimate says
+  40.74, 43.74 and 47.77 GiB. When checkpointing recomputes a layer, only that layer's are
+  counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.
@@ -77,6 +81,10 @@ def _walsh_saved_width(model: WalshLM, checkpointing: bool) -> int:
             shared = name.endswith(SHARED_OUTPUTS) or getattr(layer, "rope_output", False)
             if not shared or layer.bias is not None:
                 width += layer.out_features
+            if getattr(layer, "swiglu_input", False):
+                # silu(gate) * up formed inside down's passes (walsh.layers.hadamard.fuse_swiglu)
+                # is never stored: the rough term's MLP part counts it, so it comes off here
+                width -= layer.in_features
     return width // wc.n_layer if checkpointing else width
 
 
