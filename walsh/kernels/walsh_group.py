@@ -16,8 +16,9 @@ HBM passes over an [N, C] tensor saved per group, against the layers one by one:
 Measured on an H200 (docs/benchmarks.md, session 16), grouped against one by one in one
 process: walsh-h-1b3 +4.8% (1.74x the dense model against 1.66x), walsh-h-125m +3.3% (CUDA
 graphs, 0.87x against 0.85x); the group passes at 1.2-1.9x their rooflines at 64 lanes. The
-forward GEMM's untransposed weight (session 17, ``group_forward``) came after these figures
-and was timed alone only.
+forward GEMM's untransposed weight (session 17, ``group_forward``; 200.5 -> 143.3 us alone at
+the 1.3B FFN) showed no gain in the model: walsh-h-1b3 with it ran at 1.79x dense (session 18,
+two runs with RoPE apart), within session 17's 1.78-1.80x without it; not profiled.
 
 The results are the layers' own up to rounding: the transforms' arithmetic is the single
 passes', but the forward's GEMM is one batched call over P*A blocks (cuBLAS may pick another
@@ -42,6 +43,7 @@ import torch
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op
 from walsh.kernels.walsh_linear import (
+    _rope,
     _weight_grad,
     backward_to_du,
     padded_weight,
@@ -112,10 +114,6 @@ def group_backward(douts, x, ws, alphas, betas, u, outs, rope=None, n_rope=0):
 
 
 # -- autograd: a forward and a backward op per group (``walsh.kernels.registry``) -------------
-def _rope(cos, sin):
-    return None if cos is None else (cos, sin)
-
-
 def _group_fake(x, ws, alphas, betas, cos, sin, n_rope):
     a, lo, li = ws[0].shape
     n = x.shape[0]
@@ -188,7 +186,7 @@ def walsh_group(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tens
     """x [N, A*LI], ws[p] [A, LO, LI], alphas[p] [A, LI], betas[p] [A, LO] (2 or 3 layers, all
     x's dtype) -> P outputs [N, A*LO]: the twin of ``walsh_group_naive``, differentiable in all.
     Each output is saved for the backward (an in-place change of one before the backward
-    raises autograd's error). ``rope`` (per-lane fp32 cos, sin [T, A*LO]; ``walsh_linear``'s): the first
+    raises autograd's error). ``rope`` (per-lane fp32 cos, sin [T, D]; ``walsh_linear``'s): the first
     ``n_rope`` outputs (attention's q and k) rotated inside their walsh_out pass."""
     p = len(ws)
     if not 0 <= n_rope <= p or (n_rope > 0) != (rope is not None):

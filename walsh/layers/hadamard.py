@@ -20,12 +20,13 @@ others the true sum; beta starts at 1 and is not decayed, so training does not m
   and layout change (in the backward also with the gain's gradient), the A GEMMs one batched
   cuBLAS call, and the ternary weight is quantized by ``walsh.kernels.ternary``; needs
   ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU). The fastest path at 2048 features
-  (walsh-h-1b3 at 1.78-1.80x the dense model on an H200), slower than ``"dense"`` at 768
-  and 1024 (docs/benchmarks.md, sessions 8-17). Layers that share an input (the model's q, k, v
+  (walsh-h-1b3 at 1.81-1.82x the dense model on an H200), slower than ``"dense"`` at 768
+  and 1024 (docs/benchmarks.md, sessions 8-18). Layers that share an input (the model's q, k, v
   and gate, up) run as one op (``shared_input``, config ``walsh_group``), which reads the
   input once and writes one input gradient (``walsh.kernels.walsh_group``).
   The MLP's down projection computes SwiGLU's silu(gate) * up in its own passes
-  (``swiglu_down``, config ``walsh_swiglu``; ``walsh.kernels.walsh_swiglu``).
+  (``swiglu_down``, config ``walsh_swiglu``; ``walsh.kernels.walsh_swiglu``). Attention's q and
+  k come out rotated by RoPE (``fuse_rope``, config ``walsh_rope``; the transform kernel's ROPE).
 - ``"fused"``: as ``"triton"``, with the whole forward (transform, A GEMMs, transform, gains)
   in one kernel per token tile, so that the activations cross HBM once each way and only x is
   saved for the backward. Measured slower than ``"triton"`` (Triton's batched dot; see
@@ -125,7 +126,7 @@ class WalshLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:  # [..., in] -> [..., out]
-        """``rope``: RoPE's per-lane tables (cos, sin) [T, out] (``rope_lanes``) for a layer
+        """``rope``: RoPE's per-lane tables (cos, sin) [T, D] (``rope_lanes``) for a layer
         ``fuse_rope`` marked: the output ([..., T, out]) comes rotated."""
         if rope is not None and not self.rope_output:
             raise ValueError("WalshLinear: rope is for layers that fuse_rope marked")
@@ -250,9 +251,8 @@ def fuse_rope(layers, head_dim: int) -> bool:
     even) in heads of ``head_dim``, mark them (``rope_output``: they rotate their output by
     RoPE inside their walsh_out pass, and rotate back inside the backward's walsh_in; their
     ``path`` says so). Returns whether it marked them; otherwise the caller rotates."""
-    ok = all(isinstance(m, WalshLinear) and m.impl == "triton" and not m.act_bits
-             and m.bias is None and m.n_out % 2 == 0 and m.out_features % head_dim == 0
-             for m in layers)
+    ok = all(_on_kernels(m) and m.bias is None and m.n_out % 2 == 0
+             and m.out_features % head_dim == 0 for m in layers)
     for m in layers:
         if isinstance(m, WalshLinear):
             m.rope_output = ok
