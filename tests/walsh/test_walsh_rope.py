@@ -27,10 +27,9 @@ def _tables(t, d, offset=0):
     return cos[offset:].contiguous(), sin[offset:].contiguous()
 
 
-def _lanes(cos, sin, features=None):
-    """The kernels' per-lane tables [T, D] of ``_tables``'s (``features`` unused: every
-    output's heads share them)."""
-    return rope_lanes(cos, sin)
+def _lanes(cos, sin, features):
+    """The kernels' per-lane tables [T, features] of ``_tables``'s (heads of D)."""
+    return rope_lanes(cos, sin, features // (2 * cos.shape[1]))
 
 
 def _rotate(z, cos, sin, sign=1):
@@ -157,8 +156,8 @@ def test_rejects_bad_inputs():
     cos, sin = _lanes(*_tables(5, 8), 24)
     with pytest.raises(ValueError, match="T must divide the tokens"):
         wf.walsh_linear(x, w, al, be, rope=_lanes(*_tables(4, 8), 24))
-    with pytest.raises(ValueError, match="D be even and divide the features"):
-        wf.walsh_linear(x, w, al, be, rope=_lanes(*_tables(5, 16)))
+    with pytest.raises(ValueError, match=r"fp32 contiguous \[T, 24\]"):
+        wf.walsh_linear(x, w, al, be, rope=_lanes(*_tables(5, 8), 16))
     with pytest.raises(ValueError, match="lanes must be even"):
         wf.walsh_linear(x, w[:, :5], al, be[:, :5], rope=_lanes(*_tables(5, 4), 20))
     with pytest.raises(ValueError, match="fp32 contiguous"):

@@ -18,10 +18,10 @@ session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with 
 SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``, 0.92x in session 18);
 walsh-h-1b3 (24 x 2048) at 1.81-1.82x dense with RoPE inside q's and k's passes (session 18,
 ``rope``: +1.0-2.1%), 1.78-1.80x with the SwiGLU product (session 17, against two dense runs
-on its host; the change's own share +0.4-1.0%, the rest is the host), 1.74x with the groups (session 16: +4.8% over 1.66x without them on
-one host; 1.73x in session 14, with 11 GiB less peak memory from saving out instead of writing
-z; 1.31-1.36x in session 8, 1.50x in session 9, 1.56-1.58x in session 10, 1.64-1.66x in
-sessions 11-12, 1.65x in session 13).
+on its host; the change's own share +0.4-1.0%, the rest is the host), 1.74x with the groups
+(session 16: +4.8% over 1.66x without them on one host; 1.73x in session 14, with 11 GiB less
+peak memory from saving out instead of writing z; 1.31-1.36x in session 8, 1.50x in session
+9, 1.56-1.58x in session 10, 1.64-1.66x in sessions 11-12, 1.65x in session 13).
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
@@ -265,7 +265,7 @@ def three_kernel_forward(x, w, alpha, beta, up=None, rope=None):
     """The three-kernel forward: (out [N, A*LO], u [A, N, LIp]) with LIp the lanes rounded up
     to a multiple of 8 (``row_width``; u is zero past LI); y [A, N, LOp] is not kept. With
     ``up``, the layer's input is silu(x) * up (``walsh.kernels.walsh_swiglu``); with ``rope``
-    (per-lane cos, sin [T, D], ``rope_lanes``), out is rotated by RoPE in walsh_out's pass."""
+    (per-lane cos, sin [T, A*LO], ``rope_lanes``), out is rotated by RoPE in walsh_out's pass."""
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2], up=up)           # [A, N, LIp]
@@ -374,7 +374,7 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
     the output itself, so an in-place change of the output before the backward raises
     autograd's error, as for any op that saves its result). ``rope``: RoPE's per-lane fp32
-    tables (cos, sin) [T, D] at the tokens' positions (``walsh.layers.common.rope_lanes``;
+    tables (cos, sin) [T, A*LO] at the tokens' positions (``walsh.layers.common.rope_lanes``;
     x's rows are sequences of T tokens): the output rotated by RoPE, inside walsh_out's pass
     (three kernels only; its backward rotates back inside walsh_in's)."""
     a, lo, li = w.shape

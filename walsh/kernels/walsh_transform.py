@@ -191,7 +191,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     and ``more`` (group in all, each [A, N, width]). ``up`` (token-major [N, A*L]; the kernel's
     SWIGLU): the input is silu(gate) * up with gate = src (in_mode, no gain) or gate = other
     (else, with a scale), which then writes dgate to dst and dup to ``out1``. ``rope``: fp32
-    per-lane (cos, sin) [T, D] of a rotated output (``rope_lanes``; the kernel's ROPE):
+    per-lane (cos, sin) [T, A*L] of a rotated output (``rope_lanes``; the kernel's ROPE):
     walsh_out rotates its result;
     walsh_in with the gain (its backward) rotates dout and the saved output back."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
@@ -249,7 +249,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         rope[0].shape[0] if rope else 1, iters, 1.0 / math.sqrt(a), A=a,
         LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt, P=group, IN_MODE=in_mode,
         HAS_SCALE=scale is not None, GAIN=other is not None, SWIGLU=up is not None,
-        ROPE=rope is not None, D=rope[0].shape[1] if rope else 2,
+        ROPE=rope is not None,
         USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
         INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
         STAGES=stages, num_warps=warps)
@@ -257,24 +257,23 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
 
 
 def _check_rope(rope, n_tok: int, features: int, lanes: int, allowed: bool) -> None:
-    """RoPE's per-lane tables fit the pass: cos, sin fp32 contiguous [T, D]
+    """RoPE's per-lane tables fit the pass: cos, sin fp32 contiguous [T, features]
     (``walsh.layers.common.rope_lanes``) with T dividing the tokens (the rows of a batch of
-    sequences of T), D even and dividing the features (whole heads), and pairs of lanes inside
-    a block (L even)."""
+    sequences of T), and pairs of lanes inside a block (L even)."""
     cos, sin = rope
     if not allowed:
         raise ValueError("RoPE goes with one layer's walsh_out, or its walsh_in with the gain "
                          "gradient (its backward)")
-    t, d = cos.shape if cos.ndim == 2 else (0, 0)
+    t = cos.shape[0] if cos.ndim == 2 else 0
     if (cos.shape != sin.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32
-            or not (cos.is_contiguous() and sin.is_contiguous()) or t == 0 or d == 0):
-        raise ValueError(f"RoPE's per-lane tables (rope_lanes) must be fp32 contiguous [T, D], "
-                         f"got cos {tuple(cos.shape)} {cos.dtype}, sin {tuple(sin.shape)} "
-                         f"{sin.dtype}")
-    if n_tok % t or d % 2 or features % d or lanes % 2:
-        raise ValueError(f"RoPE with T = {t}, D = {d} does not fit {n_tok} tokens of {features} "
-                         f"features in blocks of {lanes} lanes (T must divide the tokens, D be "
-                         "even and divide the features, and the lanes must be even)")
+            or not (cos.is_contiguous() and sin.is_contiguous()) or t == 0
+            or cos.shape[1] != features):
+        raise ValueError(f"RoPE's per-lane tables (rope_lanes) must be fp32 contiguous [T, "
+                         f"{features}], got cos {tuple(cos.shape)} {cos.dtype}, sin "
+                         f"{tuple(sin.shape)} {sin.dtype}")
+    if n_tok % t or lanes % 2:
+        raise ValueError(f"RoPE with T = {t} does not fit {n_tok} tokens in blocks of {lanes} "
+                         "lanes (T must divide the tokens, and the lanes must be even)")
 
 
 def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
@@ -300,7 +299,7 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
                   out: torch.Tensor | None = None, lanes: int | None = None,
                   rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """[A, N, W] -> [N, A*L] from the first L = ``lanes`` (default W) lanes of each row (no
-    autograd); ``rope``: per-lane (cos, sin) [T, D] (``rope_lanes``), the result rotated."""
+    autograd); ``rope``: per-lane (cos, sin) [T, A*L] (``rope_lanes``), the result rotated."""
     lanes = y.shape[2] if lanes is None else lanes
     return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2],
                    rope=rope)[0]

@@ -90,14 +90,15 @@ def _swap_pairs(x, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
 
 
 @triton.jit
-def _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, L: tl.constexpr, D: tl.constexpr):
-    """RoPE's per-lane tables (``walsh.layers.common.rope_lanes``, fp32 [T, D], heads of D
-    lanes) at tokens i (position i % T), features g*L + j -> (c, s) [A, BT, LB] fp32: the
-    rotated output is c * z + s * z', z' the pair partner's value (s = -sin on the pair's first
-    lane). Session 17's first try gathered [T, D/2] tables per pair of lanes, and its backward
-    pass took 520 us where this one takes 91 (the 1.3B q, H200; docs/benchmarks.md, session
-    18; that figure with [T, A*L] tables, before the head's [T, D])."""
-    off = (i % T) * D + (g * L + j) % D  # runs of lanes, as the data's (L | D or D | L)
+def _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A: tl.constexpr, L: tl.constexpr):
+    """RoPE's per-lane tables (``walsh.layers.common.rope_lanes``, fp32 [T, A*L]) at tokens i
+    (position i % T), features g*L + j -> (c, s) [A, BT, LB] fp32: the rotated output is
+    c * z + s * z', z' the pair partner's value (s = -sin on the pair's first lane). Session
+    17's first try gathered [T, D/2] tables per element, pair by pair, and its backward pass
+    took 520 us where this one takes 91 (the 1.3B q, H200; docs/benchmarks.md, session 18).
+    One head's [T, D] tables read at lane f % D (L2-resident) measured slower in the backward
+    (110 us: the modulo breaks the runs) and faster in the forward (59 against 63)."""
+    off = (i % T) * (A * L) + g * L + j  # token-major like the data: contiguous runs
     ok = (i < N) & (j < L)
     return (tl.load(cos_ptr + off, mask=ok, other=0.0),
             tl.load(sin_ptr + off, mask=ok, other=0.0))
@@ -122,7 +123,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                   LOG_A: tl.constexpr, L: tl.constexpr, LP: tl.constexpr, LB: tl.constexpr,
                   BT: tl.constexpr, P: tl.constexpr, IN_MODE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, GAIN: tl.constexpr, SWIGLU: tl.constexpr,
-                  ROPE: tl.constexpr, D: tl.constexpr,
+                  ROPE: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
                   INTERPRETED: tl.constexpr, WIDE: tl.constexpr, STAGES: tl.constexpr):
     """ITERS consecutive [A, BT, LB] slabs: BT whole tokens each (program axis 0) times a chunk
@@ -152,11 +153,12 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
     src, up = up_ptr's. Else (GAIN and a scale): gate = other, up = up_ptr's; the gain sum
     takes T = h, and with dh = scale * S H src (the input gradient) the pass writes dgate =
     dh * up * silu'(gate) to dst and dup = dh * silu(gate) to dst1 (token-major).
-    ROPE (P = 1; positions i % T; heads of D lanes; per-lane fp32 tables cos, sin [T, D],
+    ROPE (P = 1; positions i % T; per-lane fp32 tables cos, sin [T, A*L],
     ``walsh.layers.common.rope_lanes``): the layer's output is RoPE(z), z = beta * S H y, its
     pairs of lanes (2m, 2m + 1) rotated: r = c * z + s * z' with z' the partner lane's value.
-    OUT mode (walsh_out, no GAIN): the result rotated before its store. IN_MODE with GAIN (that walsh_out's backward: src = dout of the rotated output,
-    other = the saved rotated output): both rotated back first, z = c * r - s * r'."""
+    OUT mode (walsh_out, no GAIN): the result rotated before its store. IN_MODE with GAIN
+    (that walsh_out's backward: src = dout of the rotated output, other = the saved rotated
+    output): both rotated back first, z = c * r - s * r'."""
     g = tl.arange(0, A)[:, None, None]                                 # [A, 1, 1]
     j = (tl.program_id(1) * LB + tl.arange(0, LB))[None, None, :]      # [1, 1, LB]
     g64 = g.to(tl.int64) if WIDE else g
@@ -194,7 +196,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                                                 other=0.0).to(tl.float32)
             if ROPE:  # dout and out of a rotated output, rotated back (the adjoint):
                 # z = c * r - s * r' for r = c * z + s * z' (c^2 + s^2 = 1, s' = -s)
-                c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, L, D)
+                c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A, L)
                 x = c * x - s * _swap_pairs(x, A, BT, LB)
                 o = c * o - s * _swap_pairs(o, A, BT, LB)
             if GAIN:  # T = x before alpha
@@ -250,8 +252,8 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                 if ROPE:  # P = 1: out = c * z + s * z', z = beta * S H y, z' its pair
                     # partner's value, moved between lanes on the transform's result. A second
                     # transform of the pair-swapped slab instead took 104 us where this takes
-                    # 53 (the 1.3B q, H200; docs/benchmarks.md, session 18)
-                    c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, L, D)
+                    # 63 (the 1.3B q, H200; docs/benchmarks.md, session 18)
+                    c, s = _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A, L)
                     y = c * y + s * _swap_pairs(y, A, BT, LB)
                 if p == 0:
                     total = y

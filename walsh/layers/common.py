@@ -48,16 +48,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def rope_lanes(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE's tables per lane of a head, for the Walsh kernel's rotation inside walsh_out
-    (``walsh.kernels.walsh_transform_kernel``'s ROPE): cos, sin [T, D/2] -> fp32 contiguous
-    (c, s) [T, D] with c = cos and s = -sin on each pair's first lane, +sin on its second, so
-    that ``apply_rope``'s r = c * z + s * z' (z' the pair partner). The kernel reads feature f's
-    entry at lane f % D of its token's row, in runs of lanes like the data's. Session 17's first
-    try gathered [T, D/2] entries pair by pair, and its backward pass took 6x as long."""
+def rope_lanes(cos: torch.Tensor, sin: torch.Tensor, n_head: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's tables per lane of a [.., T, n_head * D] output, for the Walsh kernel's rotation
+    inside walsh_out (``walsh.kernels.walsh_transform_kernel``'s ROPE): cos, sin [T, D/2] ->
+    fp32 contiguous (c, s) [T, n_head * D] with c = cos and s = -sin on each pair's first lane,
+    +sin on its second, so that ``apply_rope``'s r = c * z + s * z' (z' the pair partner).
+    Token-major like the data, so the kernel reads them in the same contiguous runs (session
+    17's [T, D/2] gathers per element made its passes 2-5x slower)."""
     c = cos.float()[:, :, None].expand(-1, -1, 2)                       # [T, D/2, 2]
     s = sin.float()[:, :, None] * torch.tensor([-1.0, 1.0], device=sin.device)
-    return c.reshape(c.shape[0], -1).contiguous(), s.reshape(s.shape[0], -1).contiguous()
+    return (c.reshape(c.shape[0], -1).repeat(1, n_head).contiguous(),   # [T, H*D]
+            s.reshape(s.shape[0], -1).repeat(1, n_head).contiguous())
 
 
 class SwiGLU(nn.Module):

@@ -126,7 +126,7 @@ class WalshLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:  # [..., in] -> [..., out]
-        """``rope``: RoPE's per-lane tables (cos, sin) [T, D] (``rope_lanes``) for a layer
+        """``rope``: RoPE's per-lane tables (cos, sin) [T, out] (``rope_lanes``) for a layer
         ``fuse_rope`` marked: the output ([..., T, out]) comes rotated."""
         if rope is not None and not self.rope_output:
             raise ValueError("WalshLinear: rope is for layers that fuse_rope marked")

@@ -64,7 +64,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         b, t, c = x.shape  # x: [B, T, C]; cos/sin: [T, D/2] at positions start_pos..+T
         h, d = self.cfg.n_head, self.cfg.head_dim
-        rope = rope_lanes(cos, sin) if self.rope_inside else None  # [T, D] each
+        rope = rope_lanes(cos, sin, h) if self.rope_inside else None  # [T, C] each
         q, k, v = shared_input([self.q, self.k, self.v], x, rope=rope)  # [B, T, C] each
         q, k, v = (z.view(b, t, h, d) for z in (q, k, v))
         if not self.rope_inside:
