@@ -16,8 +16,10 @@ read of x (walsh_in, and the dx pass) and of its dx write. SwiGLU's product is a
 own each way (forward: gate, up read, h written; backward: dh, gate, up read, dgate, dup
 written), except where the down projection computes it in its own passes
 (``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads du, gate
-and up and writes dgate and dup). Not counted: normalization, residual and RoPE passes,
-embeddings, the optimizer, launch overhead, and the LM head weight re-read per loss chunk. The
+and up and writes dgate and dup). RoPE on q and k is a pass of its own each way (q and k
+read and written) except where their walsh_out rotates them (``walsh_rope``; its tables are
+read from L2 and not counted, nor are the extra in-register lane moves). Not counted:
+normalization and residual passes, embeddings, the optimizer, launch overhead, and the LM head weight re-read per loss chunk. The
 sum is therefore a lower bound on a step, and a measured step over it ("x roof") says how far
 the whole step is from its kernels' ideal.
 """
@@ -120,6 +122,10 @@ def model_kernels(model: WalshLM, batch: int, seq_len: int) -> list[Kernel]:
     apart = sum(not getattr(b.mlp.down, "swiglu_input", False) for b in model.blocks)
     out += apart * [Kernel("SwiGLU fwd", 0, 0, 3 * ACT * n * h),
                     Kernel("SwiGLU bwd", 0, 0, 5 * ACT * n * h)]
+    # RoPE where q's and k's walsh_out does not rotate them: q and k read and written, each way
+    rope_apart = sum(not getattr(b.attn, "rope_inside", False) for b in model.blocks)
+    out += rope_apart * [Kernel("RoPE fwd", 0, 0, 4 * ACT * n * d),
+                         Kernel("RoPE bwd", 0, 0, 4 * ACT * n * d)]
     # flash attention: 2 T C FLOPs per token forward (causal), backward twice that; reads
     # q, k, v (and o, do in backward), writes o (dq, dk, dv)
     out += c.n_layer * [Kernel("attention fwd", 2 * n * t * d, 0, 4 * ACT * n * d),

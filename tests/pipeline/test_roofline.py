@@ -158,3 +158,24 @@ def test_swiglu_inside_the_down_projection_saves_five_passes():
     h = get_preset("walsh-h-125m").mlp_hidden
     assert not [k for k in ks_fused if k.name.startswith("SwiGLU")]
     assert apart - fused == pytest.approx(5 * 2 * N * h)
+
+
+@pytest.mark.parametrize("preset,impl,inside", [("walsh-h-125m", "triton", True),
+                                                ("walsh-h-125m", "dense", False),
+                                                ("dense-125m", None, False)])
+def test_rope_passes_count_where_they_run_apart(preset, impl, inside):
+    """RoPE on q and k: 4 passes over [N, C] each way (q and k read and written) where it runs
+    apart (the dense model, the dense Walsh path, walsh_rope=false), none where q's and k's
+    walsh_out rotates them (walsh_rope on the triton path)."""
+    def rope_bytes(**over):
+        kw = {"walsh_impl": impl} if impl else {}
+        with torch.device("meta"):
+            model = WalshLM(get_preset(preset, n_layer=2, **kw, **over))
+        return model, sum(k.bytes for k in model_kernels(model, 4, N // 4)
+                          if k.name.startswith("RoPE"))
+    model, got = rope_bytes()
+    assert model.blocks[0].attn.rope_inside == inside
+    c = model.config.n_embd
+    assert got == (0 if inside else 2 * 2 * 4 * 2 * N * c)  # 2 layers x 2 ways x 4 x bf16
+    if impl == "triton":
+        assert rope_bytes(walsh_rope=False)[1] == 2 * 2 * 4 * 2 * N * c
