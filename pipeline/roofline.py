@@ -19,9 +19,9 @@ written), except where the down projection computes it in its own passes
 and up and writes dgate and dup). RoPE on q and k is a pass of its own each way (q and k
 read and written) except where their walsh_out rotates them (``walsh_rope``; its tables are
 read from L2 and not counted, nor are the extra in-register lane moves). Not counted:
-normalization and residual passes, embeddings, the optimizer, launch overhead, and the LM head weight re-read per loss chunk. The
-sum is therefore a lower bound on a step, and a measured step over it ("x roof") says how far
-the whole step is from its kernels' ideal.
+normalization and residual passes, embeddings, the optimizer, launch overhead, and the LM head
+weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
+step over it ("x roof") says how far the whole step is from its kernels' ideal.
 """
 
 from __future__ import annotations

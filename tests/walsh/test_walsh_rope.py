@@ -18,7 +18,7 @@ from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
 from walsh.layers.common import apply_rope, rope_cache, rope_lanes  # noqa: E402
-from walsh.layers.hadamard import fuse_rope  # noqa: E402
+from walsh.layers.hadamard import fuse_rope, group_layers, shared_input  # noqa: E402
 
 
 def _tables(t, d, offset=0):
@@ -170,6 +170,17 @@ def test_rejects_bad_inputs():
         wt._launch(x, al, 4, 5, 15, in_mode=True, rope=(cos[:, :20], sin[:, :20]))
     with pytest.raises(ValueError, match="fuse_rope marked"):
         WalshLinear(20, 24, blocks=4, impl="triton")(x[:, :20], rope=(cos, sin))
+    # the layers: x's rows must be the tables' sequences, and the rotated layers lead a group
+    q, k, v = (WalshLinear(32, 32, blocks=4, impl="triton") for _ in range(3))
+    assert fuse_rope([q, k], 8)
+    tabs = _lanes(*_tables(5, 8), 32)
+    with pytest.raises(ValueError, match="T = the tables' 5 rows"):
+        q(torch.randn(3, 4, 32, device=DEV), rope=tabs)
+    with pytest.raises(ValueError, match="T = the tables' 5 rows"):
+        q(torch.randn(15, 32, device=DEV), rope=tabs)
+    group_layers([v, q, k])
+    with pytest.raises(ValueError, match="must lead"):
+        shared_input([v, q, k], torch.randn(3, 5, 32, device=DEV), rope=tabs)
 
 
 def test_fuse_rope_marks_only_fitting_triton_layers():
@@ -204,6 +215,23 @@ def test_model_with_and_without_rope_inside(group, seed):
         before, after = inside(idx), inside(changed)
     assert torch.equal(before[:, :11], after[:, :11]), seed
     assert not torch.equal(before[:, 11:], after[:, 11:]), seed
+
+
+def test_model_builds_the_tables_once():
+    """Every layer's op gets the one pair of per-lane tables the model built for the step, so
+    the backward keeps one copy (built per layer, each kept its own: 16 MiB a layer at 1.3B)."""
+    from walsh.models import WalshLM
+
+    cfg = small_config(n_embd=128, algebra="walsh", algebra_dim=32, walsh_impl="triton",
+                       ternary=True)
+    model = WalshLM(cfg).to(DEV)
+    idx = torch.randint(0, 256, (2, 19), device=DEV)
+    tables = []
+    keep = lambda z: tables.append(z) if z.dtype == torch.float32 and z.shape == (19, 128) else None
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: keep(z) or z, lambda z: z):
+        model(idx, idx)
+    assert len(tables) == 2 * cfg.n_layer  # cos and sin, by each layer's q, k, v group op
+    assert len({z.data_ptr() for z in tables}) == 2
 
 
 # -- full shapes on the GPU -------------------------------------------------------------------

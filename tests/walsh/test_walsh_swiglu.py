@@ -211,7 +211,7 @@ def test_model_with_and_without_the_fusion(group, seed):
 def test_full_shape_compiled_cuda(c, hidden, seed):
     """At 16k tokens, bf16: the MLP with the fusion (eager and compiled) against the same MLP
     with the product apart (the 1.3B FFN's 172-lane padded rows, the 350M's 86, the 125M's
-    64: each width has its own launch, ``walsh_transform.SWIGLU_DX``). Against the ``blocks``
+    64: each width has its own launch, ``walsh_launch.SWIGLU_DX``). Against the ``blocks``
     path the MLP is two bf16 layers deep (gate and up, then down), whose errors add: measured
     1.3e-2 at the 1.3B shape, so the naive bounds are the single layers' tests'."""
     make = lambda i, o, **kw: WalshLinear(i, o, blocks=32, impl="triton", ternary=True, **kw)

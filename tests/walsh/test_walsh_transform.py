@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from walsh.kernels import walsh_launch as wl  # noqa: E402
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 
@@ -162,7 +163,8 @@ def test_walsh_ops_save_out_for_dbeta(one_kernel, dtype, seed):
             changed.sum().backward()
 
 
-@pytest.mark.parametrize("setting", [("WIDE_NUMEL", 1), ("OUT_TILE", 64), ("IN_TILE", 256)])
+@pytest.mark.parametrize("setting", [(wt, "WIDE_NUMEL", 1), (wl, "OUT_TILE", 64),
+                                     (wl, "IN_TILE", 256)])
 @pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 5, 130), (4, 70, 3)])
 def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, monkeypatch):
     """Settings that change how, not what, the kernels compute give bit-equal outputs: int64
@@ -175,7 +177,7 @@ def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, m
              lambda: wt.walsh_in_gain_raw(tok, gain, tok.flip(0), a),
              lambda: wt.walsh_out_gain_raw(blk, gain, tok, a)]
     before = [call() for call in calls]
-    monkeypatch.setattr(wt, *setting)
+    monkeypatch.setattr(*setting)
     for call, ref in zip(calls, before):
         got = call()
         assert torch.equal(got[0], ref[0]), seed
@@ -219,14 +221,14 @@ def test_walsh_transform_padded_rows(a, n, lanes, seed):
                          lanes=lanes)
 
 
-@pytest.mark.parametrize("setting", [("OUT_TILE", 64), ("WIDE_NUMEL", 1)])
+@pytest.mark.parametrize("setting", [(wl, "OUT_TILE", 64), (wt, "WIDE_NUMEL", 1)])
 @pytest.mark.parametrize("a,n,lanes", [(16, 5, 130)])  # A >= 16: the tensor-core dot
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed, monkeypatch):
     """walsh_out and walsh_out + dalpha from NaN-padded rows (136 lanes for 130)
     read in several chunks of lanes (OUT_TILE 64: three chunks, the last one's lanes 130-135
     NaN) or with int64 offsets: bit-equal to unpadded rows under the same setting."""
-    monkeypatch.setattr(wt, *setting)
+    monkeypatch.setattr(*setting)
     width = wt.row_width(lanes)
     blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)
     wide = torch.full((a, n, width), float("nan"), device=DEV, dtype=dtype)

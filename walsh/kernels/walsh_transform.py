@@ -45,7 +45,8 @@ S H y), where the second dot had used S H y in fp32 (session 10 measured the two
 apart, relative, at 16k tokens).
 
 Code order: naive references, launchers, autograd (ops), functional; the kernel is in
-``walsh.kernels.walsh_transform_kernel``.
+``walsh.kernels.walsh_transform_kernel``, its launch configuration (tiles and warps by pass
+and width, measured) in ``walsh.kernels.walsh_launch``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ import triton
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 
+# the launch configuration (tiles, tables, row widths), re-exported for the layers' modules
+from walsh.kernels.walsh_launch import (  # noqa: F401
+    GAIN_TOKENS,
+    MAX_GROUP,
+    _launch_params,
+    _slab,
+    row_width,
+)
+
 # the kernel and its helpers (``_hadamard``: walsh.kernels.walsh_linear's too; ``_bf16_values``)
 from walsh.kernels.walsh_transform_kernel import (  # noqa: F401
     _bf16_values,
@@ -68,18 +78,6 @@ from walsh.kernels.walsh_transform_kernel import (  # noqa: F401
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401
 
-# a program's slab holds a tile of padded lanes of every block: tile // LB tokens of LB =
-# next_pow2(L) lanes, or one token's lanes in chunks of the tile when L > tile; a token of
-# between one and two tiles' lanes and no whole number of tiles is one chunk of two tiles, up
-# to MAX_CHUNK lanes (``_slab``: 172 lanes, the 1.3B FFN, as 256 rather than 128 + 44).
-# Tiles of (128, 256) lanes x (4, 8) warps x (1, 2, 4) slabs per program were swept in CUDA
-# graphs at 24, 64, 86, 172 and 256 lanes, transforms and gain passes (session 9,
-# docs/benchmarks.md): 4 warps and one slab were best or within 3% everywhere; walsh_out (and
-# walsh_out + dalpha) ran faster with 256-lane tiles at every width but 24 (6% slower there),
-# walsh_in with 128 at all but 172. int32 offsets (the kernel's ``WIDE``) took 2-13% off the
-# transforms.
-IN_TILE, OUT_TILE, TILE_WARPS = 128, 256, 4
-
 
 def gain_grad_naive(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
     """a, b [N, A*L] -> fp32 [A, L] = sum over tokens of a * b: the gradient of a per-lane gain
@@ -88,85 +86,6 @@ def gain_grad_naive(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tens
 
 
 # -- launcher ---------------------------------------------------------------------------------
-# with a fused gain gradient, a program loops over slabs of BT tokens until it has covered at
-# least this many tokens: its partial sums ([N / GAIN_TOKENS, A*L] fp32) then cost 4 / (6 *
-# GAIN_TOKENS) of the pass's bytes (1% at 64). Swept over 4-128 (H200, N = 16k, A = 32, bf16,
-# CUDA graphs; docs/benchmarks.md, session 8): 64 had the lowest sum over 24, 64 and 256 lanes
-# of both passes' times over their rooflines (13.5 against 15.5 at 16); walsh-h-1b3 trained
-# at the same speed with 16 and 64
-GAIN_TOKENS = 64
-# the token loop's software-pipelining depth in the gain passes, by IN_MODE (0: the compiler's
-# default). Swept on an H200 with bf16 dots (session 11, docs/benchmarks.md; N = 16k, A = 32,
-# CUDA graphs, x roof at 24 / 64 / 96 / 172 / 192 lanes): walsh_in + dbeta with 3 stages
-# 2.15 / 1.39 / 1.42 / 1.65 / 1.41x, with the default 2.37 / 1.62 / 2.14 / 1.73 / 1.52x;
-# walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-33% slower with 3
-# stages and 19-39% with 2
-GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
-# the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
-# on 4 warps) were not
-MAX_CHUNK = 256
-# a group of layers that share their input (``walsh.kernels.walsh_group``: q, k, v; gate, up):
-# at most three, and the tile of their walsh_out + dalpha pass, which holds a result and a sum
-# per layer beside the slab (at OUT_TILE's 256 lanes that is 64 fp32 registers a tensor).
-# Swept on an H200 (CUDA graphs, N = 16k, A = 32, bf16; docs/benchmarks.md, session 16), us
-# at tiles of 64 / 128 / 256 lanes, 4 warps: 3 x 64 lanes 173 / 149 / 203, 2 x 64 lanes 137 /
-# 117 / 110, 3 x 24 lanes 79 / 78 / 91
-MAX_GROUP, GROUP_OUT_TILE = 3, 128
-# the passes with SwiGLU's product inside (``walsh.kernels.walsh_swiglu``), keyed by the padded
-# lanes (next_pow2 of the row width): walsh_in's warps, and the dx pass's (tile, warps,
-# pipelining stages); the dx pass holds up, sigmoid(gate) and silu(gate) beside its result and
-# sum, and spilled with 4 warps at 256 lanes (1026 us against 469). Swept on an H200 (CUDA
-# graphs, N = 16k, A = 32, bf16; docs/benchmarks.md, session 17): walsh_in with 4 / 8 / 16
-# warps at 172 lanes 267 / 236 / 227 us, 86 lanes 114 / 112 / 187, 64 lanes 57 / 58 / 96; the
-# dx pass over tiles 128 / 256 x 4 / 8 / 16 warps x 0-3 stages, best 469 us at 172 lanes, 230
-# at 86, 107 at 64 (the worst 1028, 805 and 178). Narrower rows take the plain passes' launch
-SWIGLU_IN_WARPS = {256: 16, 128: 8, 64: 4}
-SWIGLU_DX = {256: (256, 16, 3), 128: (128, 4, 0), 64: (256, 8, 1)}
-
-
-def _slab(lanes: int, tile: int) -> tuple[int, int]:
-    """(LB lanes per chunk, tokens per slab) for a tile of ``tile`` padded lanes."""
-    lb = triton.next_power_of_2(lanes)
-    if lb > tile and (lanes % tile == 0 or lb > min(2 * tile, MAX_CHUNK)):
-        lb = tile  # chunks of the tile
-    return lb, max(1, tile // lb)
-
-
-def row_width(lanes: int) -> int:
-    """Block-major row width for ``lanes`` lanes: a multiple of 8, so that bf16 rows start on
-    16-byte boundaries, as cuBLAS's tensor-core GEMMs and vector loads want (the 1.3B FFN's 172
-    lanes: a bmm over 344-byte rows ran at 3.6x its roofline, session 9)."""
-    return -(-lanes // 8) * 8
-
-
-def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bool
-                   ) -> tuple[int, int, int, int]:
-    """(LB lanes per chunk, tokens per slab, warps, pipelining stages) of a pass: the tile and
-    stages by mode, a group's dx pass's tile (``GROUP_OUT_TILE``), and the SwiGLU passes'
-    table entries (``SWIGLU_IN_WARPS``, ``SWIGLU_DX``)."""
-    tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
-    warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if gain else 0
-    if swiglu:  # SwiGLU's product inside: measured per padded width
-        # int: a dict key cannot be a SymInt (compiled with dynamic shapes); the width is a
-        # compile-time constant of the kernel (LP) anyway. Rows wider than MAX_CHUNK run in
-        # chunks of at most that many lanes: they take its entry (not measured)
-        key = min(triton.next_power_of_2(max(int(width), 1)), MAX_CHUNK)
-        if in_mode:
-            warps = SWIGLU_IN_WARPS.get(key, warps)
-        else:
-            tile, warps, stages = SWIGLU_DX.get(key, (tile, warps, stages))
-    lb, bt = _slab(max(width, 1), tile)
-    # a group's dx pass on a slab wider than its tile (172 lanes, 5504 input features, as one
-    # chunk of 256; no preset has such a group: theirs are at 24, 32 and 64 lanes) holds a
-    # result and P sums of that width: with 4 warps it spilled (H200, P = 2: 628 us, against
-    # 423 us with 8). At the presets' widths 4 warps were faster (3 x 64 lanes 149 against
-    # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
-    # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
-    if group > 1 and not in_mode and lb * bt > tile:
-        warps = 2 * TILE_WARPS
-    return lb, bt, warps, stages
-
-
 def _check_token_major(name: str, t: torch.Tensor | None, want: tuple[int, int],
                        dtype: torch.dtype, contiguous: bool = False) -> None:
     """A token-major operand of ``_launch`` (None: unused) is [N, A*L] in src's dtype, and

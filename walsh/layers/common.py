@@ -57,7 +57,7 @@ def rope_lanes(cos: torch.Tensor, sin: torch.Tensor, n_head: int
     Token-major like the data, so the kernel reads them in the same contiguous runs (session
     17's [T, D/2] gathers per element made its passes 2-5x slower)."""
     c = cos.float()[:, :, None].expand(-1, -1, 2)                       # [T, D/2, 2]
-    s = sin.float()[:, :, None] * torch.tensor([-1.0, 1.0], device=sin.device)
+    s = torch.stack((-sin.float(), sin.float()), dim=-1)               # [T, D/2, 2]
     return (c.reshape(c.shape[0], -1).repeat(1, n_head).contiguous(),   # [T, H*D]
             s.reshape(s.shape[0], -1).repeat(1, n_head).contiguous())
 

@@ -130,6 +130,7 @@ class WalshLinear(StructuredLinear):
         ``fuse_rope`` marked: the output ([..., T, out]) comes rotated."""
         if rope is not None and not self.rope_output:
             raise ValueError("WalshLinear: rope is for layers that fuse_rope marked")
+        check_rope_rows(x, rope)
         x = self.quantize_input(x)
         if self.impl == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
@@ -210,8 +211,12 @@ def shared_input(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor
     be a leaf module (``pipeline.parallelize``), whose hook gathers its children's parameters.
     ``rope``: (cos, sin), passed to the layers that ``fuse_rope`` marked (the leading ones)."""
     marked = [bool(getattr(m, "rope_output", False)) for m in layers]
+    if rope is not None and marked != sorted(marked, reverse=True):
+        raise ValueError("shared_input: the layers that rotate their output by RoPE (fuse_rope) "
+                         f"must lead (the group op rotates its first outputs), got {marked}")
     if any(getattr(m, "in_group", 0) != len(layers) for m in layers):
         return [m(x, rope=rope) if r else m(x) for m, r in zip(layers, marked)]
+    check_rope_rows(x, rope)
     x = autocast_input(x)
     ops = [m._operands(x.dtype) for m in layers]  # [(w, alpha, beta)] per layer
     n_rope = sum(marked) if rope is not None else 0
@@ -242,6 +247,14 @@ def swiglu_down(down, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = down._kernel_fns["swiglu_linear"](gate.reshape(-1, gate.shape[-1]),
                                             up.reshape(-1, up.shape[-1]), w, alpha, beta)
     return down._finish(out, gate.shape)
+
+
+def check_rope_rows(x: torch.Tensor, rope) -> None:
+    """RoPE's tables [T, ..] fit x [B, T, in]: the kernel takes row i's position as i % T, so a
+    table of another length would rotate by wrong positions without an error."""
+    if rope is not None and (x.ndim != 3 or x.shape[1] != rope[0].shape[0]):
+        raise ValueError(f"RoPE inside needs x as [B, T, in] with T = the tables' "
+                         f"{rope[0].shape[0]} rows, got x {tuple(x.shape)}")
 
 
 def fuse_rope(layers, head_dim: int) -> bool:

@@ -61,10 +61,16 @@ class Attention(nn.Module):
             mixer = WalshMixer if cfg.mixer_kind == "walsh" else CayleyDicksonMixer
             self.mixer = mixer(cfg.n_head, cfg.head_dim, cfg.head_mix_dim, cfg.mixer_ternary)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
-        b, t, c = x.shape  # x: [B, T, C]; cos/sin: [T, D/2] at positions start_pos..+T
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x [B, T, C]; cos/sin [T, D/2] at positions start_pos..+T; ``rope``: their per-lane
+        tables [T, C] (``rope_lanes``) for q and k rotated inside their ops, built once per
+        model forward by ``WalshLM.hidden`` (built here when not given)."""
+        b, t, c = x.shape
         h, d = self.cfg.n_head, self.cfg.head_dim
-        rope = rope_lanes(cos, sin, h) if self.rope_inside else None  # [T, C] each
+        if self.rope_inside and rope is None:
+            rope = rope_lanes(cos, sin, h)
+        rope = rope if self.rope_inside else None
         q, k, v = shared_input([self.q, self.k, self.v], x, rope=rope)  # [B, T, C] each
         q, k, v = (z.view(b, t, h, d) for z in (q, k, v))
         if not self.rope_inside:
@@ -100,8 +106,8 @@ class Block(nn.Module):
             group=cfg.walsh_group, fuse=cfg.walsh_swiglu,
         )
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):  # [B, T, C] -> [B, T, C]
-        x = x + self.attn(self.norm1(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, rope=None):  # [B, T, C] -> same
+        x = x + self.attn(self.norm1(x), cos, sin, cache, start_pos, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -141,9 +147,13 @@ class WalshLM(nn.Module):
             )
         cos = self.rope_cos[start_pos : start_pos + t]
         sin = self.rope_sin[start_pos : start_pos + t]
+        # q's and k's per-lane RoPE tables, once for every layer that rotates inside its ops:
+        # built per layer, each layer's backward kept its own copy (16 MiB at 1.3B)
+        rope = (rope_lanes(cos, sin, self.config.n_head)
+                if any(b.attn.rope_inside for b in self.blocks) else None)
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, start_pos)
+            x = block(x, cos, sin, cache, start_pos, rope)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [..., C] -> [..., V] (fp32)
