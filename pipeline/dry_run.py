@@ -27,7 +27,8 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   output and down projections' outputs are kept only for dbeta: about B * T * (in + out)
   activations per layer beyond the rough term, less the shared outputs (shared while SDPA keeps
   v as passed, as its flash, cuDNN and memory-efficient kernels do). With RoPE inside
-  (``walsh_rope``) the query and key outputs are the rotated tensors SDPA keeps: shared too.
+  (``walsh_rope``) the query and key outputs are the rotated tensors SDPA keeps: shared too
+  (their per-lane tables, 2 x T x C fp32 once per step, are not counted: 16 MiB at 1.3B).
   With SwiGLU's product inside the down projection (``walsh_swiglu``) the product
   silu(gate) * up is never stored, and the rough term counts it: B * T * hidden comes off.
   walsh-h-1b3 at 16 x 1024 tokens measured 40.74 GiB peak with both inside, 43.37 with RoPE
