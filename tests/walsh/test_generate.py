@@ -84,6 +84,25 @@ def test_generate_greedy_equals_full_recompute(name):
             assert torch.equal(out[:, k], expect), k
 
 
+@pytest.mark.parametrize("name", ["walsh8-triton", "walsh32-triton"])
+def test_cached_logits_with_rope_inside_equal_rope_apart(name):
+    """The KV-cache path at offsets (prefill, single tokens, a chunk) with q and k rotated
+    inside their ops equals the same model with RoPE apart (walsh_rope=false): the positions
+    the kernel takes from its tables (row i at i % T) are the cache's."""
+    inside = build(name)
+    apart = WalshLM(inside.config.replace(walsh_rope=False)).eval()
+    apart.load_state_dict(inside.state_dict())
+    assert inside.blocks[0].attn.rope_inside and not apart.blocks[0].attn.rope_inside
+    idx = prompts(2, 18, seed=5)
+    caches = [KVCache(m.config, 2, 18, torch.device("cpu"), torch.float32)
+              for m in (inside, apart)]
+    with torch.no_grad():
+        for start, end in ((0, 9), (9, 10), (10, 11), (11, 18)):
+            got, want = (m.logits(m.hidden(idx[:, start:end], cache=c, start_pos=start))
+                         for m, c in zip((inside, apart), caches))
+            assert rel_err(got, want) < 1e-5, (start, end)
+
+
 def test_generate_restores_training_mode(cd_model):
     cd_model.train()
     generate(cd_model, prompts(1, 3), 2)
