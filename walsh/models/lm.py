@@ -54,12 +54,17 @@ class Attention(nn.Module):
         self.o = _linear(cfg, c, c, init_scale=out_scale)
         if cfg.walsh_group:  # q, k, v as one op where they allow (walsh.layers.hadamard)
             group_layers([self.q, self.k, self.v])
-        # RoPE inside q's and k's own passes where they allow (walsh.layers.hadamard)
-        self.rope_inside = cfg.walsh_rope and fuse_rope([self.q, self.k], cfg.head_dim)
+        if cfg.walsh_rope:  # RoPE inside q's and k's own passes where they allow (hadamard)
+            fuse_rope([self.q, self.k], cfg.head_dim)
         self.mixer: nn.Module | None = None
         if cfg.head_mix:
             mixer = WalshMixer if cfg.mixer_kind == "walsh" else CayleyDicksonMixer
             self.mixer = mixer(cfg.n_head, cfg.head_dim, cfg.head_mix_dim, cfg.mixer_ternary)
+
+    @property
+    def rope_inside(self) -> bool:
+        """Whether q and k come out of their ops rotated (``fuse_rope`` marked them)."""
+        return bool(getattr(self.q, "rope_output", False))
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -68,9 +73,10 @@ class Attention(nn.Module):
         model forward by ``WalshLM.hidden`` (built here when not given)."""
         b, t, c = x.shape
         h, d = self.cfg.n_head, self.cfg.head_dim
-        if self.rope_inside and rope is None:
+        if not self.rope_inside:
+            rope = None
+        elif rope is None:
             rope = rope_lanes(cos, sin, h)
-        rope = rope if self.rope_inside else None
         q, k, v = shared_input([self.q, self.k, self.v], x, rope=rope)  # [B, T, C] each
         q, k, v = (z.view(b, t, h, d) for z in (q, k, v))
         if not self.rope_inside:
