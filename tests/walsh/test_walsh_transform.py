@@ -246,7 +246,7 @@ def test_walsh_transform_slab_rule():
     """(lanes per chunk, tokens per slab): whole tokens of next_pow2 lanes, chunks of the tile
     past it, and one two-tile chunk for a token of between one and two tiles' lanes that is no
     whole number of tiles (the 1.3B FFN's 172 lanes: 256, not 128 + 44)."""
-    got = {(lanes, tile): wt._slab(lanes, tile) for lanes, tile in
+    got = {(lanes, tile): wl._slab(lanes, tile) for lanes, tile in
            [(1, 128), (24, 128), (64, 128), (86, 128), (172, 128), (256, 128), (300, 128),
             (24, 256), (172, 256), (300, 256), (600, 256)]}
     assert got == {(1, 128): (1, 128), (24, 128): (32, 4), (64, 128): (64, 2),

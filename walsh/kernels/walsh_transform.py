@@ -59,12 +59,12 @@ import triton
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 
-# the launch configuration (tiles, tables, row widths), re-exported for the layers' modules
+# the launch configuration (tiles, tables, row widths); row_width re-exported for the layers'
+# modules
 from walsh.kernels.walsh_launch import (  # noqa: F401
     GAIN_TOKENS,
     MAX_GROUP,
     _launch_params,
-    _slab,
     row_width,
 )
 
@@ -111,8 +111,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     SWIGLU): the input is silu(gate) * up with gate = src (in_mode, no gain) or gate = other
     (else, with a scale), which then writes dgate to dst and dup to ``out1``. ``rope``: fp32
     per-lane (cos, sin) [T, A*L] of a rotated output (``rope_lanes``; the kernel's ROPE):
-    walsh_out rotates its result;
-    walsh_in with the gain (its backward) rotates dout and the saved output back."""
+    walsh_out rotates its result; walsh_in with the gain (its backward) rotates dout and the
+    saved output back."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
             in_mode and (more or (group > 1 and other is not None))):
         raise ValueError(f"a group of {group} layers (at most {MAX_GROUP}) needs one source "
