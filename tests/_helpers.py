@@ -51,6 +51,26 @@ def assert_models_agree(model, twin, seed) -> None:
         assert rel_err(prm.grad, ref[name].grad) < 1e-5, (name, seed)
 
 
+def assert_bf16_runs_agree(runs, x, grads, seed, tol=1e-2, device="cuda") -> None:
+    """Each run (fn, modules): fn(x) under bf16 autocast, a tensor or a list of them, and its
+    backward against ``grads`` (one per output). Its outputs, x's gradient and every module
+    parameter's gradient equal the first run's (shapes, and ``tol`` relative): the full-shape
+    GPU tests' eager and compiled kernels against a reference path."""
+    results = []
+    for fn, mods in runs:
+        xs = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            outs = fn(xs)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        sum((o.float() * g).sum() for o, g in zip(outs, grads)).backward()
+        results.append([*outs, xs.grad] + [p.grad.clone() for m in mods for p in m.parameters()])
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+    for got in results[1:]:
+        for k, (a, b) in enumerate(zip(got, results[0])):
+            assert a.shape == b.shape and rel_err(a, b) < tol, (k, seed)
+
+
 def small_config(vocab_size: int = 256, block_size: int = 32, n_embd: int = 128, **kw):
     """A 2-layer, 8-head WalshConfig over a 256-token vocabulary (the tiny preset's shape);
     ``kw`` sets any other field (algebra, ternary, head mixing, ...)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DEV, TOL, assert_models_agree, rel_err, small_config
+from _helpers import DEV, TOL, assert_bf16_runs_agree, assert_models_agree, rel_err, small_config
 
 pytest.importorskip("triton")
 from walsh.kernels import walsh_group as wg  # noqa: E402
@@ -223,18 +223,7 @@ def test_group_full_shape_compiled_cuda(p, c, hidden, seed):
     group_layers(layers)
     x = torch.randn(16, 1024, c, device="cuda")
     g = [torch.randn(16, 1024, hidden, device="cuda") for _ in range(p)]
-    results = []
-    for fn, mods in ((lambda x: [m(x) for m in refs], refs),
-                     (lambda x: shared_input(layers, x), layers),
-                     (torch.compile(lambda x: shared_input(layers, x)), layers)):
-        xs = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs = fn(xs)
-        sum((o.float() * gk).sum() for o, gk in zip(outs, g)).backward()
-        results.append([*outs, xs.grad] + [prm.grad.clone() for m in mods
-                                           for prm in m.parameters()])
-        for m in mods:
-            m.zero_grad(set_to_none=True)
-    for got in results[1:]:
-        for k, (a, b) in enumerate(zip(got, results[0])):
-            assert a.shape == b.shape and rel_err(a, b) < 1e-2, (k, seed)
+    assert_bf16_runs_agree([(lambda x: [m(x) for m in refs], refs),
+                            (lambda x: shared_input(layers, x), layers),
+                            (torch.compile(lambda x: shared_input(layers, x)), layers)],
+                           x, g, seed)

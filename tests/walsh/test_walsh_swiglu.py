@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import DEV, TOL, assert_models_agree, rel_err, small_config
+from _helpers import DEV, TOL, assert_bf16_runs_agree, assert_models_agree, rel_err, small_config
 
 pytest.importorskip("triton")
 from walsh.kernels import walsh_linear as wf  # noqa: E402
@@ -220,14 +220,5 @@ def test_full_shape_compiled_cuda(c, hidden, seed):
     mlp.load_state_dict(ref.state_dict())
     x = torch.randn(16, 1024, c, device="cuda")
     g = torch.randn(16, 1024, c, device="cuda")
-    results = []
-    for fn, mod in ((ref, ref), (mlp, mlp), (torch.compile(mlp), mlp)):
-        xs = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fn(xs)
-        (out.float() * g).sum().backward()
-        results.append([out, xs.grad] + [prm.grad.clone() for prm in mod.parameters()])
-        mod.zero_grad(set_to_none=True)
-    for got in results[1:]:
-        for k, (a, b) in enumerate(zip(got, results[0])):
-            assert a.shape == b.shape and rel_err(a, b) < 1e-2, (k, seed)
+    assert_bf16_runs_agree([(ref, [ref]), (mlp, [mlp]), (torch.compile(mlp), [mlp])], x, [g],
+                           seed)
