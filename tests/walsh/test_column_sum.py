@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DEV
 
 pytest.importorskip("triton")
 from walsh.kernels import column_sum as cs  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 
 # rows below, at and past one BLOCK_R step; columns below, at and past one (and two) BLOCK_C
