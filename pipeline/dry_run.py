@@ -31,13 +31,12 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   (their per-lane tables, 2 x T x C fp32 once per step, are not counted: 16 MiB at 1.3B).
   With SwiGLU's product inside the down projection (``walsh_swiglu``) the product
   silu(gate) * up is never stored, and the rough term counts it: B * T * hidden comes off.
-  walsh-h-1b3 at 16 x 1024 tokens measured 40.74 GiB peak with both inside, 43.37 with RoPE
-  apart, 47.40-47.93 with both apart (sessions 17-18, docs/benchmarks.md; 58.5 in sessions
-  8-13, when walsh_out wrote z = S H y beside out and the backward kept z); the estimate says
-  40.74, 43.74 and 47.77 GiB. The 40.74 was measured with RoPE's tables built per layer (0.375
-  GiB of them); one head's tables (0.5 MiB, a variant of session 18) measured 40.39, about
-  what the tables built once per step should give (not measured). When checkpointing
-  recomputes a layer, only that layer's are counted.
+  walsh-h-1b3 at 16 x 1024 tokens measured 40.38 GiB peak with both inside (session 19; 40.74
+  in session 18, when RoPE's tables were built per layer, 0.375 GiB of them), 43.36-43.37 with
+  RoPE apart, 47.40-47.93 with both apart (sessions 17-19, docs/benchmarks.md; 58.5 in
+  sessions 8-13, when walsh_out wrote z = S H y beside out and the backward kept z); the
+  estimate says 40.74, 43.74 and 47.77 GiB. When checkpointing recomputes a layer, only that
+  layer's are counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.

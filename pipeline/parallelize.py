@@ -5,19 +5,26 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
 
 - activation checkpointing (``train.activation_checkpointing``): each block's forward is
   recomputed in backward (non-reentrant ``torch.utils.checkpoint``);
-- ``torch.compile`` (``train.compile``, in ``train.compile_mode``): each transformer block
-  compiled on its own, so one graph serves all identical blocks and compile time does not grow
-  with depth, plus the loss (``model.loss``) compiled separately: eager, the chunked
-  cross-entropy costs about half of a 125M step (docs/benchmarks.md). At ZeRO-3 the loss stays
-  eager (it reads the tied embedding, which ZeRO-3 keeps partitioned outside its forward).
-  Under CUDA graphs (modes "reduce-overhead", "max-autotune") every parameter's gradient is
-  copied out of the graph's memory pool as it arrives (``_own_grads``);
-- ZeRO-3 leaf modules: a module that runs its children's layers as one op
-  (``walsh.layers.hadamard.shared_input``: attention's q, k, v and the MLP's gate, up;
-  ``swiglu_down``: the MLP's down projection on silu(gate) * up; ``run_by_parent`` says which
-  children) reads their parameters in its own forward, where ZeRO-3
-  would have them partitioned (gathered in each child's forward hook, which the group does not
-  call). Flagged as a leaf, its own hook gathers the whole subtree's parameters.
+- ``torch.compile`` (``train.compile``, in ``train.compile_mode``): each transformer block's
+  forward compiled on its own, so one graph serves all identical blocks and compile time does
+  not grow with depth, plus the loss's head (``model.head_loss``) compiled separately: eager,
+  the chunked cross-entropy costs about half of a 125M step (docs/benchmarks.md). The block's
+  forward is compiled, not its call: module hooks (ZeRO-3's gather and release) run eagerly
+  around the graph, never traced into it. Under CUDA graphs (modes "reduce-overhead",
+  "max-autotune") every parameter's gradient is copied out of the graph's memory pool as it
+  arrives (``_own_grads``);
+- ZeRO-3: each transformer block is a DeepSpeed leaf module, the unit that is gathered and
+  released whole (FSDP's usual wrapping), so that its parameters are gathered before its
+  compiled forward and none of ZeRO-3's per-module hooks run inside it. The modules that run
+  their children's layers as one op (``walsh.layers.hadamard.shared_input``: attention's q, k,
+  v and the MLP's gate, up; ``swiglu_down``: the down projection on silu(gate) * up) read
+  their children's parameters in their own forward, which a leaf's gather covers. The tied
+  head's table is read eagerly (``WalshLM.loss``), through ZeRO-3's parameter access hook
+  that gathers it, and passed to the compiled ``head_loss``.
+  Before (session 19, docs/benchmarks.md), each submodule was its own unit: compiled, each
+  block traced ZeRO-3's hooks (on CPU with 2 ranks: about 1,900 graph breaks and 700
+  recompiles in 6 steps), and the loss stayed eager, because traced it read the partitioned
+  table as an empty tensor.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import RunConfig
-from walsh.layers.hadamard import run_by_parent
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay graphs
 
@@ -48,30 +54,25 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     if cfg.train.zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_module
 
-        for m in model.modules():
-            if any(run_by_parent(c) for c in m.children()):
-                set_z3_leaf_module(m, True)
+        for block in model.blocks:
+            set_z3_leaf_module(block, True)
     if cfg.train.activation_checkpointing:
         for block in model.blocks:
             block.forward = _checkpointed(block.forward)
     if cfg.train.compile:
-        # ZeRO-3: the loss reads the tied embedding outside the embedding's forward, where
-        # DeepSpeed has it partitioned (gathered only through its access hooks): traced, it is
-        # an empty tensor, so the loss stays eager there
         mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-        compile_blocks(model, mode, loss=cfg.train.zero_stage != 3)
+        compile_blocks(model, mode)
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, loss: bool = True) -> None:
-    """Compile each transformer block in place, plus ``model.loss`` on its own unless
-    ``loss`` is false (the trainer's and ``walsh bench train``'s one way to compile, so the
-    benchmark measures what trains); ``mode``: torch.compile's (the bench tries
+def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
+    """Compile each transformer block's forward in place (hooks stay outside the graph), plus
+    ``model.head_loss`` on its own (the trainer's and ``walsh bench train``'s one way to
+    compile, so the benchmark measures what trains); ``mode``: torch.compile's (the bench tries
     "reduce-overhead", CUDA graphs)."""
     for block in model.blocks:
-        block.compile(mode=mode)
-    if loss:
-        model.loss = torch.compile(model.loss, mode=mode)
+        block.forward = torch.compile(block.forward, mode=mode)
+    model.head_loss = torch.compile(model.head_loss, mode=mode)
     if mode in CUDA_GRAPH_MODES:
         _own_grads(model)
 

@@ -174,10 +174,18 @@ class WalshLM(nn.Module):
         return self.loss(h, targets)
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean CE of the tied head on h [B, T, C] against targets [B, T]; a method of its own
-        so that the pipeline can compile it separately from the blocks."""
+        """Mean CE of the tied head on h [B, T, C] against targets [B, T]. The table [V, C] is
+        read here and passed to ``head_loss``, the part the pipeline compiles: a compiled
+        function reads its weights as arguments, never through the module, where a sharding
+        wrapper may hold them partitioned outside the embedding's own forward
+        (``pipeline.parallelize``)."""
+        return self.head_loss(h, self.embed.table(), targets)
+
+    def head_loss(self, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor
+                  ) -> torch.Tensor:
+        """Mean chunked linear CE of h [B, T, C] on table [V, C] against targets [B, T]."""
         return linear_cross_entropy(
-            h.reshape(-1, self.config.n_embd), self.embed.table(), targets.reshape(-1),
+            h.reshape(-1, self.config.n_embd), table, targets.reshape(-1),
             chunk=self.config.loss_chunk_tokens,
         )
 
