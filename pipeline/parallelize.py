@@ -21,10 +21,12 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   their children's parameters in their own forward, which a leaf's gather covers. The tied
   head's table is read eagerly (``WalshLM.loss``), through ZeRO-3's parameter access hook
   that gathers it, and passed to the compiled ``head_loss``.
-  Before (session 19, docs/benchmarks.md), each submodule was its own unit: compiled, each
-  block traced ZeRO-3's hooks (on CPU with 2 ranks: about 1,900 graph breaks and 700
+  Before (until session 19, docs/benchmarks.md), each submodule was its own unit: compiled,
+  each block traced ZeRO-3's hooks (on CPU with 2 ranks: about 1,900 graph breaks and 700
   recompiles in 6 steps), and the loss stayed eager, because traced it read the partitioned
-  table as an empty tensor.
+  table as an empty tensor. walsh-h-125m (Triton path) at ZeRO-3 on one H200 went from
+  64-81k to 89-122k tokens/s with this (ZeRO-0: 260-341k; ZeRO-3's own bookkeeping is the
+  rest), peak memory 11.0 -> 11.6 GiB.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest depends o
 re-measured; 350M varies by up to 20% between runs), but **1.79-1.82x at 24 x 2048**
 (walsh-h-1b3, sessions 18-19, against dense on the same host; RoPE inside q's and k's passes
 gave +1.0-2.1% of it), where the structure's 32x fewer GEMM FLOPs outweigh its transforms,
-with 40 GiB peak against the dense path's 36 GiB. The presets keep ``"dense"`` at every size so that a
-sweep's memory and code path do not change with the size; pass ``walsh_impl=triton`` for the
-24 x 2048 speed.
+with 40 GiB peak against the dense path's 36 GiB. The presets keep ``"dense"`` at every size
+so that a sweep's memory and code path do not change with the size; pass
+``walsh_impl=triton`` for the 24 x 2048 speed.
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
