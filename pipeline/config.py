@@ -40,6 +40,9 @@ from pydantic import (
 from walsh.models.config import WalshConfig
 from walsh.models.presets import get_preset, presets
 
+# torch.compile modes that replay CUDA graphs (``train.compile_mode``)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file (if any) and the dotted key."""
@@ -298,6 +301,21 @@ class RunConfig(BaseModel):
                 "optim.name",
                 f"muon needs unflattened parameters: set train.zero_stage: 0 "
                 f"(got {self.train.zero_stage})",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graphs_need_resident_parameters(self) -> RunConfig:
+        # ZeRO-3 gathers each block's parameters into fresh memory at every forward and frees
+        # them after; a CUDA graph replays fixed addresses, so it would be re-recorded at every
+        # call (up to torch's limit, then run eager). Not measured: refused, not left to find
+        mode = self.train.compile_mode
+        if self.train.compile and self.train.zero_stage == 3 and mode in CUDA_GRAPH_MODES:
+            raise _KeyedError(
+                "train.compile_mode",
+                f"{mode!r} replays CUDA graphs, which need parameters at fixed addresses; "
+                "ZeRO-3 gathers them anew each step: use 'default' or "
+                "'max-autotune-no-cudagraphs', or train.zero_stage 0-2",
             )
         return self
 

@@ -20,7 +20,12 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   v and the MLP's gate, up; ``swiglu_down``: the down projection on silu(gate) * up) read
   their children's parameters in their own forward, which a leaf's gather covers. The tied
   head's table is read eagerly (``WalshLM.loss``), through ZeRO-3's parameter access hook
-  that gathers it, and passed to the compiled ``head_loss``.
+  that gathers it, and passed to the compiled ``head_loss``. Memory: a block is gathered
+  whole, and DeepSpeed reduces a leaf's gradients in one hook after the block's backward (not
+  per parameter), so a block's full gradients live until then; keep
+  ``stage3_prefetch_bucket_size`` (``train.zero_options``) at least one block's parameters,
+  or prefetching stops short of the next block. CUDA-graph compile modes are refused at
+  ZeRO-3 (``pipeline.config``: graphs replay fixed addresses, and ZeRO-3 gathers anew).
   Before (until session 19, docs/benchmarks.md), each submodule was its own unit: compiled,
   each block traced ZeRO-3's hooks (on CPU with 2 ranks: about 1,900 graph breaks and 700
   recompiles in 6 steps), and the loss stayed eager, because traced it read the partitioned
@@ -35,9 +40,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import RunConfig
-
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay graphs
+from pipeline.config import CUDA_GRAPH_MODES, RunConfig
 
 
 def _checkpointed(forward):

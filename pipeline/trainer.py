@@ -45,6 +45,7 @@ from data_prep.local_ray import free_port
 from data_prep.manifest import Manifest
 from pipeline import checkpoint
 from pipeline.config import (
+    CUDA_GRAPH_MODES,
     RunConfig,
     check_against_manifest,
     resolve_batch,
@@ -56,7 +57,7 @@ from pipeline.launch import multicast_env
 from pipeline.loader import TokenLoader
 from pipeline.metrics import Throughput, device_peak_tflops, memory_stats
 from pipeline.optim import apply_schedule, build_optimizer
-from pipeline.parallelize import CUDA_GRAPH_MODES, parallelize
+from pipeline.parallelize import parallelize
 from pipeline.profiling import StepProfiler
 from pipeline.tracking import Tracker
 from walsh.models import WalshLM

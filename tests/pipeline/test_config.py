@@ -135,6 +135,19 @@ def test_literal_lists_allowed_values():
     assert "'adamw', 'muon'" in error(from_dict, raw(optim={"name": "sgd"}))
 
 
+def test_cuda_graphs_refused_at_zero3():
+    """CUDA graphs replay fixed addresses; ZeRO-3 gathers parameters anew at every step."""
+    for mode in ("reduce-overhead", "max-autotune"):
+        msg = error(from_dict, raw(train={"steps": 1, "zero_stage": 3, "compile": True,
+                                          "compile_mode": mode}))
+        assert "train.compile_mode" in msg and mode in msg and "ZeRO-3" in msg
+    ok = [raw(train={"steps": 1, "zero_stage": z, "compile": c, "compile_mode": m})
+          for z, c, m in ((3, True, "max-autotune-no-cudagraphs"), (3, True, "default"),
+                          (2, True, "reduce-overhead"), (3, False, "reduce-overhead"))]
+    for cfg in ok:
+        from_dict(cfg)
+
+
 def test_one_error_per_line():
     msg = error(from_dict, raw(optim={"lr": 0, "name": "sgd"}, bogus=2))
     assert len(msg.splitlines()) == 3

@@ -262,29 +262,36 @@ def test_zero_with_four_ranks(stage, data_dir, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(800)
 def test_zero3_compiled_matches_zero0_compiled(data_dir, tmp_path, monkeypatch):
     """Compiled at ZeRO-3 (2 ranks, every parameter partitioned: no persistence threshold),
-    the blocks and the loss's head run as graphs without a break (the blocks are ZeRO-3's
-    leaf modules, their hooks outside the graphs; the head gets the tied table as an
-    argument), and the losses and validation losses equal ZeRO-0's compiled run (fp32).
-    Before, each compiled block traced ZeRO-3's per-module hooks (about 1,900 graph breaks in
-    such a run) and a compiled loss read the partitioned table as an empty tensor."""
-    monkeypatch.setenv("TORCH_LOGS", "graph_breaks")
+    with and without activation checkpointing, the blocks and the loss's head run as graphs
+    without a break (the blocks are ZeRO-3's leaf modules, their hooks outside the graphs;
+    the head gets the tied table as an argument), and the losses and validation losses equal
+    ZeRO-0's compiled run (fp32). Before, each compiled block traced ZeRO-3's per-module hooks
+    (about 1,900 graph breaks in such a run) and a compiled loss read the partitioned table as
+    an empty tensor."""
+    monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")
     logs, curves = {}, {}
-    for stage in (0, 3):
-        cfg = run_config(data_dir, tmp_path / f"run{stage}", zero_stage=stage, steps=6,
-                         log_interval=1, eval_interval=3, ckpt_interval=100, compile=True,
+    for name, stage, ckpt in (("zero0", 0, False), ("zero3", 3, False), ("zero3-ckpt", 3, True)):
+        cfg = run_config(data_dir, tmp_path / name, zero_stage=stage, steps=6, log_interval=1,
+                         eval_interval=3, ckpt_interval=100, compile=True,
+                         activation_checkpointing=ckpt,
                          zero_options={"stage3_param_persistence_threshold": 0} if stage else {})
-        (tmp_path / f"c{stage}").mkdir()
-        logs[stage] = finish(torchrun(write_config(tmp_path / f"c{stage}", cfg)), timeout=280)
-        curves[stage] = [(m["step"], m.get("loss", m.get("val_loss")))
-                         for m in read_metrics(tmp_path / f"run{stage}")
-                         if "loss" in m or "val_loss" in m]
-    assert "Graph break" not in logs[3], logs[3][-3000:]
-    assert len(curves[3]) == 8, curves  # 6 losses, 2 validations
-    for (s0, a), (s3, b) in zip(curves[0], curves[3], strict=True):
-        assert s0 == s3 and abs(a - b) <= 1e-5 * abs(a), curves
+        (tmp_path / f"c-{name}").mkdir()
+        logs[name] = finish(torchrun(write_config(tmp_path / f"c-{name}", cfg)), timeout=280)
+        curves[name] = [(m["step"], key, m[key]) for m in read_metrics(tmp_path / name)
+                        for key in ("loss", "val_loss") if key in m]
+    assert len(curves["zero0"]) == 8, curves  # 6 losses, 2 validations
+    for name, block_fn in (("zero3", "forward"), ("zero3-ckpt", "run")):
+        log = logs[name]
+        assert "graph break" not in log.lower() and "recompile_limit" not in log, log[-3000:]
+        # compiled, not eager: evaluation (no grad) recompiles each graph once, and says so
+        # (the block's forward, or its checkpointing wrapper, parallelize._checkpointed)
+        for fn in (block_fn, "head_loss"):
+            assert f"Recompiling function {fn}" in log, (fn, log[-3000:])
+        for (s0, k0, a), (s3, k3, b) in zip(curves["zero0"], curves[name], strict=True):
+            assert (s0, k0) == (s3, k3) and abs(a - b) <= 1e-5 * abs(a), (name, curves)
 
 
 @pytest.mark.timeout(400)

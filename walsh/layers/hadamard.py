@@ -195,8 +195,8 @@ def groupable(layers) -> bool:
 def group_layers(layers) -> None:
     """At build time, by the module that feeds these layers one input: where ``groupable``,
     mark them a group (``in_group``: ``shared_input`` runs them as one op, their ``path`` says
-    so, the roofline costs their shared passes once, and ``pipeline.parallelize`` makes the
-    module, their parent, a ZeRO-3 leaf)."""
+    so, and the roofline costs their shared passes once; under ZeRO-3 their parent runs inside
+    a leaf module, ``pipeline.parallelize``)."""
     ok = groupable(layers)
     for m in layers:
         if isinstance(m, WalshLinear):
@@ -208,7 +208,8 @@ def shared_input(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor
     """[m(x) for m in layers]; for layers that ``group_layers`` marked as this group, as one op
     (``walsh.kernels.walsh_group``) that reads x once and writes one input gradient. It reads
     the layers' parameters from the caller's forward, not theirs: under ZeRO-3 the caller must
-    be a leaf module (``pipeline.parallelize``), whose hook gathers its children's parameters.
+    run inside a leaf module (each transformer block, ``pipeline.parallelize``), whose hook
+    gathers its whole subtree's parameters.
     ``rope``: (cos, sin), passed to the layers that ``fuse_rope`` marked (the leading ones)."""
     marked = [bool(getattr(m, "rope_output", False)) for m in layers]
     if rope is not None and marked != sorted(marked, reverse=True):
@@ -229,8 +230,8 @@ def shared_input(layers, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor
 def fuse_swiglu(down) -> None:
     """At build time, by the SwiGLU that feeds ``down`` silu(gate) * up: where ``down`` is
     ``_on_kernels``, mark it (``swiglu_input``: ``swiglu_down`` runs it on gate and up as one
-    op, its ``path`` says so, the roofline costs it so, and ``pipeline.parallelize`` makes its
-    parent a ZeRO-3 leaf)."""
+    op, its ``path`` says so, and the roofline costs it so; under ZeRO-3 its parent runs inside
+    a leaf module, ``pipeline.parallelize``)."""
     if isinstance(down, WalshLinear):
         down.swiglu_input = _on_kernels(down)
 
@@ -239,7 +240,8 @@ def swiglu_down(down, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """down(silu(gate) * up); for a layer that ``fuse_swiglu`` marked, as one op
     (``walsh.kernels.walsh_swiglu``) that computes the product in the layer's own passes and
     never stores it. It reads the layer's parameters from the caller's forward: under ZeRO-3
-    the caller must be a leaf module (``pipeline.parallelize``)."""
+    the caller must run inside a leaf module (each transformer block,
+    ``pipeline.parallelize``)."""
     if not getattr(down, "swiglu_input", False):
         return down(F.silu(gate) * up)
     gate, up = autocast_input(gate), autocast_input(up)
