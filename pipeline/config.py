@@ -209,6 +209,11 @@ class TrainCfg(BaseModel):
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)
     profile_steps: tuple[StrictInt, StrictInt] | None = None
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled blocks and loss replay CUDA graphs (``CUDA_GRAPH_MODES``)."""
+        return self.compile and self.compile_mode in CUDA_GRAPH_MODES
+
     @field_validator("zero_options")
     @classmethod
     def _zero_options(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -309,12 +314,11 @@ class RunConfig(BaseModel):
         # ZeRO-3 gathers each block's parameters into fresh memory at every forward and frees
         # them after; a CUDA graph replays fixed addresses, so it would be re-recorded at every
         # call (up to torch's limit, then run eager). Not measured: refused, not left to find
-        mode = self.train.compile_mode
-        if self.train.compile and self.train.zero_stage == 3 and mode in CUDA_GRAPH_MODES:
+        if self.train.cuda_graphs and self.train.zero_stage == 3:
             raise _KeyedError(
                 "train.compile_mode",
-                f"{mode!r} replays CUDA graphs, which need parameters at fixed addresses; "
-                "ZeRO-3 gathers them anew each step: use 'default' or "
+                f"{self.train.compile_mode!r} replays CUDA graphs, which need parameters at "
+                "fixed addresses; ZeRO-3 gathers them anew each step: use 'default' or "
                 "'max-autotune-no-cudagraphs', or train.zero_stage 0-2",
             )
         return self

@@ -21,17 +21,15 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   their children's parameters in their own forward, which a leaf's gather covers. The tied
   head's table is read eagerly (``WalshLM.loss``), through ZeRO-3's parameter access hook
   that gathers it, and passed to the compiled ``head_loss``. Memory: a block is gathered
-  whole, and DeepSpeed reduces a leaf's gradients in one hook after the block's backward (not
-  per parameter), so a block's full gradients live until then; keep
-  ``stage3_prefetch_bucket_size`` (``train.zero_options``) at least one block's parameters,
-  or prefetching stops short of the next block. CUDA-graph compile modes are refused at
-  ZeRO-3 (``pipeline.config``: graphs replay fixed addresses, and ZeRO-3 gathers anew).
-  Before (until session 19, docs/benchmarks.md), each submodule was its own unit: compiled,
-  each block traced ZeRO-3's hooks (on CPU with 2 ranks: about 1,900 graph breaks and 700
-  recompiles in 6 steps), and the loss stayed eager, because traced it read the partitioned
-  table as an empty tensor. walsh-h-125m (Triton path) at ZeRO-3 on one H200 went from
-  64-81k to 89-122k tokens/s with this (ZeRO-0: 260-341k; ZeRO-3's own bookkeeping is the
-  rest), peak memory 11.0 -> 11.6 GiB.
+  whole, and DeepSpeed 0.19 reduces a leaf's gradients in one hook after the block's backward
+  (not per parameter), so a block's full gradients live until then; it prefetches parameters
+  in trace order up to ``stage3_prefetch_bucket_size`` elements ahead (``train.zero_options``;
+  default 5e7, about one dense 1.3B block). CUDA-graph compile modes are refused at ZeRO-3
+  (``pipeline.config``: graphs replay fixed addresses, and ZeRO-3 gathers anew).
+  Before session 19 each submodule was its own unit, whose hooks the compiled blocks traced
+  (graph breaks), and the loss stayed eager (traced, it read the partitioned table as an
+  empty tensor): walsh-h-125m at ZeRO-3 on one H200 went from 64-81k to 89-122k tokens/s,
+  peak 11.0 -> 11.6 GiB (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from data_prep.local_ray import free_port
 from data_prep.manifest import Manifest
 from pipeline import checkpoint
 from pipeline.config import (
-    CUDA_GRAPH_MODES,
     RunConfig,
     check_against_manifest,
     resolve_batch,
@@ -125,10 +124,6 @@ def _all_mean(x: torch.Tensor) -> float:
     return x.item() / dist.get_world_size()
 
 
-def _uses_cuda_graphs(cfg: RunConfig) -> bool:
-    return cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
-
-
 def _finite_mean(losses: list[torch.Tensor]) -> torch.Tensor:
     """Mean of the finite losses (those of skipped steps left out); NaN if there are none."""
     x = torch.stack(losses).float()
@@ -153,7 +148,7 @@ def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, 
     # new generation at each block, freeing the previous block's output before the next
     # reads it (measured on an H200: "accessing tensor output of CUDAGraphs that has been
     # overwritten"). Evaluation is a few batches: it runs eager instead.
-    eager = torch.compiler.set_stance("force_eager") if _uses_cuda_graphs(cfg) \
+    eager = torch.compiler.set_stance("force_eager") if cfg.train.cuda_graphs \
         else contextlib.nullcontext()
     with torch.no_grad(), eager:
         for _ in range(cfg.train.eval_batches):
@@ -261,7 +256,7 @@ def train(cfg: RunConfig, report_fn: MetricsFn | None = None, trace_data: bool =
     # skipped starts at the restored count (0 on a fresh run)
     skipped, losses, step_losses, last, val = guard.reported, [], [], float("nan"), None
     grad_norm: torch.Tensor | None = None  # stage 0: the trainer's own pre-clip norm
-    graphs = _uses_cuda_graphs(cfg)
+    graphs = cfg.train.cuda_graphs
     while step < total:
         batch = next(loader)
         trace.add(micro_index, batch)
