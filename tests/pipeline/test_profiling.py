@@ -48,8 +48,10 @@ def test_launch_table_counts_launches_per_step_and_buckets_them(tmp_path):
     mm_us = [e.self_cpu_time_total for e in prof.events() if e.name == "aten::mm"]
     assert ms == pytest.approx(sum(mm_us) / 1e3 / steps, abs=1e-3)
     assert sorted(groups) == sorted({_bucket(t) for t in mm_us})
-    # ranked by total time: the 256^3 products first
-    assert next(iter(rows)) == "aten::mm"
+    # ranked by total time, largest first. Why not "aten::mm first": on a loaded 2-core CI
+    # machine five 256 x 256 adds once outran three 256^3 products (stop 25's CI failed so).
+    per_step = [r[0] for r in rows.values()]
+    assert per_step == sorted(per_step, reverse=True) and len(per_step) >= 2
 
     head = write_profile(prof, 0.5, steps, tmp_path / "p", cuda=False)
     assert head.startswith("steps 2: wall 250.00 ms/step")
