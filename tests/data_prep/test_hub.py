@@ -22,11 +22,17 @@ def online_env(monkeypatch):
     return monkeypatch
 
 
+# The bounds below tell "gave up at once" from "waited on the network" (the hub client's own
+# timeouts and retries take tens of seconds); they are not a speed goal, and are loose enough
+# for a loaded 2-core CI machine (a 1.0 s bound there is one slow import from failing).
+FAST_S = 5.0
+
+
 def _expect_fast_failure(tmp_path, source: dict) -> str:
     t0 = time.perf_counter()
     with pytest.raises(StageError) as info:
         stage({"source": source, "out": str(tmp_path / "out")})  # default tokenizer: r50k_base
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < FAST_S
     assert not (tmp_path / "out").exists()
     msg = str(info.value)
     assert "use local files" in msg and "walsh data stage --source DIR --out OUT" in msg
@@ -34,7 +40,7 @@ def _expect_fast_failure(tmp_path, source: dict) -> str:
     return msg
 
 
-def test_offline_variables_fail_in_under_a_second(online_env, tmp_path):
+def test_offline_variables_fail_at_once(online_env, tmp_path):
     online_env.setenv("HF_HUB_OFFLINE", "1")
     msg = _expect_fast_failure(tmp_path, {"type": "hub"})
     assert "(HF_HUB_OFFLINE=1)" in msg
@@ -43,7 +49,7 @@ def test_offline_variables_fail_in_under_a_second(online_env, tmp_path):
     assert "HF_DATASETS_OFFLINE=true" in _expect_fast_failure(tmp_path, {"type": "hub"})
 
 
-def test_an_unreachable_hub_fails_in_under_a_second(online_env, tmp_path):
+def test_an_unreachable_hub_fails_at_once(online_env, tmp_path):
     online_env.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on discard
     msg = _expect_fast_failure(tmp_path, {"type": "hub", "subset": "sample-100BT"})
     assert "cannot connect to 127.0.0.1:9" in msg
@@ -52,14 +58,14 @@ def test_an_unreachable_hub_fails_in_under_a_second(online_env, tmp_path):
 def test_a_silent_host_does_not_stall_the_check(online_env):
     """DNS or a firewall that never answers: the probe gives up after its timeout."""
     def silent(*args, **kwargs):
-        time.sleep(1.0)
+        time.sleep(30.0)  # in the probe's daemon thread, which the check leaves behind
         raise TimeoutError("timed out")
 
     online_env.setattr(hub.socket, "create_connection", silent)
     t0 = time.perf_counter()
     reason = hub.offline_reason(timeout=0.3)
     assert reason == "huggingface.co:443 did not answer within 0.3 s"
-    assert time.perf_counter() - t0 < 0.6
+    assert time.perf_counter() - t0 < FAST_S
 
 
 def test_the_cli_prints_one_line(online_env, tmp_path, capsys):
@@ -69,7 +75,7 @@ def test_the_cli_prints_one_line(online_env, tmp_path, capsys):
     t0 = time.perf_counter()
     assert main(["data", "stage", "--source", "hub:HuggingFaceFW/fineweb-edu", "--subset",
                  "sample-10BT", "--out", str(tmp_path / "o")]) == 2
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < FAST_S
     err = capsys.readouterr().err
     assert err.startswith("walsh: error: the Hugging Face hub is unavailable (HF_HUB_OFFLINE=1)")
 
