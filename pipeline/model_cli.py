@@ -14,14 +14,33 @@ import time
 import torch
 
 from pipeline.bench_train import parse_overrides
+from pipeline.roofline import step_breakdown
 from walsh.generate import generate
 from walsh.models import WalshLM, get_preset, presets
+
+# the ceilings measured on the H200s lent to this project (sessions 13-19, docs/benchmarks.md):
+# an 8192^3 bf16 GEMM and a device-to-device copy; `walsh bench train` measures its own
+H200_TFLOPS, H200_GBS = 789.0, 4249.0
+
+
+def _batch(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"batch must be >= 1, got {text}")
+    return int(text)
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", help=f"one of: {', '.join(sorted(presets))}")
     p.add_argument("--seq-len", type=int, default=None, help="T for FLOPs (default block_size)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--roofline", type=_batch, default=None, metavar="BATCH",
+                   help="also print a training step's roofline at BATCH sequences of --seq-len, "
+                        "by kernel (pipeline.roofline; no device needed)")
+    p.add_argument("--peak-tflops", type=float, default=H200_TFLOPS,
+                   help=f"bf16 ceiling for --roofline (default {H200_TFLOPS:g}: an H200's "
+                        "8192^3 GEMM, docs/benchmarks.md)")
+    p.add_argument("--bandwidth-gbs", type=float, default=H200_GBS,
+                   help=f"memory ceiling for --roofline (default {H200_GBS:g}: an H200's copy)")
 
 
 def info(args: argparse.Namespace) -> None:
@@ -37,6 +56,13 @@ def info(args: argparse.Namespace) -> None:
         print(f"  {key:<20} {val:,}")
     print(f"flops/token (train, T={t}): {model.flops_per_token(t):,}")
     print(f"flops/token (fwd,   T={t}): {model.flops_per_token(t, training=False):,}")
+    if args.roofline is not None:
+        rows = step_breakdown(model, args.roofline, t, args.peak_tflops, args.bandwidth_gbs)
+        total = sum(r[2] for r in rows)
+        print(f"roofline of a training step, {args.roofline} x {t} tokens, at "
+              f"{args.peak_tflops:g} TFLOP/s and {args.bandwidth_gbs:g} GB/s: {total:.2f} ms")
+        for name, n, ms in rows:
+            print(f"  {ms:9.3f} ms {100 * ms / total:5.1f}%  {n:5d}x  {name}")
 
 
 def add_smoke_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ step over it ("x roof") says how far the whole step is from its kernels' ideal.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 from walsh.layers import StructuredLinear, WalshLinear
@@ -141,3 +142,17 @@ def step_roofline_ms(model: WalshLM, batch: int, seq_len: int, peak_tflops: floa
                      bandwidth_gbs: float) -> float:
     """Sum over the step's kernels of each one's roofline time, in ms."""
     return sum(k.ms(peak_tflops, bandwidth_gbs) for k in model_kernels(model, batch, seq_len))
+
+
+def step_breakdown(model: WalshLM, batch: int, seq_len: int, peak_tflops: float,
+                   bandwidth_gbs: float) -> list[tuple[str, int, float]]:
+    """The step's roofline by kernel name: (name, kernels of that name per step, ms), slowest
+    first; the ms sum to ``step_roofline_ms``. A layer in a group counts its own kernels
+    (with its share of the group's passes), so a count is layers' kernels, not launches. Set against a profile's kernel times, it says
+    which part of a step is furthest from its ideal (``walsh model info --roofline``)."""
+    count: dict[str, int] = collections.Counter()
+    ms: dict[str, float] = collections.defaultdict(float)
+    for k in model_kernels(model, batch, seq_len):
+        count[k.name] += 1
+        ms[k.name] += k.ms(peak_tflops, bandwidth_gbs)
+    return sorted(((name, count[name], ms[name]) for name in count), key=lambda r: -r[2])

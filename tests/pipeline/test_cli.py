@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.bench_train import parse_overrides
 from pipeline.cli import main
+from pipeline.roofline import step_roofline_ms
+from walsh.models import WalshLM, get_preset
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -32,6 +35,26 @@ def test_model_info_prints_hand_checked_counts(capsys):
     # V*C + L*(4C^2 + 3*C*F + 2C) + C with V=50257, C=768, L=12, F=2048
     assert f"{50257 * 768 + 12 * (4 * 768**2 + 3 * 768 * 2048 + 2 * 768) + 768:,}" in out
     assert "flops/token (train, T=1024)" in out
+
+
+def test_model_info_roofline_prints_the_steps_kernels(capsys):
+    main(["model", "info", "dense-125m", "--seq-len", "256", "--roofline", "4",
+          "--peak-tflops", "500", "--bandwidth-gbs", "2000"])
+    out = capsys.readouterr().out
+    with torch.device("meta"):
+        total = step_roofline_ms(WalshLM(get_preset("dense-125m")), 4, 256, 500, 2000)
+    assert (f"roofline of a training step, 4 x 256 tokens, at 500 TFLOP/s and 2000 GB/s: "
+            f"{total:.2f} ms") in out
+    lines = out.splitlines()
+    rows = [line.split() for line in lines[1 + next(i for i, x in enumerate(lines)
+                                                   if x.startswith("roofline of")):]]
+    # dense-125m: 7 layers x 12 blocks of GEMM fwd / dx / dw, 12 attention pairs, the LM head
+    assert {" ".join(r[4:]): int(r[3].rstrip("x")) for r in rows} == {
+        "GEMM fwd": 84, "GEMM dx": 84, "GEMM dw": 84, "attention fwd": 12, "attention bwd": 12,
+        "LM head fwd": 1, "LM head bwd": 1, "SwiGLU fwd": 12, "SwiGLU bwd": 12, "RoPE fwd": 12,
+        "RoPE bwd": 12}
+    res = run_cli("model", "info", "tiny", "--roofline", "0")
+    assert res.returncode != 0 and "--roofline: batch must be >= 1, got 0" in res.stderr
 
 
 def test_model_info_unknown_preset_names_it():

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.roofline import Kernel, linear_kernels, model_kernels, step_roofline_ms
+from pipeline.roofline import (
+    Kernel,
+    linear_kernels,
+    model_kernels,
+    step_breakdown,
+    step_roofline_ms,
+)
 from walsh.layers import make_linear
 from walsh.models import WalshLM, get_preset
 
@@ -119,6 +125,25 @@ def test_step_roofline_sums_the_models_kernels_and_counts_attention_and_head():
         walsh = WalshLM(get_preset("walsh-h-1b3", walsh_impl="triton"))
     assert step_roofline_ms(walsh, 16, 1024, 789, 4251) < \
         0.7 * step_roofline_ms(dense, 16, 1024, 789, 4251)
+
+
+def test_step_breakdown_groups_the_kernels_by_name():
+    """``walsh model info --roofline``'s rows: one per kernel name, slowest first, their counts
+    the step's kernels and their times summing to the step's roofline."""
+    with torch.device("meta"):
+        model = WalshLM(get_preset("walsh-h-125m", walsh_impl="triton", n_layer=3))
+    rows = step_breakdown(model, 4, 256, 500, 2000)
+    ks = model_kernels(model, 4, 256)
+    assert [r[0] for r in rows].count("bmm dw") == 1
+    assert sum(r[1] for r in rows) == len(ks)
+    assert dict((r[0], r[1]) for r in rows)["bmm fwd"] == 7 * 3  # q k v o gate up down
+    assert dict((r[0], r[1]) for r in rows)["attention fwd"] == 3
+    assert sum(r[2] for r in rows) == pytest.approx(step_roofline_ms(model, 4, 256, 500, 2000),
+                                                    rel=1e-12)
+    head = [k for k in ks if k.name == "LM head bwd"][0].ms(500, 2000)
+    assert dict((r[0], r[2]) for r in rows)["LM head bwd"] == pytest.approx(head, rel=1e-12)
+    times = [r[2] for r in rows]
+    assert times == sorted(times, reverse=True) and times[0] > times[-1]
 
 
 def test_bench_layer_rows_run_and_take_the_rooflines_counts():
