@@ -148,8 +148,9 @@ def step_breakdown(model: WalshLM, batch: int, seq_len: int, peak_tflops: float,
                    bandwidth_gbs: float) -> list[tuple[str, int, float]]:
     """The step's roofline by kernel name: (name, kernels of that name per step, ms), slowest
     first; the ms sum to ``step_roofline_ms``. A layer in a group counts its own kernels
-    (with its share of the group's passes), so a count is layers' kernels, not launches. Set against a profile's kernel times, it says
-    which part of a step is furthest from its ideal (``walsh model info --roofline``)."""
+    (with its share of the group's passes), so a count is layers' kernels, not launches.
+    Set against a profile's kernel times, it says which part of a step is furthest from its
+    ideal (``walsh model info --roofline``; docs/benchmarks.md, session 20)."""
     count: dict[str, int] = collections.Counter()
     ms: dict[str, float] = collections.defaultdict(float)
     for k in model_kernels(model, batch, seq_len):
