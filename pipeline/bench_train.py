@@ -15,9 +15,11 @@ steps looks like that). Random tokens are fine: the
 cost of these layers does not depend on the data.
 
 ``--profile DIR`` profiles two more steps of each row (``pipeline.profiling.write_profile``: the
-kernels by time, and each top kernel's launches by duration). Judge a kernel change by this,
-in the model, and not only by ``walsh bench layer``: session 14's layer bench timed a change at
--22 us per 172-lane layer that moved the 1.3B step by 0.2 ms. Session 14 profiled the default
+kernels by time, each top kernel's launches by duration, and, where the run has ceilings, the
+step's roofline by kernel from ``pipeline.roofline.breakdown_table``, to set the two side by
+side as docs/benchmarks.md's session-20 entry does by hand). Judge a kernel change by this, in
+the model, and not only by ``walsh bench layer``: session 14's layer bench timed a change at -22
+us per 172-lane layer that moved the 1.3B step by 0.2 ms. Session 14 profiled the default
 compile mode; how the profiler sees CUDA graphs' replays (``--compile-mode reduce-overhead``)
 was not checked.
 
@@ -44,7 +46,7 @@ from pipeline.config import CUDA_GRAPH_MODES
 from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import compile_blocks
 from pipeline.profiling import make_profiler, write_profile
-from pipeline.roofline import step_roofline_ms
+from pipeline.roofline import breakdown_table, step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets
 
 
@@ -143,7 +145,9 @@ def bench_one(
                 step(i)
             sync()
             wall = time.perf_counter() - t1
-        head = write_profile(prof, wall, PROFILE_STEPS, profile_dir, device.type == "cuda")
+        head = write_profile(prof, wall, PROFILE_STEPS, profile_dir, device.type == "cuda",
+                             breakdown_table(model, batch, seq_len, *ceilings) if ceilings
+                             else "")
         print(f"# {spec} profile: {head} -> {profile_dir}", flush=True)
     return {
         "preset": spec, "overrides": {**overrides, **own}, "shape": (cfg.n_layer, cfg.n_embd),

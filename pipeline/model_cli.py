@@ -14,7 +14,7 @@ import time
 import torch
 
 from pipeline.bench_train import parse_overrides
-from pipeline.roofline import step_breakdown
+from pipeline.roofline import breakdown_table
 from walsh.generate import generate
 from walsh.models import WalshLM, get_preset, presets
 
@@ -57,12 +57,8 @@ def info(args: argparse.Namespace) -> None:
     print(f"flops/token (train, T={t}): {model.flops_per_token(t):,}")
     print(f"flops/token (fwd,   T={t}): {model.flops_per_token(t, training=False):,}")
     if args.roofline is not None:
-        rows = step_breakdown(model, args.roofline, t, args.peak_tflops, args.bandwidth_gbs)
-        total = sum(r[2] for r in rows)
-        print(f"roofline of a training step, {args.roofline} x {t} tokens, at "
-              f"{args.peak_tflops:g} TFLOP/s and {args.bandwidth_gbs:g} GB/s: {total:.2f} ms")
-        for name, n, ms in rows:
-            print(f"  {ms:9.3f} ms {100 * ms / total:5.1f}%  {n:5d}x  {name}")
+        print(breakdown_table(model, args.roofline, t, args.peak_tflops, args.bandwidth_gbs),
+              end="")
 
 
 def add_smoke_arguments(p: argparse.ArgumentParser) -> None:

@@ -62,9 +62,11 @@ def make_profiler(cuda: bool) -> profile:
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 
 
-def write_profile(prof: profile, wall_s: float, steps: int, out: Path, cuda: bool) -> str:
+def write_profile(prof: profile, wall_s: float, steps: int, out: Path, cuda: bool,
+                  roofline: str = "") -> str:
     """Write ``summary.txt`` and ``trace.json`` of a finished profile into ``out``; return the
-    summary's first line. ``steps``: how many steps the profile spans (figures are per step)."""
+    summary's first line. ``steps``: how many steps the profile spans (figures are per step);
+    ``roofline``: text appended to the summary (``pipeline.roofline.breakdown_table``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     events = prof.key_averages()
@@ -78,7 +80,8 @@ def write_profile(prof: profile, wall_s: float, steps: int, out: Path, cuda: boo
         table += "\n" + events.table(sort_by="self_cpu_time_total", row_limit=30,
                                       max_name_column_width=70)
     launches = launch_table(prof, steps, cuda)
-    (out / "summary.txt").write_text(head + "\n" + table + "\n" + launches)
+    (out / "summary.txt").write_text(head + "\n" + table + "\n" + launches
+                                     + ("\n" + roofline if roofline else ""))
     prof.export_chrome_trace(str(out / "trace.json"))
     return head
 

@@ -157,3 +157,17 @@ def step_breakdown(model: WalshLM, batch: int, seq_len: int, peak_tflops: float,
         count[k.name] += 1
         ms[k.name] += k.ms(peak_tflops, bandwidth_gbs)
     return sorted(((name, count[name], ms[name]) for name in count), key=lambda r: -r[2])
+
+
+def breakdown_table(model: WalshLM, batch: int, seq_len: int, peak_tflops: float,
+                    bandwidth_gbs: float) -> str:
+    """``step_breakdown`` as text: a header with the step's roofline, then one line per kernel
+    name (ms, share, count). Printed by ``walsh model info --roofline`` and appended to the
+    summary of ``walsh bench train --profile`` when the run has ceilings, beside the measured
+    kernel times."""
+    rows = step_breakdown(model, batch, seq_len, peak_tflops, bandwidth_gbs)
+    total = sum(r[2] for r in rows)
+    lines = [f"roofline of a training step, {batch} x {seq_len} tokens, at {peak_tflops:g} "
+             f"TFLOP/s and {bandwidth_gbs:g} GB/s: {total:.2f} ms"]
+    lines += [f"  {ms:9.3f} ms {100 * ms / total:5.1f}%  {n:5d}x  {name}" for name, n, ms in rows]
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.bench_train import parse_overrides
 from pipeline.cli import main
-from pipeline.roofline import step_roofline_ms
+from pipeline.roofline import breakdown_table, step_roofline_ms
 from walsh.models import WalshLM, get_preset
 
 
@@ -106,7 +106,17 @@ def test_bench_train_profile_writes_each_rows_summary(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("steps 2: wall "), summary[:200]  # PROFILE_STEPS, not --steps
     assert "aten::" in summary and "launches of the top 12 CPU ops" in summary
+    assert "roofline of a training step" not in summary  # CPU, no ceilings given
     assert json.loads((out / "trace.json").read_text())["traceEvents"]
+    # with ceilings, the step's roofline by kernel follows the measured kernel times
+    main(["bench", "train", "--presets", "tiny:n_layer=1", "--seq-len", "16", "--batch", "2",
+          "--steps", "1", "--warmup", "1", "--compile", "off", "--device", "cpu", "--set",
+          "vocab_size=128", "--profile", str(tmp_path / "prof2"), "--peak-tflops", "100",
+          "--bandwidth-gbs", "1000"])
+    summary = (tmp_path / "prof2" / "tiny_n_layer-1-eager" / "summary.txt").read_text()
+    with torch.device("meta"):
+        model = WalshLM(get_preset("tiny", n_layer=1, vocab_size=128))
+    assert summary.endswith("\n" + breakdown_table(model, 2, 16, 100, 1000))
 
 
 def test_bench_train_roofline_column_from_given_ceilings(tmp_path):
