@@ -66,6 +66,7 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     backward, and of the dense-shape bf16 and INT8 GEMMs beside them. The FLOPs and bytes are
     ``pipeline.roofline``'s for the same layers, so this table and ``walsh bench train``'s
     roofline column count alike."""
+    from walsh.kernels import block_matmul as bm
     from walsh.kernels import int8_linear as ik
     from walsh.kernels import ternary as tk
     from walsh.kernels import walsh_linear as wf
@@ -109,7 +110,14 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
         ("walsh_out + dalpha", lambda: wt.walsh_out_gain_raw(u, alpha, x, a),
          three["walsh_out (du) + alpha + dalpha"]),
         ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), three["ternary quantize"]),
-        ("bmm (fwd)", lambda: torch.bmm(u, wp.transpose(1, 2)), three["bmm fwd"]),
+        # the per-block GEMMs as the layer runs them (walsh.kernels.block_matmul: Triton up to
+        # 64 lanes, 32 for dw; cuBLAS past) and as cuBLAS's batched GEMM alone
+        ("block GEMM fwd", lambda: bm.block_mm(u, wp.transpose(1, 2)), three["bmm fwd"]),
+        ("block GEMM dx", lambda: bm.block_mm(y, wp), three["bmm dx"]),
+        ("block GEMM dw", lambda: bm.block_mm_tn(y, u), three["bmm dw"]),
+        ("bmm fwd (cuBLAS)", lambda: torch.bmm(u, wp.transpose(1, 2)), three["bmm fwd"]),
+        ("bmm dx (cuBLAS)", lambda: torch.bmm(y, wp), three["bmm dx"]),
+        ("bmm dw (cuBLAS)", lambda: torch.bmm(y.transpose(1, 2), u), three["bmm dw"]),
         # the one-kernel layer: x and w in, out written; FLOPs = the GEMMs and both H dots
         ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta), one["walsh fused fwd"]),
         ("fused dx+dalpha", lambda: wf.walsh_linear_dx_raw(dout, x, wq, alpha, beta),

@@ -157,7 +157,8 @@ def test_bench_layer_rows_run_and_take_the_rooflines_counts():
     for name, (fn, _) in rows.items():
         assert fn() is not None, name
     assert rows["fused fwd"][1].bytes == 2 * (n * fin + n * fout + fin * fout // a)
-    assert rows["bmm (fwd)"][1].flops == 2 * n * fin * fout / a
+    for name in ("block GEMM fwd", "block GEMM dx", "bmm dw (cuBLAS)"):
+        assert rows[name][1].flops == 2 * n * fin * fout / a, name
     assert rows["ternary_ste"][1].flops == 3 * fin * fout // a  # the Walsh weight it quantizes
     gemm = rows["int8 GEMM dx"][1]
     assert gemm.flops == 0 and gemm.int8_ops == 2 * n * fin * fout

@@ -159,9 +159,10 @@ def test_triton_ops_name_their_kernels():
     out = subprocess.run([sys.executable, "-c", _SCAN], env=env, capture_output=True,
                          text=True, check=True).stdout
     walsh, linear, colsum = "_walsh_kernel", "_walsh_linear_kernel", "_column_sum_kernel"
+    mm, mm_tn = "_block_mm_kernel", "_block_mm_tn_kernel"  # walsh.kernels.block_matmul
     eager, traced, kernels = json.loads(out.splitlines()[-1])
     assert eager and traced
-    assert kernels == {
+    assert kernels == {  # (each list sorted by name)
         "walsh::int8_mm": ["_int8_matmul_kernel"],
         "walsh::int8_linear": ["_int8_matmul_kernel"],
         "walsh::ternary_ste": ["_abs_partial_kernel", "_ternary_apply_kernel"],
@@ -169,12 +170,12 @@ def test_triton_ops_name_their_kernels():
         "walsh::walsh_out": [walsh],
         "walsh::walsh_in_gain": [colsum, walsh],
         "walsh::walsh_out_gain": [colsum, walsh],
-        "walsh::walsh_linear": [colsum, walsh, linear],  # (sorted by name)
-        "walsh::walsh_linear_backward": [colsum, walsh, linear],
-        "walsh::walsh_group": [walsh],
-        "walsh::walsh_group_backward": [colsum, walsh],
-        "walsh::swiglu_linear": [walsh],
-        "walsh::swiglu_linear_backward": [colsum, walsh],
+        "walsh::walsh_linear": [mm, colsum, walsh, linear],
+        "walsh::walsh_linear_backward": [mm, mm_tn, colsum, walsh, linear],
+        "walsh::walsh_group": [mm, walsh],
+        "walsh::walsh_group_backward": [mm, mm_tn, colsum, walsh],
+        "walsh::swiglu_linear": [mm, walsh],
+        "walsh::swiglu_linear_backward": [mm, mm_tn, colsum, walsh],
     }
 
 

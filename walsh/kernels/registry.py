@@ -21,7 +21,9 @@ itself: torch's ``wrap_triton`` while compile traces an op body (so the traced o
 launch), the plain kernel otherwise. It keeps torch's name on purpose: torch finds a
 ``triton_op``'s kernels, which go into compile's cache key, by scanning the op's source (and
 the functions it calls) for calls named ``wrap_triton``; under another name an edited kernel
-could be served stale from a warm cache.
+could be served stale from a warm cache. The launchers' own Python (a dispatch rule, a launch
+shape, a constant) is not in the key: after editing it, clear the inductor cache
+(``TORCHINDUCTOR_CACHE_DIR``); measured in session 21 (``walsh.kernels.block_matmul``).
 
 Kernel arguments never alias: a pointer a kernel does not use gets its own empty tensor, not
 another argument (compile decides from the kernel which arguments are written; where that

@@ -5,7 +5,8 @@ Run one by one (``walsh.kernels.walsh_linear``, three kernels), P layers on one 
 its dalpha and writes a dx of its own, which autograd then adds (read P, write 1). As a group of
 P (2 or 3) layers with weights of one shape:
     u      [P, A, N, LIp] = walsh_in of x with each layer's alpha, one pass: x read once
-    y      [P*A, N, LOp]  = one bmm over the P*A blocks (the layers' padded weights stacked)
+    y      [P*A, N, LOp]  = one block GEMM over the P*A blocks (``block_matmul``; the layers'
+                            padded weights stacked)
     out_p  [N, A*LO]      = walsh_out(y_p, beta_p), one pass per layer, as the layer's own
 backward, per layer as the layer's own: dy_p, dbeta_p = walsh_in_gain(dout_p, beta_p, out_p);
 du_p = dy_p W_p; dw_p = dy_p^T u_p; then for the group in one pass (``_walsh_kernel``'s P):
@@ -21,8 +22,8 @@ the 1.3B FFN) showed no gain in the model: walsh-h-1b3 with it ran at 1.79x dens
 two runs with RoPE apart), within session 17's 1.78-1.80x without it; not profiled.
 
 The results are the layers' own up to rounding: the transforms' arithmetic is the single
-passes', but the forward's GEMM is one batched call over P*A blocks (cuBLAS may pick another
-kernel than for A, and so round differently), dx's P terms are added in fp32 before the one
+passes', but the forward's GEMM is one batched call over P*A blocks (where it runs on cuBLAS,
+past 64 lanes, cuBLAS may pick another kernel than for A, and so round differently), dx's P terms are added in fp32 before the one
 rounding (one by one, each term is rounded to the input dtype and autograd adds the rounded
 terms), and dalpha's shares are summed in another order within each program (the dx pass's
 tile is ``GROUP_OUT_TILE``). The naive reference with the same signature is
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from walsh.kernels.block_matmul import block_mm
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op
 from walsh.kernels.walsh_linear import (
@@ -91,7 +93,7 @@ def group_forward(x, ws, alphas, betas, rope=None, n_rope=0):
     # v group's 64 -> 64 lanes: 103.5 and 103.2)
     wt = torch.cat([padded_weight(w).transpose(1, 2) for w in ws])      # [P*A, LIp, LOp]
     u = walsh_in_group_raw(x, torch.stack(alphas), width=wt.shape[1])  # [P, A, N, LIp]
-    y = torch.bmm(u.view(p * a, n, wt.shape[1]), wt)                   # [P*A, N, LOp]
+    y = block_mm(u.view(p * a, n, wt.shape[1]), wt)                    # [P*A, N, LOp]
     return [walsh_out_raw(y[k * a:(k + 1) * a], be, a, lanes=lo,
                           rope=rope if k < n_rope else None)
             for k, be in enumerate(betas)], u

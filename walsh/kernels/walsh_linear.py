@@ -25,13 +25,14 @@ peak memory from saving out instead of writing z; 1.31-1.36x in session 8, 1.50x
 
 Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton`` -> three,
 ``fused`` -> one):
-- three kernels: ``walsh_in`` (alpha, H, layout change), one batched GEMM (cuBLAS), ``walsh_out``
-  (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
+- three kernels: ``walsh_in`` (alpha, H, layout change), one block GEMM over the A blocks
+  (``walsh.kernels.block_matmul``: Triton on rows of up to 64 lanes, cuBLAS past them),
+  ``walsh_out`` (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
   four times (x, u, y, out). u and out are saved for the backward, whose two transforms also
   sum dbeta (= sum dout * out / beta, the module doc of ``walsh_transform`` says why) and dalpha
   in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The block-major u, y, du
   and dy have rows of the lanes rounded up to 8 (``row_width``; u's and dy's padding is zeros,
-  y's and du's reaches no result) and the bmm a zero-padded weight, so that every row starts
+  y's and du's reaches no result) and the GEMM a zero-padded weight, so that every row starts
   16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
@@ -52,7 +53,8 @@ the layer with the weight transposed and the gains swapped:
   partial sums of dout * (out before beta).
 - dw = sum_i dy_g^T u_g with dy = S H (beta * dout), u = S H (alpha * x): the two block-major
   transforms of ``walsh.kernels.walsh_transform`` (rows padded as the three-kernel path's) and
-  one batched GEMM (cuBLAS), shared with the three-kernel backward (``_weight_grad``).
+  one block GEMM (``block_matmul.block_mm_tn``), shared with the three-kernel backward
+  (``_weight_grad``).
 Partial sums are added in a fixed order (``walsh.kernels.column_sum``; no atomics), so every
 gradient is deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
 
@@ -78,6 +80,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from walsh.kernels.block_matmul import block_mm, block_mm_tn
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import (
@@ -245,7 +248,7 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
 def _weight_grad(dy: torch.Tensor, u: torch.Tensor, lo: int, li: int) -> torch.Tensor:
     """dw [A, LO, LI] = sum over tokens of dy_g^T u_g, one batched GEMM over block-major dy
     [A, N, LOp] and u [A, N, LIp] whose rows may be padded (``row_width``, zeros past LO, LI)."""
-    dw = torch.bmm(dy.transpose(1, 2), u)                             # [A, LOp, LIp]
+    dw = block_mm_tn(dy, u)                                           # [A, LOp, LIp]
     return dw if dw.shape[1:] == (lo, li) else dw[:, :lo, :li].contiguous()
 
 
@@ -269,7 +272,7 @@ def three_kernel_forward(x, w, alpha, beta, up=None, rope=None):
     a, lo = w.shape[:2]
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     u = walsh_in_raw(x, alpha, a, width=wp.shape[2], up=up)           # [A, N, LIp]
-    y = torch.bmm(u, wp.transpose(1, 2))                              # [A, N, LOp]
+    y = block_mm(u, wp.transpose(1, 2))                               # [A, N, LOp]
     return walsh_out_raw(y, beta, a, lanes=lo, rope=rope), u          # [N, A*LO]
 
 
@@ -292,7 +295,7 @@ def backward_to_du(dout, w, beta, out, rope=None):
     ``rope``: out is RoPE-rotated and dout its gradient, both rotated back in the pass."""
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     dy, dbeta = walsh_in_gain_raw(dout, beta, out, w.shape[0], width=wp.shape[1], rope=rope)
-    return dy, torch.bmm(dy, wp), dbeta
+    return dy, block_mm(dy, wp), dbeta
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches

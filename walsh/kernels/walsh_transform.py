@@ -3,7 +3,7 @@
 WalshLinear (``walsh.layers.hadamard``) computes, for x [N, A*n_in], alpha [A, n_in],
 beta [A, n_out] and S = 1/sqrt(A), H the Sylvester Hadamard matrix (+-1):
     u = walsh_in(x, alpha)    [A, N, n_in]   u[h,i,j] = S sum_g H[h,g] alpha[g,j] x[i, g n_in + j]
-    y = bmm(u, W^T)           [A, N, n_out]  the A small GEMMs (cuBLAS, batched)
+    y = bmm(u, W^T)           [A, N, n_out]  the A small GEMMs (``walsh.kernels.block_matmul``)
     out = walsh_out(y, beta)  [N, A*n_out]   out[i, h n_out + j] = beta[h,j] S sum_g H[h,g] y[g,i,j]
 Each transform is one kernel pass over tiles of whole tokens: read the [A, tokens, lanes] slab
 once, scale, multiply by H on the tensor cores (``tl.dot``; A >= 16) or by broadcast sums

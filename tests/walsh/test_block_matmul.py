@@ -1,0 +1,150 @@
+"""walsh.kernels.block_matmul (the Walsh layers' per-block GEMMs) against torch.bmm: odd sizes,
+fp32 (1e-5) and bf16 (1e-2) relative bounds, exact sums of small integers, every output and
+partial sum written (the module's allocations poisoned with NaN), the dispatch rule, the
+int64 offsets and the errors. On CPU under TRITON_INTERPRET=1 (tests/conftest.py); the ``gpu``
+test repeats the comparison at the 125M and 1.3B models' shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DEV, TOL, rel_err
+
+pytest.importorskip("triton")
+from walsh.kernels import block_matmul as bm  # noqa: E402
+
+# (G blocks, N tokens, K lanes in, M lanes out): tokens below, at and past one BT tile, rows
+# below the tensor cores' 16, the models' 24 and 64, odd widths
+SHAPES = [(3, 37, 24, 24), (2, bm.MM_BT + 1, 5, 64), (4, bm.MM_BT - 1, 64, 7), (1, 1, 16, 16),
+          (5, 2 * bm.MM_BT + 3, 24, 40)]
+
+
+class _PoisonedTorch:
+    """``torch`` as the module sees it, but every ``torch.empty`` filled with NaN: an output
+    element or partial sum the kernels leave unwritten shows in the result."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kw):
+        return torch.empty(*args, **kw).fill_(float("nan"))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(bm, "torch", _PoisonedTorch())
+
+
+def _operands(g, n, k, m, dtype, scale=1.0):
+    """a [G, N, K], the weight's transposed view b [G, K, M] (the forward's), d [G, N, M]."""
+    a = (torch.randn(g, n, k, device=DEV) * scale).to(dtype)
+    w = (torch.randn(g, m, k, device=DEV) * scale).to(dtype)
+    d = (torch.randn(g, n, m, device=DEV) * scale).to(dtype)
+    return a, w.transpose(1, 2), d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g,n,k,m", SHAPES)
+def test_block_mm_matches_bmm(g, n, k, m, dtype, poisoned, seed):
+    a, b, d = _operands(g, n, k, m, dtype)
+    want = torch.bmm(a.double(), b.double())
+    got = bm.block_mm_raw(a, b)                    # b a transposed view: the forward's y
+    assert got.shape == (g, n, m) and got.dtype == dtype
+    assert rel_err(got, want) < TOL[dtype], seed
+    bc = b.contiguous()                            # a contiguous b: the backward's du = dy W
+    assert rel_err(bm.block_mm_raw(a, bc), want) < TOL[dtype], seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g,n,k,m", SHAPES)
+def test_block_mm_tn_matches_bmm(g, n, k, m, dtype, poisoned, seed):
+    a, _, d = _operands(g, n, k, m, dtype)
+    want = torch.bmm(d.double().transpose(1, 2), a.double())
+    got = bm.block_mm_tn_raw(d, a)
+    assert got.shape == (g, m, k) and got.dtype == dtype
+    assert rel_err(got, want) < TOL[dtype], seed
+
+
+def test_block_mm_tn_splits_of_several_tiles(monkeypatch, poisoned, seed):
+    """Few splits: each program loops over several BT tiles, the last one partly past N."""
+    monkeypatch.setattr(bm, "TN_SPLIT", 2)
+    a, _, d = _operands(3, 5 * bm.TN_BT + 9, 24, 24, torch.float32)
+    want = torch.bmm(d.double().transpose(1, 2), a.double())
+    assert rel_err(bm.block_mm_tn_raw(d, a), want) < TOL[torch.float32], seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sums_of_small_integers_are_exact(dtype, monkeypatch, poisoned, seed):
+    """Integers in [-3, 3] multiply and add exactly in fp32 in any order (and the results fit
+    bf16's 8 bits): a token, lane or block left out or counted twice changes the result."""
+    monkeypatch.setattr(bm, "TN_SPLIT", 3)
+    g, n, k, m = 3, 2 * bm.MM_BT + 5, 24, 8
+    a, w, d = (torch.randint(-3, 4, s, device=DEV).to(dtype)
+               for s in ((g, n, k), (g, m, k), (g, n, m)))
+    assert torch.equal(bm.block_mm_raw(a, w.transpose(1, 2)),
+                       torch.bmm(a.float(), w.float().transpose(1, 2)).to(dtype)), seed
+    tn = bm.block_mm_tn_raw(d[:, :, :4] // 2, a[:, :, :5] // 3)      # |sum| <= n: 8 bits
+    assert torch.equal(tn, torch.bmm(d[:, :, :4].float().transpose(1, 2) // 2,
+                                     a[:, :, :5].float() // 3).to(dtype)), seed
+
+
+def test_dispatch_rule_picks_the_kernel_by_row_width(seed):
+    """Triton up to MM_MAX_LANES (TN_MAX_LANES for d^T u), torch.bmm past: bit-equal to the
+    path the rule names."""
+    a, b, d = _operands(2, 50, bm.TN_MAX_LANES, bm.MM_MAX_LANES, torch.float32)
+    assert torch.equal(bm.block_mm(a, b), bm.block_mm_raw(a, b)), seed
+    assert torch.equal(bm.block_mm_tn(d[:, :, :bm.TN_MAX_LANES], a),
+                       bm.block_mm_tn_raw(d[:, :, :bm.TN_MAX_LANES], a)), seed
+    wide = bm.MM_MAX_LANES + 8
+    a2, b2, d2 = _operands(2, 50, 8, wide, torch.float32)
+    assert torch.equal(bm.block_mm(a2, b2), torch.bmm(a2, b2)), seed
+    assert torch.equal(bm.block_mm_tn(d, a), torch.bmm(d.transpose(1, 2), a)), seed  # 64 > 32
+
+
+def test_int64_offsets_bit_equal(monkeypatch, seed):
+    """Tensors of WIDE_NUMEL elements or more take int64 offsets; forced on small ones, the
+    results are bit-equal to the int32 path's."""
+    a, b, d = _operands(3, 70, 24, 40, torch.float32)
+    narrow = bm.block_mm_raw(a, b), bm.block_mm_tn_raw(d, a)
+    monkeypatch.setattr(bm, "WIDE_NUMEL", 1)
+    assert torch.equal(bm.block_mm_raw(a, b), narrow[0]), seed
+    assert torch.equal(bm.block_mm_tn_raw(d, a), narrow[1]), seed
+
+
+def test_no_tokens():
+    a, b, d = _operands(2, 0, 24, 8, torch.float32)
+    assert bm.block_mm_raw(a, b).shape == (2, 0, 8)
+    assert torch.equal(bm.block_mm_tn_raw(d, a), torch.zeros(2, 8, 24, device=DEV))
+
+
+def test_d_tn_is_deterministic(seed):
+    a, _, d = _operands(4, 3 * bm.TN_BT + 1, 24, 24, torch.bfloat16, scale=30.0)
+    assert torch.equal(bm.block_mm_tn_raw(d, a), bm.block_mm_tn_raw(d, a)), seed
+
+
+def test_errors_name_the_shapes():
+    a, b, d = _operands(2, 5, 24, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"b \(2, 8, 24\).*a \(2, 5, 24\)"):
+        bm.block_mm_raw(a, b.transpose(1, 2))
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        bm.block_mm_raw(a, b.to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"u \(2, 4, 24\).*d \(2, 5, 8\)"):
+        bm.block_mm_tn_raw(d, a[:, :4])
+    wide = bm.MM_MAX_LANES + 1
+    with pytest.raises(ValueError, match=f"rows of 24 -> {wide} lanes"):
+        bm.block_mm_raw(a, torch.zeros(2, 24, wide, device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,k,m", [(96, 24, 24), (32, 24, 24), (64, 24, 64), (32, 64, 24),
+                                   (96, 64, 64)])
+def test_block_gemms_at_model_shapes(g, k, m, seed):
+    """The 125M's groups and layers and the 1.3B's q, k, v group at 16 x 1024 tokens, bf16,
+    through the dispatch (the paths the models take) against fp32 torch.bmm."""
+    n = 16 * 1024
+    a, b, d = _operands(g, n, k, m, torch.bfloat16)
+    assert rel_err(bm.block_mm(a, b), torch.bmm(a.float(), b.float())) < 1e-2, seed
+    want = torch.bmm(d.float().transpose(1, 2), a.float())
+    assert rel_err(bm.block_mm_tn(d, a), want) < 1e-2, seed

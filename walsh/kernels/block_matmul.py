@@ -1,0 +1,210 @@
+"""The Walsh layers' per-block GEMMs on narrow rows: a Triton kernel where it beats cuBLAS.
+
+The three-kernel Walsh layer (``walsh.kernels.walsh_linear``) and its groups
+(``walsh.kernels.walsh_group``) do their A (or P*A) small GEMMs on block-major activations:
+    forward  y  [G, N, LO] = u  [G, N, LI] @ W^T       W [G, LO, LI], the padded weight
+    dx       du [G, N, LI] = dy [G, N, LO] @ W
+    dw       dW [G, LO, LI] = dy^T @ u                  (summed over the N tokens)
+with G blocks of a few dozen lanes (the 125M's 768 = 32 blocks of 24 lanes). They move
+2 (LI + LO) bytes a token and block and do LI * LO multiply-adds, so they are bound by HBM.
+cuBLAS's batched GEMM ran them at 2.1-2.6x their byte roofline at 24 -> 24 lanes (and dw at
+2.6-5.6x), where this file's kernels ran at 1.16-1.3x (dw 1.9-2.3x): measured on an H200 at
+16,384 tokens (docs/benchmarks.md, session 21; fwd/dx/dw in us, cuBLAS -> Triton):
+    qkv group, 96 blocks 24 -> 24:   74.6 / 78.0 / 91.6  ->  41.2 / 41.2 / 66.5
+    o, 32 blocks 24 -> 24:           29.8 / 30.9 / 66.1  ->  15.0 / 15.2 / 27.4
+    gate+up, 64 blocks 24 -> 64:     60.1 / 50.6 / 55.1  ->  53.2 / 46.4 / 63.0 (dw slower)
+    down, 32 blocks 64 -> 24:        29.1 / 33.4 / 35.4  ->  24.3 / 28.2 / 35.7 (dw equal)
+    1.3B q,k,v, 96 blocks 64 -> 64: 103.4 / 103.6 / 99.9 ->  98.3 / 97.7 / 151.1 (dw slower)
+Hence the rule (``block_mm``, ``block_mm_tn``; fixed by shape, never by environment):
+- y and du: Triton where both row widths are at most ``MM_MAX_LANES`` (64), cuBLAS past it
+  (the 1.3B FFN's 176-lane rows: not measured with this kernel, whose whole row sits in
+  registers);
+- dW: Triton where both are at most ``TN_MAX_LANES`` (32), cuBLAS past it.
+
+In the model (H200, session 21, one process each, a fresh inductor cache each): walsh-h-125m
+with CUDA graphs at 424,746 and 424,535 tok/s against 385,939 with cuBLAS for all three
+(+10.0%; 0.99x dense-125m's 428,270); walsh-h-1b3 at 1.81x dense-1b3 (1.79x in session 19).
+
+Compile's cache key holds the kernels' source (``walsh.kernels.registry``), not this module's
+Python: after changing the rule's constants or launch shapes, clear the inductor cache
+(``TORCHINDUCTOR_CACHE_DIR``), or a warm cache serves the graph compiled before the change
+(measured: a cuBLAS run with the constants at 0 read the Triton run's 424k tok/s from the
+warm cache, 386k from a fresh one).
+
+The kernels: one program per BT tokens of one block; the block's whole [K, M] weight (at most
+64 x 64) is loaded once and the whole row of K lanes is one ``tl.dot`` (fp32 accumulation, one
+rounding to the output dtype, as cuBLAS). dW splits the tokens over ``TN_SPLIT`` programs per
+block, each writing an fp32 [M, K] partial sum, added in a fixed order by
+``walsh.kernels.column_sum``: deterministic, no atomics.
+
+Precision: bf16 and fp16 operands go to the tensor cores as they are (fp32 accumulation); fp32
+operands take an IEEE dot (no TF32), matching torch.bmm in fp32 to ~1e-7. Under the Triton
+interpreter (CI) 16-bit operands are widened to fp32 (exact) for an IEEE dot: the
+interpreter's bf16 dot multiplies the raw bits (triton 3.9; ``walsh_transform_kernel``).
+
+Code order: naive references, kernels, launchers, dispatch. No autograd here: the callers
+are the Walsh ops' own forward and backward bodies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from walsh.kernels.column_sum import column_sum
+from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, wrap_triton
+
+# the dispatch rule's row widths (lanes, module doc) and the launch shapes: the best of the
+# session-21 sweep on an H200 (BT 128 or 256, 1 or 4 tiles a program, 4 or 8 warps, 1 or 3
+# stages for y and du; 64 or 128 programs a block, BT 32 or 64 for dW)
+MM_MAX_LANES, TN_MAX_LANES = 64, 32
+MM_BT, MM_WARPS = 128, 4
+TN_SPLIT, TN_BT, TN_WARPS = 64, 64, 4
+
+
+def block_mm_naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [G, N, K] @ b [G, K, M] -> [G, N, M] (torch.bmm)."""
+    return torch.bmm(a, b)
+
+
+def block_mm_tn_naive(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """d [G, N, M], u [G, N, K] -> d^T u [G, M, K], summed over the N tokens (torch.bmm)."""
+    return torch.bmm(d.transpose(1, 2), u)
+
+
+# -- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in fp32: IEEE for fp32 (and the interpreter's widened 16-bit) operands."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _first_row(g, N, WIDE: tl.constexpr):
+    """Block g's first row, g * N: int64 for tensors of WIDE_NUMEL elements or more (every
+    offset built on it is then int64), int32 below (cheaper index math)."""
+    if WIDE:
+        return g.to(tl.int64) * N
+    return g * N
+
+
+@triton.jit
+def _block_mm_kernel(a_ptr, b_ptr, c_ptr, N, sb_g, sb_k, sb_m,
+                     K: tl.constexpr, M: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                     BT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+    """c[g, t, :] = a[g, t, :] @ b[g] for this program's BT tokens t of block g = pid(1).
+    a [G, N, K] and c [G, N, M] contiguous; b [G, K, M] through its strides (tiny: L2)."""
+    g = tl.program_id(1)
+    rt = tl.program_id(0) * BT + tl.arange(0, BT)                      # [BT] tokens
+    rk = tl.arange(0, BK)                                              # [BK] lanes in
+    rm = tl.arange(0, BM)                                              # [BM] lanes out
+    b = tl.load(b_ptr + g * sb_g + rk[:, None] * sb_k + rm[None, :] * sb_m,
+                mask=(rk[:, None] < K) & (rm[None, :] < M), other=0.0)  # [BK, BM]
+    base = _first_row(g, N, WIDE)
+    a = tl.load(a_ptr + (base + rt[:, None]) * K + rk[None, :],
+                mask=(rt[:, None] < N) & (rk[None, :] < K), other=0.0)  # [BT, BK]
+    c = _dot(a, b, tl.zeros([BT, BM], dtype=tl.float32), IEEE)         # [BT, BM] fp32
+    tl.store(c_ptr + (base + rt[:, None]) * M + rm[None, :], c.to(c_ptr.dtype.element_ty),
+             mask=(rt[:, None] < N) & (rm[None, :] < M))
+
+
+@triton.jit
+def _block_mm_tn_kernel(d_ptr, u_ptr, part_ptr, N, TOK,
+                        M: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                        BT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+    """part[s, g] = sum over tokens [s*TOK, (s+1)*TOK) of d[g, t]^T u[g, t], fp32 [M, K], for
+    split s = pid(0) of block g = pid(1); d [G, N, M], u [G, N, K] contiguous; TOK is a
+    multiple of BT, so no tile crosses into the next split."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    base = _first_row(g, N, WIDE)
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    for t0 in range(0, TOK, BT):
+        rt = s * TOK + t0 + tl.arange(0, BT)                           # [BT] tokens
+        ok = rt < N
+        d = tl.load(d_ptr + (base + rt[None, :]) * M + rm[:, None],
+                    mask=ok[None, :] & (rm[:, None] < M), other=0.0)   # [BM, BT]: d^T's tile
+        u = tl.load(u_ptr + (base + rt[:, None]) * K + rk[None, :],
+                    mask=ok[:, None] & (rk[None, :] < K), other=0.0)   # [BT, BK]
+        acc = _dot(d, u, acc, IEEE)
+    row0 = _first_row(s * tl.num_programs(1) + g, M, WIDE)            # part [S, G, M, K]
+    tl.store(part_ptr + (row0 + rm[:, None]) * K + rk[None, :], acc,
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+# -- launchers ---------------------------------------------------------------------------------
+def _width(lanes: int) -> int:
+    """A row's lanes as a power-of-two tile of at least 16 (the tensor cores' smallest K/N)."""
+    return max(16, triton.next_power_of_2(lanes))
+
+
+def _ieee(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 or INTERPRETED
+
+
+def block_mm_raw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel: a [G, N, K] @ b [G, K, M] -> [G, N, M] in a's dtype (b any strides,
+    a made contiguous); ``block_mm_naive``'s signature, any K, M up to 64 lanes."""
+    g, n, k = a.shape
+    if b.ndim != 3 or b.shape[:2] != (g, k) or b.dtype != a.dtype:
+        raise ValueError(f"block_mm: b {tuple(b.shape)} {b.dtype} does not fit a "
+                         f"{tuple(a.shape)} {a.dtype} (a [G, N, K], b [G, K, M], one dtype)")
+    m = b.shape[2]
+    if max(k, m) > MM_MAX_LANES:
+        raise ValueError(f"block_mm_raw: rows of {k} -> {m} lanes; the kernel holds whole rows "
+                         f"of at most {MM_MAX_LANES} (wider: torch.bmm, block_mm)")
+    a = a.contiguous()
+    c = torch.empty(g, n, m, device=a.device, dtype=a.dtype)
+    if n * g > 0:
+        wide = max(a.numel(), c.numel()) >= WIDE_NUMEL
+        wrap_triton(_block_mm_kernel)[(triton.cdiv(n, MM_BT), g)](
+            a, b, c, n, b.stride(0), b.stride(1), b.stride(2), K=k, M=m, BK=_width(k),
+            BM=_width(m), BT=MM_BT, IEEE=_ieee(a), WIDE=wide, num_warps=MM_WARPS)
+    return c
+
+
+def block_mm_tn_raw(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel: d [G, N, M], u [G, N, K] -> d^T u [G, M, K] in d's dtype (fp32 sums
+    over the tokens, one rounding); ``block_mm_tn_naive``'s signature, M and K up to 64."""
+    g, n, m = d.shape
+    if u.ndim != 3 or u.shape[:2] != (g, n) or u.dtype != d.dtype:
+        raise ValueError(f"block_mm_tn: u {tuple(u.shape)} {u.dtype} does not fit d "
+                         f"{tuple(d.shape)} {d.dtype} (d [G, N, M], u [G, N, K], one dtype)")
+    k = u.shape[2]
+    if max(k, m) > MM_MAX_LANES:
+        raise ValueError(f"block_mm_tn_raw: rows of {m} and {k} lanes; the kernel holds whole "
+                         f"rows of at most {MM_MAX_LANES} (wider: torch.bmm, block_mm_tn)")
+    if n * g == 0:
+        return torch.zeros(g, m, k, device=d.device, dtype=d.dtype)
+    d, u = d.contiguous(), u.contiguous()
+    # TN_SPLIT programs a block (fewer for few tokens), each over TOK tokens, a multiple of BT
+    tok = triton.cdiv(triton.cdiv(n, TN_SPLIT), TN_BT) * TN_BT
+    splits = triton.cdiv(n, tok)
+    part = torch.empty(splits, g * m * k, device=d.device, dtype=torch.float32)  # all written
+    wide = max(d.numel(), u.numel(), part.numel()) >= WIDE_NUMEL
+    wrap_triton(_block_mm_tn_kernel)[(splits, g)](
+        d, u, part, n, tok, M=m, K=k, BM=_width(m), BK=_width(k), BT=TN_BT, IEEE=_ieee(d),
+        WIDE=wide, num_warps=TN_WARPS)
+    return column_sum(part).view(g, m, k).to(d.dtype)
+
+
+# -- dispatch: the rule of the module doc --------------------------------------------------------
+def block_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [G, N, K] @ b [G, K, M] -> [G, N, M]: the Triton kernel for rows of at most
+    ``MM_MAX_LANES`` lanes (K and M), torch.bmm (cuBLAS) past them."""
+    if max(a.shape[2], b.shape[2]) <= MM_MAX_LANES:
+        return block_mm_raw(a, b)
+    return torch.bmm(a, b)
+
+
+def block_mm_tn(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """d [G, N, M], u [G, N, K] -> d^T u [G, M, K]: the Triton kernel for rows of at most
+    ``TN_MAX_LANES`` lanes (M and K), torch.bmm (cuBLAS) past them."""
+    if max(d.shape[2], u.shape[2]) <= TN_MAX_LANES:
+        return block_mm_tn_raw(d, u)
+    return torch.bmm(d.transpose(1, 2), u)
