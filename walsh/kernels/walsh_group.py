@@ -22,12 +22,12 @@ the 1.3B FFN) showed no gain in the model: walsh-h-1b3 with it ran at 1.79x dens
 two runs with RoPE apart), within session 17's 1.78-1.80x without it; not profiled.
 
 The results are the layers' own up to rounding: the transforms' arithmetic is the single
-passes', but the forward's GEMM is one batched call over P*A blocks (where it runs on cuBLAS,
-past 64 lanes, cuBLAS may pick another kernel than for A, and so round differently), dx's P terms are added in fp32 before the one
-rounding (one by one, each term is rounded to the input dtype and autograd adds the rounded
-terms), and dalpha's shares are summed in another order within each program (the dx pass's
-tile is ``GROUP_OUT_TILE``). The naive reference with the same signature is
-``walsh_group_naive``.
+passes', but the forward's GEMM is one batched call over P*A blocks (where it runs on
+cuBLAS, past 64 lanes, cuBLAS may pick another kernel than for A, and so round differently),
+dx's P terms are added in fp32 before the one rounding (one by one, each term is rounded to the
+input dtype and autograd adds the rounded terms), and dalpha's shares are summed in another
+order within each program (the dx pass's tile is ``GROUP_OUT_TILE``). The naive reference
+with the same signature is ``walsh_group_naive``.
 
 Who calls it: ``walsh.layers.hadamard.shared_input`` for layers on the ``triton`` path that
 share an input and a weight shape (the model's attention and MLP). ZeRO-3 gathers a module's

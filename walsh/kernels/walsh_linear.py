@@ -27,13 +27,13 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
 ``fused`` -> one):
 - three kernels: ``walsh_in`` (alpha, H, layout change), one block GEMM over the A blocks
   (``walsh.kernels.block_matmul``: Triton on rows of up to 64 lanes, cuBLAS past them),
-  ``walsh_out`` (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The activations cross HBM
-  four times (x, u, y, out). u and out are saved for the backward, whose two transforms also
-  sum dbeta (= sum dout * out / beta, the module doc of ``walsh_transform`` says why) and dalpha
-  in the same pass (``walsh_in_gain_raw``, ``walsh_out_gain_raw``). The block-major u, y, du
-  and dy have rows of the lanes rounded up to 8 (``row_width``; u's and dy's padding is zeros,
-  y's and du's reaches no result) and the GEMM a zero-padded weight, so that every row starts
-  16-byte aligned.
+  ``walsh_out`` (H, beta, layout change) from ``walsh.kernels.walsh_transform``. The
+  activations cross HBM four times (x, u, y, out). u and out are saved for the backward,
+  whose two transforms also sum dbeta (= sum dout * out / beta, the module doc of
+  ``walsh_transform`` says why) and dalpha in the same pass (``walsh_in_gain_raw``,
+  ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows of the lanes rounded up
+  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's reaches no result) and the
+  GEMM a zero-padded weight, so that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
