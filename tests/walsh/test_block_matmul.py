@@ -158,3 +158,22 @@ def test_block_gemms_at_model_shapes(g, k, m, seed):
     assert rel_err(bm.block_mm(a, b), torch.bmm(a.float(), b.float())) < 1e-2, seed
     want = torch.bmm(d.float().transpose(1, 2), a.float())
     assert rel_err(bm.block_mm_tn(d, a), want) < 1e-2, seed
+
+
+def test_gemm_paths_name_the_rule_and_the_layer_logs_them():
+    """What ``WalshLinear.path()`` (and so the trainer's log) says runs each layer's GEMMs:
+    the rule at its edges, on the rows as stored (lanes rounded up to 8)."""
+    from walsh.layers import WalshLinear
+
+    lim, tn = bm.MM_MAX_LANES, bm.TN_MAX_LANES
+    assert bm.gemm_paths(tn, tn) == "block GEMMs y, du: Triton; dW: Triton"
+    assert bm.gemm_paths(tn, tn + 8) == "block GEMMs y, du: Triton; dW: cuBLAS"
+    assert bm.gemm_paths(lim, lim) == "block GEMMs y, du: Triton; dW: cuBLAS"
+    assert bm.gemm_paths(8, lim + 8) == "block GEMMs y, du: cuBLAS; dW: cuBLAS"
+    with torch.device("meta"):  # the 125M's gate and up: 24 -> 64 lanes; 1.3B FFN: 64 -> 172
+        gate = WalshLinear(768, 2048, blocks=32, impl="triton")
+        ffn = WalshLinear(2048, 5504, blocks=32, impl="triton")
+        plain = WalshLinear(768, 768, blocks=32, impl="blocks")
+    assert gate.path() == "WalshLinear: walsh_impl=triton (block GEMMs y, du: Triton; dW: cuBLAS)"
+    assert ffn.path().endswith("(block GEMMs y, du: cuBLAS; dW: cuBLAS)")  # 176 > 64
+    assert plain.path() == "WalshLinear: walsh_impl=blocks"

@@ -217,3 +217,11 @@ def block_mm_tn(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if max(d.shape[2], u.shape[2]) <= TN_MAX_LANES:
         return block_mm_tn_raw(d, u)
     return torch.bmm(d.transpose(1, 2), u)
+
+
+def gemm_paths(k: int, m: int) -> str:
+    """Where the rule runs a layer's y and du, and its dW, for block rows of K -> M lanes
+    (as stored: ``row_width``): what ``WalshLinear.path()`` logs."""
+    def on(limit: int) -> str:
+        return "Triton" if max(k, m) <= limit else "cuBLAS"
+    return f"block GEMMs y, du: {on(MM_MAX_LANES)}; dW: {on(TN_MAX_LANES)}"

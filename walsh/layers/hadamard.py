@@ -161,9 +161,21 @@ class WalshLinear(StructuredLinear):
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def path(self) -> str:
+        """The config's path, and on ``triton`` where its block GEMMs run (Triton or cuBLAS by
+        the rows' width: ``walsh.kernels.block_matmul``)."""
         return (f"WalshLinear: walsh_impl={self.impl}" + (" (grouped)" if self.in_group else "")
                 + (" (silu(gate) * up inside)" if self.swiglu_input else "")
-                + (" (RoPE inside)" if self.rope_output else ""))
+                + (" (RoPE inside)" if self.rope_output else "") + self._gemm_path())
+
+    def _gemm_path(self) -> str:
+        if self.impl != "triton":
+            return ""
+        from walsh.kernels.block_matmul import gemm_paths  # needs triton, as the path does
+        from walsh.kernels.walsh_transform import row_width
+
+        lanes_in, lanes_out = (row_width(f // self.blocks)
+                               for f in (self.in_features, self.out_features))
+        return f" ({gemm_paths(lanes_in, lanes_out)})"
 
     def flops_per_token(self) -> int:
         if self.impl == "dense":
