@@ -12,14 +12,13 @@ a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest depends o
 (one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sessions 8-21): ``"dense"`` trains at
 0.97x the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x at 24 x 2048;
 ``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused kernels) at 0.99x
-at 12 x 768 (session 21, its per-block GEMMs as Triton kernels; 0.89-0.92x in sessions 17-19)
-and 0.83-0.96x at 24 x 1024 (session 13, before sessions 14-21's changes; not re-measured;
-350M varies by up to 20% between runs), but **1.81x at 24 x 2048** (walsh-h-1b3, session 21,
-against dense on the same host; 1.79-1.82x in sessions 18-19; RoPE inside q's and k's passes
-gave +1.0-2.1% of it), where the structure's 32x fewer GEMM FLOPs outweigh its transforms,
+at 12 x 768 (session 21, its per-block GEMMs as Triton kernels; 0.89-0.92x in sessions 17-19),
+1.06x at 24 x 1024 (session 21, one short run; 350M varies by up to 20% between runs), and
+**1.81x at 24 x 2048** (walsh-h-1b3, session 21, against dense on the same host; 1.79-1.82x
+in sessions 18-19; RoPE inside q's and k's passes gave +1.0-2.1% of it), where the structure's 32x fewer GEMM FLOPs outweigh its transforms,
 with 40 GiB peak against the dense path's 36 GiB. The presets keep ``"dense"`` at every size
 so that a sweep's memory and code path do not change with the size; pass
-``walsh_impl=triton`` for the 24 x 2048 speed.
+``walsh_impl=triton`` for the 24 x 1024 and 24 x 2048 speed.
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
