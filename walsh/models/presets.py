@@ -15,8 +15,9 @@ a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest depends o
 at 12 x 768 (session 21, its per-block GEMMs as Triton kernels; 0.89-0.92x in sessions 17-19),
 1.06x at 24 x 1024 (session 21, one short run; 350M varies by up to 20% between runs), and
 **1.81x at 24 x 2048** (walsh-h-1b3, session 21, against dense on the same host; 1.79-1.82x
-in sessions 18-19; RoPE inside q's and k's passes gave +1.0-2.1% of it), where the structure's 32x fewer GEMM FLOPs outweigh its transforms,
-with 40 GiB peak against the dense path's 36 GiB. The presets keep ``"dense"`` at every size
+in sessions 18-19; RoPE inside q's and k's passes gave +1.0-2.1% of it), where the
+structure's 32x fewer GEMM FLOPs outweigh its transforms, with 40 GiB peak against the dense
+path's 36 GiB. The presets keep ``"dense"`` at every size
 so that a sweep's memory and code path do not change with the size; pass
 ``walsh_impl=triton`` for the 24 x 1024 and 24 x 2048 speed.
 
