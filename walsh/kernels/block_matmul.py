@@ -61,9 +61,11 @@ from walsh.kernels.walsh_transform_kernel import _bf16_values
 # the dispatch rule's row widths (lanes, module doc) and the launch shapes: the best of the
 # session-21 sweep on an H200 (BT 128 or 256, 1 or 4 tiles a program, 4 or 8 warps, 1 or 3
 # stages for y and du; 64 or 128 programs a block, BT 32 or 64 for dW)
+# stages: dW's loop runs at Triton's default of 3 (the prototype's sweep ran 2; the layer table
+# timed the product's dW at the prototype's 27 us, docs/benchmarks.md); y and du have no loop
 MM_MAX_LANES, TN_MAX_LANES = 64, 32
 MM_BT, MM_WARPS = 128, 4
-TN_SPLIT, TN_BT, TN_WARPS = 64, 64, 4
+TN_SPLIT, TN_BT, TN_WARPS, TN_STAGES = 64, 64, 4, 3
 
 
 def block_mm_naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -198,7 +200,7 @@ def block_mm_tn_raw(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     wide = max(d.numel(), u.numel(), part.numel()) >= WIDE_NUMEL
     wrap_triton(_block_mm_tn_kernel)[(splits, g)](
         d, u, part, n, tok, M=m, K=k, BM=_width(m), BK=_width(k), BT=TN_BT, IEEE=_ieee(d),
-        WIDE=wide, num_warps=TN_WARPS)
+        WIDE=wide, num_warps=TN_WARPS, num_stages=TN_STAGES)
     return column_sum(part).view(g, m, k).to(d.dtype)
 
 
