@@ -143,8 +143,10 @@ def test_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"u \(2, 4, 24\).*d \(2, 5, 8\)"):
         bm.block_mm_tn_raw(d, a[:, :4])
     wide = bm.MM_MAX_LANES + 1
-    with pytest.raises(ValueError, match=f"rows of 24 -> {wide} lanes"):
+    with pytest.raises(ValueError, match=f"block_mm: rows of 24 and {wide} lanes"):
         bm.block_mm_raw(a, torch.zeros(2, 24, wide, device=DEV))
+    with pytest.raises(ValueError, match=f"block_mm_tn: rows of {wide} and 24 lanes"):
+        bm.block_mm_tn_raw(torch.zeros(2, 5, wide, device=DEV), a)
 
 
 @pytest.mark.gpu

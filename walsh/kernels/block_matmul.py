@@ -157,17 +157,23 @@ def _ieee(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or INTERPRETED
 
 
+def _check(op: str, names: str, x: torch.Tensor, y: torch.Tensor, lead: tuple, layout: str):
+    """Refuse a second operand y whose leading dims are not ``lead`` or whose dtype is not x's,
+    and rows (x's and y's last dims) wider than the kernels hold in registers."""
+    if y.ndim != 3 or tuple(y.shape[:2]) != lead or y.dtype != x.dtype:
+        raise ValueError(f"{op}: {names[1]} {tuple(y.shape)} {y.dtype} does not fit {names[0]} "
+                         f"{tuple(x.shape)} {x.dtype} ({layout}, one dtype)")
+    if max(x.shape[2], y.shape[2]) > MM_MAX_LANES:
+        raise ValueError(f"{op}: rows of {x.shape[2]} and {y.shape[2]} lanes; the kernel holds "
+                         f"whole rows of at most {MM_MAX_LANES} (wider: torch.bmm)")
+
+
 def block_mm_raw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The Triton kernel: a [G, N, K] @ b [G, K, M] -> [G, N, M] in a's dtype (b any strides,
     a made contiguous); ``block_mm_naive``'s signature, any K, M up to 64 lanes."""
     g, n, k = a.shape
-    if b.ndim != 3 or b.shape[:2] != (g, k) or b.dtype != a.dtype:
-        raise ValueError(f"block_mm: b {tuple(b.shape)} {b.dtype} does not fit a "
-                         f"{tuple(a.shape)} {a.dtype} (a [G, N, K], b [G, K, M], one dtype)")
+    _check("block_mm", "ab", a, b, (g, k), "a [G, N, K], b [G, K, M]")
     m = b.shape[2]
-    if max(k, m) > MM_MAX_LANES:
-        raise ValueError(f"block_mm_raw: rows of {k} -> {m} lanes; the kernel holds whole rows "
-                         f"of at most {MM_MAX_LANES} (wider: torch.bmm, block_mm)")
     a = a.contiguous()
     c = torch.empty(g, n, m, device=a.device, dtype=a.dtype)
     if n * g > 0:
@@ -183,13 +189,8 @@ def block_mm_tn_raw(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The Triton kernel: d [G, N, M], u [G, N, K] -> d^T u [G, M, K] in d's dtype (fp32 sums
     over the tokens, one rounding); ``block_mm_tn_naive``'s signature, M and K up to 64."""
     g, n, m = d.shape
-    if u.ndim != 3 or u.shape[:2] != (g, n) or u.dtype != d.dtype:
-        raise ValueError(f"block_mm_tn: u {tuple(u.shape)} {u.dtype} does not fit d "
-                         f"{tuple(d.shape)} {d.dtype} (d [G, N, M], u [G, N, K], one dtype)")
+    _check("block_mm_tn", "du", d, u, (g, n), "d [G, N, M], u [G, N, K]")
     k = u.shape[2]
-    if max(k, m) > MM_MAX_LANES:
-        raise ValueError(f"block_mm_tn_raw: rows of {m} and {k} lanes; the kernel holds whole "
-                         f"rows of at most {MM_MAX_LANES} (wider: torch.bmm, block_mm_tn)")
     if n * g == 0:
         return torch.zeros(g, m, k, device=d.device, dtype=d.dtype)
     d, u = d.contiguous(), u.contiguous()
