@@ -15,8 +15,10 @@ at 261k and 137k tok/s on two lent hosts; CUDA graphs remove the host's share: 0
 session-8 backward, 0.81x with session 9's tiles, 0.84x with session 11's bf16 dots and 3-stage
 gain pass, 0.87x with session 14's dbeta from the saved out, 0.85x without and 0.87x with
 session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with session 17's
-SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``, 0.92x in session 18);
-walsh-h-1b3 (24 x 2048) at 1.81-1.82x dense with RoPE inside q's and k's passes (session 18,
+SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``, 0.92x in session 18,
+0.99x with session 21's block GEMM kernels, ``walsh.kernels.block_matmul``: +10.0%);
+walsh-h-1b3 (24 x 2048) at 1.81x in session 21, and 1.81-1.82x with RoPE inside q's and k's
+passes (session 18,
 ``rope``: +1.0-2.1%), 1.78-1.80x with the SwiGLU product (session 17, against two dense runs
 on its host; the change's own share +0.4-1.0%, the rest is the host), 1.74x with the groups
 (session 16: +4.8% over 1.66x without them on one host; 1.73x in session 14, with 11 GiB less
@@ -246,7 +248,7 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
 
 
 def _weight_grad(dy: torch.Tensor, u: torch.Tensor, lo: int, li: int) -> torch.Tensor:
-    """dw [A, LO, LI] = sum over tokens of dy_g^T u_g, one batched GEMM over block-major dy
+    """dw [A, LO, LI] = sum over tokens of dy_g^T u_g, one block GEMM over block-major dy
     [A, N, LOp] and u [A, N, LIp] whose rows may be padded (``row_width``, zeros past LO, LI)."""
     dw = block_mm_tn(dy, u)                                           # [A, LOp, LIp]
     return dw if dw.shape[1:] == (lo, li) else dw[:, :lo, :li].contiguous()
