@@ -87,15 +87,16 @@ def test_block_mm_tn_splits_of_several_tiles(monkeypatch, poisoned, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sums_of_small_integers_are_exact(dtype, monkeypatch, poisoned, seed):
-    """Integers in [-3, 3] multiply and add exactly in fp32 in any order (and the results fit
-    bf16's 8 bits): a token, lane or block left out or counted twice changes the result."""
+    """Small integers multiply and add exactly in fp32 in any order: a token, lane or block
+    left out or counted twice changes the result. y's sums (|y| <= 24 * 9 = 216) are exact in
+    bf16 too; dW's exact fp32 sums are rounded to bf16 alike on both sides."""
     monkeypatch.setattr(bm, "TN_SPLIT", 3)
     g, n, k, m = 3, 2 * bm.MM_BT + 5, 24, 8
     a, w, d = (torch.randint(-3, 4, s, device=DEV).to(dtype)
                for s in ((g, n, k), (g, m, k), (g, n, m)))
     assert torch.equal(bm.block_mm_raw(a, w.transpose(1, 2)),
                        torch.bmm(a.float(), w.float().transpose(1, 2)).to(dtype)), seed
-    tn = bm.block_mm_tn_raw(d[:, :, :4] // 2, a[:, :, :5] // 3)      # |sum| <= n: 8 bits
+    tn = bm.block_mm_tn_raw(d[:, :, :4] // 2, a[:, :, :5] // 3)      # odd widths: 4, 5
     assert torch.equal(tn, torch.bmm(d[:, :, :4].float().transpose(1, 2) // 2,
                                      a[:, :, :5].float() // 3).to(dtype)), seed
 
@@ -129,7 +130,7 @@ def test_no_tokens():
     assert torch.equal(bm.block_mm_tn_raw(d, a), torch.zeros(2, 8, 24, device=DEV))
 
 
-def test_d_tn_is_deterministic(seed):
+def test_block_mm_tn_is_deterministic(seed):
     a, _, d = _operands(4, 3 * bm.TN_BT + 1, 24, 24, torch.bfloat16, scale=30.0)
     assert torch.equal(bm.block_mm_tn_raw(d, a), bm.block_mm_tn_raw(d, a)), seed
 
