@@ -143,7 +143,7 @@ def test_errors_name_the_shapes():
         bm.block_mm_raw(a, b.to(torch.bfloat16))
     with pytest.raises(ValueError, match=r"u \(2, 4, 24\).*d \(2, 5, 8\)"):
         bm.block_mm_tn_raw(d, a[:, :4])
-    wide = bm.MM_MAX_LANES + 1
+    wide = bm.MAX_LANES + 1  # past what the kernels hold
     with pytest.raises(ValueError, match=f"block_mm: rows of 24 and {wide} lanes"):
         bm.block_mm_raw(a, torch.zeros(2, 24, wide, device=DEV))
     with pytest.raises(ValueError, match=f"block_mm_tn: rows of {wide} and 24 lanes"):

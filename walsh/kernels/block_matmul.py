@@ -7,15 +7,11 @@ The three-kernel Walsh layer (``walsh.kernels.walsh_linear``) and its groups
     dw       dW [G, LO, LI] = dy^T @ u                  (summed over the N tokens)
 with G blocks of a few dozen lanes (the 125M's 768 = 32 blocks of 24 lanes). They move
 2 (LI + LO) bytes a token and block and do LI * LO multiply-adds, so they are bound by HBM.
-cuBLAS's batched GEMM ran them at 2.1-2.6x their byte roofline at 24 -> 24 lanes (and dw at
-2.6-5.6x), where this file's kernels ran at 1.16-1.3x (dw 1.9-2.3x): measured on an H200 at
-16,384 tokens (docs/benchmarks.md, session 21; fwd/dx/dw in us, cuBLAS -> Triton):
-    qkv group, 96 blocks 24 -> 24:   74.6 / 78.0 / 91.6  ->  41.2 / 41.2 / 66.5
-    o, 32 blocks 24 -> 24:           29.8 / 30.9 / 66.1  ->  15.0 / 15.2 / 27.4
-    gate+up, 64 blocks 24 -> 64:     60.1 / 50.6 / 55.1  ->  53.2 / 46.4 / 63.0 (dw slower)
-    down, 32 blocks 64 -> 24:        29.1 / 33.4 / 35.4  ->  24.3 / 28.2 / 35.7 (dw equal)
-    1.3B q,k,v, 96 blocks 64 -> 64: 103.4 / 103.6 / 99.9 ->  98.3 / 97.7 / 151.1 (dw slower)
-Hence the rule (``block_mm``, ``block_mm_tn``; fixed by shape, never by environment):
+Measured on an H200 at 16,384 tokens (docs/benchmarks.md, session 21, the table per shape):
+cuBLAS's batched GEMM ran them at 2.1-2.6x their byte roofline at 24 -> 24 lanes (dW at
+2.6-5.6x), these kernels at 1.16-1.3x (dW 1.9-2.3x); at 24 -> 64 and 64 -> 24 the forward
+and dx took 8-17% less time than cuBLAS and dW as long or longer; at 64 -> 64 the forward and
+dx about 5% less, dW 51% more. Hence the rule (``block_mm``, ``block_mm_tn``; fixed by shape, never by environment):
 - y and du: Triton where both row widths are at most ``MM_MAX_LANES`` (64), cuBLAS past it
   (the 1.3B FFN's 176-lane rows: not measured with this kernel, whose whole row sits in
   registers);
@@ -63,6 +59,9 @@ from walsh.kernels.walsh_transform_kernel import _bf16_values
 # stages for y and du; 64 or 128 programs a block, BT 32 or 64 for dW)
 # stages: dW's loop runs at Triton's default of 3 (the prototype's sweep ran 2; the layer table
 # timed the product's dW at the prototype's 27 us, docs/benchmarks.md); y and du have no loop
+# MAX_LANES: what the kernels can hold (a whole row in registers); the rule's widths are at
+# most that
+MAX_LANES = 64
 MM_MAX_LANES, TN_MAX_LANES = 64, 32
 MM_BT, MM_WARPS = 128, 4
 TN_SPLIT, TN_BT, TN_WARPS, TN_STAGES = 64, 64, 4, 3
@@ -163,9 +162,9 @@ def _check(op: str, names: str, x: torch.Tensor, y: torch.Tensor, lead: tuple, l
     if y.ndim != 3 or tuple(y.shape[:2]) != lead or y.dtype != x.dtype:
         raise ValueError(f"{op}: {names[1]} {tuple(y.shape)} {y.dtype} does not fit {names[0]} "
                          f"{tuple(x.shape)} {x.dtype} ({layout}, one dtype)")
-    if max(x.shape[2], y.shape[2]) > MM_MAX_LANES:
+    if max(x.shape[2], y.shape[2]) > MAX_LANES:
         raise ValueError(f"{op}: rows of {x.shape[2]} and {y.shape[2]} lanes; the kernel holds "
-                         f"whole rows of at most {MM_MAX_LANES} (wider: torch.bmm)")
+                         f"whole rows of at most {MAX_LANES} (wider: torch.bmm)")
 
 
 def block_mm_raw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -206,10 +205,15 @@ def block_mm_tn_raw(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # -- dispatch: the rule of the module doc --------------------------------------------------------
+def _on_triton(k: int, m: int, limit: int) -> bool:
+    """The rule: rows of k and m lanes go to the Triton kernel when neither is past limit."""
+    return max(k, m) <= limit
+
+
 def block_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [G, N, K] @ b [G, K, M] -> [G, N, M]: the Triton kernel for rows of at most
     ``MM_MAX_LANES`` lanes (K and M), torch.bmm (cuBLAS) past them."""
-    if max(a.shape[2], b.shape[2]) <= MM_MAX_LANES:
+    if _on_triton(a.shape[2], b.shape[2], MM_MAX_LANES):
         return block_mm_raw(a, b)
     return torch.bmm(a, b)
 
@@ -217,7 +221,7 @@ def block_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def block_mm_tn(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """d [G, N, M], u [G, N, K] -> d^T u [G, M, K]: the Triton kernel for rows of at most
     ``TN_MAX_LANES`` lanes (M and K), torch.bmm (cuBLAS) past them."""
-    if max(d.shape[2], u.shape[2]) <= TN_MAX_LANES:
+    if _on_triton(d.shape[2], u.shape[2], TN_MAX_LANES):
         return block_mm_tn_raw(d, u)
     return torch.bmm(d.transpose(1, 2), u)
 
@@ -225,6 +229,6 @@ def block_mm_tn(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def gemm_paths(k: int, m: int) -> str:
     """Where the rule runs a layer's y and du, and its dW, for block rows of K -> M lanes
     (as stored: ``row_width``): what ``WalshLinear.path()`` logs."""
-    def on(limit: int) -> str:
-        return "Triton" if max(k, m) <= limit else "cuBLAS"
-    return f"block GEMMs y, du: {on(MM_MAX_LANES)}; dW: {on(TN_MAX_LANES)}"
+    where = {True: "Triton", False: "cuBLAS"}
+    return (f"block GEMMs y, du: {where[_on_triton(k, m, MM_MAX_LANES)]}; "
+            f"dW: {where[_on_triton(k, m, TN_MAX_LANES)]}")
