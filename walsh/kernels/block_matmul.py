@@ -11,7 +11,8 @@ Measured on an H200 at 16,384 tokens (docs/benchmarks.md, session 21, the table 
 cuBLAS's batched GEMM ran them at 2.1-2.6x their byte roofline at 24 -> 24 lanes (dW at
 2.6-5.6x), these kernels at 1.16-1.3x (dW 1.9-2.3x); at 24 -> 64 and 64 -> 24 the forward
 and dx took 8-17% less time than cuBLAS and dW as long or longer; at 64 -> 64 the forward and
-dx about 5% less, dW 51% more. Hence the rule (``block_mm``, ``block_mm_tn``; fixed by shape, never by environment):
+dx about 5% less, dW 51% more. Hence the rule (``block_mm``, ``block_mm_tn``; fixed by
+shape, never by environment):
 - y and du: Triton where both row widths are at most ``MM_MAX_LANES`` (64), cuBLAS past it
   (the 1.3B FFN's 176-lane rows: not measured with this kernel, whose whole row sits in
   registers);
