@@ -255,6 +255,21 @@ def test_walsh_transform_slab_rule():
                    (300, 256): (256, 1), (600, 256): (256, 1)}
 
 
+
+def test_walsh_transform_rope_backward_stages():
+    """walsh_in + dbeta with RoPE takes ROPE_NARROW_STAGES on rows of at most
+    ROPE_NARROW_LANES lanes (24 and 32), GAIN_STAGES past them (64) and without RoPE; the
+    other passes' launch does not depend on RoPE."""
+    def stages(width, rope, in_mode=True, gain=True):
+        return wl._launch_params(in_mode, 1, width, gain, False, rope)[3]
+
+    narrow, default = wl.ROPE_NARROW_STAGES, wl.GAIN_STAGES[True]
+    assert narrow != default  # else this test could not tell the two apart
+    assert [stages(w, True) for w in (24, 32, 64)] == [narrow, narrow, default]
+    assert [stages(w, False) for w in (24, 32, 64)] == [default] * 3
+    assert stages(24, True, in_mode=False, gain=False) == stages(24, False, False, False)
+    assert stages(24, True, gain=False) == stages(24, False, gain=False)
+
 @triton.jit
 def _bf16_values_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

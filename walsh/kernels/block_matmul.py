@@ -9,10 +9,10 @@ with G blocks of a few dozen lanes (the 125M's 768 = 32 blocks of 24 lanes). The
 2 (LI + LO) bytes a token and block and do LI * LO multiply-adds, so they are bound by HBM.
 Measured on an H200 at 16,384 tokens (docs/benchmarks.md, session 21, the table per shape):
 cuBLAS's batched GEMM ran them at 2.1-2.6x their byte roofline at 24 -> 24 lanes (dW at
-2.6-5.6x), these kernels at 1.16-1.3x (dW 1.9-2.3x); at 24 -> 64 and 64 -> 24 the forward
-and dx took 8-17% less time than cuBLAS and dW as long or longer; at 64 -> 64 the forward and
-dx about 5% less, dW 51% more. Hence the rule (``block_mm``, ``block_mm_tn``; fixed by
-shape, never by environment):
+2.6-5.6x), these kernels at 1.16-1.3x (dW 1.9-2.1x, session 22's launch); at 24 -> 64 and
+64 -> 24 the forward and dx took 8-17% less time than cuBLAS and dW 6-12% more or less; at
+64 -> 64 the forward and dx about 5% less, dW 36% more. Hence the rule (``block_mm``,
+``block_mm_tn``; fixed by shape, never by environment):
 - y and du: Triton where both row widths are at most ``MM_MAX_LANES`` (64), cuBLAS past it
   (the 1.3B FFN's 176-lane rows: not measured with this kernel, whose whole row sits in
   registers);
@@ -55,17 +55,19 @@ from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, wrap_triton
 from walsh.kernels.walsh_transform_kernel import _bf16_values
 
-# the dispatch rule's row widths (lanes, module doc) and the launch shapes: the best of the
-# session-21 sweep on an H200 (BT 128 or 256, 1 or 4 tiles a program, 4 or 8 warps, 1 or 3
-# stages for y and du; 64 or 128 programs a block, BT 32 or 64 for dW)
-# stages: dW's loop runs at Triton's default of 3 (the prototype's sweep ran 2; the layer table
-# timed the product's dW at the prototype's 27 us, docs/benchmarks.md); y and du have no loop
+# the dispatch rule's row widths (lanes, module doc) and the launch shapes, swept on an H200:
+# y and du: BT 128 or 256, 1 or 4 tiles a program, 2-8 warps (sessions 21 and 22: 128 tokens
+# and 4 warps within 3% of each shape's best); dW: 4 to 128 programs a block, BT 32 to 128, 4 or
+# 8 warps, 2 to 4 stages (session 22: 8 programs of 128-token tiles within 1-6% of each
+# shape's best at 24 to 64 lanes, 1-16% under session 21's 64 programs of 64 tokens: fewer
+# fp32 partials to write and sum; 4 programs a block was best on the larger shapes but leaves
+# a 32-block layer 128 programs, under one wave of an H200's 132 SMs)
 # MAX_LANES: what the kernels can hold (a whole row in registers); the rule's widths are at
 # most that
 MAX_LANES = 64
 MM_MAX_LANES, TN_MAX_LANES = 64, 32
 MM_BT, MM_WARPS = 128, 4
-TN_SPLIT, TN_BT, TN_WARPS, TN_STAGES = 64, 64, 4, 3
+TN_SPLIT, TN_BT, TN_WARPS, TN_STAGES = 8, 128, 4, 3
 
 
 def block_mm_naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

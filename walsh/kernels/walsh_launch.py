@@ -35,6 +35,13 @@ GAIN_TOKENS = 64
 # walsh_out + dalpha with the default 2.15 / 1.55 / 1.67 / 2.11 / 1.62x, 5-33% slower with 3
 # stages and 19-39% with 2
 GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
+# walsh_in + dbeta with RoPE inside (a rotated walsh_out's backward: q, k) also holds the fp32
+# tables c, s in each stage: 106 KiB of shared memory a program at 3 stages and 24 lanes, so 2
+# programs an SM. Rows of at most ROPE_NARROW_LANES lanes take ROPE_NARROW_STAGES. H200, N =
+# 16k, A = 32, L2 flushed before each call (session 22, docs/benchmarks.md), us at 1 / 2 / 3 /
+# 4 stages: 24 lanes 48.5 / 65.8 / 62.1 / 78.7 (the pass without RoPE 37.4 / 41.4 / 36.5 /
+# 37.5); 64 lanes 106.0 at 1 against 91.7 at 3, so wider rows keep GAIN_STAGES
+ROPE_NARROW_LANES, ROPE_NARROW_STAGES = 32, 1
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not
 MAX_CHUNK = 256
@@ -72,13 +79,16 @@ def row_width(lanes: int) -> int:
     return -(-lanes // 8) * 8
 
 
-def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bool
-                   ) -> tuple[int, int, int, int]:
+def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bool,
+                   rope: bool = False) -> tuple[int, int, int, int]:
     """(LB lanes per chunk, tokens per slab, warps, pipelining stages) of a pass: the tile and
-    stages by mode, a group's dx pass's tile (``GROUP_OUT_TILE``), and the SwiGLU passes'
-    table entries (``SWIGLU_IN_WARPS``, ``SWIGLU_DX``)."""
+    stages by mode (``ROPE_NARROW_STAGES`` for walsh_in + dbeta with RoPE on narrow rows), a
+    group's dx pass's tile (``GROUP_OUT_TILE``), and the SwiGLU passes' table entries
+    (``SWIGLU_IN_WARPS``, ``SWIGLU_DX``)."""
     tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
     warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if gain else 0
+    if rope and in_mode and gain and width <= ROPE_NARROW_LANES:
+        stages = ROPE_NARROW_STAGES
     if swiglu:  # SwiGLU's product inside: measured per padded width
         # int: a dict key cannot be a SymInt (compiled with dynamic shapes); the width is a
         # compile-time constant of the kernel (LP) anyway. Rows wider than MAX_CHUNK run in

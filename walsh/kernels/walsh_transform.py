@@ -143,7 +143,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
     lb, bt, warps, stages = _launch_params(in_mode, group, width, other is not None,
-                                           up is not None)
+                                           up is not None, rope is not None)
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
     rows = triton.cdiv(n_tok, bt * iters)
