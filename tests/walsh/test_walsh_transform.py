@@ -242,6 +242,24 @@ def test_walsh_out_padded_rows_chunks_and_wide(setting, a, n, lanes, dtype, seed
     assert torch.equal(dx, dx0) and rel_err(dalpha, dalpha0) < 1e-6, seed
 
 
+@pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (8, 20, 7), (16, 9, 40)])
+def test_walsh_transform_bf16_results_rounded_once(a, n, lanes, seed):
+    """Without a gain a pass's bf16 result is the exact transform of bf16 values rounded once,
+    to nearest: no further from it than its own rounding (a truncating cast, the Triton
+    interpreter's, is ~2x further; ``_stored``). walsh_in, walsh_out and a dx pass's output;
+    A = 8 sums by broadcast, 16 and 32 by dot."""
+    def assert_rounded_once(got, want):
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, want) <= 1.05 * rel_err(want.to(torch.bfloat16), want), seed
+
+    ones = torch.ones(a, lanes, dtype=torch.float64, device=DEV)
+    tok = torch.randn(n, a * lanes, device=DEV).to(torch.bfloat16)
+    blk = torch.randn(a, n, lanes, device=DEV).to(torch.bfloat16)
+    assert_rounded_once(wt.walsh_in_raw(tok, None, a), wt.walsh_in_naive(tok.double(), ones))
+    out_ref = wt.walsh_out_naive(blk.double(), ones)
+    assert_rounded_once(wt.walsh_out_raw(blk, None, a), out_ref)
+    assert_rounded_once(wt.walsh_out_gain_raw(blk, None, tok, a)[0], out_ref)
+
 def test_walsh_transform_slab_rule():
     """(lanes per chunk, tokens per slab): whole tokens of next_pow2 lanes, chunks of the tile
     past it, and one two-tile chunk for a token of between one and two tiles' lanes that is no

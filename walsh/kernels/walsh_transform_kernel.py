@@ -17,7 +17,9 @@ log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
   and on an H200 the plain transforms and walsh_out + dalpha took 3-11% less time, walsh_in +
   dbeta 21-28% less with its 3-stage loop (``GAIN_STAGES``; docs/benchmarks.md, session 11).
   Under the Triton interpreter (CI) the same bf16-rounded operands go through an fp32 dot
-  (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9).
+  (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9); and its
+  cast to bf16 truncates, so bf16 results are rounded to nearest before the store there
+  (``_stored``), as the GPU's cast does.
 - fp16: a TF32 dot (fp16 values are exact in TF32, not in bf16).
 - fp32: an IEEE dot (no TF32): fp32 matches the reference to ~1e-7.
 """
@@ -51,6 +53,17 @@ def _bf16_values(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _stored(y, ptr, INTERPRETED: tl.constexpr):
+    """fp32 y as ptr's elements. Under the interpreter a bf16 y is rounded to nearest first
+    (``_bf16_values``), as the GPU's cast rounds where the interpreter's truncates: truncated,
+    the outputs' errors lean one way and add up in the gains' sums over tokens (CI's bf16
+    layer test of dbeta reached 0.0096 of its 1e-2 bound over 40 seeds; session 22)."""
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
+        y = _bf16_values(y)
+    return y.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -208,7 +221,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                 y = _transform(xs, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE, BF16_DOT,
                                INTERPRETED)                            # [A, BT, LB]
                 # block-major rows take the padding lanes' zeros too
-                tl.store(dst_ptr + p * plane + block_major, y.to(dst_ptr.dtype.element_ty),
+                tl.store(dst_ptr + p * plane + block_major, _stored(y, dst_ptr, INTERPRETED),
                          mask=(i < N) & (j < LP))
         elif SWIGLU:  # P = 1: dh = scale * S H src; gate and up read after the transform,
             # so that no slab but the sum is held across it (at 172 lanes a slab is 64 fp32
@@ -221,11 +234,11 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
             sg, silu = _silu_parts(gate)
             acc0 += silu * up * y  # T = h
             y = y * s0  # dh
-            tl.store(dst1_ptr + token_major, (y * silu).to(dst1_ptr.dtype.element_ty),
+            tl.store(dst1_ptr + token_major, _stored(y * silu, dst1_ptr, INTERPRETED),
                      mask=mask)
             # silu'(gate) = sg (1 + gate (1 - sg)) = sg + silu (1 - sg)
             y = y * up * (sg + silu * (1.0 - sg))
-            tl.store(dst_ptr + token_major, y.to(dst_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst_ptr + token_major, _stored(y, dst_ptr, INTERPRETED), mask=mask)
         else:
             for p in tl.static_range(P):
                 # block-major rows are read with their padding lanes (j < LP): a mask of
@@ -259,7 +272,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
                     total = y
                 else:
                     total += y
-            tl.store(dst_ptr + token_major, total.to(dst_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst_ptr + token_major, _stored(total, dst_ptr, INTERPRETED), mask=mask)
     if GAIN:  # [A, LB]: masked tokens added zeros; lanes past L (0 * padding, maybe NaN) unstored
         gj = tl.reshape(g, [A, 1])
         jj = tl.reshape(j, [1, LB])
