@@ -260,6 +260,7 @@ def test_walsh_transform_bf16_results_rounded_once(a, n, lanes, seed):
     assert_rounded_once(wt.walsh_out_raw(blk, None, a), out_ref)
     assert_rounded_once(wt.walsh_out_gain_raw(blk, None, tok, a)[0], out_ref)
 
+
 def test_walsh_transform_slab_rule():
     """(lanes per chunk, tokens per slab): whole tokens of next_pow2 lanes, chunks of the tile
     past it, and one two-tile chunk for a token of between one and two tiles' lanes that is no
@@ -271,7 +272,6 @@ def test_walsh_transform_slab_rule():
                    (86, 128): (128, 1), (172, 128): (256, 1), (256, 128): (128, 1),
                    (300, 128): (128, 1), (24, 256): (32, 8), (172, 256): (256, 1),
                    (300, 256): (256, 1), (600, 256): (256, 1)}
-
 
 
 def test_walsh_transform_rope_backward_stages():
@@ -287,6 +287,7 @@ def test_walsh_transform_rope_backward_stages():
     assert [stages(w, False) for w in (24, 32, 64)] == [default] * 3
     assert stages(24, True, in_mode=False, gain=False) == stages(24, False, False, False)
     assert stages(24, True, gain=False) == stages(24, False, gain=False)
+
 
 @triton.jit
 def _bf16_values_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
