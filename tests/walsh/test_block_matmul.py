@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DEV, TOL, rel_err
+from _helpers import DEV, TOL, assert_rounded_once, rel_err
 
 pytest.importorskip("triton")
 from walsh.kernels import block_matmul as bm  # noqa: E402
@@ -56,14 +56,7 @@ def test_block_mm_matches_bmm(g, n, k, m, dtype, poisoned, seed):
     assert rel_err(got, want) < TOL[dtype], seed
     bc = b.contiguous()                            # a contiguous b: the backward's du = dy W
     assert rel_err(bm.block_mm_raw(a, bc), want) < TOL[dtype], seed
-    _assert_rounded_once(got, want, seed)
-
-
-def _assert_rounded_once(got, want, seed):
-    """16-bit results are the fp32 sums rounded once, to nearest: no further from the exact
-    result than its own rounding (a truncating cast, the interpreter's, is ~2x further)."""
-    if got.dtype != torch.float32:
-        assert rel_err(got, want) <= 1.05 * rel_err(want.to(got.dtype), want), seed
+    assert_rounded_once(got, want, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,7 +67,7 @@ def test_block_mm_tn_matches_bmm(g, n, k, m, dtype, poisoned, seed):
     got = bm.block_mm_tn_raw(d, a)
     assert got.shape == (g, m, k) and got.dtype == dtype
     assert rel_err(got, want) < TOL[dtype], seed
-    _assert_rounded_once(got, want, seed)
+    assert_rounded_once(got, want, seed)
 
 
 def test_block_mm_tn_splits_of_several_tiles(monkeypatch, poisoned, seed):

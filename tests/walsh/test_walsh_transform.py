@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from _helpers import DEV, TOL, rel_err
+from _helpers import DEV, TOL, assert_rounded_once, rel_err
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -248,17 +248,15 @@ def test_walsh_transform_bf16_results_rounded_once(a, n, lanes, seed):
     to nearest: no further from it than its own rounding (a truncating cast, the Triton
     interpreter's, is ~2x further; ``_stored``). walsh_in, walsh_out and a dx pass's output;
     A = 8 sums by broadcast, 16 and 32 by dot."""
-    def assert_rounded_once(got, want):
-        assert got.dtype == torch.bfloat16
-        assert rel_err(got, want) <= 1.05 * rel_err(want.to(torch.bfloat16), want), seed
-
     ones = torch.ones(a, lanes, dtype=torch.float64, device=DEV)
     tok = torch.randn(n, a * lanes, device=DEV).to(torch.bfloat16)
     blk = torch.randn(a, n, lanes, device=DEV).to(torch.bfloat16)
-    assert_rounded_once(wt.walsh_in_raw(tok, None, a), wt.walsh_in_naive(tok.double(), ones))
     out_ref = wt.walsh_out_naive(blk.double(), ones)
-    assert_rounded_once(wt.walsh_out_raw(blk, None, a), out_ref)
-    assert_rounded_once(wt.walsh_out_gain_raw(blk, None, tok, a)[0], out_ref)
+    for got, want in ((wt.walsh_in_raw(tok, None, a), wt.walsh_in_naive(tok.double(), ones)),
+                      (wt.walsh_out_raw(blk, None, a), out_ref),
+                      (wt.walsh_out_gain_raw(blk, None, tok, a)[0], out_ref)):
+        assert got.dtype == torch.bfloat16
+        assert_rounded_once(got, want, seed)
 
 
 def test_walsh_transform_slab_rule():

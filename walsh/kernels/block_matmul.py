@@ -38,8 +38,9 @@ Precision: bf16 and fp16 operands go to the tensor cores as they are (fp32 accum
 operands take an IEEE dot (no TF32), matching torch.bmm in fp32 to ~1e-7. Under the Triton
 interpreter (CI) 16-bit operands are widened to fp32 (exact) for an IEEE dot: the
 interpreter's bf16 dot multiplies the raw bits, and its cast to bf16 truncates where the GPU
-rounds to nearest: the bf16 output is rounded first (``_bf16_values``), without which the
-layer tests' bf16 errors rose from 0.0070 to 0.0095 on average (triton 3.9).
+rounds to nearest: the bf16 output is rounded first, as the transform kernel's are
+(``walsh_transform_kernel._stored``), without which the layer tests' bf16 errors rose from
+0.0070 to 0.0095 on average (triton 3.9).
 
 Code order: naive references, kernels, launchers, dispatch. No autograd here: the callers
 are the Walsh ops' own forward and backward bodies.
@@ -53,7 +54,7 @@ import triton.language as tl
 
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, wrap_triton
-from walsh.kernels.walsh_transform_kernel import _bf16_values
+from walsh.kernels.walsh_transform_kernel import _stored
 
 # the dispatch rule's row widths (lanes, module doc) and the launch shapes, swept on an H200:
 # y and du: BT 128 or 256, 1 or 4 tiles a program, 2-8 warps (sessions 21 and 22: 128 tokens
@@ -102,11 +103,10 @@ def _first_row(g, N, WIDE: tl.constexpr):
 def _block_mm_kernel(a_ptr, b_ptr, c_ptr, N, sb_g, sb_k, sb_m,
                      K: tl.constexpr, M: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
                      BT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-                     ROUND_BF16: tl.constexpr):
+                     INTERPRETED: tl.constexpr):
     """c[g, t, :] = a[g, t, :] @ b[g] for this program's BT tokens t of block g = pid(1).
     a [G, N, K] and c [G, N, M] contiguous; b [G, K, M] through its strides (tiny: L2).
-    ROUND_BF16 (the interpreter's bf16 output): c rounded to the nearest bf16 before the
-    store, whose cast would truncate there."""
+    c is stored through ``_stored`` (bf16 rounded to nearest under the interpreter too)."""
     g = tl.program_id(1)
     rt = tl.program_id(0) * BT + tl.arange(0, BT)                      # [BT] tokens
     rk = tl.arange(0, BK)                                              # [BK] lanes in
@@ -117,9 +117,7 @@ def _block_mm_kernel(a_ptr, b_ptr, c_ptr, N, sb_g, sb_k, sb_m,
     a = tl.load(a_ptr + (base + rt[:, None]) * K + rk[None, :],
                 mask=(rt[:, None] < N) & (rk[None, :] < K), other=0.0)  # [BT, BK]
     c = _dot(a, b, tl.zeros([BT, BM], dtype=tl.float32), IEEE)         # [BT, BM] fp32
-    if ROUND_BF16:
-        c = _bf16_values(c)
-    tl.store(c_ptr + (base + rt[:, None]) * M + rm[None, :], c.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + (base + rt[:, None]) * M + rm[None, :], _stored(c, c_ptr, INTERPRETED),
              mask=(rt[:, None] < N) & (rm[None, :] < M))
 
 
@@ -183,7 +181,7 @@ def block_mm_raw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         wrap_triton(_block_mm_kernel)[(triton.cdiv(n, MM_BT), g)](
             a, b, c, n, b.stride(0), b.stride(1), b.stride(2), K=k, M=m, BK=_width(k),
             BM=_width(m), BT=MM_BT, IEEE=_ieee(a), WIDE=wide,
-            ROUND_BF16=INTERPRETED and a.dtype == torch.bfloat16, num_warps=MM_WARPS)
+            INTERPRETED=INTERPRETED, num_warps=MM_WARPS)
     return c
 
 

@@ -40,7 +40,8 @@ GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 # programs an SM. Rows of at most ROPE_NARROW_LANES lanes take ROPE_NARROW_STAGES. H200, N =
 # 16k, A = 32, L2 flushed before each call (session 22, docs/benchmarks.md), us at 1 / 2 / 3 /
 # 4 stages: 24 lanes 48.5 / 65.8 / 62.1 / 78.7 (the pass without RoPE 37.4 / 41.4 / 36.5 /
-# 37.5); 64 lanes 106.0 at 1 against 91.7 at 3, so wider rows keep GAIN_STAGES
+# 37.5); 64 lanes 106.0 at 1 against 91.7 at 3, so wider rows keep GAIN_STAGES. 32 lanes (the
+# 350M) have the 24-lane slab ([32, 4, 32]) and were not timed
 ROPE_NARROW_LANES, ROPE_NARROW_STAGES = 32, 1
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not

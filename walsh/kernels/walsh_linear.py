@@ -68,7 +68,8 @@ layer does in*out/A multiply-adds per token and is bound by its bytes. (A bf16 d
 wrong under TRITON_INTERPRET=1 in triton 3.9, whose interpreter multiplies the raw bf16 bits;
 CI tests the kernel there. The three-kernel path's transforms, which dw's backward here
 shares, use bf16 dots for bf16 inputs since session 11, with an fp32 stand-in under the
-interpreter: ``walsh_transform``'s precision notes.)
+interpreter: ``walsh_transform``'s precision notes. The output's bf16 store rounds to nearest
+under the interpreter too, through the transforms' ``_stored``.)
 The naive reference with the same signature is ``walsh_linear_naive`` (the ``blocks`` path).
 
 Code order: naive reference, kernel, launchers, autograd (ops), functional.
@@ -85,7 +86,7 @@ import triton.language as tl
 
 from walsh.kernels.block_matmul import block_mm, block_mm_tn
 from walsh.kernels.column_sum import column_sum
-from walsh.kernels.registry import kernel_op, wrap_triton
+from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import (
     _hadamard,
     row_width,
@@ -94,6 +95,7 @@ from walsh.kernels.walsh_transform import (
     walsh_out_gain_raw,
     walsh_out_raw,
 )
+from walsh.kernels.walsh_transform_kernel import _stored
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
 # token rows per program, the most lanes per contraction chunk / output tile, warps per program
@@ -129,7 +131,7 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
                          A: tl.constexpr, LOG_A: tl.constexpr, HAS_POST: tl.constexpr,
                          STORE: tl.constexpr, GAIN: tl.constexpr, USE_DOT: tl.constexpr,
                          IEEE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-                         BD: tl.constexpr):
+                         BD: tl.constexpr, INTERPRETED: tl.constexpr):
     """dst[i, h*LD + d] = post[h, d] S sum_g H[h, g] sum_c w[g, c, d] S (H (pre * src))[g, i, c]
     for BM tokens i and BD lanes d of every block h; src is token-major [N, A*LC], w [A, ., .]
     read through strides (w_sc along the contraction c, w_sd along d, LC*LD per block).
@@ -173,7 +175,7 @@ def _walsh_linear_kernel(src_ptr, w_ptr, pre_ptr, post_ptr, dst_ptr, other_ptr, 
         if HAS_POST:
             z = z * tl.load(post_ptr + g3 * LD + d3, mask=(d3 < LD) & (g3 < A),
                             other=0.0).to(tl.float32)
-        tl.store(dst_ptr + o_off, z.to(dst_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(dst_ptr + o_off, _stored(z, dst_ptr, INTERPRETED), mask=o_mask)
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def _launch(src, w, pre, post, other, transpose_w: bool, store: bool, gain: bool
             part if gain else unused(), n, lc, ld, w_sc, w_sd, 1.0 / math.sqrt(a),
             A=a, LOG_A=int(math.log2(a)), HAS_POST=post is not None, STORE=store, GAIN=gain,
             USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BM=BLOCK_M, BC=bc, BD=bd,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            INTERPRETED=INTERPRETED, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dst, (column_sum(part).view(a, ld) if gain else None)
 
 
