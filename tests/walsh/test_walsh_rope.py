@@ -17,7 +17,12 @@ from walsh.kernels import walsh_group as wg  # noqa: E402
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.layers import WalshLinear  # noqa: E402
-from walsh.layers.common import apply_rope, rope_cache, rope_lanes  # noqa: E402
+from walsh.layers.common import (  # noqa: E402
+    apply_rope,
+    rope_cache,
+    rope_lanes,
+    rope_table_dtype,
+)
 from walsh.layers.hadamard import fuse_rope, group_layers, shared_input  # noqa: E402
 
 
@@ -64,6 +69,43 @@ def test_passes_rotate_and_rotate_back(a, lanes, width, d, t, b, seed):
                                                _rotate(out, cos, sin, -1).contiguous(), a,
                                                width=width)
     assert rel_err(dy, want_dy) < 1e-6 and rel_err(dbeta, want_dbeta) < 1e-6, seed
+
+
+def test_fp16_tables_for_bf16_data(seed):
+    """bf16 data with fp16 tables (``rope_table_dtype``): walsh_out with RoPE and its backward
+    pass within bf16's bound of the rotation in fp32, and the output within about one bf16
+    rounding of the same pass with fp32 tables (not bit-equal: the fp16 tables are what the
+    pass reads). fp16 tables for fp32 data are refused (``test_rejects_bad_inputs``)."""
+    a, lanes, d, t, b = 32, 6, 16, 7, 2  # heads of 16 lanes across blocks of 6
+    n = t * b
+    cos, sin = _tables(t, d, offset=3)
+    t32 = _lanes(cos, sin, a * lanes)
+    t16 = rope_lanes(cos, sin, a * lanes // d, torch.float16)
+    assert t16[0].dtype == torch.float16 and torch.equal(t16[0], t32[0].half())
+    bf = torch.bfloat16
+    y = torch.randn(a, n, lanes, device=DEV).to(bf)
+    beta = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(bf)
+    out16 = wt.walsh_out_raw(y, beta, a, rope=t16)
+    out32 = wt.walsh_out_raw(y, beta, a, rope=t32)
+    want = _rotate(wt.walsh_out_raw(y.float(), beta.float(), a), cos, sin)
+    assert out16.dtype == bf and rel_err(out16, want) < TOL[bf], seed
+    assert rel_err(out16, out32) < 2**-8 and not torch.equal(out16, out32), seed
+    dout = torch.randn(n, a * lanes, device=DEV).to(bf)
+    dy, dbeta = wt.walsh_in_gain_raw(dout, beta, out16, a, rope=t16)
+    want_dy, want_dbeta = wt.walsh_in_gain_raw(
+        _rotate(dout.float(), cos, sin, -1).contiguous(), beta.float(),
+        _rotate(out16.float(), cos, sin, -1).contiguous(), a)
+    assert rel_err(dy, want_dy) < TOL[bf] and rel_err(dbeta, want_dbeta) < TOL[bf], seed
+
+
+def test_rope_table_dtype_follows_the_compute_dtype():
+    """fp32 tables for fp32 activations, fp16 for bf16 and fp16 ones, and for fp32 activations
+    under a bf16 autocast (the layers compute them in bf16)."""
+    x = torch.randn(2, 3)
+    assert rope_table_dtype(x) == torch.float32
+    assert rope_table_dtype(x.bfloat16()) == rope_table_dtype(x.half()) == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rope_table_dtype(x) == torch.float16
 
 
 def _layer(a, li, lo, n, dtype, p=1):
@@ -156,12 +198,12 @@ def test_rejects_bad_inputs():
     cos, sin = _lanes(*_tables(5, 8), 24)
     with pytest.raises(ValueError, match="T must divide the tokens"):
         wf.walsh_linear(x, w, al, be, rope=_lanes(*_tables(4, 8), 24))
-    with pytest.raises(ValueError, match=r"fp32 contiguous \[T, 24\]"):
+    with pytest.raises(ValueError, match=r"data must be torch.float32 contiguous \[T, 24\]"):
         wf.walsh_linear(x, w, al, be, rope=_lanes(*_tables(5, 8), 16))
     with pytest.raises(ValueError, match="lanes must be even"):
         wf.walsh_linear(x, w[:, :5], al, be[:, :5], rope=_lanes(*_tables(5, 4), 20))
-    with pytest.raises(ValueError, match="fp32 contiguous"):
-        wf.walsh_linear(x, w, al, be, rope=(cos.half(), sin.half()))
+    with pytest.raises(ValueError, match="must be torch.float32 contiguous"):  # fp16 tables
+        wf.walsh_linear(x, w, al, be, rope=(cos.half(), sin.half()))  # for fp32 data
     with pytest.raises(ValueError, match="not one_kernel"):
         wf.walsh_linear(x, w, al, be, one_kernel=True, rope=(cos, sin))
     with pytest.raises(ValueError, match="n_rope"):
@@ -217,17 +259,20 @@ def test_model_with_and_without_rope_inside(group, seed):
     assert not torch.equal(before[:, 11:], after[:, 11:]), seed
 
 
-def test_model_builds_the_tables_once():
+@pytest.mark.parametrize("dtype,table", [(torch.float32, torch.float32),
+                                         (torch.bfloat16, torch.float16)])
+def test_model_builds_the_tables_once(dtype, table):
     """Every layer's op gets the one pair of per-lane tables the model built for the step, so
-    the backward keeps one copy (built per layer, each kept its own: 16 MiB a layer at 1.3B)."""
+    the backward keeps one copy (built per layer, each kept its own: 16 MiB a layer at 1.3B),
+    in ``rope_table_dtype``'s dtype (fp16 for a bf16 model)."""
     from walsh.models import WalshLM
 
     cfg = small_config(n_embd=128, algebra="walsh", algebra_dim=32, walsh_impl="triton",
                        ternary=True)
-    model = WalshLM(cfg).to(DEV)
+    model = WalshLM(cfg).to(DEV, dtype)
     idx = torch.randint(0, 256, (2, 19), device=DEV)
     tables = []
-    keep = lambda z: tables.append(z) if z.dtype == torch.float32 and z.shape == (19, 128) else None
+    keep = lambda z: tables.append(z) if z.dtype == table and z.shape == (19, 128) else None
     with torch.autograd.graph.saved_tensors_hooks(lambda z: keep(z) or z, lambda z: z):
         model(idx, idx)
     assert len(tables) == 2 * cfg.n_layer  # cos and sin, by each layer's q, k, v group op

@@ -164,7 +164,7 @@ def test_walsh_ops_save_out_for_dbeta(one_kernel, dtype, seed):
 
 
 @pytest.mark.parametrize("setting", [(wt, "WIDE_NUMEL", 1), (wl, "OUT_TILE", 64),
-                                     (wl, "IN_TILE", 256)])
+                                     (wl, "IN_TILE", 256), (wl, "OUT_NARROW_LANES", 0)])
 @pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 5, 130), (4, 70, 3)])
 def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, monkeypatch):
     """Settings that change how, not what, the kernels compute give bit-equal outputs: int64
@@ -285,6 +285,20 @@ def test_walsh_transform_rope_backward_stages():
     assert [stages(w, False) for w in (24, 32, 64)] == [default] * 3
     assert stages(24, True, in_mode=False, gain=False) == stages(24, False, False, False)
     assert stages(24, True, gain=False) == stages(24, False, gain=False)
+
+
+def test_walsh_transform_narrow_out_tile():
+    """walsh_out without a gain takes OUT_NARROW_TILE on rows of at most OUT_NARROW_LANES lanes
+    (24 and 32: 4 tokens of 32 lanes a slab), OUT_TILE past them (64: 4 tokens of 64) and
+    with the gain (dx + dalpha: 8 tokens of 32); walsh_in and a group's dx pass keep theirs."""
+    def slab(width, in_mode=False, gain=False, group=1):
+        return wl._launch_params(in_mode, group, width, gain, False)[:2]
+
+    assert wl.OUT_NARROW_TILE != wl.OUT_TILE  # else this test could not tell the two apart
+    assert [slab(w) for w in (24, 32, 64)] == [(32, 4), (32, 4), (64, 4)]
+    assert slab(24, gain=True) == (32, 8)
+    assert slab(24, in_mode=True) == slab(24, in_mode=True, gain=True) == (32, 4)
+    assert slab(24, gain=True, group=2) == wl._slab(24, wl.GROUP_OUT_TILE)
 
 
 @triton.jit

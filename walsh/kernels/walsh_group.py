@@ -188,7 +188,7 @@ def walsh_group(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tens
     """x [N, A*LI], ws[p] [A, LO, LI], alphas[p] [A, LI], betas[p] [A, LO] (2 or 3 layers, all
     x's dtype) -> P outputs [N, A*LO]: the twin of ``walsh_group_naive``, differentiable in all.
     Each output is saved for the backward (an in-place change of one before the backward
-    raises autograd's error). ``rope`` (per-lane fp32 cos, sin [T, A*LO]; ``walsh_linear``'s):
+    raises autograd's error). ``rope`` (per-lane cos, sin [T, A*LO]; ``walsh_linear``'s):
     the first ``n_rope`` outputs (attention's q and k) rotated inside their walsh_out pass."""
     p = len(ws)
     if not 0 <= n_rope <= p or (n_rope > 0) != (rope is not None):

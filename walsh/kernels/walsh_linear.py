@@ -381,10 +381,11 @@ def walsh_linear(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: to
     the twin of ``walsh_linear_naive``, differentiable in all four. ``one_kernel``: the whole
     forward in one kernel (saves only x and w for the backward) instead of three (saves u and
     the output itself, so an in-place change of the output before the backward raises
-    autograd's error, as for any op that saves its result). ``rope``: RoPE's per-lane fp32
-    tables (cos, sin) [T, A*LO] at the tokens' positions (``walsh.layers.common.rope_lanes``;
-    x's rows are sequences of T tokens): the output rotated by RoPE, inside walsh_out's pass
-    (three kernels only; its backward rotates back inside walsh_in's)."""
+    autograd's error, as for any op that saves its result). ``rope``: RoPE's per-lane tables
+    (cos, sin) [T, A*LO] at the tokens' positions (``walsh.layers.common.rope_lanes``: fp32,
+    or fp16 for bf16 and fp16 data; x's rows are sequences of T tokens): the output rotated by
+    RoPE, inside walsh_out's pass (three kernels only; its backward rotates back inside
+    walsh_in's)."""
     a, lo, li = w.shape
     if rope is not None and one_kernel:
         raise ValueError("walsh_linear: rope runs on the three-kernel path, not one_kernel")

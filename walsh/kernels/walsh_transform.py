@@ -109,8 +109,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     scale is [group, A, L]; in_mode writes dst [group, A, N, width]; else the sources are src
     and ``more`` (group in all, each [A, N, width]). ``up`` (token-major [N, A*L]; the kernel's
     SWIGLU): the input is silu(gate) * up with gate = src (in_mode, no gain) or gate = other
-    (else, with a scale), which then writes dgate to dst and dup to ``out1``. ``rope``: fp32
-    per-lane (cos, sin) [T, A*L] of a rotated output (``rope_lanes``; the kernel's ROPE):
+    (else, with a scale), which then writes dgate to dst and dup to ``out1``. ``rope``: fp32 (or
+    fp16) per-lane (cos, sin) [T, A*L] of a rotated output (``rope_lanes``; the kernel's ROPE):
     walsh_out rotates its result; walsh_in with the gain (its backward) rotates dout and the
     saved output back."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
@@ -125,7 +125,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
                          "output")
     if rope is not None:
         _check_rope(rope, n_tok, a * lanes, lanes,
-                    group == 1 and up is None and (other is not None) == in_mode)
+                    group == 1 and up is None and (other is not None) == in_mode, src.dtype)
     tokens = (n_tok, a * lanes)  # the token-major operands' shape, in src's dtype
     _check_token_major("the gain's other operand", other, tokens, src.dtype)
     _check_token_major("up", up, tokens, src.dtype, contiguous=True)
@@ -175,21 +175,25 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     return dst, part
 
 
-def _check_rope(rope, n_tok: int, features: int, lanes: int, allowed: bool) -> None:
-    """RoPE's per-lane tables fit the pass: cos, sin fp32 contiguous [T, features]
-    (``walsh.layers.common.rope_lanes``) with T dividing the tokens (the rows of a batch of
-    sequences of T), and pairs of lanes inside a block (L even)."""
+def _check_rope(rope, n_tok: int, features: int, lanes: int, allowed: bool,
+                dtype: torch.dtype) -> None:
+    """RoPE's per-lane tables fit the pass: cos, sin contiguous [T, features]
+    (``walsh.layers.common.rope_lanes``), fp32, or fp16 for data narrower than fp32
+    (``rope_table_dtype``: fp16 tables would cost fp32 data its precision), with T dividing the
+    tokens (the rows of a batch of sequences of T), and pairs of lanes inside a block (L even)."""
     cos, sin = rope
     if not allowed:
         raise ValueError("RoPE goes with one layer's walsh_out, or its walsh_in with the gain "
                          "gradient (its backward)")
     t = cos.shape[0] if cos.ndim == 2 else 0
-    if (cos.shape != sin.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32
+    kinds = (torch.float32,) if dtype == torch.float32 else (torch.float32, torch.float16)
+    if (cos.shape != sin.shape or cos.dtype not in kinds or sin.dtype != cos.dtype
             or not (cos.is_contiguous() and sin.is_contiguous()) or t == 0
             or cos.shape[1] != features):
-        raise ValueError(f"RoPE's per-lane tables (rope_lanes) must be fp32 contiguous [T, "
-                         f"{features}], got cos {tuple(cos.shape)} {cos.dtype}, sin "
-                         f"{tuple(sin.shape)} {sin.dtype}")
+        names = " or ".join(str(k) for k in kinds)
+        raise ValueError(f"RoPE's per-lane tables (rope_lanes) for {dtype} data must be {names} "
+                         f"contiguous [T, {features}], got cos {tuple(cos.shape)} {cos.dtype}, "
+                         f"sin {tuple(sin.shape)} {sin.dtype}")
     if n_tok % t or lanes % 2:
         raise ValueError(f"RoPE with T = {t} does not fit {n_tok} tokens in blocks of {lanes} "
                          "lanes (T must divide the tokens, and the lanes must be even)")

@@ -105,8 +105,8 @@ def _swap_pairs(x, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr):
 
 @triton.jit
 def _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A: tl.constexpr, L: tl.constexpr):
-    """RoPE's per-lane tables (``walsh.layers.common.rope_lanes``, fp32 [T, A*L]) at tokens i
-    (position i % T), features g*L + j -> (c, s) [A, BT, LB] fp32: the rotated output is
+    """RoPE's per-lane tables (``walsh.layers.common.rope_lanes``, fp32 or fp16 [T, A*L]) at
+    tokens i (position i % T), features g*L + j -> (c, s) [A, BT, LB] fp32: the rotated output is
     c * z + s * z', z' the pair partner's value (s = -sin on the pair's first lane). Session
     17's first try gathered [T, D/2] tables per element, pair by pair, and its backward pass
     took 520 us where this one takes 91 (the 1.3B q, H200; docs/benchmarks.md, session 18).
@@ -114,8 +114,8 @@ def _rope_lanes(cos_ptr, sin_ptr, i, j, g, T, N, A: tl.constexpr, L: tl.constexp
     (110 us: the modulo breaks the runs) and faster in the forward (59 against 63)."""
     off = (i % T) * (A * L) + g * L + j  # token-major like the data: contiguous runs
     ok = (i < N) & (j < L)
-    return (tl.load(cos_ptr + off, mask=ok, other=0.0),
-            tl.load(sin_ptr + off, mask=ok, other=0.0))
+    return (tl.load(cos_ptr + off, mask=ok, other=0.0).to(tl.float32),
+            tl.load(sin_ptr + off, mask=ok, other=0.0).to(tl.float32))
 
 
 @triton.jit
@@ -167,7 +167,7 @@ def _walsh_kernel(src_ptr, src1_ptr, src2_ptr, dst_ptr, scale_ptr, other_ptr, pa
     src, up = up_ptr's. Else (GAIN and a scale): gate = other, up = up_ptr's; the gain sum
     takes T = h, and with dh = scale * S H src (the input gradient) the pass writes dgate =
     dh * up * silu'(gate) to dst and dup = dh * silu(gate) to dst1 (token-major).
-    ROPE (P = 1; positions i % T; per-lane fp32 tables cos, sin [T, A*L],
+    ROPE (P = 1; positions i % T; per-lane fp32 or fp16 tables cos, sin [T, A*L],
     ``walsh.layers.common.rope_lanes``): the layer's output is RoPE(z), z = beta * S H y, its
     pairs of lanes (2m, 2m + 1) rotated: r = c * z + s * z' with z' the partner lane's value.
     OUT mode (walsh_out, no GAIN): the result rotated before its store. IN_MODE with GAIN

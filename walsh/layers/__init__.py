@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from walsh.layers.base import StructuredLinear, TernaryLinear
 from walsh.layers.cayley_dickson import CayleyDicksonLinear, cd_materialize
-from walsh.layers.common import RMSNorm, SwiGLU, apply_rope, rope_cache, rope_lanes
+from walsh.layers.common import (
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    rope_cache,
+    rope_lanes,
+    rope_table_dtype,
+)
 from walsh.layers.hadamard import WALSH_IMPLS, WalshLinear
 from walsh.layers.mixers import CayleyDicksonMixer, WalshMixer
 
@@ -46,4 +53,5 @@ __all__ = [
     "make_linear",
     "rope_cache",
     "rope_lanes",
+    "rope_table_dtype",
 ]

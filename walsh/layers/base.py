@@ -24,12 +24,15 @@ from walsh.quant import (
 )
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute ``x`` in: autocast's when it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Cast ``x`` to the autocast dtype when autocast is on, so element-wise work runs narrow."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return x.to(torch.get_autocast_dtype(dev))
-    return x
+    return x.to(compute_dtype(x))
 
 
 class StructuredLinear(nn.Module):

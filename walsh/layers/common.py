@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from walsh.layers.base import compute_dtype
 from walsh.layers.hadamard import fuse_swiglu, group_layers, shared_input, swiglu_down
 
 
@@ -48,18 +49,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def rope_lanes(cos: torch.Tensor, sin: torch.Tensor, n_head: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_lanes(cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's tables per lane of a [.., T, n_head * D] output, for the Walsh kernel's rotation
     inside walsh_out (``walsh.kernels.walsh_transform_kernel``'s ROPE): cos, sin [T, D/2] ->
-    fp32 contiguous (c, s) [T, n_head * D] with c = cos and s = -sin on each pair's first lane,
-    +sin on its second, so that ``apply_rope``'s r = c * z + s * z' (z' the pair partner).
+    contiguous (c, s) [T, n_head * D] in ``dtype`` (fp32, or fp16 for bf16 and fp16 data:
+    ``rope_table_dtype``) with c = cos and s = -sin on each pair's first lane, +sin on its
+    second, so that ``apply_rope``'s r = c * z + s * z' (z' the pair partner).
     Token-major like the data, so the kernel reads them in the same contiguous runs (session
     17's [T, D/2] gathers per element made its passes 2-5x slower)."""
     c = cos.float()[:, :, None].expand(-1, -1, 2)                       # [T, D/2, 2]
     s = torch.stack((-sin.float(), sin.float()), dim=-1)               # [T, D/2, 2]
-    return (c.reshape(c.shape[0], -1).repeat(1, n_head).contiguous(),   # [T, H*D]
-            s.reshape(s.shape[0], -1).repeat(1, n_head).contiguous())
+    return (c.reshape(c.shape[0], -1).repeat(1, n_head).to(dtype).contiguous(),  # [T, H*D]
+            s.reshape(s.shape[0], -1).repeat(1, n_head).to(dtype).contiguous())
+
+
+def rope_table_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of ``rope_lanes``' tables for activations like x (computed in ``compute_dtype``):
+    fp16 for bf16 and fp16 data, fp32 for fp32.
+    Why fp16: the kernel reads a table element (c and s) per data element, so fp32 tables moved
+    twice the data's own bytes (from L2); fp16 halves that. Values in [-1, 1] keep 11
+    significant bits in fp16 (relative error <= 2^-12; below 2^-14, fp16's subnormals, an
+    absolute error <= 2^-25), 8x finer than the bf16 output's own rounding (2^-9), so the
+    rotated bf16 output stays within about one bf16 rounding of the fp32-table result (bf16's
+    8 bits would add a full rounding more). H200, N = 16k, A = 32, L2 flushed (session 23,
+    docs/benchmarks.md): walsh_out with RoPE 66.3 -> 48.5 us at 64 lanes (the 1.3B q, k), 35.0
+    -> 29.7 at 24 (the 125M); its backward pass 91.3 -> 69.2 at 64 lanes, 47.8 -> 47.5 at 24.
+    fp32 data keeps fp32 tables (the kernel's check refuses fp16 tables for it)."""
+    return torch.float32 if compute_dtype(x) == torch.float32 else torch.float16
 
 
 class SwiGLU(nn.Module):

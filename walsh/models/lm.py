@@ -28,6 +28,7 @@ from walsh.layers import (
     make_linear,
     rope_cache,
     rope_lanes,
+    rope_table_dtype,
 )
 from walsh.layers.hadamard import fuse_rope, group_layers, shared_input
 from walsh.layers.mixers import _Mixer
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         if not self.rope_inside:
             rope = None
         elif rope is None:
-            rope = rope_lanes(cos, sin, h)
+            rope = rope_lanes(cos, sin, h, rope_table_dtype(x))
         q, k, v = shared_input([self.q, self.k, self.v], x, rope=rope)  # [B, T, C] each
         q, k, v = (z.view(b, t, h, d) for z in (q, k, v))
         if not self.rope_inside:
@@ -153,11 +154,12 @@ class WalshLM(nn.Module):
             )
         cos = self.rope_cos[start_pos : start_pos + t]
         sin = self.rope_sin[start_pos : start_pos + t]
-        # q's and k's per-lane RoPE tables, once for every layer that rotates inside its ops:
-        # built per layer, each layer's backward kept its own copy (16 MiB at 1.3B)
-        rope = (rope_lanes(cos, sin, self.config.n_head)
-                if any(b.attn.rope_inside for b in self.blocks) else None)
         x = self.embed(idx)
+        # q's and k's per-lane RoPE tables, once for every layer that rotates inside its ops:
+        # built per layer, each layer's backward kept its own copy (16 MiB at 1.3B); fp16 for
+        # bf16 activations (``rope_table_dtype``)
+        rope = (rope_lanes(cos, sin, self.config.n_head, rope_table_dtype(x))
+                if any(b.attn.rope_inside for b in self.blocks) else None)
         for block in self.blocks:
             x = block(x, cos, sin, cache, start_pos, rope)
         return self.norm(x)
