@@ -28,7 +28,8 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   activations per layer beyond the rough term, less the shared outputs (shared while SDPA keeps
   v as passed, as its flash, cuDNN and memory-efficient kernels do). With RoPE inside
   (``walsh_rope``) the query and key outputs are the rotated tensors SDPA keeps: shared too
-  (their per-lane tables, 2 x T x C fp32 once per step, are not counted: 16 MiB at 1.3B).
+  (their per-lane tables, 2 x T x C once per step, fp16 for bf16 activations, are not
+  counted: 8 MiB at 1.3B, 16 in fp32).
   With SwiGLU's product inside the down projection (``walsh_swiglu``) the product
   silu(gate) * up is never stored, and the rough term counts it: B * T * hidden comes off.
   walsh-h-1b3 at 16 x 1024 tokens measured 40.38 GiB peak with both inside (session 19; 40.74
