@@ -7,6 +7,11 @@ times the host's launch, not the GPU, and an eager Walsh layer's dozen launches 
 0.22-0.58x dense on a slow host where its kernels were faster (session 10). Replays do not
 flush L2 (50 MB on an H100 / H200), so a kernel whose operands fit there (the quantizer; the
 transforms at 768 features, 25 MB per [16k, 768] tensor) can read under its HBM roofline.
+``--flush-l2`` times each kernel row as a model step sees it: each call inside the graph
+follows a write of ``FLUSH_BYTES``, and the same graph of the writes alone is timed and
+subtracted (the 125M's gain passes ran 2.1-3.5x their roofline so, against 1.9-2.6x with L2
+warm; session 22). The layer rows are never flushed: a layer's own launches reuse what the
+previous one left in L2, as in the model.
 The ceilings (one large kernel each; ``do_bench``, median, L2 flushed) are measured first, on
 the device at hand: the copy bandwidth (a 1 GiB device to device copy, read + write bytes over
 time) and the bf16 GEMM rate (an 8192^3 matmul). Each kernel's roofline time is then
@@ -47,6 +52,22 @@ def _graph_ms(fn, grads=None) -> float:
     from triton.testing import do_bench_cudagraph
 
     return do_bench_cudagraph(fn, grad_to_none=grads)
+
+
+# the write before each flushed call: 256 MiB, five times the H200's 50 MB L2 (triton's
+# do_bench flushes with the same size)
+FLUSH_BYTES = 256 * 2**20
+
+
+def _flushed_graph_ms(fn, flush: torch.Tensor) -> float:
+    """``_graph_ms`` of ``fn`` after a write of ``flush`` (evicting L2), less the write's own
+    time: the kernel as it runs with its operands in HBM (<= 0 where a kernel of a few
+    microseconds sits within the two means' spread)."""
+    def both():
+        flush.zero_()
+        fn()
+
+    return _graph_ms(both) - _graph_ms(flush.zero_)
 
 
 def measure_ceilings() -> tuple[float, float]:
@@ -171,6 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", nargs="+", default=["fused", "triton", "blocks", "dense"],
                    help="WalshLinear implementations to time")
     p.add_argument("--compile", action="store_true", help="also time each layer compiled")
+    p.add_argument("--flush-l2", action="store_true",
+                   help="time each kernel row with L2 flushed before each call, as a model "
+                   "step's kernels meet their operands (layer rows: not flushed)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -181,11 +205,16 @@ def main(args: argparse.Namespace) -> None:
     bw, tflops = measure_ceilings()
     print(f"# device={torch.cuda.get_device_name()} torch={torch.__version__} N={n} "
           f"{fin}->{fout} A={a}; measured ceilings: copy {bw:,.0f} GB/s, "
-          f"bf16 GEMM {tflops:,.0f} TFLOP/s")
+          f"bf16 GEMM {tflops:,.0f} TFLOP/s; kernel rows with L2 "
+          f"{'flushed' if args.flush_l2 else 'warm'}")
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if args.flush_l2 else None
     print(f"{'kernel':<24}{'ms':>9}{'roof ms':>9}{'x roof':>8}{'GB/s':>8}{'TFLOP/s':>9}")
     for name, fn, k in kernel_rows(n, fin, fout, a):
-        ms = _graph_ms(fn)
+        ms = _graph_ms(fn) if flush is None else _flushed_graph_ms(fn, flush)
         roof = k.ms(tflops, bw)
+        if ms <= 0:  # flushed, and within the spread of the flush's own time
+            print(f"{name:<24}{'-':>9}{roof:>9.3f}")
+            continue
         print(f"{name:<24}{ms:>9.3f}{roof:>9.3f}{ms / roof:>8.2f}"
               f"{k.bytes / ms / 1e6:>8,.0f}{(k.flops + k.int8_ops) / ms / 1e9:>9.1f}")
     print(f"{'layer':<24}{'ms':>9}{'x dense':>9}")
