@@ -205,3 +205,27 @@ def test_rope_passes_count_where_they_run_apart(preset, impl, inside):
     assert got == (0 if inside else 2 * 2 * 4 * 2 * N * c)  # 2 layers x 2 ways x 4 x bf16
     if impl == "triton":
         assert rope_bytes(walsh_rope=False)[1] == 2 * 2 * 4 * 2 * N * c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flush", [False, True])
+def test_bench_layer_prints_every_row_cuda(flush, capsys):
+    """``walsh bench layer`` end to end at a small shape, with and without ``--flush-l2``: the
+    header says which, and every kernel row and both layer rows are printed, each kernel row
+    with a time (or '-' where a flushed time sits within the flush's spread) and its roofline."""
+    from pipeline.bench_layer import kernel_rows
+    from pipeline.cli import main
+
+    argv = ["bench", "layer", "--impls", "triton", "--tokens", "2048", "--in-features", "256",
+            "--out-features", "512"]
+    assert main(argv + ["--flush-l2"] * flush) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("kernel rows with L2 " + ("flushed" if flush else "warm"))
+    names = [name for name, _, _ in kernel_rows(8, 256, 512, 32, dev="cpu")]
+    rows = {line[:24].strip(): line[24:].split() for line in lines[2:2 + len(names)]}
+    assert list(rows) == names
+    for name, cells in rows.items():
+        assert len(cells) in (2, 5) and float(cells[1]) > 0, name  # '-' and roof ms, or all
+        assert (cells[0] == "-") if len(cells) == 2 else (float(cells[0]) > 0), name
+    assert [line[:24].strip() for line in lines[-2:]] == ["dense nn.Linear bf16",
+                                                           "walsh triton"]
