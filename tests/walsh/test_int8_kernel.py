@@ -132,6 +132,10 @@ def test_int8_matmul_writes_every_output(seed):
     out = ik.int8_matmul(q, inv_s, codes, gamma, torch.float32)
     ref = (q.double() @ codes.double().t()) * inv_s.double()[:, None] * 0.37
     assert not out.isnan().any() and rel_err(out, ref) < 1e-6, seed
+    # bf16: the same fp32 epilogue rounded once, to nearest, as torch casts it (and the GPU;
+    # the interpreter's own cast truncates: ``walsh.kernels.bf16_round``)
+    out16 = ik.int8_matmul(q, inv_s, codes, gamma, torch.bfloat16)
+    assert torch.equal(out16, out.to(torch.bfloat16)), seed
 
 
 @pytest.mark.parametrize("algebra,dim", [("dense", 1), ("cayley_dickson", 8)])

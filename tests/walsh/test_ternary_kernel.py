@@ -31,6 +31,10 @@ def test_ternary_codes_exact_and_scale_matches(shape, per_component, seed):
     ref_codes = torch.clamp(torch.round(w / scale), -1, 1)  # torch's rule, same gamma
     assert torch.equal(codes, ref_codes.to(torch.int8)), seed
     assert torch.equal(out, ref_codes * scale), seed  # gamma * Q exactly
+    # in bf16: gamma * Q rounded once, to nearest, as torch casts it (and the GPU; the
+    # interpreter's own cast truncates: ``walsh.kernels.bf16_round``)
+    out16, _ = tk.ternary_apply(w, scale, per_component, torch.bfloat16)
+    assert torch.equal(out16, (ref_codes * scale).to(torch.bfloat16)), seed
 
 
 def test_ternary_ties_round_half_to_even():

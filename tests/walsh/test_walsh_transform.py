@@ -19,6 +19,7 @@ import triton.language as tl  # noqa: E402
 from walsh.kernels import walsh_launch as wl  # noqa: E402
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
+from walsh.kernels.bf16_round import _bf16_values  # noqa: E402
 
 # -- Walsh-Hadamard transforms ----------------------------------------------------------------
 # Every case has >= 16 gain entries: a gain's gradient is a sum over tokens, and with a handful
@@ -304,7 +305,7 @@ def test_walsh_transform_narrow_out_tile():
 @triton.jit
 def _bf16_values_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(y_ptr + i, wt._bf16_values(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+    tl.store(y_ptr + i, _bf16_values(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
 
 
 def test_bf16_values_round_to_nearest_even(seed):

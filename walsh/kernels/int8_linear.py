@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, wrap_triton
+from walsh.kernels.bf16_round import _stored
+from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 from walsh.quant import EPS, act_codes, act_quant_ste
 
 # measured best at every 125M and 1.3B GEMM shape on an H200 (docs/benchmarks.md, session 6);
@@ -86,7 +87,8 @@ def ternary_codes(w_eff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # -- kernels ----------------------------------------------------------------------------------
 @triton.jit
 def _int8_matmul_kernel(a_ptr, b_ptr, inv_s_ptr, gamma_ptr, out_ptr, M, N, K,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        INTERPRETED: tl.constexpr):
     """out[m, n] = (sum_k a[m, k] b[n, k]) * inv_s[m] * gamma: a [M, K], b [N, K] int8."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -101,7 +103,7 @@ def _int8_matmul_kernel(a_ptr, b_ptr, inv_s_ptr, gamma_ptr, out_ptr, M, N, K,
     scale = tl.load(inv_s_ptr + rm, mask=rm < M, other=0.0) * tl.load(gamma_ptr)
     out = acc.to(tl.float32) * scale[:, None]
     tl.store(out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+             _stored(out, out_ptr, INTERPRETED), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -115,8 +117,8 @@ def int8_matmul(q: torch.Tensor, inv_s: torch.Tensor, codes: torch.Tensor, gamma
     if m and n:
         grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
         wrap_triton(_int8_matmul_kernel)[grid](q, codes, inv_s, gamma, out, m, n, k,
-                                          BM=BM, BN=BN, BK=BK, num_warps=GEMM_WARPS,
-                                          num_stages=GEMM_STAGES)
+                                          BM=BM, BN=BN, BK=BK, INTERPRETED=INTERPRETED,
+                                          num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
     return out
 
 

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from walsh.kernels.registry import kernel_op, wrap_triton
+from walsh.kernels.bf16_round import _stored
+from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 from walsh.quant import EPS
 
 BLOCK = 1024
@@ -58,7 +59,8 @@ def _abs_partial_kernel(w_ptr, part_ptr, M, P, ITERS, BLOCK: tl.constexpr):
 
 @triton.jit
 def _ternary_apply_kernel(w_ptr, part_ptr, out_ptr, codes_ptr, M, P, divisor, eps,
-                          WRITE_CODES: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr):
+                          WRITE_CODES: tl.constexpr, BLOCK: tl.constexpr, PB: tl.constexpr,
+                          INTERPRETED: tl.constexpr):
     g = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
@@ -71,7 +73,8 @@ def _ternary_apply_kernel(w_ptr, part_ptr, out_ptr, codes_ptr, M, P, divisor, ep
     s = tl.maximum(tl.math.div_rn(t, tl.cast(divisor, tl.float32)), tl.cast(eps, tl.float32))
     r = tl.math.div_rn(w, tl.zeros_like(w) + s)
     q = tl.where(r > 0.5, 1.0, tl.where(r < -0.5, -1.0, 0.0))
-    tl.store(out_ptr + g * M + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+    # gamma * Q rounded once to out's dtype (to nearest under the interpreter too)
+    tl.store(out_ptr + g * M + offs, _stored(q * s, out_ptr, INTERPRETED), mask=mask)
     if WRITE_CODES:
         tl.store(codes_ptr + g * M + offs, q.to(tl.int8), mask=mask)
 
@@ -120,7 +123,7 @@ def ternary_apply(w: torch.Tensor, scale: torch.Tensor, per_component: bool,
     grid = (g, triton.cdiv(m, BLOCK))
     wrap_triton(_ternary_apply_kernel)[grid](w2, parts, out, codes, m, p, float(divisor),
                                         float(eps), WRITE_CODES=write_codes, BLOCK=BLOCK,
-                                        PB=triton.next_power_of_2(p))
+                                        PB=triton.next_power_of_2(p), INTERPRETED=INTERPRETED)
     return out, (codes if write_codes else None)
 
 

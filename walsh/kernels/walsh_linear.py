@@ -69,7 +69,7 @@ wrong under TRITON_INTERPRET=1 in triton 3.9, whose interpreter multiplies the r
 CI tests the kernel there. The three-kernel path's transforms, which dw's backward here
 shares, use bf16 dots for bf16 inputs since session 11, with an fp32 stand-in under the
 interpreter: ``walsh_transform``'s precision notes. The output's bf16 store rounds to nearest
-under the interpreter too, through the transforms' ``_stored``.)
+under the interpreter too, through ``walsh.kernels.bf16_round._stored``.)
 The naive reference with the same signature is ``walsh_linear_naive`` (the ``blocks`` path).
 
 Code order: naive reference, kernel, launchers, autograd (ops), functional.
@@ -84,6 +84,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from walsh.kernels.bf16_round import _stored
 from walsh.kernels.block_matmul import block_mm, block_mm_tn
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
@@ -95,7 +96,6 @@ from walsh.kernels.walsh_transform import (
     walsh_out_gain_raw,
     walsh_out_raw,
 )
-from walsh.kernels.walsh_transform_kernel import _stored
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive
 
 # token rows per program, the most lanes per contraction chunk / output tile, warps per program

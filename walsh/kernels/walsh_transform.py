@@ -68,12 +68,8 @@ from walsh.kernels.walsh_launch import (  # noqa: F401
     row_width,
 )
 
-# the kernel and its helpers (``_hadamard``: walsh.kernels.walsh_linear's too; ``_bf16_values``)
-from walsh.kernels.walsh_transform_kernel import (  # noqa: F401
-    _bf16_values,
-    _hadamard,
-    _walsh_kernel,
-)
+# the kernel and its helper (``_hadamard``: walsh.kernels.walsh_linear's too)
+from walsh.kernels.walsh_transform_kernel import _hadamard, _walsh_kernel  # noqa: F401
 
 # the naive references (same signatures), re-exported beside their kernels
 from walsh.layers.hadamard import walsh_in_naive, walsh_out_naive  # noqa: F401

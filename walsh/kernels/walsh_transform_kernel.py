@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from walsh.kernels.bf16_round import _bf16_values, _stored
+
 
 # -- kernels ----------------------------------------------------------------------------------
 @triton.jit
@@ -39,32 +41,6 @@ def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
     for b in tl.static_range(LOG_A):
         par += (bits >> b) & 1
     return 1.0 - 2.0 * (par & 1).to(tl.float32)
-
-
-@triton.jit
-def _bf16_values(x):
-    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32: the interpreter's
-    stand-in for a bf16 dot's operand. Under TRITON_INTERPRET=1 (triton 3.9) a bf16 ``tl.dot``
-    multiplies the raw bits and ``.to(tl.bfloat16)`` truncates, where the GPU rounds to
-    nearest. Bit arithmetic on the fp32 pattern (finite x): add half an ulp of bf16, less one
-    unless the kept last bit is odd, and clear the low 16 bits. A NaN whose low 16 bits are set
-    would come out wrong; the operands here are bf16 values times a bf16 gain (exact in fp32),
-    whose NaNs have those bits clear."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _stored(y, ptr, INTERPRETED: tl.constexpr):
-    """fp32 y as ptr's elements. Under the interpreter a bf16 y is rounded to nearest first
-    (``_bf16_values``), as the GPU's cast rounds where the interpreter's truncates: truncated,
-    the outputs' errors lean one way and add up in the gains' sums over tokens (the CPU bf16
-    layer test's dbeta error reached 0.0096 of its 1e-2 bound over 40 seeds, 0.0045 with the
-    rounding; session 22)."""
-    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
-        y = _bf16_values(y)
-    return y.to(ptr.dtype.element_ty)
 
 
 @triton.jit
