@@ -77,11 +77,12 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
     """The backward passes: a transform plus a gain's gradient in one kernel, against the naive
     transform and gain_grad_naive in fp32: walsh_in + sum_i T * F / gain (both token-major:
     dout and the forward's out F = beta * z; lanes whose gain is exactly 0 get exactly 0),
-    walsh_out + sum_i T * (S H Y) (T token-major, Y block-major). ``tokens``
-    (per program, GAIN_TOKENS) makes programs loop over several token slabs, ragged at the end
-    (37 tokens in slabs of 4, 1030 in slabs of 16), or over one; 256 lanes are two chunks of
-    walsh_in's 128-lane tile (each chunk divides its own lanes' shares by beta)."""
-    monkeypatch.setattr(wt, "GAIN_TOKENS", tokens)
+    walsh_out + sum_i T * (S H Y) (T token-major, Y block-major). ``tokens`` (per program,
+    GAIN_TOKENS and GAIN_NARROW_TOKENS) makes programs loop over several token slabs, ragged at
+    the end (37 tokens in slabs of 4, 1030 in slabs of 16), or over one; 256 lanes are two
+    chunks of walsh_in's 128-lane tile (each chunk divides its own lanes' shares by beta)."""
+    monkeypatch.setattr(wl, "GAIN_TOKENS", tokens)
+    monkeypatch.setattr(wl, "GAIN_NARROW_TOKENS", tokens)  # one layer's dx pass, <= 32 lanes
     tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)      # token-major: dout or x
     blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: du
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
@@ -289,17 +290,23 @@ def test_walsh_transform_rope_backward_stages():
 
 
 def test_walsh_transform_narrow_out_tile():
-    """walsh_out without a gain takes OUT_NARROW_TILE on rows of at most OUT_NARROW_LANES lanes
-    (24 and 32: 4 tokens of 32 lanes a slab), OUT_TILE past them (64: 4 tokens of 64) and
-    with the gain (dx + dalpha: 8 tokens of 32); walsh_in and a group's dx pass keep theirs."""
-    def slab(width, in_mode=False, gain=False, group=1):
-        return wl._launch_params(in_mode, group, width, gain, False)[:2]
+    """One layer's walsh_out, with the gain (dx + dalpha) or without, takes OUT_NARROW_TILE on
+    rows of at most OUT_NARROW_LANES lanes (24 and 32: 4 tokens of 32 lanes a slab) and its dx
+    pass GAIN_NARROW_TOKENS tokens a program; OUT_TILE and GAIN_TOKENS past them (64: 4 tokens
+    of 64); walsh_in, a group's dx pass and SwiGLU's keep theirs."""
+    def launch(width, in_mode=False, gain=False, group=1, swiglu=False):
+        lb, bt, _, _, tokens = wl._launch_params(in_mode, group, width, gain, swiglu)
+        return lb, bt, tokens
 
-    assert wl.OUT_NARROW_TILE != wl.OUT_TILE  # else this test could not tell the two apart
-    assert [slab(w) for w in (24, 32, 64)] == [(32, 4), (32, 4), (64, 4)]
-    assert slab(24, gain=True) == (32, 8)
-    assert slab(24, in_mode=True) == slab(24, in_mode=True, gain=True) == (32, 4)
-    assert slab(24, gain=True, group=2) == wl._slab(24, wl.GROUP_OUT_TILE)
+    narrow, default = wl.GAIN_NARROW_TOKENS, wl.GAIN_TOKENS
+    assert wl.OUT_NARROW_TILE != wl.OUT_TILE and narrow != default  # else this test could
+    # not tell them apart
+    assert [launch(w)[:2] for w in (24, 32, 64)] == [(32, 4), (32, 4), (64, 4)]
+    assert [launch(w, gain=True) for w in (24, 32, 64)] == [(32, 4, narrow), (32, 4, narrow),
+                                                             (64, 4, default)]
+    assert launch(24, in_mode=True) == launch(24, in_mode=True, gain=True) == (32, 4, default)
+    assert launch(24, gain=True, group=2) == (*wl._slab(24, wl.GROUP_OUT_TILE), default)
+    assert launch(24, gain=True, swiglu=True) == (*wl._slab(24, wl.OUT_TILE), default)
 
 
 @triton.jit

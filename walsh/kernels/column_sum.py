@@ -2,9 +2,9 @@
 
 The Walsh transforms' gain passes (``walsh.kernels.walsh_transform``, ``walsh_linear``) write one
 row of partial sums per program, part [P, C] fp32 (in the transforms P = ceil(tokens /
-GAIN_TOKENS) and C = A * L; in the one-kernel layer P = ceil(tokens / BLOCK_M) and C = A * LD),
-and the gradient is their sum over rows. Each column's rows are added in one program, in a
-fixed order, BLOCK_R rows at a time: deterministic, no atomics.
+GAIN_TOKENS), or GAIN_NARROW_TOKENS, and C = A * L; in the one-kernel layer P = ceil(tokens /
+BLOCK_M) and C = A * LD), and the gradient is their sum over rows. Each column's rows are added
+in one program, in a fixed order, BLOCK_R rows at a time: deterministic, no atomics.
 
 Why a kernel of its own rather than ``part.sum(0)``: on an H200, inside CUDA graphs, torch's
 reduction took 5.1-5.4 us for every P = 256 partial table from C = 768 to 5,504 columns (0.8-5.6

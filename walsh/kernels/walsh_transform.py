@@ -62,7 +62,6 @@ from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_trit
 # the launch configuration (tiles, tables, row widths); row_width re-exported for the layers'
 # modules
 from walsh.kernels.walsh_launch import (  # noqa: F401
-    GAIN_TOKENS,
     MAX_GROUP,
     _launch_params,
     row_width,
@@ -138,10 +137,10 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    lb, bt, warps, stages = _launch_params(in_mode, group, width, other is not None,
-                                           up is not None, rope is not None)
+    lb, bt, warps, stages, tokens = _launch_params(in_mode, group, width, other is not None,
+                                                   up is not None, rope is not None)
     chunks = triton.cdiv(width, lb)
-    iters = 1 if other is None else max(1, GAIN_TOKENS // bt)
+    iters = 1 if other is None else max(1, tokens // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:
