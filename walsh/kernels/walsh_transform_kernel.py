@@ -19,7 +19,7 @@ log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
   Under the Triton interpreter (CI) the same bf16-rounded operands go through an fp32 dot
   (``_bf16_values``): the interpreter's bf16 dot multiplies the raw bits (triton 3.9); and its
   cast to bf16 truncates, so bf16 results are rounded to nearest before the store there
-  (``_stored``), as the GPU's cast does.
+  (``_stored``), as the GPU's cast does; both helpers are in ``walsh.kernels.bf16_round``.
 - fp16: a TF32 dot (fp16 values are exact in TF32, not in bf16).
 - fp32: an IEEE dot (no TF32): fp32 matches the reference to ~1e-7.
 """

@@ -60,8 +60,10 @@ def rope_lanes(cos: torch.Tensor, sin: torch.Tensor, n_head: int,
     17's [T, D/2] gathers per element made its passes 2-5x slower)."""
     c = cos.float()[:, :, None].expand(-1, -1, 2)                       # [T, D/2, 2]
     s = torch.stack((-sin.float(), sin.float()), dim=-1)               # [T, D/2, 2]
-    return (c.reshape(c.shape[0], -1).repeat(1, n_head).to(dtype).contiguous(),  # [T, H*D]
-            s.reshape(s.shape[0], -1).repeat(1, n_head).to(dtype).contiguous())
+    # cast before the repeat (the same values, n_head times fewer converted); repeat's result
+    # is contiguous
+    return (c.reshape(c.shape[0], -1).to(dtype).repeat(1, n_head),       # [T, H*D]
+            s.reshape(s.shape[0], -1).to(dtype).repeat(1, n_head))
 
 
 def rope_table_dtype(x: torch.Tensor) -> torch.dtype:
