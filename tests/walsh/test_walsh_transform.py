@@ -82,7 +82,7 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
     the end (37 tokens in slabs of 4, 1030 in slabs of 16), or over one; 256 lanes are two
     chunks of walsh_in's 128-lane tile (each chunk divides its own lanes' shares by beta)."""
     monkeypatch.setattr(wl, "GAIN_TOKENS", tokens)
-    monkeypatch.setattr(wl, "GAIN_NARROW_TOKENS", tokens)  # one layer's dx pass, <= 32 lanes
+    monkeypatch.setattr(wl, "GAIN_NARROW_TOKENS", tokens)  # one layer's dx pass, <= 24 lanes
     tok = torch.randn(n, a * lanes, device=DEV, dtype=dtype)      # token-major: dout or x
     blk = torch.randn(a, n, lanes, device=DEV, dtype=dtype)       # block-major: du
     gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype)
@@ -166,7 +166,8 @@ def test_walsh_ops_save_out_for_dbeta(one_kernel, dtype, seed):
 
 
 @pytest.mark.parametrize("setting", [(wt, "WIDE_NUMEL", 1), (wl, "OUT_TILE", 64),
-                                     (wl, "IN_TILE", 256), (wl, "OUT_NARROW_LANES", 0)])
+                                     (wl, "IN_TILE", 256), (wl, "OUT_NARROW_LANES", 0),
+                                     (wl, "GAIN_NARROW_LANES", 0)])
 @pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 5, 130), (4, 70, 3)])
 def test_walsh_transform_launch_settings_bit_equal(setting, a, n, lanes, seed, monkeypatch):
     """Settings that change how, not what, the kernels compute give bit-equal outputs: int64
@@ -276,24 +277,25 @@ def test_walsh_transform_slab_rule():
 
 def test_walsh_transform_rope_backward_stages():
     """walsh_in + dbeta with RoPE takes ROPE_NARROW_STAGES on rows of at most
-    ROPE_NARROW_LANES lanes (24 and 32), GAIN_STAGES past them (64) and without RoPE; the
+    ROPE_NARROW_LANES lanes (24), GAIN_STAGES past them (32, 64) and without RoPE; the
     other passes' launch does not depend on RoPE."""
     def stages(width, rope, in_mode=True, gain=True):
         return wl._launch_params(in_mode, 1, width, gain, False, rope)[3]
 
     narrow, default = wl.ROPE_NARROW_STAGES, wl.GAIN_STAGES[True]
     assert narrow != default  # else this test could not tell the two apart
-    assert [stages(w, True) for w in (24, 32, 64)] == [narrow, narrow, default]
+    assert [stages(w, True) for w in (24, 32, 64)] == [narrow, default, default]
     assert [stages(w, False) for w in (24, 32, 64)] == [default] * 3
     assert stages(24, True, in_mode=False, gain=False) == stages(24, False, False, False)
     assert stages(24, True, gain=False) == stages(24, False, gain=False)
 
 
 def test_walsh_transform_narrow_out_tile():
-    """One layer's walsh_out, with the gain (dx + dalpha) or without, takes OUT_NARROW_TILE on
-    rows of at most OUT_NARROW_LANES lanes (24 and 32: 4 tokens of 32 lanes a slab) and its dx
-    pass GAIN_NARROW_TOKENS tokens a program; OUT_TILE and GAIN_TOKENS past them (64: 4 tokens
-    of 64); walsh_in, a group's dx pass and SwiGLU's keep theirs."""
+    """One layer's walsh_out takes OUT_NARROW_TILE on rows of at most OUT_NARROW_LANES lanes
+    (24 and 32: 4 tokens of 32 lanes a slab), its dx + dalpha pass that tile and
+    GAIN_NARROW_TOKENS tokens a program on rows of at most GAIN_NARROW_LANES (24; 32 lanes take
+    OUT_TILE's 8 tokens a slab and GAIN_TOKENS); OUT_TILE and GAIN_TOKENS past them (64: 4
+    tokens of 64); walsh_in, a group's dx pass and SwiGLU's keep theirs."""
     def launch(width, in_mode=False, gain=False, group=1, swiglu=False):
         lb, bt, _, _, tokens = wl._launch_params(in_mode, group, width, gain, swiglu)
         return lb, bt, tokens
@@ -302,7 +304,7 @@ def test_walsh_transform_narrow_out_tile():
     assert wl.OUT_NARROW_TILE != wl.OUT_TILE and narrow != default  # else this test could
     # not tell them apart
     assert [launch(w)[:2] for w in (24, 32, 64)] == [(32, 4), (32, 4), (64, 4)]
-    assert [launch(w, gain=True) for w in (24, 32, 64)] == [(32, 4, narrow), (32, 4, narrow),
+    assert [launch(w, gain=True) for w in (24, 32, 64)] == [(32, 4, narrow), (32, 8, default),
                                                              (64, 4, default)]
     assert launch(24, in_mode=True) == launch(24, in_mode=True, gain=True) == (32, 4, default)
     assert launch(24, gain=True, group=2) == (*wl._slab(24, wl.GROUP_OUT_TILE), default)

@@ -41,19 +41,24 @@ GAIN_STAGES = {True: 3, False: 0}  # keyed by IN_MODE
 # 16k, A = 32, L2 flushed before each call (session 22, docs/benchmarks.md), us at 1 / 2 / 3 /
 # 4 stages: 24 lanes 48.5 / 65.8 / 62.1 / 78.7 (the pass without RoPE 37.4 / 41.4 / 36.5 /
 # 37.5); 64 lanes 106.0 at 1 against 91.7 at 3, so wider rows keep GAIN_STAGES. 32 lanes (the
-# 350M) have the 24-lane slab ([32, 4, 32]) and were not timed
-ROPE_NARROW_LANES, ROPE_NARROW_STAGES = 32, 1
-# one layer's walsh_out (the forward's, with RoPE or without, and the dx + dalpha pass; not
-# SwiGLU's nor a group's) on rows of at most OUT_NARROW_LANES lanes takes tiles of
-# OUT_NARROW_TILE, its dx + dalpha pass GAIN_NARROW_TOKENS tokens a program. At 24 lanes a
+# 350M, the 24-lane slab [32, 4, 32] without its masked lanes) 52.0 at 1 against 45.7 at 3
+# (session 24): only 24 take the one stage
+ROPE_NARROW_LANES, ROPE_NARROW_STAGES = 24, 1
+# one layer's walsh_out (the forward's, with RoPE or without; not SwiGLU's nor a group's) on
+# rows of at most OUT_NARROW_LANES lanes takes tiles of OUT_NARROW_TILE; its dx + dalpha pass
+# takes that tile and GAIN_NARROW_TOKENS tokens a program on rows of at most GAIN_NARROW_LANES
+# (at 24 lanes neither alone helps, both do; at 32 both slow it: below). At 24 lanes a
 # 256-lane tile is a [32, 8, 32] fp32 slab, 64 registers a thread per tensor: the dx pass held
 # 254 registers (two programs an SM), and its grid of N / 64 = 256 programs could not fill
 # more (ncu, session 23). H200, N = 16k, A = 32, L2 flushed (session 23, docs/benchmarks.md),
 # us at 24 lanes with 256 / 128-lane tiles: walsh_out with RoPE and fp16 tables 29.7 / 25.1
 # (fp32 tables 35.4 / 31.8), plain 19.6 / 19.1; dx + dalpha 42.5 / 45.1 at 64 tokens a program,
 # 45.0 / 37.2 at 32 (37.4 in a second call), 49.4 / 41.4 at 16. At 64 lanes neither helped
-# (dx + dalpha 79.0 against 82.2 with both). 32 lanes share the 24-lane slab, not timed
-OUT_NARROW_LANES, OUT_NARROW_TILE, GAIN_NARROW_TOKENS = 32, 128, 32
+# (dx + dalpha 79.0 against 82.2 with both). 32 lanes (session 24; 256-lane / 128-lane tile):
+# walsh_out 22.2 / 19.9, with RoPE 27.5 / 26.1; dx + dalpha 43.7 at OUT_TILE and 64 tokens,
+# 48.6 with 32 tokens, 47.2 with the narrow tile, 54.1 with both
+OUT_NARROW_LANES, OUT_NARROW_TILE = 32, 128
+GAIN_NARROW_LANES, GAIN_NARROW_TOKENS = 24, 32
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not
 MAX_CHUNK = 256
@@ -95,13 +100,17 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
                    rope: bool = False) -> tuple[int, int, int, int, int]:
     """(LB lanes per chunk, tokens per slab, warps, pipelining stages, tokens per program of a
     gain pass) of a pass: the tile and stages by mode (``ROPE_NARROW_STAGES`` for walsh_in +
-    dbeta with RoPE on narrow rows; ``OUT_NARROW_TILE`` and ``GAIN_NARROW_TOKENS`` for one
-    layer's walsh_out on narrow rows), a group's dx pass's tile (``GROUP_OUT_TILE``), and the
-    SwiGLU passes' table entries (``SWIGLU_IN_WARPS``, ``SWIGLU_DX``)."""
+    dbeta with RoPE on narrow rows; ``OUT_NARROW_TILE`` for one layer's walsh_out on narrow
+    rows, and with ``GAIN_NARROW_TOKENS`` for its dx pass on narrower ones), a group's dx
+    pass's tile (``GROUP_OUT_TILE``), and the SwiGLU passes' table entries
+    (``SWIGLU_IN_WARPS``, ``SWIGLU_DX``)."""
     tile = IN_TILE if in_mode else OUT_TILE if group == 1 else GROUP_OUT_TILE
     tokens = GAIN_TOKENS
-    if not in_mode and group == 1 and not swiglu and width <= OUT_NARROW_LANES:
-        tile, tokens = OUT_NARROW_TILE, GAIN_NARROW_TOKENS
+    if not in_mode and group == 1 and not swiglu:
+        if gain and width <= GAIN_NARROW_LANES:
+            tile, tokens = OUT_NARROW_TILE, GAIN_NARROW_TOKENS
+        elif not gain and width <= OUT_NARROW_LANES:
+            tile = OUT_NARROW_TILE
     warps, stages = TILE_WARPS, GAIN_STAGES[in_mode] if gain else 0
     if rope and in_mode and gain and width <= ROPE_NARROW_LANES:
         stages = ROPE_NARROW_STAGES
