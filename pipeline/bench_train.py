@@ -44,7 +44,7 @@ import yaml
 
 from pipeline.config import CUDA_GRAPH_MODES
 from pipeline.metrics import device_peak_tflops
-from pipeline.parallelize import compile_blocks
+from pipeline.parallelize import GRAD_COPIES, compile_blocks
 from pipeline.profiling import make_profiler, write_profile
 from pipeline.roofline import breakdown_table, step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets
@@ -84,9 +84,11 @@ def bench_one(
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
     compile_scope: str = "blocks", compile_mode: str | None = None,
     ceilings: tuple[float, float] | None = None, profile_dir: Path | None = None,
+    grad_copy: str = "param",
 ) -> dict:
     """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None;
-    ``profile_dir``: profile ``PROFILE_STEPS`` more steps after the timed ones, written there."""
+    ``profile_dir``: profile ``PROFILE_STEPS`` more steps after the timed ones, written there;
+    ``grad_copy``: ``compile_blocks``'s, under CUDA graphs."""
     name, own = parse_spec(spec)
     cfg = get_preset(name, **{**overrides, **own})
     if cfg.block_size < seq_len:
@@ -99,7 +101,8 @@ def bench_one(
     if compile_model and compile_scope == "model":
         fwd_bwd = torch.compile(model, mode=compile_mode)
     elif compile_model:
-        compile_blocks(model, compile_mode)  # exactly what the trainer does (pipeline.parallelize)
+        # exactly what the trainer does (pipeline.parallelize), but for --grad-copy
+        compile_blocks(model, compile_mode, grad_copy)
     gen = torch.Generator(device="cpu").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
@@ -153,6 +156,7 @@ def bench_one(
         "preset": spec, "overrides": {**overrides, **own}, "shape": (cfg.n_layer, cfg.n_embd),
         "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compile_model,
         "compile_scope": compile_scope if compile_model else None, "compile_mode": compile_mode,
+        "grad_copy": grad_copy if graphs and compile_scope == "blocks" else None,
         "seq_len": seq_len,
         "batch": batch, "tok_s": tokens / dt, "ms_step": 1e3 * dt, "peak_gib": peak,
         "tflops": flops * tokens / dt / 1e12, "flops_per_token": flops, "warmup_s": warm_s,
@@ -204,6 +208,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--grad-copy", choices=GRAD_COPIES, default="param",
+                   help="under CUDA graphs, copy each parameter's first gradient out of the "
+                        "graphs' pool as it arrives (param: what the trainer does) or all of a "
+                        "backward pass's at its end (pass: not yet the trainer's; "
+                        "pipeline.parallelize._PassCopy)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -256,7 +265,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# device={dev_name} torch={torch.__version__} dtype={dtype_name} "
           f"T={args.seq_len} B={args.batch} steps={args.steps} overrides={overrides} "
-          f"compile_scope={args.compile_scope} compile_mode={args.compile_mode}")
+          f"compile_scope={args.compile_scope} compile_mode={args.compile_mode} "
+          f"grad_copy={args.grad_copy}")
     peak = device_peak_tflops(device, args.peak_tflops)
     ceilings = None  # (bf16 TFLOP/s, GB/s) for the roofline column
     if device.type == "cuda":
@@ -276,7 +286,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             r = bench_one(spec, overrides, args.seq_len, args.batch, args.steps, args.warmup,
                           comp, device, dtype, args.compile_scope, args.compile_mode, ceilings,
                           Path(args.profile) / profile_dir_name(spec, comp) if args.profile
-                          else None)
+                          else None, args.grad_copy)
             r["mfu"] = r["tflops"] / peak if peak else None
             rows.append(r)
             if device.type == "cuda":

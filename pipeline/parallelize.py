@@ -11,8 +11,10 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   the chunked cross-entropy costs about half of a 125M step (docs/benchmarks.md). The block's
   forward is compiled, not its call: module hooks (ZeRO-3's gather and release) run eagerly
   around the graph, never traced into it. Under CUDA graphs (modes "reduce-overhead",
-  "max-autotune") every parameter's gradient is copied out of the graph's memory pool as it
-  arrives (``_own_grads``);
+  "max-autotune") each parameter's first gradient of a step is copied out of the graph's
+  memory pool (``_own_grads``): as it arrives (``grad_copy="param"``, what trains), or all of a
+  backward pass's at its end in one copy per dtype (``"pass"``, ``walsh bench train
+  --grad-copy pass``; not yet run on a GPU, see ``_PassCopy``);
 - ZeRO-3: each transformer block is a DeepSpeed leaf module, the unit that is gathered and
   released whole (FSDP's usual wrapping), so that its parameters are gathered before its
   compiled forward and none of ZeRO-3's per-module hooks run inside it. The modules that run
@@ -33,6 +35,8 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -68,19 +72,26 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
+# how ``_own_grads`` copies gradients out of a CUDA graph's pool (``compile_blocks``)
+GRAD_COPIES = ("param", "pass")
+
+
+def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "param") -> None:
     """Compile each transformer block's forward in place (hooks stay outside the graph), plus
     ``model.head_loss`` on its own (the trainer's and ``walsh bench train``'s one way to
     compile, so the benchmark measures what trains); ``mode``: torch.compile's (the bench tries
-    "reduce-overhead", CUDA graphs)."""
+    "reduce-overhead", CUDA graphs); ``grad_copy``: how gradients leave the graphs' pool under
+    CUDA graphs (``GRAD_COPIES``; ``_own_grads``)."""
+    if grad_copy not in GRAD_COPIES:
+        raise ValueError(f"grad_copy={grad_copy!r}: expected one of {GRAD_COPIES}")
     for block in model.blocks:
         block.forward = torch.compile(block.forward, mode=mode)
     model.head_loss = torch.compile(model.head_loss, mode=mode)
     if mode in CUDA_GRAPH_MODES:
-        _own_grads(model)
+        _own_grads(model, grad_copy)
 
 
-def _own_grads(model: nn.Module) -> None:
+def _own_grads(model: nn.Module, grad_copy: str = "param") -> None:
     """Give each parameter a gradient of its own, not one in a CUDA graph's output pool.
 
     Without this, autograd keeps the backward graph's output tensor as ``param.grad`` (no copy
@@ -89,10 +100,75 @@ def _own_grads(model: nn.Module) -> None:
     output of CUDAGraphs that has been overwritten by a subsequent run", our trainer on an H200)
     or, in older torch, silently sums the wrong values (pytorch issues 169545, 96693). Only the
     first gradient of a step is copied (later ones are added into .grad at once); at 125M that
-    is one read and write of the fp32 gradients, about 0.25 ms. Registered once per model."""
-    if getattr(model, "_walsh_own_grads", False):
+    is one read and write of the fp32 gradients, about 0.25 ms of kernels. ``"param"`` clones
+    each in its own hook: 283 copies a 125M step, each about 23 us of host time through
+    ``aten::clone`` (session 24's profile); ``"pass"``: ``_PassCopy``. Registered once per
+    model."""
+    if getattr(model, "_walsh_own_grads", None) is not None:
+        if model._walsh_own_grads != grad_copy:
+            raise ValueError(f"gradients already copied by {model._walsh_own_grads!r}, "
+                             f"not {grad_copy!r}")
         return
-    model._walsh_own_grads = True
-    for p in model.parameters():
-        if p.requires_grad:
+    model._walsh_own_grads = grad_copy
+    params = [p for p in model.parameters() if p.requires_grad]
+    if grad_copy == "param":
+        for p in params:
             p.register_hook(lambda g, p=p: g.clone() if p.grad is None else g)
+        return
+    copier = _PassCopy()
+    for p in params:
+        p.register_hook(lambda g, p=p: copier.note(p, g))
+
+
+class _PassCopy:
+    """Each backward pass's first gradients, copied at the pass's end in one buffer per
+    (dtype, device) with one ``torch._foreach_copy_`` each.
+
+    A parameter's hook runs before autograd stores its gradient; when ``.grad`` is None it only
+    records the parameter and the gradient's address (no reference to the tensor, so autograd
+    still takes it as ``.grad`` without a copy) and, first in the pass, queues ``own_all`` to
+    run when the pass ends: before any later forward can replay over the pool. Gradients whose
+    ``.grad`` then sits elsewhere (another hook took it, as DeepSpeed's reduction does, or
+    autograd copied it itself to meet the parameter's strides) are already owned and left;
+    non-contiguous ones are cloned one by one. Entries are kept by autograd's graph task, so a
+    backward run inside another (a reentrant checkpoint) owns its own. A pass that raises midway
+    never runs its callback: its gradients stay in the pool, as without this copy, and the
+    caller is expected to zero them before the next step.
+
+    Why it may not be faster or may not hold, and so is not the default until GPU runs say so:
+    the pool's gradients stay alive until the pass ends instead of being released one by one,
+    so the graphs recorded for later blocks' backward see a different set of live tensors than
+    in micro steps that accumulate (where autograd adds each gradient at once); CUDA graph
+    trees re-record when that set differs, costing pool memory and recordings."""
+
+    def __init__(self) -> None:
+        # autograd graph task -> {id(p): (p, the gradient's address)}
+        self.pending: dict[int, dict[int, tuple[nn.Parameter, int]]] = {}
+
+    def note(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        if p.grad is not None:
+            return  # a later micro step: autograd adds g into .grad, which is ours already
+        task = torch._C._current_graph_task_id()
+        if task not in self.pending:
+            self.pending[task] = {}
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self.own_all(task))
+        self.pending[task][id(p)] = (p, g.data_ptr())
+
+    def own_all(self, task: int) -> None:
+        groups: dict[tuple, list[nn.Parameter]] = defaultdict(list)
+        for p, ptr in self.pending.pop(task).values():
+            g = p.grad
+            if g is None or g.data_ptr() != ptr:
+                continue  # not autograd's stolen tensor: owned by whoever put it there
+            if g.is_contiguous():
+                groups[(g.dtype, g.device)].append(p)
+            else:
+                p.grad = g.clone()
+        for (dtype, device), ps in groups.items():
+            grads = [p.grad for p in ps]
+            flat = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=device)
+            owned = [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            torch._foreach_copy_(owned, grads)
+            for p, v in zip(ps, owned):
+                p.grad = v

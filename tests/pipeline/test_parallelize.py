@@ -1,6 +1,6 @@
 """Compiled blocks (pipeline.parallelize.compile_blocks) give the eager model's gradients,
 also under CUDA graphs with gradient accumulation, where the backward graph's output pool is
-replayed over between micro steps."""
+replayed over between micro steps, by either way of copying gradients out of it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config_load import load
-from pipeline.parallelize import compile_blocks, parallelize
+from pipeline.parallelize import _own_grads, compile_blocks, parallelize
 from walsh.layers.hadamard import run_by_parent
 from walsh.models import WalshLM
 from walsh.models.presets import get_preset
@@ -27,8 +27,9 @@ def _accumulated_grads(model: WalshLM, batches: list[torch.Tensor]) -> list[torc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_blocks_accumulate_the_eager_gradients(mode):
+@pytest.mark.parametrize("mode,grad_copy", [(None, "param"), ("reduce-overhead", "param"),
+                                            ("reduce-overhead", "pass")])
+def test_compiled_blocks_accumulate_the_eager_gradients(mode, grad_copy):
     torch.manual_seed(0)
     # float weights (not ternary): a compiled absmean may round the scale differently and flip
     # a code, which is not what this test is about
@@ -36,14 +37,14 @@ def test_compiled_blocks_accumulate_the_eager_gradients(mode):
     eager = WalshLM(cfg).cuda()
     compiled = WalshLM(cfg).cuda()
     compiled.load_state_dict(eager.state_dict())
-    compile_blocks(compiled, mode)
+    compile_blocks(compiled, mode, grad_copy)
     # fresh batches per micro step: a stale pool would show as the wrong sum
     batches = [torch.randint(0, cfg.vocab_size, (2, 33), device="cuda") for _ in range(3)]
     want = _accumulated_grads(eager, batches)
     got = _accumulated_grads(compiled, batches)
     for (name, _), g, w in zip(eager.named_parameters(), got, want):
         err = ((g - w).norm() / w.norm().clamp(min=1e-12)).item()
-        assert err < 1e-4, (name, mode, err)  # fp32: compiled kernels reorder sums only
+        assert err < 1e-4, (name, mode, grad_copy, err)  # fp32: compiled kernels reorder sums only
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -70,3 +71,70 @@ def test_zero3_leaf_modules_are_the_blocks(stage, group, fuse):
     # down when the product is inside
     assert len(parents) == len(blocks) * (group + (group or fuse))
     assert all(n.rsplit(".", 1)[0] in blocks for n in parents), parents
+
+
+def test_compile_blocks_refuses_an_unknown_grad_copy():
+    model = WalshLM(get_preset("tiny", vocab_size=64))
+    with pytest.raises(ValueError, match="grad_copy='params'"):
+        compile_blocks(model, "reduce-overhead", grad_copy="params")
+
+
+def test_own_grads_by_pass_copies_first_gradients_once_per_pass():
+    """``_own_grads(model, "pass")`` (CPU, eager: what it does to .grad, not the CUDA graphs
+    it is for): after each step's first backward pass every gradient autograd stored is a view
+    of one fresh buffer, equal to the plain model's bit for bit, as are the sums over later
+    micro steps and optimizer steps; a gradient another hook replaced stays that hook's; a pass
+    that raised midway leaves nothing that stops the next pass's copy."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same summation order in both models: exact comparisons
+    try:
+        cfg = get_preset("tiny", vocab_size=128, algebra="walsh", algebra_dim=4,
+                         walsh_impl="dense")
+        plain, owned = WalshLM(cfg), WalshLM(cfg)
+        owned.load_state_dict(plain.state_dict())
+        _own_grads(owned, "pass")
+        _own_grads(owned, "pass")  # registered once
+        with pytest.raises(ValueError, match="already copied by 'pass'"):
+            _own_grads(owned, "param")
+        # a later hook that puts the gradient elsewhere, as DeepSpeed's reduction does
+        taken = owned.blocks[0].mlp.down.weight
+        taken.register_post_accumulate_grad_hook(
+            lambda p: setattr(p, "grad", p.grad.clone()))
+        names = [n for n, _ in owned.named_parameters()]
+
+        # a pass that raises midway: its callback never runs
+        boom = {"left": 1}
+
+        def raise_once(g):
+            if boom["left"]:
+                boom["left"] -= 1
+                raise RuntimeError("boom")
+            return g
+
+        handle = owned.blocks[-1].norm1.weight.register_hook(raise_once)
+        tok = torch.randint(0, cfg.vocab_size, (2, 17))
+        with pytest.raises(RuntimeError, match="boom"):
+            owned(tok[:, :-1], tok[:, 1:]).backward()
+        handle.remove()
+
+        opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
+        opt_o = torch.optim.SGD(owned.parameters(), lr=0.1)
+        for _ in range(2):  # optimizer steps
+            opt_p.zero_grad(set_to_none=True)
+            opt_o.zero_grad(set_to_none=True)
+            for micro in range(3):
+                tok = torch.randint(0, cfg.vocab_size, (2, 17))
+                for m in (plain, owned):
+                    m(tok[:, :-1], tok[:, 1:]).backward()
+                if micro == 0:
+                    storages = {p.grad.untyped_storage().data_ptr()
+                                for p in owned.parameters() if p is not taken}
+                    assert len(storages) == 1, len(storages)
+                    assert taken.grad.untyped_storage().data_ptr() not in storages
+                for n, p, q in zip(names, plain.parameters(), owned.parameters()):
+                    assert torch.equal(p.grad, q.grad), (n, micro)
+            opt_p.step()
+            opt_o.step()
+    finally:
+        torch.set_num_threads(threads)
