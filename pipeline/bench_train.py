@@ -212,7 +212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="under CUDA graphs, copy each parameter's first gradient out of the "
                         "graphs' pool as it arrives (param: what the trainer does) or all of a "
                         "backward pass's at its end (pass: not yet the trainer's; "
-                        "pipeline.parallelize._PassCopy)")
+                        "pipeline.parallelize._PassCopy); --compile-scope blocks only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")

@@ -36,6 +36,7 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 import torch
@@ -126,49 +127,64 @@ class _PassCopy:
 
     A parameter's hook runs before autograd stores its gradient; when ``.grad`` is None it only
     records the parameter and the gradient's address (no reference to the tensor, so autograd
-    still takes it as ``.grad`` without a copy) and, first in the pass, queues ``own_all`` to
-    run when the pass ends: before any later forward can replay over the pool. Gradients whose
-    ``.grad`` then sits elsewhere (another hook took it, as DeepSpeed's reduction does, or
-    autograd copied it itself to meet the parameter's strides) are already owned and left;
-    non-contiguous ones are cloned one by one. Entries are kept by autograd's graph task, so a
-    backward run inside another (a reentrant checkpoint) owns its own. A pass that raises midway
-    never runs its callback: its gradients stay in the pool, as without this copy, and the
-    caller is expected to zero them before the next step.
+    still takes it as ``.grad`` without a copy) and, first in the pass, queues a callback for
+    the pass's end: before any later forward can replay over the pool. There each recorded
+    ``.grad`` still at its address gets the buffer's view as its storage (``.grad.data = v``:
+    the same tensor object, so a hook that kept it, as DeepSpeed's ZeRO-1/2 buckets do
+    without ``contiguous_gradients``, reduces what the optimizer reads); gradients that sit
+    elsewhere by then (another hook moved them, as ZeRO-2's contiguous buckets do, or autograd
+    copied them to meet the parameter's strides) are already owned and left; non-contiguous
+    ones are cloned one by one.
+
+    Each pass's table belongs to its callback (``note`` starts a new one when autograd's graph
+    task changes; the lock covers hooks of one pass on several devices' threads). A pass that
+    raises never runs its callback: the gradients it stored stay in the pool (``"param"`` had
+    cloned them), and the caller zeroes them before the next step. ``torch.autograd.grad``
+    returns the pool's tensors themselves (``"param"``: clones); no ``.grad`` is touched.
 
     Why it may not be faster or may not hold, and so is not the default until GPU runs say so:
-    the pool's gradients stay alive until the pass ends instead of being released one by one,
-    so the graphs recorded for later blocks' backward see a different set of live tensors than
-    in micro steps that accumulate (where autograd adds each gradient at once); CUDA graph
-    trees re-record when that set differs, costing pool memory and recordings."""
+    the pool's gradients now stay alive until the pass ends. CUDA graph trees record each
+    node with the outputs that were dead before it, and replaying one whose recording saw them
+    dead while they are alive records a new branch (``ExpectedDeadIndicesBeforeGraphMismatch``,
+    counted in ``num_rerecord``): with gradient accumulation, if a step's later micro steps
+    (gradients added and freed at once) recorded first, its first micro step records the rest
+    of the backward path again, once, with more pool memory. ``walsh bench train`` runs one
+    micro step a step and so does not see it; the GPU accumulation test does."""
 
     def __init__(self) -> None:
-        # autograd graph task -> {id(p): (p, the gradient's address)}
-        self.pending: dict[int, dict[int, tuple[nn.Parameter, int]]] = {}
+        self.lock = threading.Lock()
+        self.task = -1  # the graph task whose table ``entries`` is
+        self.entries: dict[int, tuple[nn.Parameter, int]] = {}  # id(p) -> (p, grad's address)
 
     def note(self, p: nn.Parameter, g: torch.Tensor) -> None:
         if p.grad is not None:
             return  # a later micro step: autograd adds g into .grad, which is ours already
         task = torch._C._current_graph_task_id()
-        if task not in self.pending:
-            self.pending[task] = {}
-            torch.autograd.Variable._execution_engine.queue_callback(
-                lambda: self.own_all(task))
-        self.pending[task][id(p)] = (p, g.data_ptr())
+        with self.lock:
+            if task != self.task:
+                self.task, self.entries = task, {}
+                entries = self.entries
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: _own_all(entries))
+            self.entries[id(p)] = (p, g.data_ptr())
 
-    def own_all(self, task: int) -> None:
-        groups: dict[tuple, list[nn.Parameter]] = defaultdict(list)
-        for p, ptr in self.pending.pop(task).values():
-            g = p.grad
-            if g is None or g.data_ptr() != ptr:
-                continue  # not autograd's stolen tensor: owned by whoever put it there
-            if g.is_contiguous():
-                groups[(g.dtype, g.device)].append(p)
-            else:
-                p.grad = g.clone()
-        for (dtype, device), ps in groups.items():
-            grads = [p.grad for p in ps]
-            flat = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=device)
-            owned = [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
-            torch._foreach_copy_(owned, grads)
-            for p, v in zip(ps, owned):
-                p.grad = v
+
+def _own_all(entries: dict[int, tuple[nn.Parameter, int]]) -> None:
+    """``_PassCopy``'s callback: one pass's recorded gradients into buffers of their own."""
+    groups: dict[tuple, list[nn.Parameter]] = defaultdict(list)
+    for p, ptr in entries.values():
+        g = p.grad
+        if g is None or g.data_ptr() != ptr:
+            continue  # not autograd's stolen tensor: owned by whoever put it there
+        if g.is_contiguous():
+            groups[(g.dtype, g.device)].append(p)
+        else:
+            g.data = g.clone()
+    entries.clear()  # drop the parameters' references with the pass
+    for (dtype, device), ps in groups.items():
+        grads = [p.grad for p in ps]
+        flat = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=device)
+        owned = [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        torch._foreach_copy_(owned, grads)
+        for g, v in zip(grads, owned):
+            g.data = v

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.config_load import load
 from pipeline.parallelize import _own_grads, compile_blocks, parallelize
@@ -138,3 +139,49 @@ def test_own_grads_by_pass_copies_first_gradients_once_per_pass():
             opt_o.step()
     finally:
         torch.set_num_threads(threads)
+
+
+class _Odd(nn.Module):
+    """Parameters of two dtypes and one stored transposed, whose gradient autograd keeps
+    non-contiguous (its strides follow ``c``'s, which match the parameter's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(5, 3))
+        self.b = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.t = nn.Parameter(torch.randn(4, 5).t())  # [5, 4], strides (1, 5)
+        self.c = torch.randn(4, 5).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 5]
+        z = ((x @ self.a).double() @ self.b).float()     # [n, 4]
+        return z.square().sum() + (self.t * self.c).sum() * x.sum()
+
+
+def test_own_grads_by_pass_dtypes_strides_and_held_gradients():
+    """By dtype one buffer each; a non-contiguous gradient cloned with its strides; every
+    gradient copied (not the tensor the hooks saw) and bit-equal to the plain module's; a
+    gradient a later hook holds (DeepSpeed's buckets) stays the same tensor object."""
+    torch.manual_seed(0)
+    plain = _Odd()
+    owned = _Odd()
+    owned.load_state_dict(plain.state_dict())
+    owned.c = plain.c
+    _own_grads(owned, "pass")
+    seen, held = {}, []
+    for name, p in owned.named_parameters():
+        p.register_hook(lambda g, name=name: seen.__setitem__(name, g.data_ptr()))
+    owned.a.register_post_accumulate_grad_hook(lambda p: held.append(p.grad))
+    for step in range(2):
+        x = torch.randn(7, 5)
+        for m in (plain, owned):
+            m(x).backward()
+        if step == 0:
+            a, b, t = owned.a.grad, owned.b.grad, owned.t.grad
+            assert held[0] is a  # the tensor the hook kept is the one the optimizer reads
+            assert (a.dtype, b.dtype) == (torch.float32, torch.float64)
+            assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+            assert t.stride() == (1, 5) and not t.is_contiguous()
+            for name, g in (("a", a), ("b", b), ("t", t)):
+                assert g.data_ptr() != seen[name], name  # a copy, not autograd's tensor
+        for name, p in plain.named_parameters():
+            assert torch.equal(p.grad, getattr(owned, name).grad), (name, step)
