@@ -101,7 +101,7 @@ def bench_one(
     if compile_model and compile_scope == "model":
         fwd_bwd = torch.compile(model, mode=compile_mode)
     elif compile_model:
-        # exactly what the trainer does (pipeline.parallelize), but for --grad-copy
+        # exactly what the trainer does (pipeline.parallelize)
         compile_blocks(model, compile_mode, grad_copy)
     gen = torch.Generator(device="cpu").manual_seed(1)
     batches = [
@@ -210,9 +210,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--grad-copy", choices=GRAD_COPIES, default="param",
                    help="under CUDA graphs, copy each parameter's first gradient out of the "
-                        "graphs' pool as it arrives (param: what the trainer does) or all of a "
-                        "backward pass's at its end (pass: not yet the trainer's; "
-                        "pipeline.parallelize._PassCopy); --compile-scope blocks only")
+                        "graphs' pool as it arrives (param) or all of a backward pass's at "
+                        "its end (pass): train.grad_copy's choice "
+                        "(pipeline.parallelize._own_grads); --compile-scope blocks only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")

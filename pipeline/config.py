@@ -204,6 +204,11 @@ class TrainCfg(BaseModel):
     # docs/benchmarks.md, 2026-11-30, sessions 5-6). "default" is torch's default
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
+    # under CUDA graphs, how each parameter's first gradient of a step leaves the graphs'
+    # pool (pipeline.parallelize._own_grads): "param" clones each as it arrives; "pass" copies
+    # a backward pass's all at its end, one copy per dtype (less host time; written in
+    # sessions 24-25, tested on CPU, not yet run on a GPU: docs/benchmarks.md, session 25)
+    grad_copy: Literal["param", "pass"] = "param"
     activation_checkpointing: bool = False
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)

@@ -12,9 +12,9 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   forward is compiled, not its call: module hooks (ZeRO-3's gather and release) run eagerly
   around the graph, never traced into it. Under CUDA graphs (modes "reduce-overhead",
   "max-autotune") each parameter's first gradient of a step is copied out of the graph's
-  memory pool (``_own_grads``): as it arrives (``grad_copy="param"``, what trains), or all of a
-  backward pass's at its end in one copy per dtype (``"pass"``, ``walsh bench train
-  --grad-copy pass``; not yet run on a GPU, see ``_PassCopy``);
+  memory pool (``_own_grads``, by ``train.grad_copy``): as it arrives (``"param"``, the
+  default), or all of a backward pass's at its end in one copy per dtype (``"pass"``; ``walsh
+  bench train --grad-copy pass``; not yet run on a GPU, see ``_PassCopy``);
 - ZeRO-3: each transformer block is a DeepSpeed leaf module, the unit that is gathered and
   released whole (FSDP's usual wrapping), so that its parameters are gathered before its
   compiled forward and none of ZeRO-3's per-module hooks run inside it. The modules that run
@@ -69,7 +69,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
             block.forward = _checkpointed(block.forward)
     if cfg.train.compile:
         mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-        compile_blocks(model, mode)
+        compile_blocks(model, mode, cfg.train.grad_copy)
     return model
 
 

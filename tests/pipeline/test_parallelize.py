@@ -74,6 +74,25 @@ def test_zero3_leaf_modules_are_the_blocks(stage, group, fuse):
     assert all(n.rsplit(".", 1)[0] in blocks for n in parents), parents
 
 
+@pytest.mark.parametrize("grad_copy", [None, "param", "pass"])
+def test_parallelize_copies_gradients_by_config(grad_copy):
+    """``train.grad_copy`` reaches ``_own_grads`` under CUDA-graph compile modes ("param" when
+    unset), and no copy is registered without them."""
+    path = Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml"
+    over = ["train.compile=true", "model.preset=tiny"]
+    over += [f"train.grad_copy={grad_copy}"] if grad_copy else []
+    for mode, want in (("reduce-overhead", grad_copy or "param"), ("default", None)):
+        cfg = load(path, [*over, "train.zero_stage=0", f"train.compile_mode={mode}"])
+        model = parallelize(WalshLM(cfg.walsh_config()), cfg, torch.device("cpu"))
+        assert getattr(model, "_walsh_own_grads", None) == want, mode
+
+
+def test_grad_copy_config_names_the_key():
+    path = Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml"
+    with pytest.raises(ValueError, match="train.grad_copy"):
+        load(path, ["train.grad_copy=params"])
+
+
 def test_compile_blocks_refuses_an_unknown_grad_copy():
     model = WalshLM(get_preset("tiny", vocab_size=64))
     with pytest.raises(ValueError, match="grad_copy='params'"):

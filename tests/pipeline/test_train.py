@@ -318,15 +318,16 @@ def test_loss_parity_one_vs_two_ranks(data_dir, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(400)
-def test_cuda_graphs_train_and_evaluate(data_dir, tmp_path):
+@pytest.mark.parametrize("grad_copy", ["param", "pass"])
+def test_cuda_graphs_train_and_evaluate(grad_copy, data_dir, tmp_path):
     """compile_mode reduce-overhead (CUDA graphs): the kept losses and the gradients are copies
-    out of the graph pool, and evaluation (no backward between blocks, so graph trees would free
-    each block's output) runs eager; each failed on an H200 before ("accessing tensor output of
-    CUDAGraphs that has been overwritten by a subsequent run"; the gradients with two micro
-    steps per optimizer step, as here)."""
+    out of the graph pool (by either ``train.grad_copy``), and evaluation (no backward between
+    blocks, so graph trees would free each block's output) runs eager; each failed on an H200
+    before ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
+    run"; the gradients with two micro steps per optimizer step, as here)."""
     raw = run_config(data_dir, tmp_path / "run", zero_stage=0, global_batch=8, steps=8,
                      eval_interval=4, compile=True, compile_mode="reduce-overhead",
-                     precision="bf16")
+                     precision="bf16", grad_copy=grad_copy)
     raw["cluster"] = {"workers": 1, "gpus_per_worker": 1}
     finish(torchrun(write_config(tmp_path, raw), nproc=1), timeout=380)
     metrics = read_metrics(tmp_path / "run")
