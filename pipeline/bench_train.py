@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.config import CUDA_GRAPH_MODES
+from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES
 from pipeline.metrics import device_peak_tflops
-from pipeline.parallelize import GRAD_COPIES, compile_blocks
+from pipeline.parallelize import compile_blocks
 from pipeline.profiling import make_profiler, write_profile
 from pipeline.roofline import breakdown_table, step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -42,6 +42,10 @@ from walsh.models.presets import get_preset, presets
 
 # torch.compile modes that replay CUDA graphs (``train.compile_mode``)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# how each parameter's first gradient of a step leaves a CUDA graph's pool
+# (``train.grad_copy``; pipeline.parallelize._own_grads)
+GradCopy = Literal["param", "pass"]
+GRAD_COPIES = get_args(GradCopy)
 
 
 class ConfigError(ValueError):
@@ -206,9 +210,9 @@ class TrainCfg(BaseModel):
                           "max-autotune-no-cudagraphs"] = "default"
     # under CUDA graphs, how each parameter's first gradient of a step leaves the graphs'
     # pool (pipeline.parallelize._own_grads): "param" clones each as it arrives; "pass" copies
-    # a backward pass's all at its end, one copy per dtype (less host time; written in
-    # sessions 24-25, tested on CPU, not yet run on a GPU: docs/benchmarks.md, session 25)
-    grad_copy: Literal["param", "pass"] = "param"
+    # a backward pass's all at its end, one copy per dtype (meant to save host time; written
+    # in sessions 24-25, tested on CPU, not yet run on a GPU: docs/benchmarks.md, session 25)
+    grad_copy: GradCopy = "param"
     activation_checkpointing: bool = False
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)

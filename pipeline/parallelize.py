@@ -36,14 +36,14 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 import torch
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import CUDA_GRAPH_MODES, RunConfig
+from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, RunConfig
 
 
 def _checkpointed(forward):
@@ -73,10 +73,6 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     return model
 
 
-# how ``_own_grads`` copies gradients out of a CUDA graph's pool (``compile_blocks``)
-GRAD_COPIES = ("param", "pass")
-
-
 def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "param") -> None:
     """Compile each transformer block's forward in place (hooks stay outside the graph), plus
     ``model.head_loss`` on its own (the trainer's and ``walsh bench train``'s one way to
@@ -100,11 +96,10 @@ def _own_grads(model: nn.Module, grad_copy: str = "param") -> None:
     replays over that memory. Gradient accumulation then either raises ("accessing tensor
     output of CUDAGraphs that has been overwritten by a subsequent run", our trainer on an H200)
     or, in older torch, silently sums the wrong values (pytorch issues 169545, 96693). Only the
-    first gradient of a step is copied (later ones are added into .grad at once); at 125M that
-    is one read and write of the fp32 gradients, about 0.25 ms of kernels. ``"param"`` clones
-    each in its own hook: 283 copies a 125M step, each about 23 us of host time through
-    ``aten::clone`` (session 24's profile); ``"pass"``: ``_PassCopy``. Registered once per
-    model."""
+    first gradient of a step is copied (later ones are added into .grad at once): one read and
+    write of the fp32 gradients. ``"param"`` clones each in its own hook: at 125M 283 copies a
+    step, 0.46 ms of kernels and about 23 us of host time each through ``aten::clone``
+    (session 24's profile); ``"pass"``: ``_PassCopy``. Registered once per model."""
     if getattr(model, "_walsh_own_grads", None) is not None:
         if model._walsh_own_grads != grad_copy:
             raise ValueError(f"gradients already copied by {model._walsh_own_grads!r}, "
@@ -122,8 +117,8 @@ def _own_grads(model: nn.Module, grad_copy: str = "param") -> None:
 
 
 class _PassCopy:
-    """Each backward pass's first gradients, copied at the pass's end in one buffer per
-    (dtype, device) with one ``torch._foreach_copy_`` each.
+    """Each backward pass's first gradients, copied at the pass's end into one buffer per
+    (dtype, device) with one ``torch.cat`` each.
 
     A parameter's hook runs before autograd stores its gradient; when ``.grad`` is None it only
     records the parameter and the gradient's address (no reference to the tensor, so autograd
@@ -137,7 +132,8 @@ class _PassCopy:
     ones are cloned one by one.
 
     Each pass's table belongs to its callback (``note`` starts a new one when autograd's graph
-    task changes; the lock covers hooks of one pass on several devices' threads). A pass that
+    task changes). The model is on one device (``parallelize``), so one engine thread runs all
+    of a pass's hooks: ``note`` takes no lock. A pass that
     raises never runs its callback: the gradients it stored stay in the pool (``"param"`` had
     cloned them), and the caller zeroes them before the next step. ``torch.autograd.grad``
     returns the pool's tensors themselves (``"param"``: clones); no ``.grad`` is touched.
@@ -152,7 +148,6 @@ class _PassCopy:
     micro step a step and so does not see it; the GPU accumulation test does."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.task = -1  # the graph task whose table ``entries`` is
         self.entries: dict[int, tuple[nn.Parameter, int]] = {}  # id(p) -> (p, grad's address)
 
@@ -160,13 +155,11 @@ class _PassCopy:
         if p.grad is not None:
             return  # a later micro step: autograd adds g into .grad, which is ours already
         task = torch._C._current_graph_task_id()
-        with self.lock:
-            if task != self.task:
-                self.task, self.entries = task, {}
-                entries = self.entries
-                torch.autograd.Variable._execution_engine.queue_callback(
-                    lambda: _own_all(entries))
-            self.entries[id(p)] = (p, g.data_ptr())
+        if task != self.task:
+            self.task, self.entries = task, {}
+            entries = self.entries
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: _own_all(entries))
+        self.entries[id(p)] = (p, g.data_ptr())
 
 
 def _own_all(entries: dict[int, tuple[nn.Parameter, int]]) -> None:
@@ -181,10 +174,9 @@ def _own_all(entries: dict[int, tuple[nn.Parameter, int]]) -> None:
         else:
             g.data = g.clone()
     entries.clear()  # drop the parameters' references with the pass
-    for (dtype, device), ps in groups.items():
+    for ps in groups.values():
         grads = [p.grad for p in ps]
-        flat = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=device)
-        owned = [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        torch._foreach_copy_(owned, grads)
-        for g, v in zip(grads, owned):
+        # one concatenating copy (not _flatten_dense_tensors: of one tensor it returns a view)
+        flat = torch.cat([g.view(-1) for g in grads])
+        for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.data = v
