@@ -84,7 +84,7 @@ def bench_one(
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
     compile_scope: str = "blocks", compile_mode: str | None = None,
     ceilings: tuple[float, float] | None = None, profile_dir: Path | None = None,
-    grad_copy: str = "param",
+    grad_copy: str = "pass",
 ) -> dict:
     """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None;
     ``profile_dir``: profile ``PROFILE_STEPS`` more steps after the timed ones, written there;
@@ -208,10 +208,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--grad-copy", choices=GRAD_COPIES, default="param",
+    p.add_argument("--grad-copy", choices=GRAD_COPIES, default="pass",
                    help="under CUDA graphs, copy each parameter's first gradient out of the "
-                        "graphs' pool as it arrives (param) or all of a backward pass's at "
-                        "its end (pass): train.grad_copy's choice "
+                        "graphs' pool all of a backward pass's at its end (pass, the "
+                        "default) or each as it arrives (param): train.grad_copy's choice "
                         "(pipeline.parallelize._own_grads); --compile-scope blocks only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,

@@ -209,10 +209,10 @@ class TrainCfg(BaseModel):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
     # under CUDA graphs, how each parameter's first gradient of a step leaves the graphs'
-    # pool (pipeline.parallelize._own_grads): "param" clones each as it arrives; "pass" copies
-    # a backward pass's all at its end, one copy per dtype (meant to save host time; written
-    # in sessions 24-25, tested on CPU, not yet run on a GPU: docs/benchmarks.md, session 25)
-    grad_copy: GradCopy = "param"
+    # pool (pipeline.parallelize._own_grads): "pass" copies a backward pass's all at its end,
+    # one copy per dtype (walsh-h-125m on one H200: +0.5% in the trainer with 2 micro steps,
+    # +1.5% with one, session 26); "param" clones each as it arrives (~23 us of host each)
+    grad_copy: GradCopy = "pass"
     activation_checkpointing: bool = False
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)

@@ -12,9 +12,9 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   forward is compiled, not its call: module hooks (ZeRO-3's gather and release) run eagerly
   around the graph, never traced into it. Under CUDA graphs (modes "reduce-overhead",
   "max-autotune") each parameter's first gradient of a step is copied out of the graph's
-  memory pool (``_own_grads``, by ``train.grad_copy``): as it arrives (``"param"``, the
-  default), or all of a backward pass's at its end in one copy per dtype (``"pass"``; ``walsh
-  bench train --grad-copy pass``; not yet run on a GPU, see ``_PassCopy``);
+  memory pool (``_own_grads``, by ``train.grad_copy``): all of a backward pass's at its end
+  in one copy per dtype (``"pass"``, the default: ``_PassCopy``), or each as it arrives
+  (``"param"``);
 - ZeRO-3: each transformer block is a DeepSpeed leaf module, the unit that is gathered and
   released whole (FSDP's usual wrapping), so that its parameters are gathered before its
   compiled forward and none of ZeRO-3's per-module hooks run inside it. The modules that run
@@ -73,7 +73,7 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "param") -> None:
+def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "pass") -> None:
     """Compile each transformer block's forward in place (hooks stay outside the graph), plus
     ``model.head_loss`` on its own (the trainer's and ``walsh bench train``'s one way to
     compile, so the benchmark measures what trains); ``mode``: torch.compile's (the bench tries
@@ -88,7 +88,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "
         _own_grads(model, grad_copy)
 
 
-def _own_grads(model: nn.Module, grad_copy: str = "param") -> None:
+def _own_grads(model: nn.Module, grad_copy: str = "pass") -> None:
     """Give each parameter a gradient of its own, not one in a CUDA graph's output pool.
 
     Without this, autograd keeps the backward graph's output tensor as ``param.grad`` (no copy
@@ -99,7 +99,8 @@ def _own_grads(model: nn.Module, grad_copy: str = "param") -> None:
     first gradient of a step is copied (later ones are added into .grad at once): one read and
     write of the fp32 gradients. ``"param"`` clones each in its own hook: at 125M 283 copies a
     step, 0.46 ms of kernels and about 23 us of host time each through ``aten::clone``
-    (session 24's profile); ``"pass"``: ``_PassCopy``. Registered once per model."""
+    (session 24's profile); ``"pass"`` (the default): ``_PassCopy``, 1.5% faster at 125M
+    (session 26). Registered once per model."""
     if getattr(model, "_walsh_own_grads", None) is not None:
         if model._walsh_own_grads != grad_copy:
             raise ValueError(f"gradients already copied by {model._walsh_own_grads!r}, "
@@ -138,14 +139,16 @@ class _PassCopy:
     cloned them), and the caller zeroes them before the next step. ``torch.autograd.grad``
     returns the pool's tensors themselves (``"param"``: clones); no ``.grad`` is touched.
 
-    Why it may not be faster or may not hold, and so is not the default until GPU runs say so:
-    the pool's gradients now stay alive until the pass ends. CUDA graph trees record each
-    node with the outputs that were dead before it, and replaying one whose recording saw them
-    dead while they are alive records a new branch (``ExpectedDeadIndicesBeforeGraphMismatch``,
-    counted in ``num_rerecord``): with gradient accumulation, if a step's later micro steps
-    (gradients added and freed at once) recorded first, its first micro step records the rest
-    of the backward path again, once, with more pool memory. ``walsh bench train`` runs one
-    micro step a step and so does not see it; the GPU accumulation test does."""
+    The pool's gradients stay alive until the pass ends. CUDA graph trees record each node
+    with the outputs that were dead before it, and replaying one whose recording saw them dead
+    while they are alive records a new branch (``ExpectedDeadIndicesBeforeGraphMismatch``,
+    ``num_rerecord``): with gradient accumulation a step's first micro step may record the rest
+    of the backward path once more. Measured on one H200 (session 26, docs/benchmarks.md):
+    the GPU accumulation and trainer tests pass with it; walsh-h-125m (Triton layers, CUDA
+    graphs) ran at 437-439k tok/s against 430-433k with ``"param"`` in ``walsh bench train``
+    (one micro step a step, a step's profiled wall 40.0 against 40.8 ms), and in the trainer
+    with 2 micro steps a step at 436k against 434k, at the same peak memory (9.22 GiB), so
+    it is the default."""
 
     def __init__(self) -> None:
         self.task = -1  # the graph task whose table ``entries`` is

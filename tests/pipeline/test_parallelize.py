@@ -76,12 +76,12 @@ def test_zero3_leaf_modules_are_the_blocks(stage, group, fuse):
 
 @pytest.mark.parametrize("grad_copy", [None, "param", "pass"])
 def test_parallelize_copies_gradients_by_config(grad_copy):
-    """``train.grad_copy`` reaches ``_own_grads`` under CUDA-graph compile modes ("param" when
+    """``train.grad_copy`` reaches ``_own_grads`` under CUDA-graph compile modes ("pass" when
     unset), and no copy is registered without them."""
     path = Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml"
     over = ["train.compile=true", "model.preset=tiny"]
     over += [f"train.grad_copy={grad_copy}"] if grad_copy else []
-    for mode, want in (("reduce-overhead", grad_copy or "param"), ("default", None)):
+    for mode, want in (("reduce-overhead", grad_copy or "pass"), ("default", None)):
         cfg = load(path, [*over, "train.zero_stage=0", f"train.compile_mode={mode}"])
         model = parallelize(WalshLM(cfg.walsh_config()), cfg, torch.device("cpu"))
         assert getattr(model, "_walsh_own_grads", None) == want, mode
