@@ -99,8 +99,8 @@ def _own_grads(model: nn.Module, grad_copy: str = "pass") -> None:
     first gradient of a step is copied (later ones are added into .grad at once): one read and
     write of the fp32 gradients. ``"param"`` clones each in its own hook: at 125M 283 copies a
     step, 0.46 ms of kernels and about 23 us of host time each through ``aten::clone``
-    (session 24's profile); ``"pass"`` (the default): ``_PassCopy``, 1.5% faster at 125M
-    (session 26). Registered once per model."""
+    (session 24's profile); ``"pass"`` (the default): ``_PassCopy``, 0.5-1.5% faster at
+    125M (session 26). Registered once per model."""
     if getattr(model, "_walsh_own_grads", None) is not None:
         if model._walsh_own_grads != grad_copy:
             raise ValueError(f"gradients already copied by {model._walsh_own_grads!r}, "
