@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES
+from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, GRAD_COPY_DEFAULT
 from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import compile_blocks
 from pipeline.profiling import make_profiler, write_profile
@@ -84,7 +84,7 @@ def bench_one(
     compile_model: bool, device: torch.device, dtype: torch.dtype | None,
     compile_scope: str = "blocks", compile_mode: str | None = None,
     ceilings: tuple[float, float] | None = None, profile_dir: Path | None = None,
-    grad_copy: str = "pass",
+    grad_copy: str = GRAD_COPY_DEFAULT,
 ) -> dict:
     """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None;
     ``profile_dir``: profile ``PROFILE_STEPS`` more steps after the timed ones, written there;
@@ -208,7 +208,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--grad-copy", choices=GRAD_COPIES, default="pass",
+    p.add_argument("--grad-copy", choices=GRAD_COPIES, default=GRAD_COPY_DEFAULT,
                    help="under CUDA graphs, copy each parameter's first gradient out of the "
                         "graphs' pool all of a backward pass's at its end (pass, the "
                         "default) or each as it arrives (param): train.grad_copy's choice "

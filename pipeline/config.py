@@ -46,6 +46,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # (``train.grad_copy``; pipeline.parallelize._own_grads)
 GradCopy = Literal["param", "pass"]
 GRAD_COPIES = get_args(GradCopy)
+GRAD_COPY_DEFAULT: GradCopy = "pass"  # train.grad_copy's, compile_blocks' and the bench's
 
 
 class ConfigError(ValueError):
@@ -210,9 +211,9 @@ class TrainCfg(BaseModel):
                           "max-autotune-no-cudagraphs"] = "default"
     # under CUDA graphs, how each parameter's first gradient of a step leaves the graphs'
     # pool (pipeline.parallelize._own_grads): "pass" copies a backward pass's all at its end,
-    # one copy per dtype (walsh-h-125m on one H200: +0.5% in the trainer with 2 micro steps,
-    # +1.5% with one, session 26); "param" clones each as it arrives (~23 us of host each)
-    grad_copy: GradCopy = "pass"
+    # one copy per dtype (the default: faster, pipeline.parallelize._PassCopy has the
+    # figures); "param" clones each as it arrives
+    grad_copy: GradCopy = GRAD_COPY_DEFAULT
     activation_checkpointing: bool = False
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)

@@ -43,7 +43,7 @@ from torch import nn
 from torch._utils import _unflatten_dense_tensors
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, RunConfig
+from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, GRAD_COPY_DEFAULT, RunConfig
 
 
 def _checkpointed(forward):
@@ -73,7 +73,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "pass") -> None:
+def compile_blocks(model: nn.Module, mode: str | None = None,
+                   grad_copy: str = GRAD_COPY_DEFAULT) -> None:
     """Compile each transformer block's forward in place (hooks stay outside the graph), plus
     ``model.head_loss`` on its own (the trainer's and ``walsh bench train``'s one way to
     compile, so the benchmark measures what trains); ``mode``: torch.compile's (the bench tries
@@ -88,7 +89,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None, grad_copy: str = "
         _own_grads(model, grad_copy)
 
 
-def _own_grads(model: nn.Module, grad_copy: str = "pass") -> None:
+def _own_grads(model: nn.Module, grad_copy: str) -> None:
     """Give each parameter a gradient of its own, not one in a CUDA graph's output pool.
 
     Without this, autograd keeps the backward graph's output tensor as ``param.grad`` (no copy
@@ -99,8 +100,8 @@ def _own_grads(model: nn.Module, grad_copy: str = "pass") -> None:
     first gradient of a step is copied (later ones are added into .grad at once): one read and
     write of the fp32 gradients. ``"param"`` clones each in its own hook: at 125M 283 copies a
     step, 0.46 ms of kernels and about 23 us of host time each through ``aten::clone``
-    (session 24's profile); ``"pass"`` (the default): ``_PassCopy``, 0.5-1.5% faster at
-    125M (session 26). Registered once per model."""
+    (session 24's profile); ``"pass"`` (the default): ``_PassCopy``. Registered once per
+    model."""
     if getattr(model, "_walsh_own_grads", None) is not None:
         if model._walsh_own_grads != grad_copy:
             raise ValueError(f"gradients already copied by {model._walsh_own_grads!r}, "
