@@ -98,6 +98,8 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
 
     with torch.device("meta"):  # the layers whose kernels are timed, for their counts only
         three = counts(WalshLinear(fin, fout, blocks=a, impl="triton", ternary=True))
+        # the du and dW GEMMs apart (the triton path may count them as one pass)
+        blocks = counts(WalshLinear(fin, fout, blocks=a, impl="blocks", ternary=True))
         one = counts(WalshLinear(fin, fout, blocks=a, impl="fused", ternary=True))
         dense = counts(TernaryLinear(fin, fout, ternary=False))
         int8 = counts(TernaryLinear(fin, fout, ternary=True, act_bits=8, int8_matmul=True,
@@ -134,11 +136,16 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
         # the per-block GEMMs as the layer runs them (walsh.kernels.block_matmul: Triton up to
         # 64 lanes, 32 for dw; cuBLAS past) and as cuBLAS's batched GEMM alone
         ("block GEMM fwd", lambda: bm.block_mm(u, wp.transpose(1, 2)), three["bmm fwd"]),
-        ("block GEMM dx", lambda: bm.block_mm(y, wp), three["bmm dx"]),
-        ("block GEMM dw", lambda: bm.block_mm_tn(y, u), three["bmm dw"]),
+        ("block GEMM dx", lambda: bm.block_mm(y, wp), blocks["bmm dx"]),
+        ("block GEMM dw", lambda: bm.block_mm_tn(y, u), blocks["bmm dw"]),
+        # du and dW as the backward runs them: one pass over dy up to 96 lanes (the two above
+        # past it, with their two rooflines)
+        ("block GEMM dx + dw", lambda: bm.block_mm_dual(y, wp, u),
+         three.get("bmm dx + dw", Kernel("bmm dx + dw", 2 * blocks["bmm dx"].flops, 0,
+                                         blocks["bmm dx"].bytes + blocks["bmm dw"].bytes))),
         ("bmm fwd (cuBLAS)", lambda: torch.bmm(u, wp.transpose(1, 2)), three["bmm fwd"]),
-        ("bmm dx (cuBLAS)", lambda: torch.bmm(y, wp), three["bmm dx"]),
-        ("bmm dw (cuBLAS)", lambda: torch.bmm(y.transpose(1, 2), u), three["bmm dw"]),
+        ("bmm dx (cuBLAS)", lambda: torch.bmm(y, wp), blocks["bmm dx"]),
+        ("bmm dw (cuBLAS)", lambda: torch.bmm(y.transpose(1, 2), u), blocks["bmm dw"]),
         # the one-kernel layer: x and w in, out written; FLOPs = the GEMMs and both H dots
         ("fused fwd", lambda: wf.walsh_linear_raw(x, wq, alpha, beta), one["walsh fused fwd"]),
         ("fused dx+dalpha", lambda: wf.walsh_linear_dx_raw(dout, x, wq, alpha, beta),

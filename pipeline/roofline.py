@@ -10,14 +10,15 @@ Counted: each kernel's operands read once and its results written once; activati
 (2 B), latent weights fp32 (the ternary quantizer reads them twice and writes bf16), weight
 gradients written in their dtype. The kernel lists follow ``walsh.kernels.walsh_linear`` (the
 three-kernel and one-kernel paths), ``walsh.kernels.int8_linear`` and the dense GEMM path;
-the PyTorch ``blocks`` path is costed as the three-kernel one. A layer in a group of P that
-shares its input (``walsh.kernels.walsh_group``) is costed with its 1/P share of the group's
-read of x (walsh_in, and the dx pass) and of its dx write. SwiGLU's product is a pass of its
-own each way (forward: gate, up read, h written; backward: dh, gate, up read, dgate, dup
-written), except where the down projection computes it in its own passes
-(``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads du, gate
-and up and writes dgate and dup). RoPE on q and k is a pass of its own each way (q and k
-read and written) except where their walsh_out rotates them (``walsh_rope``; its tables are
+the PyTorch ``blocks`` path is costed as the three-kernel one, with its du and dW GEMMs
+apart where the ``triton`` path does them in one pass over dy (rows of at most 96 lanes).
+A layer in a group of P that shares its input (``walsh.kernels.walsh_group``) is costed with
+its 1/P share of the group's read of x (walsh_in, and the dx pass) and of its dx write.
+SwiGLU's product is a pass of its own each way (forward: gate, up read, h written; backward:
+dh, gate, up read, dgate, dup written), except where the down projection computes it in its
+own passes (``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads
+du, gate and up and writes dgate and dup). RoPE on q and k is a pass of its own each way (q
+and k read and written) except where their walsh_out rotates them (``walsh_rope``; its tables are
 read from L2 and not counted, nor are the extra in-register lane moves). Not counted:
 normalization and residual passes, embeddings, the optimizer, launch overhead, and the LM head
 weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
@@ -72,10 +73,24 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
         # the backward's transforms compute the gains' gradients in the same pass: dout and
         # the saved out read, dy written; du and x read, dx written
         Kernel("walsh_in (dout) + dbeta", ho, 0, 3 * ACT * n * o),
-        Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
         Kernel("walsh_out (du) + alpha + dalpha", hi, 0, ACT * n * i * (1 + dx_pass)),
-        Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w)),
-    ]
+    ] + ([Kernel("bmm dx + dw", 2 * g, 0, ACT * (n * o + 2 * n * i + w))]  # dy read once
+         if _du_dw_in_one_pass(layer) else
+         [Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
+          Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w))])
+
+
+def _du_dw_in_one_pass(layer: WalshLinear) -> bool:
+    """Whether the layer's du = dy W and dW = dy^T u share one pass over dy: the ``triton``
+    path's rule by row width (``walsh.kernels.block_matmul.block_mm_dual``); the ``blocks``
+    path's torch.bmm's read dy twice."""
+    if layer.impl != "triton":
+        return False
+    from walsh.kernels.block_matmul import DUAL_MAX_LANES  # needs triton, as the path does
+    from walsh.kernels.walsh_transform import row_width
+
+    return max(row_width(f // layer.blocks)
+               for f in (layer.in_features, layer.out_features)) <= DUAL_MAX_LANES
 
 
 def _dense_kernels(layer: StructuredLinear, n: int) -> list[Kernel]:

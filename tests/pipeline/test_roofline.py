@@ -89,6 +89,17 @@ def test_three_kernel_walsh_path_by_hand():
     assert ks["walsh_out"].flops == ks["walsh_in (dout) + dbeta"].flops == ho
     assert ks["walsh_in"].bytes == 2 * 2 * N * 768 and ks["walsh_in"].flops == hi
     assert ks["walsh_out (du) + alpha + dalpha"].bytes == 3 * 2 * N * 768
+    # rows of 96 lanes (3072 / 32): du and dW in one pass, dy [N, 3072] read once
+    w = 768 * 3072 // 32
+    assert ks["bmm dx + dw"].bytes == 2 * (N * 3072 + 2 * N * 768 + w)
+    assert "bmm dx" not in ks and "bmm dw" not in ks
+    # the 1.3B FFN's 172-lane rows (176 stored) and the blocks path: two GEMMs, dy read twice
+    for wide in (make_linear("walsh", 32, 2048, 5504, walsh_impl="triton", ternary=True),
+                 make_linear("walsh", 32, 768, 3072, walsh_impl="blocks", ternary=True)):
+        two = {k.name: k for k in linear_kernels(wide, N)}
+        assert "bmm dx + dw" not in two
+        assert two["bmm dx"].bytes == two["bmm dw"].bytes == 2 * (
+            N * (wide.in_features + wide.out_features) + wide.weight.numel())
 
 
 def test_grouped_walsh_layers_share_their_input_passes():
@@ -134,7 +145,7 @@ def test_step_breakdown_groups_the_kernels_by_name():
         model = WalshLM(get_preset("walsh-h-125m", walsh_impl="triton", n_layer=3))
     rows = step_breakdown(model, 4, 256, 500, 2000)
     ks = model_kernels(model, 4, 256)
-    assert [r[0] for r in rows].count("bmm dw") == 1
+    assert [r[0] for r in rows].count("bmm dx + dw") == 1
     assert sum(r[1] for r in rows) == len(ks)
     assert dict((r[0], r[1]) for r in rows)["bmm fwd"] == 7 * 3  # q k v o gate up down
     assert dict((r[0], r[1]) for r in rows)["attention fwd"] == 3

@@ -369,15 +369,13 @@ def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
             # the Walsh run's q, k, v and gate, up as groups (q and k with RoPE inside) and
             # down with SwiGLU's product inside, on ZeRO-3's leaf modules
             # (pipeline.parallelize); of the 2 blocks' 14 layers 10 grouped, 2 fused; the
-            # block GEMMs by the rows' width (walsh.kernels.block_matmul: the MLP's 48 lanes
-            # take cuBLAS for dW)
-            tri, cub = ("(block GEMMs y, du: Triton; dW: Triton)",
-                        "(block GEMMs y, du: Triton; dW: cuBLAS)")
-            want = (f"4 x WalshLinear: walsh_impl=triton (grouped) (RoPE inside) {tri}; 2 x "
-                    f"WalshLinear: walsh_impl=triton (grouped) {tri}; 2 x WalshLinear: "
-                    f"walsh_impl=triton {tri}; 4 x WalshLinear: walsh_impl=triton (grouped) "
-                    f"{cub}; 2 x WalshLinear: walsh_impl=triton (silu(gate) * up inside) {cub}"
-                    if "walsh_impl" in fast else "14 x")
+            # block GEMMs by the rows' width (walsh.kernels.block_matmul: rows of at most 64
+            # lanes take Triton for y, of at most 96 one pass for du and dW)
+            p = "(block GEMMs y: Triton; du + dW: Triton, one pass)"
+            want = (f"4 x WalshLinear: walsh_impl=triton (grouped) (RoPE inside) {p}; 6 x "
+                    f"WalshLinear: walsh_impl=triton (grouped) {p}; 2 x WalshLinear: "
+                    f"walsh_impl=triton {p}; 2 x WalshLinear: walsh_impl=triton "
+                    f"(silu(gate) * up inside) {p}" if "walsh_impl" in fast else "14 x")
             assert "[walsh] linear layers: " + want in log, log[-2000:]
             assert "walsh_impl=triton" in log or "INT8 GEMM, INT8 dx" in log, log[-2000:]
         losses[name] = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]

@@ -160,6 +160,7 @@ def test_triton_ops_name_their_kernels():
                          text=True, check=True).stdout
     walsh, linear, colsum = "_walsh_kernel", "_walsh_linear_kernel", "_column_sum_kernel"
     mm, mm_tn = "_block_mm_kernel", "_block_mm_tn_kernel"  # walsh.kernels.block_matmul
+    dual = "_block_mm_dual_kernel"
     eager, traced, kernels = json.loads(out.splitlines()[-1])
     assert eager and traced
     assert kernels == {  # (each list sorted by name)
@@ -171,11 +172,11 @@ def test_triton_ops_name_their_kernels():
         "walsh::walsh_in_gain": [colsum, walsh],
         "walsh::walsh_out_gain": [colsum, walsh],
         "walsh::walsh_linear": [mm, colsum, walsh, linear],
-        "walsh::walsh_linear_backward": [mm, mm_tn, colsum, walsh, linear],
+        "walsh::walsh_linear_backward": [dual, mm, mm_tn, colsum, walsh, linear],
         "walsh::walsh_group": [mm, walsh],
-        "walsh::walsh_group_backward": [mm, mm_tn, colsum, walsh],
+        "walsh::walsh_group_backward": [dual, mm, mm_tn, colsum, walsh],
         "walsh::swiglu_linear": [mm, walsh],
-        "walsh::swiglu_linear_backward": [mm, mm_tn, colsum, walsh],
+        "walsh::swiglu_linear_backward": [dual, mm, mm_tn, colsum, walsh],
     }
 
 

@@ -13,8 +13,9 @@
   computes the product in the layer's own passes and never stores it (reference:
   ``swiglu_linear_naive``).
 - ``walsh.kernels.block_matmul``: the three-kernel layers' per-block GEMMs (y, du, dw) on
-  narrow rows, where they beat cuBLAS's batched GEMM (reference: ``block_mm_naive``,
-  ``block_mm_tn_naive``, torch.bmm).
+  narrow rows, where they beat cuBLAS's batched GEMM, and du with dw in one pass over dy
+  (reference: ``block_mm_naive``, ``block_mm_tn_naive``, ``block_mm_dual_naive``,
+  torch.bmm).
 - ``walsh.kernels.column_sum``: the fixed-order sum of the gain passes' per-program partial
   sums (reference: ``column_sum_naive``, ``part.sum(0)``).
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores

@@ -16,7 +16,24 @@ cuBLAS's batched GEMM ran them at 2.1-2.6x their byte roofline at 24 -> 24 lanes
 - y and du: Triton where both row widths are at most ``MM_MAX_LANES`` (64), cuBLAS past it
   (the 1.3B FFN's 176-lane rows: not measured with this kernel, whose whole row sits in
   registers);
-- dW: Triton where both are at most ``TN_MAX_LANES`` (32), cuBLAS past it.
+- dW: Triton where both are at most ``TN_MAX_LANES`` (32), cuBLAS past it;
+- the backward's du and dW together (``block_mm_dual``): one Triton pass where both row widths
+  are at most ``DUAL_MAX_LANES`` (96), the two GEMMs above past it.
+
+du and dW both read dy. ``_block_mm_dual_kernel`` reads each dy tile once for both: a program
+owns one block and a split of the tokens, holds the block's weight, and per BT-token tile
+stores du = dy W and adds dy^T u to its fp32 [M, K] partial sum (summed over splits by
+``column_sum``, as dW alone). Bytes: dy, u read and du written, against the two GEMMs' dy
+twice. Measured on an H200 (docs/benchmarks.md, session 27; N = 16,384, 32 blocks, bf16, CUDA
+graphs; us, against the two kernels the rule above picks; dy rows of M lanes, u rows of K):
+M = K = 24 34.8 against 43.8 (-21%), 32 35.1 against 45.8 (-23%), 64 69.6 against 75.8 (-8%);
+M = 96, K = 24 53.3 against 83.1 (-36%); M = 24, K = 96 75.4 against 98.0 (-23%). At 64 and
+176 lanes (the 1.3B FFN's down projection) an untuned launch took 207.5 against 160.5, so rows
+past 96 keep the two GEMMs. The launch (``DUAL_SPLIT`` programs a block, 4 warps, 3 stages;
+tiles of ``DUAL_NARROW_BT`` tokens on rows of at most ``DUAL_NARROW_LANES``, else ``DUAL_BT``)
+was within 1% of the best of 54 (splits 4-16, tiles 32-128, 4 or 8 warps, 2-4 stages) at
+every shape but 32 lanes (within 3% of the best of 16). 128-token tiles with 96-lane rows took
+171.7 us: the [128, 128] fp32 du tile does not fit the registers.
 
 In the model (H200, session 21, one process each, a fresh inductor cache each): walsh-h-125m
 with CUDA graphs at 424,746 and 424,535 tok/s against 385,939 with cuBLAS for all three
@@ -69,6 +86,11 @@ MAX_LANES = 64
 MM_MAX_LANES, TN_MAX_LANES = 64, 32
 MM_BT, MM_WARPS = 128, 4
 TN_SPLIT, TN_BT, TN_WARPS, TN_STAGES = 8, 128, 4, 3
+# du and dW in one pass (module doc): the rule's widest rows (also what the kernel takes) and
+# its launch, swept at 24-96 lanes (session 27)
+DUAL_MAX_LANES = 96
+DUAL_SPLIT, DUAL_BT, DUAL_WARPS, DUAL_STAGES = 8, 64, 4, 3
+DUAL_NARROW_LANES, DUAL_NARROW_BT = 32, 128
 
 
 def block_mm_naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,6 +101,13 @@ def block_mm_naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def block_mm_tn_naive(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """d [G, N, M], u [G, N, K] -> d^T u [G, M, K], summed over the N tokens (torch.bmm)."""
     return torch.bmm(d.transpose(1, 2), u)
+
+
+def block_mm_dual_naive(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """d [G, N, M], w [G, M, K], u [G, N, K] -> (du = d @ w [G, N, K], dW = d^T u [G, M, K]):
+    the backward's two block GEMMs on one upstream gradient d (torch.bmm)."""
+    return torch.bmm(d, w), torch.bmm(d.transpose(1, 2), u)
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -147,6 +176,40 @@ def _block_mm_tn_kernel(d_ptr, u_ptr, part_ptr, N, TOK,
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
+@triton.jit
+def _block_mm_dual_kernel(d_ptr, w_ptr, u_ptr, du_ptr, part_ptr, N, TOK, sw_g, sw_m, sw_k,
+                          M: tl.constexpr, K: tl.constexpr, BM: tl.constexpr,
+                          BK: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr,
+                          WIDE: tl.constexpr, STAGES: tl.constexpr,
+                          INTERPRETED: tl.constexpr):
+    """For split s = pid(0) of block g = pid(1), over tokens t in [s*TOK, (s+1)*TOK):
+    du[g, t] = d[g, t] @ w[g] and part[s, g] = sum_t d[g, t]^T u[g, t] (fp32 [M, K]), each d
+    tile read once for both. d [G, N, M], u and du [G, N, K] contiguous; w [G, M, K] through
+    its strides (tiny: L2); TOK a multiple of BT (no tile crosses into the next split)."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    rm = tl.arange(0, BM)                                              # [BM] lanes of d
+    rk = tl.arange(0, BK)                                              # [BK] lanes of u, du
+    w = tl.load(w_ptr + g * sw_g + rm[:, None] * sw_m + rk[None, :] * sw_k,
+                mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # [BM, BK]
+    base = _first_row(g, N, WIDE)
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    for t0 in tl.range(0, TOK, BT, num_stages=STAGES):
+        rt = s * TOK + t0 + tl.arange(0, BT)                           # [BT] tokens
+        ok = rt < N
+        d = tl.load(d_ptr + (base + rt[:, None]) * M + rm[None, :],
+                    mask=ok[:, None] & (rm[None, :] < M), other=0.0)   # [BT, BM]
+        u = tl.load(u_ptr + (base + rt[:, None]) * K + rk[None, :],
+                    mask=ok[:, None] & (rk[None, :] < K), other=0.0)   # [BT, BK]
+        du = _dot(d, w, tl.zeros([BT, BK], dtype=tl.float32), IEEE)    # [BT, BK] fp32
+        tl.store(du_ptr + (base + rt[:, None]) * K + rk[None, :],
+                 _stored(du, du_ptr, INTERPRETED), mask=ok[:, None] & (rk[None, :] < K))
+        acc = _dot(tl.trans(d), u, acc, IEEE)                          # [BM, BK]
+    row0 = _first_row(s * tl.num_programs(1) + g, M, WIDE)            # part [S, G, M, K]
+    tl.store(part_ptr + (row0 + rm[:, None]) * K + rk[None, :], acc,
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
 # -- launchers ---------------------------------------------------------------------------------
 def _width(lanes: int) -> int:
     """A row's lanes as a power-of-two tile of at least 16 (the tensor cores' smallest K/N)."""
@@ -205,6 +268,45 @@ def block_mm_tn_raw(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return column_sum(part).view(g, m, k).to(d.dtype)
 
 
+def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-pass Triton kernel: (du = d @ w [G, N, K] in d's dtype, dW = d^T u [G, M, K] in
+    d's dtype, fp32 sums over the tokens, one rounding); ``block_mm_dual_naive``'s signature,
+    M and K up to ``DUAL_MAX_LANES``."""
+    g, n, m = d.shape
+    _check_rows("block_mm_dual", d, w, u, DUAL_MAX_LANES)
+    k = u.shape[2]
+    du = torch.empty(g, n, k, device=d.device, dtype=d.dtype)
+    if n * g == 0:
+        return du, torch.zeros(g, m, k, device=d.device, dtype=d.dtype)
+    d, u = d.contiguous(), u.contiguous()
+    bt = DUAL_NARROW_BT if max(m, k) <= DUAL_NARROW_LANES else DUAL_BT
+    tok = triton.cdiv(triton.cdiv(n, DUAL_SPLIT), bt) * bt
+    splits = triton.cdiv(n, tok)
+    part = torch.empty(splits, g * m * k, device=d.device, dtype=torch.float32)  # all written
+    wide = max(d.numel(), du.numel(), part.numel()) >= WIDE_NUMEL
+    wrap_triton(_block_mm_dual_kernel)[(splits, g)](
+        d, w, u, du, part, n, tok, w.stride(0), w.stride(1), w.stride(2), M=m, K=k,
+        BM=_width(m), BK=_width(k), BT=bt, IEEE=_ieee(d), WIDE=wide, STAGES=DUAL_STAGES,
+        INTERPRETED=INTERPRETED, num_warps=DUAL_WARPS)
+    return du, column_sum(part).view(g, m, k).to(d.dtype)
+
+
+def _check_rows(op: str, d: torch.Tensor, w: torch.Tensor, u: torch.Tensor, limit: int):
+    """d [G, N, M], w [G, M, K], u [G, N, K] of one dtype, rows of at most ``limit`` lanes."""
+    g, n, m = d.shape
+    k = u.shape[2] if u.ndim == 3 else -1
+    if (w.ndim != 3 or tuple(w.shape[:2]) != (g, m) or u.ndim != 3
+            or tuple(u.shape) != (g, n, w.shape[2]) or w.dtype != d.dtype
+            or u.dtype != d.dtype):
+        raise ValueError(f"{op}: d {tuple(d.shape)} {d.dtype}, w {tuple(w.shape)} {w.dtype}, "
+                         f"u {tuple(u.shape)} {u.dtype} do not fit d [G, N, M], w [G, M, K], "
+                         "u [G, N, K] of one dtype")
+    if max(m, k) > limit:
+        raise ValueError(f"{op}: rows of {m} and {k} lanes; the kernel holds whole rows of at "
+                         f"most {limit}")
+
+
 # -- dispatch: the rule of the module doc --------------------------------------------------------
 def _on_triton(k: int, m: int, limit: int) -> bool:
     """The rule: rows of k and m lanes go to the Triton kernel when neither is past limit."""
@@ -227,9 +329,20 @@ def block_mm_tn(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.bmm(d.transpose(1, 2), u)
 
 
+def block_mm_dual(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """d [G, N, M], w [G, M, K], u [G, N, K] -> (du = d @ w, dW = d^T u): one Triton pass for
+    rows of at most ``DUAL_MAX_LANES`` lanes (M and K), ``block_mm`` and ``block_mm_tn`` past."""
+    if _on_triton(d.shape[2], u.shape[2], DUAL_MAX_LANES):
+        return block_mm_dual_raw(d, w, u)
+    return block_mm(d, w), block_mm_tn(d, u)
+
+
 def gemm_paths(k: int, m: int) -> str:
-    """Where the rule runs a layer's y and du, and its dW, for block rows of K -> M lanes
+    """Where the rule runs a layer's y, and its du and dW, for block rows of K -> M lanes
     (as stored: ``row_width``): what ``WalshLinear.path()`` logs."""
     where = {True: "Triton", False: "cuBLAS"}
-    return (f"block GEMMs y, du: {where[_on_triton(k, m, MM_MAX_LANES)]}; "
+    back = ("du + dW: Triton, one pass" if _on_triton(k, m, DUAL_MAX_LANES) else
+            f"du: {where[_on_triton(k, m, MM_MAX_LANES)]}; "
             f"dW: {where[_on_triton(k, m, TN_MAX_LANES)]}")
+    return f"block GEMMs y: {where[_on_triton(k, m, MM_MAX_LANES)]}; {back}"

@@ -46,7 +46,6 @@ from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op
 from walsh.kernels.walsh_linear import (
     _rope,
-    _weight_grad,
     backward_to_du,
     padded_weight,
     walsh_linear_naive,
@@ -101,15 +100,14 @@ def group_forward(x, ws, alphas, betas, rope=None, n_rope=0):
 
 def group_backward(douts, x, ws, alphas, betas, u, outs, rope=None, n_rope=0):
     """(dx, dws, fp32 dalphas [P, A, LI], fp32 dbetas): each layer's dy and dbeta as its own
-    backward's (dbeta = sum dout * out / beta), its du and dw by its own bmm, then dx and the
+    backward's (dbeta = sum dout * out / beta), its du and dw by its own GEMMs, then dx and the
     dalphas in one pass over the P du's and x."""
-    _, lo, li = ws[0].shape
     dus, dws, dbetas = [], [], []
     for k, w in enumerate(ws):
-        dy, du, dbeta = backward_to_du(douts[k], w, betas[k], outs[k],  # du_k [A, N, LIp]
-                                       rope if k < n_rope else None)
+        du, dw, dbeta = backward_to_du(douts[k], w, betas[k], outs[k], u[k],
+                                       rope if k < n_rope else None)  # du_k [A, N, LIp]
         dus.append(du)
-        dws.append(_weight_grad(dy, u[k], lo, li))
+        dws.append(dw)
         dbetas.append(dbeta)
     dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas), x)
     return dx, dws, dalpha, dbetas

@@ -34,9 +34,11 @@ Two ways to run it (``one_kernel``; the layer's ``walsh_impl`` picks: ``triton``
   activations cross HBM four times (x, u, y, out). u and out are saved for the backward,
   whose two transforms also sum dbeta (= sum dout * out / beta, the module doc of
   ``walsh_transform`` says why) and dalpha in the same pass (``walsh_in_gain_raw``,
-  ``walsh_out_gain_raw``). The block-major u, y, du and dy have rows of the lanes rounded up
-  to 8 (``row_width``; u's and dy's padding is zeros, y's and du's reaches no result) and the
-  GEMM a zero-padded weight, so that every row starts 16-byte aligned.
+  ``walsh_out_gain_raw``), and whose two block GEMMs (du = dy W, dW = dy^T u) share one
+  pass over dy where the rows allow (``block_matmul.block_mm_dual``: up to 96 lanes). The
+  block-major u, y, du and dy have rows of the lanes rounded up to 8 (``row_width``; u's and
+  dy's padding is zeros, y's and du's reaches no result) and the GEMM a zero-padded weight,
+  so that every row starts 16-byte aligned.
 - one kernel per token tile: one program owns BM tokens and BD output lanes of every block. It
   reads its x tile once per BC-lane chunk, applies alpha and H (an [A, A] tensor-core dot) in
   registers, multiplies by the weight tile with a batched dot over the A blocks
@@ -56,8 +58,8 @@ the layer with the weight transposed and the gains swapped:
   partial sums of dout * (out before beta).
 - dw = sum_i dy_g^T u_g with dy = S H (beta * dout), u = S H (alpha * x): the two block-major
   transforms of ``walsh.kernels.walsh_transform`` (rows padded as the three-kernel path's) and
-  one block GEMM (``block_matmul.block_mm_tn``), shared with the three-kernel backward
-  (``_weight_grad``).
+  one block GEMM (``block_matmul.block_mm_tn``, ``_weight_grad``); the three-kernel
+  backward computes dw in its du pass instead (``backward_to_du``).
 Partial sums are added in a fixed order (``walsh.kernels.column_sum``; no atomics), so every
 gradient is deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
 
@@ -85,7 +87,7 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.bf16_round import _stored
-from walsh.kernels.block_matmul import block_mm, block_mm_tn
+from walsh.kernels.block_matmul import block_mm, block_mm_dual, block_mm_tn
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import (
@@ -253,7 +255,11 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
 def _weight_grad(dy: torch.Tensor, u: torch.Tensor, lo: int, li: int) -> torch.Tensor:
     """dw [A, LO, LI] = sum over tokens of dy_g^T u_g, one block GEMM over block-major dy
     [A, N, LOp] and u [A, N, LIp] whose rows may be padded (``row_width``, zeros past LO, LI)."""
-    dw = block_mm_tn(dy, u)                                           # [A, LOp, LIp]
+    return _unpadded(block_mm_tn(dy, u), lo, li)                       # [A, LOp, LIp]
+
+
+def _unpadded(dw: torch.Tensor, lo: int, li: int) -> torch.Tensor:
+    """A weight gradient [A, LOp, LIp] of padded rows -> [A, LO, LI]."""
     return dw if dw.shape[1:] == (lo, li) else dw[:, :lo, :li].contiguous()
 
 
@@ -287,20 +293,24 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, out, rope=None):
     computes its gain's gradient in the same pass (``walsh_in_gain_raw``,
     ``walsh_out_gain_raw``): dbeta = sum dout * out / beta (= sum dout * S H y; 0 where beta
     is 0), dalpha = sum x * S H (W^T dy). ``rope``: out was rotated (dout is its gradient)."""
+    du, dw, dbeta = backward_to_du(dout, w, beta, out, u, rope)
+    dx, dalpha = walsh_out_gain_raw(du, alpha, x, w.shape[0])        # [N, A*LI]
+    return dx, dw, dalpha, dbeta
+
+
+def backward_to_du(dout, w, beta, out, u, rope=None):
+    """The three-kernel backward up to the input transform: (du [A, N, LIp], dw [A, LO, LI],
+    fp32 dbeta [A, LO]), with dy, dbeta = walsh_in_gain(dout, beta, out), du = dy W (the padded
+    weight) and dw = sum over tokens of dy^T u from the saved u, the two GEMMs in one pass over
+    dy where the rows allow (``block_matmul.block_mm_dual``); shared with
+    ``walsh.kernels.walsh_group`` and ``walsh.kernels.walsh_swiglu``, whose layers end in their
+    own dx pass. ``rope``: out is RoPE-rotated and dout its gradient, both rotated back in the
+    pass."""
     a, lo, li = w.shape
-    dy, du, dbeta = backward_to_du(dout, w, beta, out, rope)
-    dx, dalpha = walsh_out_gain_raw(du, alpha, x, a)                  # [N, A*LI]
-    return dx, _weight_grad(dy, u, lo, li), dalpha, dbeta
-
-
-def backward_to_du(dout, w, beta, out, rope=None):
-    """The three-kernel backward up to the input transform: (dy [A, N, LOp], du [A, N, LIp],
-    fp32 dbeta [A, LO]), with dy, dbeta = walsh_in_gain(dout, beta, out) and du = dy W (the
-    padded weight); shared with ``walsh.kernels.walsh_group``, whose layers end in one dx pass.
-    ``rope``: out is RoPE-rotated and dout its gradient, both rotated back in the pass."""
     wp = padded_weight(w)                                            # [A, LOp, LIp]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, out, w.shape[0], width=wp.shape[1], rope=rope)
-    return dy, block_mm(dy, wp), dbeta
+    dy, dbeta = walsh_in_gain_raw(dout, beta, out, a, width=wp.shape[1], rope=rope)
+    du, dw = block_mm_dual(dy, wp, u)                                # [A, N, LIp], [A, LOp, LIp]
+    return du, _unpadded(dw, lo, li), dbeta
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches

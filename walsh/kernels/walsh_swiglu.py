@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import kernel_op
 from walsh.kernels.walsh_linear import (
-    _weight_grad,
     backward_to_du,
     three_kernel_forward,
     walsh_linear_naive,
@@ -86,10 +85,9 @@ def walsh_out_swiglu_gain_raw(du: torch.Tensor, alpha: torch.Tensor, gate: torch
 def swiglu_backward(dout, gate, up, w, alpha, beta, u, out):
     """(dgate, dup, dw, fp32 dalpha, fp32 dbeta) from the saved u and out: the layer's own
     backward up to du (``backward_to_du``) and its dw, then one pass for dh's two products."""
-    _, lo, li = w.shape
-    dy, du, dbeta = backward_to_du(dout, w, beta, out)                # du [A, N, LIp]
+    du, dw, dbeta = backward_to_du(dout, w, beta, out, u)             # du [A, N, LIp]
     dgate, dup, dalpha = walsh_out_swiglu_gain_raw(du, alpha, gate, up)
-    return dgate, dup, _weight_grad(dy, u, lo, li), dalpha, dbeta
+    return dgate, dup, dw, dalpha, dbeta
 
 
 # -- autograd: a forward and a backward op (``walsh.kernels.registry``) -----------------------
