@@ -33,7 +33,12 @@ past 96 keep the two GEMMs. The launch (``DUAL_SPLIT`` programs a block, 4 warps
 tiles of ``DUAL_NARROW_BT`` tokens on rows of at most ``DUAL_NARROW_LANES``, else ``DUAL_BT``)
 was within 1% of the best of 54 (splits 4-16, tiles 32-128, 4 or 8 warps, 2-4 stages) at
 every shape but 32 lanes (within 3% of the best of 16). 128-token tiles with 96-lane rows took
-171.7 us: the [128, 128] fp32 du tile does not fit the registers.
+171.7 us: the [128, 128] fp32 du tile does not fit the registers. With L2 flushed (``walsh
+bench layer --flush-l2``) the pass ran at 2.05x its roofline at 768 -> 768 (0.037 ms against
+0.048 for the two kernels), 1.62x at 768 -> 2048, 1.43x at 2048 -> 768, 1.47x at 2048 -> 2048.
+In the models (CUDA graphs, the same host as the code before): walsh-h-125m 451,577-452,004
+tok/s against 438,496 (+3.0%), walsh-h-350m 205,596 against 194,984 (+5.4%); walsh-h-1b3,
+whose FFN rows (176 lanes) keep the two GEMMs, 1.82x dense as before.
 
 In the model (H200, session 21, one process each, a fresh inductor cache each): walsh-h-125m
 with CUDA graphs at 424,746 and 424,535 tok/s against 385,939 with cuBLAS for all three

@@ -17,7 +17,8 @@ gain pass, 0.87x with session 14's dbeta from the saved out, 0.85x without and 0
 session 16's groups, ``walsh.kernels.walsh_group``, on another host, 0.90x with session 17's
 SwiGLU product in the down projection, ``walsh.kernels.walsh_swiglu``, 0.92x in session 18,
 0.99x with session 21's block GEMM kernels, ``walsh.kernels.block_matmul``: +10.0%, 1.00x
-with session 22's RoPE backward at one pipelining stage, ``walsh_launch``: +1.0%);
+with session 22's RoPE backward at one pipelining stage, ``walsh_launch``: +1.0%, 1.02x with
+session 26's gradient copy, 1.04x with session 27's du and dW in one pass: +3.0%);
 walsh-h-1b3 (24 x 2048) at 1.81x in session 21, and 1.81-1.82x with RoPE inside q's and k's
 passes (session 18,
 ``rope``: +1.0-2.1%), 1.78-1.80x with the SwiGLU product (session 17, against two dense runs
