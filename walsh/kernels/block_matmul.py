@@ -85,8 +85,8 @@ from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, wrap_triton
 # shape's best at 24 to 64 lanes, 1-16% under session 21's 64 programs of 64 tokens: fewer
 # fp32 partials to write and sum; 4 programs a block was best on the larger shapes but leaves
 # a 32-block layer 128 programs, under one wave of an H200's 132 SMs)
-# MAX_LANES: what the kernels can hold (a whole row in registers); the rule's widths are at
-# most that
+# MAX_LANES: what the y, du and dW kernels can hold (a whole row in registers); their rule's
+# widths are at most that (the one-pass du + dW kernel's own limit is DUAL_MAX_LANES)
 MAX_LANES = 64
 MM_MAX_LANES, TN_MAX_LANES = 64, 32
 MM_BT, MM_WARPS = 128, 4

@@ -256,7 +256,7 @@ def walsh_linear_backward_raw(dout, x, w, alpha, beta):
 def _weight_grad(dy: torch.Tensor, u: torch.Tensor, lo: int, li: int) -> torch.Tensor:
     """dw [A, LO, LI] = sum over tokens of dy_g^T u_g, one block GEMM over block-major dy
     [A, N, LOp] and u [A, N, LIp] whose rows may be padded (``row_width``, zeros past LO, LI)."""
-    return _unpadded(block_mm_tn(dy, u), lo, li)                       # [A, LOp, LIp]
+    return _unpadded(block_mm_tn(dy, u), lo, li)            # block_mm_tn's [A, LOp, LIp]
 
 
 def _unpadded(dw: torch.Tensor, lo: int, li: int) -> torch.Tensor:
