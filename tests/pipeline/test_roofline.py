@@ -170,6 +170,11 @@ def test_bench_layer_rows_run_and_take_the_rooflines_counts():
     assert rows["fused fwd"][1].bytes == 2 * (n * fin + n * fout + fin * fout // a)
     for name in ("block GEMM fwd", "block GEMM dx", "bmm dw (cuBLAS)"):
         assert rows[name][1].flops == 2 * n * fin * fout / a, name
+    # du and dW in one pass (rows of 2 and 3 lanes): dy read once, u read, du written
+    dual = rows["block GEMM dx + dw"][1]
+    assert dual.flops == 2 * 2 * n * fin * fout / a
+    assert dual.bytes == 2 * (n * fout + 2 * n * fin + fin * fout // a)
+    assert rows["block GEMM dw"][1].bytes == 2 * (n * fout + n * fin + fin * fout // a)
     assert rows["ternary_ste"][1].flops == 3 * fin * fout // a  # the Walsh weight it quantizes
     gemm = rows["int8 GEMM dx"][1]
     assert gemm.flops == 0 and gemm.int8_ops == 2 * n * fin * fout
