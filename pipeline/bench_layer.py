@@ -133,13 +133,13 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
         ("walsh_out + dalpha", lambda: wt.walsh_out_gain_raw(u, alpha, x, a),
          three["walsh_out (du) + alpha + dalpha"]),
         ("ternary_ste", lambda: tk.ternary_ste(w, False, bf), three["ternary quantize"]),
-        # the per-block GEMMs as the layer runs them (walsh.kernels.block_matmul: Triton up to
-        # 64 lanes, 32 for dw; cuBLAS past) and as cuBLAS's batched GEMM alone
+        # the per-block GEMMs by their own rules (walsh.kernels.block_matmul: Triton up to 64
+        # lanes, 32 for dw; cuBLAS past), as the backward runs du and dW (one pass up to 96
+        # lanes), and as cuBLAS's batched GEMM alone
         ("block GEMM fwd", lambda: bm.block_mm(u, wp.transpose(1, 2)), three["bmm fwd"]),
         ("block GEMM dx", lambda: bm.block_mm(y, wp), blocks["bmm dx"]),
         ("block GEMM dw", lambda: bm.block_mm_tn(y, u), blocks["bmm dw"]),
-        # du and dW as the backward runs them: one pass over dy up to 96 lanes (the two above
-        # past it, with their two rooflines)
+        # past 96 lanes the pass is the two rows above, with their two rooflines
         ("block GEMM dx + dw", lambda: bm.block_mm_dual(y, wp, u),
          three.get("bmm dx + dw", Kernel("bmm dx + dw", 2 * blocks["bmm dx"].flops, 0,
                                          blocks["bmm dx"].bytes + blocks["bmm dw"].bytes))),

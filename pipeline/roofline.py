@@ -74,7 +74,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
         # the saved out read, dy written; du and x read, dx written
         Kernel("walsh_in (dout) + dbeta", ho, 0, 3 * ACT * n * o),
         Kernel("walsh_out (du) + alpha + dalpha", hi, 0, ACT * n * i * (1 + dx_pass)),
-    ] + ([Kernel("bmm dx + dw", 2 * g, 0, ACT * (n * o + 2 * n * i + w))]  # dy read once
+    ] + ([Kernel("bmm dx + dw", 2 * g, 0, ACT * (n * o + 2 * n * i + 2 * w))]  # dy read once
          if _du_dw_in_one_pass(layer) else
          [Kernel("bmm dx", g, 0, ACT * (n * o + n * i + w)),
           Kernel("bmm dw", g, 0, ACT * (n * o + n * i + w))])

@@ -119,13 +119,16 @@ def test_block_mm_dual_matches_bmm(g, n, k, m, dtype, poisoned, seed):
     assert_rounded_once(dw, want_dw, seed)
     wt = w.transpose(1, 2).contiguous().transpose(1, 2)  # the weight through other strides
     assert torch.equal(bm.block_mm_dual_raw(d, wt, u)[0], du), seed
+    wide = torch.full((g, m + 3, k), float("nan"), device=DEV, dtype=dtype)
+    wide[:, :m] = w                                    # a block stride of (M + 3) K, not M K
+    assert torch.equal(bm.block_mm_dual_raw(d, wide[:, :m], u)[0], du), seed
 
 
 def test_block_mm_dual_splits_of_several_tiles(monkeypatch, poisoned, seed):
     """Few splits: each program loops over several tiles (narrow and wide rows' tile sizes),
     the last one partly past N."""
     monkeypatch.setattr(bm, "DUAL_SPLIT", 2)
-    for k, m in ((24, 24), (24, 64)):
+    for k, m in ((24, 24), (24, 64), (88, 24)):  # 128-, 64- and 64-token tiles
         d, w, u = _dual_operands(3, 5 * bm.DUAL_NARROW_BT + 9, k, m, torch.float32)
         want_du, want_dw = bm.block_mm_dual_naive(d.double(), w.double(), u.double())
         du, dw = bm.block_mm_dual_raw(d, w, u)

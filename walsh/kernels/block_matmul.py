@@ -31,11 +31,12 @@ M = 96, K = 24 53.3 against 83.1 (-36%); M = 24, K = 96 75.4 against 98.0 (-23%)
 176 lanes (the 1.3B FFN's down projection) an untuned launch took 207.5 against 160.5, so rows
 past 96 keep the two GEMMs. The launch (``DUAL_SPLIT`` programs a block, 4 warps, 3 stages;
 tiles of ``DUAL_NARROW_BT`` tokens on rows of at most ``DUAL_NARROW_LANES``, else ``DUAL_BT``)
-was within 1% of the best of 54 (splits 4-16, tiles 32-128, 4 or 8 warps, 2-4 stages) at
-every shape but 32 lanes (within 3% of the best of 16). 128-token tiles with 96-lane rows took
-171.7 us: the [128, 128] fp32 du tile does not fit the registers. With L2 flushed (``walsh
-bench layer --flush-l2``) the pass ran at 2.05x its roofline at 768 -> 768 (0.037 ms against
-0.048 for the two kernels), 1.62x at 768 -> 2048, 1.43x at 2048 -> 768, 1.47x at 2048 -> 2048.
+was the best of 54 (splits 4-16, tiles 32-128, 4 or 8 warps, 2-4 stages) or within 1% of it
+at 64 and 96 lanes, 2.4% off it at 24 (34.8 against 34.0 us), and the best of 16 at 32.
+128-token tiles with 96-lane rows took 171.7 us: the [128, 128] fp32 du tile does not fit the
+registers. With L2 flushed (``walsh bench layer --flush-l2``) the pass ran at 2.05x its
+roofline at 768 -> 768 (0.037 ms against 0.048 for the two kernels), 1.62x at 768 -> 2048,
+1.43x at 2048 -> 768, 1.47x at 2048 -> 2048.
 In the models (CUDA graphs, the same host as the code before): walsh-h-125m 451,577-452,004
 tok/s against 438,496 (+3.0%), walsh-h-350m 205,596 against 194,984 (+5.4%); walsh-h-1b3,
 whose FFN rows (176 lanes) keep the two GEMMs, 1.82x dense as before.
@@ -51,10 +52,11 @@ Python: after changing the rule's constants or launch shapes, clear the inductor
 warm cache, 386k from a fresh one).
 
 The kernels: one program per BT tokens of one block; the block's whole [K, M] weight (at most
-64 x 64) is loaded once and the whole row of K lanes is one ``tl.dot`` (fp32 accumulation, one
-rounding to the output dtype, as cuBLAS). dW splits the tokens over ``TN_SPLIT`` programs per
-block, each writing an fp32 [M, K] partial sum, added in a fixed order by
-``walsh.kernels.column_sum``: deterministic, no atomics.
+64 x 64; 96 x 96 in the one-pass du + dW kernel) is loaded once and the whole row of K lanes is
+one ``tl.dot`` (fp32 accumulation, one rounding to the output dtype, as cuBLAS). dW (alone or
+with du) splits the tokens over ``TN_SPLIT`` (``DUAL_SPLIT``) programs per block, each writing
+an fp32 [M, K] partial sum, added in a fixed order by ``walsh.kernels.column_sum``:
+deterministic, no atomics.
 
 Precision: bf16 and fp16 operands go to the tensor cores as they are (fp32 accumulation); fp32
 operands take an IEEE dot (no TF32), matching torch.bmm in fp32 to ~1e-7. Under the Triton
