@@ -86,11 +86,11 @@ def _du_dw_in_one_pass(layer: WalshLinear) -> bool:
     path's torch.bmm's read dy twice."""
     if layer.impl != "triton":
         return False
-    from walsh.kernels.block_matmul import DUAL_MAX_LANES  # needs triton, as the path does
+    from walsh.kernels.block_matmul import one_pass_du_dw  # needs triton, as the path does
     from walsh.kernels.walsh_transform import row_width
 
-    return max(row_width(f // layer.blocks)
-               for f in (layer.in_features, layer.out_features)) <= DUAL_MAX_LANES
+    return one_pass_du_dw(*(row_width(f // layer.blocks)
+                            for f in (layer.in_features, layer.out_features)))
 
 
 def _dense_kernels(layer: StructuredLinear, n: int) -> list[Kernel]:

@@ -220,6 +220,8 @@ def test_errors_name_the_shapes():
         bm.block_mm_dual_raw(d, b, a)
     with pytest.raises(ValueError, match="torch.bfloat16"):
         bm.block_mm_dual_raw(d, w, a.to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"u \(2, 5, 16\) and w \(2, 8, 24\) differ in K"):
+        bm.block_mm_dual_raw(d, w, a[:, :, :16])
     wide = bm.DUAL_MAX_LANES + 1
     with pytest.raises(ValueError, match=f"block_mm_dual: rows of {wide} and 24 lanes"):
         bm.block_mm_dual_raw(torch.zeros(2, 5, wide, device=DEV),

@@ -227,15 +227,16 @@ def _ieee(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or INTERPRETED
 
 
-def _check(op: str, names: str, x: torch.Tensor, y: torch.Tensor, lead: tuple, layout: str):
+def _check(op: str, names: str, x: torch.Tensor, y: torch.Tensor, lead: tuple, layout: str,
+           limit: int = MAX_LANES):
     """Refuse a second operand y whose leading dims are not ``lead`` or whose dtype is not x's,
-    and rows (x's and y's last dims) wider than the kernels hold in registers."""
+    and rows (x's and y's last dims) wider than the kernel holds in registers (``limit``)."""
     if y.ndim != 3 or tuple(y.shape[:2]) != lead or y.dtype != x.dtype:
         raise ValueError(f"{op}: {names[1]} {tuple(y.shape)} {y.dtype} does not fit {names[0]} "
                          f"{tuple(x.shape)} {x.dtype} ({layout}, one dtype)")
-    if max(x.shape[2], y.shape[2]) > MAX_LANES:
+    if max(x.shape[2], y.shape[2]) > limit:
         raise ValueError(f"{op}: rows of {x.shape[2]} and {y.shape[2]} lanes; the kernel holds "
-                         f"whole rows of at most {MAX_LANES} (wider: torch.bmm)")
+                         f"whole rows of at most {limit} (wider: torch.bmm)")
 
 
 def block_mm_raw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -281,8 +282,13 @@ def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
     d's dtype, fp32 sums over the tokens, one rounding); ``block_mm_dual_naive``'s signature,
     M and K up to ``DUAL_MAX_LANES``."""
     g, n, m = d.shape
-    _check_rows("block_mm_dual", d, w, u, DUAL_MAX_LANES)
+    _check("block_mm_dual", "dw", d, w, (g, m), "d [G, N, M], w [G, M, K]", DUAL_MAX_LANES)
+    _check("block_mm_dual", "ud", u, d, tuple(u.shape[:2]), "d [G, N, M], u [G, N, K]",
+           DUAL_MAX_LANES)
     k = u.shape[2]
+    if k != w.shape[2]:
+        raise ValueError(f"block_mm_dual: u {tuple(u.shape)} and w {tuple(w.shape)} differ in K "
+                         "(u [G, N, K], w [G, M, K])")
     du = torch.empty(g, n, k, device=d.device, dtype=d.dtype)
     if n * g == 0:
         return du, torch.zeros(g, m, k, device=d.device, dtype=d.dtype)
@@ -299,25 +305,16 @@ def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
     return du, column_sum(part).view(g, m, k).to(d.dtype)
 
 
-def _check_rows(op: str, d: torch.Tensor, w: torch.Tensor, u: torch.Tensor, limit: int):
-    """d [G, N, M], w [G, M, K], u [G, N, K] of one dtype, rows of at most ``limit`` lanes."""
-    g, n, m = d.shape
-    k = u.shape[2] if u.ndim == 3 else -1
-    if (w.ndim != 3 or tuple(w.shape[:2]) != (g, m) or u.ndim != 3
-            or tuple(u.shape) != (g, n, w.shape[2]) or w.dtype != d.dtype
-            or u.dtype != d.dtype):
-        raise ValueError(f"{op}: d {tuple(d.shape)} {d.dtype}, w {tuple(w.shape)} {w.dtype}, "
-                         f"u {tuple(u.shape)} {u.dtype} do not fit d [G, N, M], w [G, M, K], "
-                         "u [G, N, K] of one dtype")
-    if max(m, k) > limit:
-        raise ValueError(f"{op}: rows of {m} and {k} lanes; the kernel holds whole rows of at "
-                         f"most {limit}")
-
-
 # -- dispatch: the rule of the module doc --------------------------------------------------------
 def _on_triton(k: int, m: int, limit: int) -> bool:
     """The rule: rows of k and m lanes go to the Triton kernel when neither is past limit."""
     return max(k, m) <= limit
+
+
+def one_pass_du_dw(k: int, m: int) -> bool:
+    """Whether a layer of block rows of K -> M lanes (as stored: ``row_width``) runs its du and
+    dW in one pass (``block_mm_dual``'s rule; ``pipeline.roofline`` counts by it too)."""
+    return _on_triton(k, m, DUAL_MAX_LANES)
 
 
 def block_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -340,7 +337,7 @@ def block_mm_dual(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """d [G, N, M], w [G, M, K], u [G, N, K] -> (du = d @ w, dW = d^T u): one Triton pass for
     rows of at most ``DUAL_MAX_LANES`` lanes (M and K), ``block_mm`` and ``block_mm_tn`` past."""
-    if _on_triton(d.shape[2], u.shape[2], DUAL_MAX_LANES):
+    if one_pass_du_dw(u.shape[2], d.shape[2]):
         return block_mm_dual_raw(d, w, u)
     return block_mm(d, w), block_mm_tn(d, u)
 
@@ -349,7 +346,7 @@ def gemm_paths(k: int, m: int) -> str:
     """Where the rule runs a layer's y, and its du and dW, for block rows of K -> M lanes
     (as stored: ``row_width``): what ``WalshLinear.path()`` logs."""
     where = {True: "Triton", False: "cuBLAS"}
-    back = ("du + dW: Triton, one pass" if _on_triton(k, m, DUAL_MAX_LANES) else
-            f"du: {where[_on_triton(k, m, MM_MAX_LANES)]}; "
-            f"dW: {where[_on_triton(k, m, TN_MAX_LANES)]}")
-    return f"block GEMMs y: {where[_on_triton(k, m, MM_MAX_LANES)]}; {back}"
+    y = where[_on_triton(k, m, MM_MAX_LANES)]  # du takes y's rule where it runs alone
+    back = ("du + dW: Triton, one pass" if one_pass_du_dw(k, m) else
+            f"du: {y}; dW: {where[_on_triton(k, m, TN_MAX_LANES)]}")
+    return f"block GEMMs y: {y}; {back}"
