@@ -133,3 +133,21 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
     if group > 1 and not in_mode and lb * bt > tile:
         warps = 2 * TILE_WARPS
     return lb, bt, warps, stages, tokens
+
+
+# the Walsh MLP's chained middle pass (``walsh.kernels.walsh_mlp``), keyed by (forward, padded
+# lanes): (tile, warps, pipelining stages). Not yet swept: the SwiGLU passes' entries, which
+# hold as many slabs (forward: walsh_in's tile with SWIGLU_IN_WARPS; backward: SWIGLU_DX)
+MLP_CHAIN = {(True, 256): (IN_TILE, 16, 0), (True, 128): (IN_TILE, 8, 0),
+             (True, 64): (IN_TILE, 4, 0),
+             (False, 256): (256, 16, 3), (False, 128): (128, 4, 0), (False, 64): (256, 8, 1)}
+
+
+def mlp_chain_params(fwd: bool, width: int) -> tuple[int, int, int, int, int]:
+    """(LB lanes per chunk, tokens per slab, warps, stages, tokens per program) of the MLP's
+    chained pass on block-major rows of ``width`` lanes (``MLP_CHAIN``; narrower rows take the
+    64-lane entry, wider ones MAX_CHUNK's)."""
+    key = min(max(triton.next_power_of_2(max(int(width), 1)), 64), MAX_CHUNK)
+    tile, warps, stages = MLP_CHAIN[(fwd, key)]
+    lb, bt = _slab(max(width, 1), tile)
+    return lb, bt, warps, stages, GAIN_TOKENS

@@ -1,0 +1,231 @@
+"""The Walsh MLP as one op: down(silu(gate(x)) * up(x)), its middle transforms chained.
+
+The group op (``walsh.kernels.walsh_group``: gate and up) and the down projection with
+SwiGLU's product inside (``walsh.kernels.walsh_swiglu``) meet at gate and up, token-major
+[N, H] tensors that one op writes and the other reads. Here the three layers are one op, and
+the transforms on either side of gate and up run as one pass over each slab
+(``walsh.kernels.walsh_mlp_kernel``):
+    forward:  u = walsh_in_group(x, alpha_g, alpha_u); y_g, y_u = bmm(u, W_g^T), bmm(u, W_u^T)
+              gate, up, u_d = chain(y_g, y_u)          (gate, up written: the backward reads them)
+              out = walsh_out(bmm(u_d, W_d^T), beta_d)
+    backward: dy_d, dbeta_d = walsh_in_gain(dout, beta_d, out); du_d, dW_d = bmm's (one pass)
+              dy_g, dy_u, dalpha_d, dbeta_g, dbeta_u = chain'(du_d, gate, up)
+              du_g, dW_g and du_u, dW_u = bmm's; dx, dalpha_g, dalpha_u = the group's dx pass
+The chain moves 10 H bytes a token each way (bf16) where the passes apart moved 14 H forward
+and 22 H backward (the kernel module's doc). Saved for the backward: x, u, gate, up, u_d and
+out, as the two ops apart saved.
+
+Who calls it: ``walsh.layers.hadamard.walsh_mlp_layers`` for a SwiGLU whose gate and up are a
+group and whose down projection computes the product inside (config ``walsh_mlp``; the
+three layers on the ``triton`` path without activation quantization or bias). The naive
+reference with the same signature is ``walsh_mlp_naive``.
+
+Code order: naive reference, launchers, forward and backward bodies, autograd (ops),
+functional.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from walsh.kernels.block_matmul import block_mm, block_mm_dual
+from walsh.kernels.column_sum import column_sum
+from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
+from walsh.kernels.walsh_group import walsh_in_group_raw, walsh_out_group_gain_raw
+from walsh.kernels.walsh_launch import mlp_chain_params
+from walsh.kernels.walsh_linear import (
+    _unpadded,
+    backward_to_du,
+    padded_weight,
+    walsh_linear_naive,
+)
+from walsh.kernels.walsh_mlp_kernel import _mlp_chain_kernel
+from walsh.kernels.walsh_transform import row_width, walsh_out_raw
+
+
+def walsh_mlp_naive(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
+                    betas: list[torch.Tensor]) -> torch.Tensor:
+    """x [N, A*LI]; ws = (w_g, w_u [A, LH, LI], w_d [A, LO, LH]), alphas and betas likewise
+    (gate, up, down) -> [N, A*LO]: the three layers' ``blocks`` path."""
+    gate = walsh_linear_naive(x, ws[0], alphas[0], betas[0])
+    up = walsh_linear_naive(x, ws[1], alphas[1], betas[1])
+    return walsh_linear_naive(F.silu(gate) * up, ws[2], alphas[2], betas[2])
+
+
+# -- launchers --------------------------------------------------------------------------------
+def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.Tensor,
+           up: torch.Tensor, beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch ``_mlp_chain_kernel``: (dst, dst1 or None, fp32 partial sums [rows, 3*A*L] or
+    None). fwd: src, src1 = y_g, y_u [A, N, W]; gate, up are written; dst = u_d [A, N, W].
+    Else: src = du_d [A, N, W], gate and up read; dst, dst1 = dy_g, dy_u [A, N, W]."""
+    a, n, width = src.shape
+    lanes = gate.shape[1] // a
+    for name, t in (("gate", gate), ("up", up)):
+        if tuple(t.shape) != (n, a * lanes) or not t.is_contiguous() or t.dtype != src.dtype:
+            raise ValueError(f"walsh_mlp chain: {name} must be a contiguous {(n, a * lanes)} "
+                             f"{src.dtype} tensor, got {tuple(t.shape)} {t.dtype}")
+    for name, t in (("beta_g", beta_g), ("beta_u", beta_u), ("alpha_d", alpha_d)):
+        if tuple(t.shape) != (a, lanes):
+            raise ValueError(f"walsh_mlp chain: {name} must be {(a, lanes)}, got "
+                             f"{tuple(t.shape)}")
+    if width < lanes or (src1 is not None and src1.shape != src.shape):
+        raise ValueError(f"walsh_mlp chain: block-major rows {tuple(src.shape)} cannot hold "
+                         f"{lanes} lanes, or the two sources differ")
+    lb, bt, warps, stages, tokens = mlp_chain_params(fwd, width)
+    iters = 1 if fwd else max(1, tokens // bt)
+    rows = triton.cdiv(n, bt * iters)
+    dst = torch.empty(a, n, width, device=src.device, dtype=src.dtype)
+    dst1 = None if fwd else torch.empty_like(dst)
+    part = None if fwd else torch.empty(rows, 3 * a * lanes, device=src.device,
+                                        dtype=torch.float32)  # every entry written
+    if n * width == 0:
+        return dst, dst1, part
+
+    def arg(t, dtype=src.dtype):  # unused pointers get empties of their own, never aliases
+        return t.contiguous() if t is not None else src.new_empty(0, dtype=dtype)
+
+    wrap_triton(_mlp_chain_kernel)[(rows, triton.cdiv(width, lb))](
+        src.contiguous(), arg(src1), gate, up, dst, arg(dst1), beta_g.contiguous(),
+        beta_u.contiguous(), alpha_d.contiguous(), arg(part, torch.float32), n, iters,
+        1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
+        FWD=fwd, USE_DOT=a >= 16, IEEE=src.dtype == torch.float32,
+        BF16_DOT=src.dtype == torch.bfloat16, INTERPRETED=INTERPRETED,
+        WIDE=n * a * width >= WIDE_NUMEL, STAGES=stages, num_warps=warps)
+    return dst, dst1, part
+
+
+def mlp_chain_fwd_raw(y_g: torch.Tensor, y_u: torch.Tensor, beta_g: torch.Tensor,
+                      beta_u: torch.Tensor, alpha_d: torch.Tensor, lanes: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y_g, y_u [A, N, W] -> (gate, up [N, A*lanes] = beta * S H y, u_d [A, N, W] =
+    S H (alpha_d * silu(gate) * up), zero past lanes) in one pass (no autograd)."""
+    a, n = y_g.shape[:2]
+    gate = torch.empty(n, a * lanes, device=y_g.device, dtype=y_g.dtype)
+    up = torch.empty_like(gate)
+    u_d = _chain(True, y_g, y_u, gate, up, beta_g, beta_u, alpha_d)[0]
+    return gate, up, u_d
+
+
+def mlp_chain_bwd_raw(du_d: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor
+                      ) -> tuple[torch.Tensor, ...]:
+    """du_d [A, N, W], the saved gate and up [N, A*L] -> (dy_g, dy_u [A, N, W], zero past L;
+    fp32 dalpha_d, dbeta_g, dbeta_u [A, L]) in one pass (no autograd); what lies past L in
+    du_d's rows reaches no result."""
+    a = du_d.shape[0]
+    dy_g, dy_u, part = _chain(False, du_d, None, gate, up, beta_g, beta_u, alpha_d)
+    sums = column_sum(part).view(3, a, -1)
+    return dy_g, dy_u, sums[0], sums[1], sums[2]
+
+
+# -- forward and backward bodies ------------------------------------------------------------
+def mlp_forward(x, ws, alphas, betas):
+    """(out [N, A*LO], gate, up [N, A*LH], u [2, A, N, LIp], u_d [A, N, LHp])."""
+    (a, lh, _), lo = ws[0].shape, ws[2].shape[1]
+    n = x.shape[0]
+    wt = torch.cat([padded_weight(w).transpose(1, 2) for w in ws[:2]])  # [2A, LIp, LHp]
+    u = walsh_in_group_raw(x, torch.stack(alphas[:2]), width=wt.shape[1])  # [2, A, N, LIp]
+    y = block_mm(u.view(2 * a, n, wt.shape[1]), wt)                     # [2A, N, LHp]
+    gate, up, u_d = mlp_chain_fwd_raw(y[:a], y[a:], betas[0], betas[1], alphas[2], lh)
+    y_d = block_mm(u_d, padded_weight(ws[2]).transpose(1, 2))           # [A, N, LOp]
+    return walsh_out_raw(y_d, betas[2], a, lanes=lo), gate, up, u, u_d
+
+
+def mlp_backward(dout, x, ws, alphas, betas, u, u_d, gate, up, out):
+    """(dx, [dw_g, dw_u, dw_d], fp32 [dalpha_g, dalpha_u, dalpha_d], fp32 [dbeta_g, ..])."""
+    du_d, dw_d, dbeta_d = backward_to_du(dout, ws[2], betas[2], out, u_d)  # [A, N, LHp]
+    dy_g, dy_u, dalpha_d, dbeta_g, dbeta_u = mlp_chain_bwd_raw(du_d, gate, up, betas[0],
+                                                               betas[1], alphas[2])
+    dus, dws = [], []
+    for k, dy in enumerate((dy_g, dy_u)):
+        (_, lh, li), wp = ws[k].shape, padded_weight(ws[k])           # wp [A, LHp, LIp]
+        du, dw = block_mm_dual(dy, wp, u[k])                           # [A, N, LIp]
+        dus.append(du)
+        dws.append(_unpadded(dw, lh, li))
+    dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas[:2]), x)
+    return dx, [*dws, dw_d], [dalpha[0], dalpha[1], dalpha_d], [dbeta_g, dbeta_u, dbeta_d]
+
+
+# -- autograd: a forward and a backward op (``walsh.kernels.registry``) -----------------------
+def _fake(x, ws, alphas, betas):
+    (a, lh, li), lo = ws[0].shape, ws[2].shape[1]
+    n = x.shape[0]
+    return [x.new_empty(n, a * lo), x.new_empty(n, a * lh), x.new_empty(n, a * lh),
+            x.new_empty(2, a, n, row_width(li)), x.new_empty(a, n, row_width(lh))]
+
+
+@kernel_op("walsh::walsh_mlp", _fake)
+def _mlp_op(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
+            betas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[out, gate, up, u, u_d]: all but out saved for the backward (internal)."""
+    return list(mlp_forward(x, ws, alphas, betas))
+
+
+def _backward_fake(dout, x, ws, alphas, betas, u, u_d, gate, up, out):
+    return [torch.empty_like(x), *(torch.empty_like(t) for t in (*ws, *alphas, *betas))]
+
+
+@kernel_op("walsh::walsh_mlp_backward", _backward_fake)
+def _mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, ws: list[torch.Tensor],
+                     alphas: list[torch.Tensor], betas: list[torch.Tensor], u: torch.Tensor,
+                     u_d: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                     out: torch.Tensor) -> list[torch.Tensor]:
+    """[dx, dw_g, dw_u, dw_d, dalpha_g, .., dbeta_d], each in its input's dtype."""
+    dx, dws, dalphas, dbetas = mlp_backward(dout, x, ws, alphas, betas, u, u_d, gate, up, out)
+    # copies: the gains' gradients are rows of two tensors (the group's dalphas, the chain's
+    # three sums), and an op's outputs may not alias
+    return [dx.to(x.dtype), *(d.to(w.dtype) for d, w in zip(dws, ws)),
+            *(d.to(al.dtype, copy=True) for d, al in zip(dalphas, alphas)),
+            *(d.to(be.dtype, copy=True) for d, be in zip(dbetas, betas))]
+
+
+def _setup(ctx, inputs, output):
+    x, ws, alphas, betas = inputs
+    ctx.set_materialize_grads(False)  # the internal outputs get no gradient
+    ctx.save_for_backward(x, *ws, *alphas, *betas, *output[1:], output[0])
+
+
+def _backward(ctx, grads):  # the op's outputs are one list: [dout, None for the internal]
+    dout = grads[0]
+    if dout is None:
+        return None, None, None, None
+    x, *rest = ctx.saved_tensors
+    ws, alphas, betas = (list(rest[k * 3:(k + 1) * 3]) for k in range(3))
+    gate, up, u, u_d, out = rest[9:]
+    r = _mlp_backward_op(dout.contiguous(), x, ws, alphas, betas, u, u_d, gate, up, out)
+    return r[0], r[1:4], r[4:7], r[7:10]
+
+
+_mlp_op.register_autograd(_backward, setup_context=_setup)
+
+
+# -- functional -------------------------------------------------------------------------------
+def walsh_mlp(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.Tensor],
+              betas: list[torch.Tensor]) -> torch.Tensor:
+    """x [N, A*LI]; ws = (w_g, w_u [A, LH, LI], w_d [A, LO, LH]); alphas = ([A, LI], [A, LI],
+    [A, LH]); betas = ([A, LH], [A, LH], [A, LO]); all x's dtype -> [N, A*LO]: the twin of
+    ``walsh_mlp_naive``, differentiable in all ten. Its output is saved for the backward (an
+    in-place change of it before the backward raises autograd's error)."""
+    if len(ws) != 3 or len(alphas) != 3 or len(betas) != 3:
+        raise ValueError(f"walsh_mlp: three layers (gate, up, down), each with a weight, alpha "
+                         f"and beta; got {len(ws)}, {len(alphas)}, {len(betas)}")
+    (a, lh, li), lo = ws[0].shape, ws[2].shape[1] if ws[2].ndim == 3 else -1
+    if a < 2 or a & (a - 1):
+        raise ValueError(f"walsh_mlp: blocks must be a power of two >= 2, got {a}")
+    want = [((a, lh, li), (a, li), (a, lh)), ((a, lh, li), (a, li), (a, lh)),
+            ((a, lo, lh), (a, lh), (a, lo))]
+    for k, name in enumerate(("gate", "up", "down")):
+        shapes = (tuple(ws[k].shape), tuple(alphas[k].shape), tuple(betas[k].shape))
+        if x.ndim != 2 or x.shape[1] != a * li or shapes != want[k]:
+            raise ValueError(f"walsh_mlp: {name}'s w, alpha, beta {shapes} with x "
+                             f"{tuple(x.shape)} do not fit {want[k]} (x [N, {a * li}])")
+        for what, t in (("w", ws[k]), ("alpha", alphas[k]), ("beta", betas[k])):
+            if t.dtype != x.dtype:
+                raise ValueError(f"walsh_mlp: {name}'s {what} dtype {t.dtype} != x dtype "
+                                 f"{x.dtype}")
+    return _mlp_op(x.contiguous(), list(ws), list(alphas), list(betas))[0]
