@@ -17,7 +17,8 @@ its 1/P share of the group's read of x (walsh_in, and the dx pass) and of its dx
 SwiGLU's product is a pass of its own each way (forward: gate, up read, h written; backward:
 dh, gate, up read, dgate, dup written), except where the down projection computes it in its
 own passes (``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads
-du, gate and up and writes dgate and dup). RoPE on q and k is a pass of its own each way (q
+du, gate and up and writes dgate and dup), or the whole MLP is one op (``walsh.kernels.
+walsh_mlp``: gate and up written once and read once, dgate and dup never stored). RoPE on q and k is a pass of its own each way (q
 and k read and written) except where their walsh_out rotates them (``walsh_rope``; its tables are
 read from L2 and not counted, nor are the extra in-register lane moves). Not counted:
 normalization and residual passes, embeddings, the optimizer, launch overhead, and the LM head
@@ -55,8 +56,14 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
     hi, ho = 2 * a * n * i, 2 * a * n * o  # H applied as [A, A] tensor-core dots
     share = 1 / max(1, layer.in_group)  # of a group's x read and dx write (one per group)
     # the input's passes: walsh_in's reads (x, or gate and up) and the dx pass's reads and
-    # writes besides du (x and dx, or gate, up, dgate and dup)
+    # writes besides du (x and dx, or gate, up, dgate and dup); in the MLP's one op
+    # (``walsh.kernels.walsh_mlp``) the down projection's walsh_in is chained to gate's and up's
+    # walsh_out (gate and up not read back) and its dx pass to their walsh_in + dbeta (gate
+    # and up read, dgate and dup never written), which then only write dy
     reads_in, dx_pass = (2, 4) if layer.swiglu_input else (share, 2 * share)
+    if layer.in_mlp:
+        reads_in, dx_pass = (0, 2) if layer.swiglu_input else (reads_in, dx_pass)
+    dout_reads = 0 if layer.in_mlp and not layer.swiglu_input else 2  # dout and out
     if layer.impl == "fused":
         return [
             Kernel("walsh fused fwd", g + hi + ho, 0, ACT * (n * i + n * o + w)),
@@ -72,7 +79,7 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
         Kernel("walsh_out", ho, 0, 2 * ACT * n * o),
         # the backward's transforms compute the gains' gradients in the same pass: dout and
         # the saved out read, dy written; du and x read, dx written
-        Kernel("walsh_in (dout) + dbeta", ho, 0, 3 * ACT * n * o),
+        Kernel("walsh_in (dout) + dbeta", ho, 0, (1 + dout_reads) * ACT * n * o),
         Kernel("walsh_out (du) + alpha + dalpha", hi, 0, ACT * n * i * (1 + dx_pass)),
     ] + ([Kernel("bmm dx + dw", 2 * g, 0, ACT * (n * o + 2 * n * i + 2 * w))]  # dy read once
          if _du_dw_in_one_pass(layer) else

@@ -190,7 +190,7 @@ def test_swiglu_inside_the_down_projection_saves_five_passes():
     def mlp_bytes(fuse):
         with torch.device("meta"):
             model = WalshLM(get_preset("walsh-h-125m", walsh_impl="triton", n_layer=1,
-                                       walsh_swiglu=fuse))
+                                       walsh_swiglu=fuse, walsh_mlp=False))
         down = model.blocks[0].mlp.down
         assert down.swiglu_input == fuse
         ks = model_kernels(model, 4, N // 4)
@@ -200,6 +200,22 @@ def test_swiglu_inside_the_down_projection_saves_five_passes():
     h = get_preset("walsh-h-125m").mlp_hidden
     assert not [k for k in ks_fused if k.name.startswith("SwiGLU")]
     assert apart - fused == pytest.approx(5 * 2 * N * h)
+
+
+def test_the_mlp_as_one_op_saves_eight_passes():
+    """The MLP as one op (walsh.kernels.walsh_mlp) against the group op and the down op with
+    the product inside: forward 5 passes over [N, H] (y_g, y_u read; gate, up, u_d written)
+    against 7 (gate and up read back by down's walsh_in), backward 5 (du_d, gate, up read;
+    dy_g, dy_u written) against 11 (dgate and dup written, then read with gate and up by the
+    group's two walsh_in + dbeta passes)."""
+    def step_bytes(one_op):
+        with torch.device("meta"):
+            model = WalshLM(get_preset("walsh-h-125m", walsh_impl="triton", n_layer=1,
+                                       walsh_mlp=one_op))
+        assert model.blocks[0].mlp.one_op == one_op
+        return sum(k.bytes for k in model_kernels(model, 4, N // 4))
+    h = get_preset("walsh-h-125m").mlp_hidden
+    assert step_bytes(False) - step_bytes(True) == pytest.approx(8 * 2 * N * h)
 
 
 @pytest.mark.parametrize("preset,impl,inside", [("walsh-h-125m", "triton", True),

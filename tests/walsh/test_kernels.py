@@ -131,7 +131,7 @@ def test_ops_trace_without_graph_breaks(impl, seed):
 _SCAN = """
 import json
 import walsh.kernels.int8_linear, walsh.kernels.walsh_linear, walsh.kernels.ternary
-import walsh.kernels.walsh_group, walsh.kernels.walsh_swiglu
+import walsh.kernels.walsh_group, walsh.kernels.walsh_swiglu, walsh.kernels.walsh_mlp
 from torch._library.triton import triton_ops_to_kernels
 from walsh.kernels import registry
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -177,6 +177,8 @@ def test_triton_ops_name_their_kernels():
         "walsh::walsh_group_backward": [dual, mm, mm_tn, colsum, walsh],
         "walsh::swiglu_linear": [mm, walsh],
         "walsh::swiglu_linear_backward": [dual, mm, mm_tn, colsum, walsh],
+        "walsh::walsh_mlp": ["_mlp_chain_kernel", mm, walsh],
+        "walsh::walsh_mlp_backward": [dual, "_mlp_chain_kernel", mm, mm_tn, colsum, walsh],
     }
 
 

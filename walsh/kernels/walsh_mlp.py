@@ -58,11 +58,13 @@ def walsh_mlp_naive(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.
 
 # -- launchers --------------------------------------------------------------------------------
 def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.Tensor,
-           up: torch.Tensor, beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor
+           up: torch.Tensor, beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor,
+           out: tuple[torch.Tensor, ...] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch ``_mlp_chain_kernel``: (dst, dst1 or None, fp32 partial sums [rows, 3*A*L] or
     None). fwd: src, src1 = y_g, y_u [A, N, W]; gate, up are written; dst = u_d [A, N, W].
-    Else: src = du_d [A, N, W], gate and up read; dst, dst1 = dy_g, dy_u [A, N, W]."""
+    Else: src = du_d [A, N, W], gate and up read; dst, dst1 = dy_g, dy_u [A, N, W].
+    ``out``: buffers for dst (and dst1), contiguous [A, N, W] (tests poison them)."""
     a, n, width = src.shape
     lanes = gate.shape[1] // a
     for name, t in (("gate", gate), ("up", up)):
@@ -79,8 +81,14 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
     lb, bt, warps, stages, tokens = mlp_chain_params(fwd, width)
     iters = 1 if fwd else max(1, tokens // bt)
     rows = triton.cdiv(n, bt * iters)
-    dst = torch.empty(a, n, width, device=src.device, dtype=src.dtype)
-    dst1 = None if fwd else torch.empty_like(dst)
+    if out is None:
+        out = [torch.empty(a, n, width, device=src.device, dtype=src.dtype)
+               for _ in range(1 if fwd else 2)]
+    if len(out) != (1 if fwd else 2) or any(
+            t.shape != src.shape or t.dtype != src.dtype or not t.is_contiguous() for t in out):
+        raise ValueError(f"walsh_mlp chain: out must be {1 if fwd else 2} contiguous "
+                         f"{tuple(src.shape)} {src.dtype} tensor(s)")
+    dst, dst1 = out[0], (None if fwd else out[1])
     part = None if fwd else torch.empty(rows, 3 * a * lanes, device=src.device,
                                         dtype=torch.float32)  # every entry written
     if n * width == 0:
@@ -100,25 +108,31 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
 
 
 def mlp_chain_fwd_raw(y_g: torch.Tensor, y_u: torch.Tensor, beta_g: torch.Tensor,
-                      beta_u: torch.Tensor, alpha_d: torch.Tensor, lanes: int
+                      beta_u: torch.Tensor, alpha_d: torch.Tensor, lanes: int,
+                      out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y_g, y_u [A, N, W] -> (gate, up [N, A*lanes] = beta * S H y, u_d [A, N, W] =
-    S H (alpha_d * silu(gate) * up), zero past lanes) in one pass (no autograd)."""
+    S H (alpha_d * silu(gate) * up), zero past lanes) in one pass (no autograd); ``out``:
+    buffers for the three (contiguous)."""
     a, n = y_g.shape[:2]
-    gate = torch.empty(n, a * lanes, device=y_g.device, dtype=y_g.dtype)
-    up = torch.empty_like(gate)
-    u_d = _chain(True, y_g, y_u, gate, up, beta_g, beta_u, alpha_d)[0]
+    if out is None:
+        gate = torch.empty(n, a * lanes, device=y_g.device, dtype=y_g.dtype)
+        out = (gate, torch.empty_like(gate), None)
+    gate, up, u_d = out
+    u_d = _chain(True, y_g, y_u, gate, up, beta_g, beta_u, alpha_d,
+                 None if u_d is None else (u_d,))[0]
     return gate, up, u_d
 
 
 def mlp_chain_bwd_raw(du_d: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                      beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor
+                      beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, ...]:
     """du_d [A, N, W], the saved gate and up [N, A*L] -> (dy_g, dy_u [A, N, W], zero past L;
     fp32 dalpha_d, dbeta_g, dbeta_u [A, L]) in one pass (no autograd); what lies past L in
-    du_d's rows reaches no result."""
+    du_d's rows reaches no result. ``out``: buffers for dy_g and dy_u."""
     a = du_d.shape[0]
-    dy_g, dy_u, part = _chain(False, du_d, None, gate, up, beta_g, beta_u, alpha_d)
+    dy_g, dy_u, part = _chain(False, du_d, None, gate, up, beta_g, beta_u, alpha_d, out)
     sums = column_sum(part).view(3, a, -1)
     return dy_g, dy_u, sums[0], sums[1], sums[2]
 

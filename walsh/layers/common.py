@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from walsh.layers.base import compute_dtype
-from walsh.layers.hadamard import fuse_swiglu, group_layers, shared_input, swiglu_down
+from walsh.layers.hadamard import (
+    fuse_mlp,
+    fuse_swiglu,
+    group_layers,
+    mlp_one_op,
+    shared_input,
+    swiglu_down,
+)
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +92,7 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); ``make`` builds each linear of the configured algebra."""
 
     def __init__(self, make, dim: int, hidden: int, out_scale: float,
-                 group: bool = False, fuse: bool = False) -> None:
+                 group: bool = False, fuse: bool = False, one_op: bool = False) -> None:
         super().__init__()
         self.gate = make(dim, hidden)
         self.up = make(dim, hidden)
@@ -94,7 +101,11 @@ class SwiGLU(nn.Module):
             group_layers([self.gate, self.up])
         if fuse:  # silu(gate) * up inside down's kernels where it allows (walsh.layers.hadamard)
             fuse_swiglu(self.down)
+        # the three layers as one op where both of the above hold (walsh.layers.hadamard)
+        self.one_op = one_op and fuse_mlp(self.gate, self.up, self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
+        if self.one_op:
+            return mlp_one_op(self.gate, self.up, self.down, x)
         gate, up = shared_input([self.gate, self.up], x)  # [B, T, H] each
         return swiglu_down(self.down, gate, up)

@@ -92,17 +92,20 @@ class WalshLinear(StructuredLinear):
                 from walsh.kernels.ternary import ternary_ste as quantize
                 from walsh.kernels.walsh_group import walsh_group
                 from walsh.kernels.walsh_linear import walsh_linear
+                from walsh.kernels.walsh_mlp import walsh_mlp
                 from walsh.kernels.walsh_swiglu import swiglu_linear
             except ImportError as e:
                 raise ImportError(f"walsh_impl={impl!r} needs the triton package: {e}") from e
             self._kernel_fns = {"quantize": quantize, "walsh_linear": walsh_linear,
-                                "walsh_group": walsh_group, "swiglu_linear": swiglu_linear}
+                                "walsh_group": walsh_group, "swiglu_linear": swiglu_linear,
+                                "walsh_mlp": walsh_mlp}
         super().__init__(in_features, out_features, blocks=blocks, **kw)
         self.alpha = nn.Parameter(torch.ones(blocks, self.n_in))
         self.beta = nn.Parameter(torch.ones(blocks, self.n_out))
         self.in_group = 0  # the size of its shared_input group, 0 alone (``group_layers``)
         self.swiglu_input = False  # computes silu(gate) * up itself (``fuse_swiglu``)
         self.rope_output = False  # rotates its output by RoPE inside its op (``fuse_rope``)
+        self.in_mlp = False  # one of an MLP's three layers run as one op (``fuse_mlp``)
 
     def fan_in(self) -> int:
         return self.n_in  # each output sees one block's worth of (mixed) inputs
@@ -165,6 +168,7 @@ class WalshLinear(StructuredLinear):
         the rows' width: ``walsh.kernels.block_matmul``)."""
         return (f"WalshLinear: walsh_impl={self.impl}" + (" (grouped)" if self.in_group else "")
                 + (" (silu(gate) * up inside)" if self.swiglu_input else "")
+                + (" (the MLP as one op)" if self.in_mlp else "")
                 + (" (RoPE inside)" if self.rope_output else "") + self._gemm_path())
 
     def _gemm_path(self) -> str:
@@ -261,6 +265,33 @@ def swiglu_down(down, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = down._kernel_fns["swiglu_linear"](gate.reshape(-1, gate.shape[-1]),
                                             up.reshape(-1, up.shape[-1]), w, alpha, beta)
     return down._finish(out, gate.shape)
+
+
+def fuse_mlp(gate, up, down) -> bool:
+    """At build time, by the SwiGLU of these layers, after ``group_layers`` (gate, up) and
+    ``fuse_swiglu`` (down): where gate and up are marked a group of two and down computes the
+    product inside, none with a bias (a bias on gate or up would sit inside the chained pass),
+    mark all three (``in_mlp``: ``mlp_one_op`` runs them as one op, ``walsh.kernels.walsh_mlp``;
+    their ``path`` says so, and the roofline costs the chained passes). Returns whether it
+    marked them."""
+    ok = (getattr(gate, "in_group", 0) == 2 and getattr(up, "in_group", 0) == 2
+          and getattr(down, "swiglu_input", False)
+          and all(m.bias is None for m in (gate, up, down)))
+    for m in (gate, up, down):
+        if isinstance(m, WalshLinear):
+            m.in_mlp = ok
+    return ok
+
+
+def mlp_one_op(gate, up, down, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for layers that ``fuse_mlp`` marked, as one op. It reads the
+    layers' parameters from the caller's forward: under ZeRO-3 the caller must run inside a
+    leaf module (each transformer block, ``pipeline.parallelize``)."""
+    x = autocast_input(x)
+    ops = [m._operands(x.dtype) for m in (gate, up, down)]  # [(w, alpha, beta)] per layer
+    out = down._kernel_fns["walsh_mlp"](x.reshape(-1, x.shape[-1]),
+                                        *(list(t) for t in zip(*ops)))
+    return down._finish(out, x.shape)
 
 
 def check_rope_rows(x: torch.Tensor, rope) -> None:

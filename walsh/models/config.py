@@ -45,6 +45,10 @@ class WalshConfig:
     # with walsh_impl "triton": the MLP's silu(gate) * up computed inside the down projection's
     # passes, never stored (walsh.kernels.walsh_swiglu); false runs SwiGLU's product apart
     walsh_swiglu: bool = True
+    # with walsh_impl "triton", walsh_group and walsh_swiglu: the whole MLP (gate, up, down) as
+    # one op whose transforms on either side of gate and up run as one pass each way
+    # (walsh.kernels.walsh_mlp); false runs the group op and the down projection's op apart
+    walsh_mlp: bool = True
     # with walsh_impl "triton": attention's q and k rotated by RoPE inside their walsh_out pass
     # (and rotated back inside the backward's walsh_in), not by a pass of its own; false rotates
     # them apart (walsh.kernels.walsh_transform_kernel's ROPE)

@@ -110,7 +110,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(
             lambda i, o, **kw: _linear(cfg, i, o, **kw),
             cfg.n_embd, cfg.mlp_hidden, out_scale=1.0 / math.sqrt(2 * cfg.n_layer),
-            group=cfg.walsh_group, fuse=cfg.walsh_swiglu,
+            group=cfg.walsh_group, fuse=cfg.walsh_swiglu, one_op=cfg.walsh_mlp,
         )
 
     def forward(self, x, cos, sin, cache=None, start_pos=0, rope=None):  # [B, T, C] -> same
