@@ -43,10 +43,9 @@ def _gain(ptr, g, j, L: tl.constexpr):
 
 
 @triton.jit
-def _share(acc, scale, DIVIDE: tl.constexpr):
-    """A program's share of a gain gradient: acc [A, BT, LB] summed over its tokens -> [A, LB];
-    DIVIDE: over the gain (sum dout * out / beta = sum dout * z; 0 where the gain is 0)."""
-    share = tl.sum(acc, axis=1)
+def _share(share, scale, DIVIDE: tl.constexpr):
+    """A program's share of a gain gradient [A, LB] (summed over its tokens); DIVIDE: over the
+    gain (sum dout * out / beta = sum dout * z; 0 where the gain is 0)."""
     if DIVIDE:
         s2d = tl.reshape(scale, [scale.shape[0], scale.shape[2]])  # [A, 1, LB] -> [A, LB]
         share = tl.where(s2d != 0.0, share / tl.where(s2d != 0.0, s2d, 1.0), 0.0)
@@ -75,9 +74,12 @@ def _mlp_chain_kernel(src_ptr, src1_ptr, gate_ptr, up_ptr, dst_ptr, dst1_ptr, bg
     beta_u = _gain(bu_ptr, g, j, L)
     alpha_d = _gain(ad_ptr, g, j, L)
     h_mat = _hadamard(A, LOG_A)                                        # [A, A]
-    acc_a = tl.zeros([A, BT, LB], dtype=tl.float32)  # backward's sums: dalpha_d, dbeta_g, _u
-    acc_g = tl.zeros([A, BT, LB], dtype=tl.float32)
-    acc_u = tl.zeros([A, BT, LB], dtype=tl.float32)
+    # the backward's three sums (dalpha_d, dbeta_g, dbeta_u), each summed over a slab's tokens
+    # as it goes: three [A, BT, LB] accumulators beside the slabs would hold 3 BT times the
+    # registers
+    acc_a = tl.zeros([A, LB], dtype=tl.float32)
+    acc_g = tl.zeros([A, LB], dtype=tl.float32)
+    acc_u = tl.zeros([A, LB], dtype=tl.float32)
     for it in tl.range(0, ITERS, num_stages=STAGES if STAGES > 0 else None):
         i = ((tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT))[None, :, None]  # [1, BT, 1]
         i64 = i.to(tl.int64) if WIDE else i
@@ -108,16 +110,16 @@ def _mlp_chain_kernel(src_ptr, src1_ptr, gate_ptr, up_ptr, dst_ptr, dst1_ptr, bg
             gate = tl.load(gate_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
             up = tl.load(up_ptr + token_major, mask=mask, other=0.0).to(tl.float32)
             sg, silu = _silu_parts(gate)
-            acc_a += silu * up * t
+            acc_a += tl.sum(silu * up * t, axis=1)
             dh = tl.where(mask, alpha_d * t, 0.0)  # 0 past L, whatever du_d's padding holds
             # silu'(gate) = sg (1 + gate (1 - sg)) = sg + silu (1 - sg)
             dgate = dh * up * (sg + silu * (1.0 - sg))
-            acc_g += dgate * gate
+            acc_g += tl.sum(dgate * gate, axis=1)
             dy = _transform(beta_g * dgate, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE,
                             BF16_DOT, INTERPRETED)
             tl.store(dst_ptr + block_major, _stored(dy, dst_ptr, INTERPRETED), mask=rows)
             dup = dh * silu
-            acc_u += dup * up
+            acc_u += tl.sum(dup * up, axis=1)
             dy = _transform(beta_u * dup, h_mat, inv_sqrt_a, A, BT, LB, USE_DOT, IEEE,
                             BF16_DOT, INTERPRETED)
             tl.store(dst1_ptr + block_major, _stored(dy, dst1_ptr, INTERPRETED), mask=rows)
