@@ -12,6 +12,9 @@
 - ``walsh.kernels.walsh_swiglu``: the MLP's down projection on silu(gate) * up as one op that
   computes the product in the layer's own passes and never stores it (reference:
   ``swiglu_linear_naive``).
+- ``walsh.kernels.walsh_mlp``: the whole Walsh MLP (gate, up, down) as one op, the transforms on
+  either side of gate and up chained in one pass each way (kernel:
+  ``walsh.kernels.walsh_mlp_kernel``; reference: ``walsh_mlp_naive``).
 - ``walsh.kernels.block_matmul``: the three-kernel layers' per-block GEMMs (y, du, dw) on
   narrow rows, where they beat cuBLAS's batched GEMM, and du with dw in one pass over dy
   (reference: ``block_mm_naive``, ``block_mm_tn_naive``, ``block_mm_dual_naive``,

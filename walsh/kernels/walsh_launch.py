@@ -136,11 +136,18 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
 
 
 # the Walsh MLP's chained middle pass (``walsh.kernels.walsh_mlp``), keyed by (forward, padded
-# lanes): (tile, warps, pipelining stages). Not yet swept: the SwiGLU passes' entries, which
-# hold as many slabs (forward: walsh_in's tile with SWIGLU_IN_WARPS; backward: SWIGLU_DX)
-MLP_CHAIN = {(True, 256): (IN_TILE, 16, 0), (True, 128): (IN_TILE, 8, 0),
-             (True, 64): (IN_TILE, 4, 0),
-             (False, 256): (256, 16, 3), (False, 128): (128, 4, 0), (False, 64): (256, 8, 1)}
+# lanes): (tile, warps, pipelining stages). Swept on an H200 (session 28, docs/benchmarks.md;
+# N = 16k, A = 32, bf16, CUDA graphs) over tiles 128 / 256 / 512 x 4 / 8 / 16 warps (x 1 / 3
+# stages backward), us, best against the passes apart (the group's two walsh_out and the
+# SwiGLU walsh_in; the SwiGLU dx pass and the two walsh_in + dbeta): 64 lanes (the 125M)
+# forward 105.3 against 131.7, backward 157.2 against 212.2; 88 (the 350M) 227.4 against
+# 237.9, 309.6 against 426.1; 176 (the 1.3B) 511.3 against 485.6, 1027.6 against 816.4, its
+# worst launches 10-15 ms (a [32, 256] slab per token and the three transforms' values spill).
+# Hence MLP_MAX_LANES: the MLP runs as one op only on hidden rows of at most that many lanes
+# (``walsh.layers.hadamard.fuse_mlp``); the 256 entries are the sweep's best, for a direct call
+MLP_CHAIN = {(True, 256): (128, 4, 0), (True, 128): (128, 4, 0), (True, 64): (128, 4, 0),
+             (False, 256): (128, 8, 3), (False, 128): (128, 16, 3), (False, 64): (128, 8, 3)}
+MLP_MAX_LANES = 128
 
 
 def mlp_chain_params(fwd: bool, width: int) -> tuple[int, int, int, int, int]:
