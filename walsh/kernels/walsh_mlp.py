@@ -15,6 +15,15 @@ The chain moves 10 H bytes a token each way (bf16) where the passes apart moved 
 and 22 H backward (the kernel module's doc). Saved for the backward: x, u, gate, up, u_d and
 out, as the two ops apart saved.
 
+Measured on an H200 (docs/benchmarks.md, session 28; N = 16k, A = 32, bf16, CUDA graphs), the
+chained passes against the passes apart, us, forward / backward: 64 hidden lanes (the 125M)
+105.3 / 157.2 against 131.7 / 212.2; 88 (the 350M) 227.4 / 309.6 against 237.9 / 426.1; 176
+(the 1.3B) 511.3 / 1027.6 against 485.6 / 816.4, slower (the slab of a token's 256 padded
+lanes and the three transforms' values do not fit the registers), so ``fuse_mlp`` takes the
+one op only up to ``walsh_launch.MLP_MAX_LANES`` (128). In the models: walsh-h-125m 465,606
+tok/s against 450,731 with the two ops (+3.3%; dense-125m 432,929: 1.08x), walsh-h-350m
+212,132 against 205,244 (+3.4%; dense-350m 180,771: 1.17x).
+
 Who calls it: ``walsh.layers.hadamard.walsh_mlp_layers`` for a SwiGLU whose gate and up are a
 group and whose down projection computes the product inside (config ``walsh_mlp``; the
 three layers on the ``triton`` path without activation quantization or bias). The naive

@@ -11,10 +11,11 @@ once per step, one GEMM). All implementations compute the same function (one gra
 a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest depends on the width
 (one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sessions 8-27): ``"dense"`` trains at
 0.97x the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x at 24 x 2048;
-``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused kernels) at 1.04x
-at 12 x 768 (session 27, CUDA graphs; 0.99x in session 21 with its per-block GEMMs as Triton
-kernels, 0.89-0.92x in sessions 17-19), 1.13x at 24 x 1024 (session 27, one short run; 350M
-varies by up to 20% between runs), and **1.82x at 24 x 2048** (walsh-h-1b3, session 27,
+``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused kernels) at 1.08x
+at 12 x 768 (session 28, CUDA graphs, the MLP as one op; 1.04x in session 27, 0.99x in session
+21 with its per-block GEMMs as Triton kernels, 0.89-0.92x in sessions 17-19), 1.17x at
+24 x 1024 (session 28, one short run; 350M varies by up to 20% between runs), and **1.82x at
+24 x 2048** (walsh-h-1b3, session 27,
 against dense on the same host; 1.79-1.83x in sessions 18-26; RoPE inside q's and k's
 passes gave +1.0-2.1% of it), where the
 structure's 32x fewer GEMM FLOPs outweigh its transforms, with 40 GiB peak against the dense
