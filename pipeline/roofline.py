@@ -18,9 +18,10 @@ SwiGLU's product is a pass of its own each way (forward: gate, up read, h writte
 dh, gate, up read, dgate, dup written), except where the down projection computes it in its
 own passes (``walsh.kernels.walsh_swiglu``: its walsh_in reads gate and up, its dx pass reads
 du, gate and up and writes dgate and dup), or the whole MLP is one op (``walsh.kernels.
-walsh_mlp``: gate and up written once and read once, dgate and dup never stored). RoPE on q and k is a pass of its own each way (q
-and k read and written) except where their walsh_out rotates them (``walsh_rope``; its tables are
-read from L2 and not counted, nor are the extra in-register lane moves). Not counted:
+walsh_mlp``: gate and up written once and read once, dgate and dup never stored). RoPE on q
+and k is a pass of its own each way (q and k read and written) except where their walsh_out
+rotates them (``walsh_rope``; its tables are read from L2 and not counted, nor are the extra
+in-register lane moves). Not counted:
 normalization and residual passes, embeddings, the optimizer, launch overhead, and the LM head
 weight re-read per loss chunk. The sum is therefore a lower bound on a step, and a measured
 step over it ("x roof") says how far the whole step is from its kernels' ideal.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _helpers import DEV, TOL, assert_bf16_runs_agree, assert_models_agree, rel_err, small_config
 
 pytest.importorskip("triton")

@@ -272,9 +272,9 @@ def fuse_mlp(gate, up, down) -> bool:
     ``fuse_swiglu`` (down): where gate and up are marked a group of two and down computes the
     product inside, none with a bias (a bias on gate or up would sit inside the chained pass),
     on hidden rows of at most ``walsh_launch.MLP_MAX_LANES`` (128; the 1.3B's 172-lane rows ran
-    slower chained, session 28), mark all three (``in_mlp``: ``mlp_one_op`` runs them as one op, ``walsh.kernels.walsh_mlp``;
-    their ``path`` says so, and the roofline costs the chained passes). Returns whether it
-    marked them."""
+    slower chained, session 28), mark all three (``in_mlp``: ``mlp_one_op`` runs them as one
+    op, ``walsh.kernels.walsh_mlp``; their ``path`` says so, and the roofline costs the chained
+    passes). Returns whether it marked them."""
     ok = (getattr(gate, "in_group", 0) == 2 and getattr(up, "in_group", 0) == 2
           and getattr(down, "swiglu_input", False)
           and all(m.bias is None for m in (gate, up, down)))
