@@ -36,8 +36,9 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   in session 18, when RoPE's tables were built per layer, 0.375 GiB of them), 43.36-43.37 with
   RoPE apart, 47.40-47.93 with both apart (sessions 17-19, docs/benchmarks.md; 58.5 in
   sessions 8-13, when walsh_out wrote z = S H y beside out and the backward kept z); the
-  estimate says 40.74, 43.74 and 47.77 GiB. When checkpointing recomputes a layer, only that
-  layer's are counted.
+  estimate says 40.74, 43.74 and 47.77 GiB. The MLP as one op (``walsh_mlp``) saves what the
+  group op and the down op saved (x, u, gate, up, u_d, out): the same count. When
+  checkpointing recomputes a layer, only that layer's are counted.
 
 Not counted: the CUDA context and allocator slack, DeepSpeed's communication buckets, the
 loader. Treat the total as +-30% and keep ~10% of the device free.

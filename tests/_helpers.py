@@ -43,6 +43,22 @@ def assert_layers_agree(ref, fast, x, shape, seed, tol=1e-5):
     return out_f
 
 
+def run_with_grads(fn, leaves, grad):
+    """(fn(*leaves), the gradients of every leaf against ``grad``, taken on the fp32 output)."""
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out.float(), leaves, grad)
+
+
+def assert_ops_agree(fn, ref, leaves, grad, bound, seed) -> None:
+    """fn and ref (the same function of ``leaves``) give the same output and every gradient
+    within ``bound`` relative: a fused op against the ops it replaces."""
+    out, got = run_with_grads(fn, leaves, grad)
+    ref_out, want = run_with_grads(ref, leaves, grad)
+    assert rel_err(out, ref_out) < bound, seed
+    for k, (g, r) in enumerate(zip(got, want)):
+        assert rel_err(g, r) < bound, (k, seed)
+
+
 def assert_models_agree(model, twin, seed) -> None:
     """``twin`` (another config of the same function) loaded with ``model``'s weights gives
     the same loss (1e-6) and every parameter's gradient (1e-5) on one random batch (fp32)."""

@@ -161,6 +161,7 @@ def test_triton_ops_name_their_kernels():
     walsh, linear, colsum = "_walsh_kernel", "_walsh_linear_kernel", "_column_sum_kernel"
     mm, mm_tn = "_block_mm_kernel", "_block_mm_tn_kernel"  # walsh.kernels.block_matmul
     dual = "_block_mm_dual_kernel"
+    chain = "_mlp_chain_kernel"  # walsh.kernels.walsh_mlp_kernel
     eager, traced, kernels = json.loads(out.splitlines()[-1])
     assert eager and traced
     assert kernels == {  # (each list sorted by name)
@@ -177,8 +178,8 @@ def test_triton_ops_name_their_kernels():
         "walsh::walsh_group_backward": [dual, mm, mm_tn, colsum, walsh],
         "walsh::swiglu_linear": [mm, walsh],
         "walsh::swiglu_linear_backward": [dual, mm, mm_tn, colsum, walsh],
-        "walsh::walsh_mlp": ["_mlp_chain_kernel", mm, walsh],
-        "walsh::walsh_mlp_backward": [dual, "_mlp_chain_kernel", mm, mm_tn, colsum, walsh],
+        "walsh::walsh_mlp": [mm, chain, walsh],
+        "walsh::walsh_mlp_backward": [dual, mm, mm_tn, colsum, chain, walsh],
     }
 
 

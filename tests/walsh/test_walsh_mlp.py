@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DEV, TOL, assert_bf16_runs_agree, assert_models_agree, rel_err, small_config
+from _helpers import (
+    DEV,
+    TOL,
+    assert_bf16_runs_agree,
+    assert_models_agree,
+    assert_ops_agree,
+    rel_err,
+    small_config,
+)
+from _helpers import run_with_grads as _run
 
 pytest.importorskip("triton")
 from walsh.kernels import walsh_mlp as wm  # noqa: E402
@@ -44,11 +53,6 @@ def _apart(x, ws, alphas, betas):
     return swiglu_linear(gate, up, ws[2], alphas[2], betas[2])
 
 
-def _run(fn, leaves, grad):
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out.float(), leaves, grad)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("a,n,li,lh,lo", [(32, 37, 3, 5, 2), (4, 70, 5, 7, 3), (16, 9, 24, 64, 24),
                                           (4, 3, 6, 250, 5)])  # hidden rows of 256: chunks
@@ -70,12 +74,8 @@ def test_equals_the_ops_apart(dtype, seed):
     rounded between the passes, within the bf16 bound)."""
     leaves = _leaves(16, 45, 6, 10, 5, dtype)
     grad = torch.randn(45, 16 * 5, device=DEV).to(dtype).float()
-    out, got = _run(_split(wm.walsh_mlp), leaves, grad)
-    ref_out, ref = _run(_split(_apart), leaves, grad)
     bound = TOL[dtype] / (10 if dtype == torch.float32 else 1)
-    assert rel_err(out, ref_out) < bound, seed
-    for k, (g, r) in enumerate(zip(got, ref)):
-        assert rel_err(g, r) < bound, (k, seed)
+    assert_ops_agree(_split(wm.walsh_mlp), _split(_apart), leaves, grad, bound, seed)
 
 
 @pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (4, 5, 86, 88),

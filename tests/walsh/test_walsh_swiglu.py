@@ -11,7 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import DEV, TOL, assert_bf16_runs_agree, assert_models_agree, rel_err, small_config
+from _helpers import (
+    DEV,
+    TOL,
+    assert_bf16_runs_agree,
+    assert_models_agree,
+    assert_ops_agree,
+    rel_err,
+    small_config,
+)
+from _helpers import run_with_grads as _run
 
 pytest.importorskip("triton")
 from walsh.kernels import walsh_linear as wf  # noqa: E402
@@ -30,11 +39,6 @@ def _leaves(a, n, li, lo, dtype, dev=DEV):
     alpha = (1 + 0.3 * torch.randn(a, li, device=dev)).to(dtype)
     beta = (1 + 0.3 * torch.randn(a, lo, device=dev)).to(dtype)
     return [t.requires_grad_() for t in (gate, up, w, alpha, beta)]
-
-
-def _run(fn, leaves, grad):
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out.float(), leaves, grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,13 +62,9 @@ def test_equals_the_product_apart(dtype, seed):
     bound; fp32: a tenth of it)."""
     leaves = _leaves(16, 45, 6, 5, dtype)
     grad = torch.randn(45, 16 * 5, device=DEV).to(dtype).float()
-    out, got = _run(ws.swiglu_linear, leaves, grad)
     apart = lambda g, u, w, al, be: wf.walsh_linear(F.silu(g) * u, w, al, be)
-    ref_out, ref = _run(apart, leaves, grad)
     bound = TOL[dtype] / (10 if dtype == torch.float32 else 1)
-    assert rel_err(out, ref_out) < bound, seed
-    for k, (g, r) in enumerate(zip(got, ref)):
-        assert rel_err(g, r) < bound, (k, seed)
+    assert_ops_agree(ws.swiglu_linear, apart, leaves, grad, bound, seed)
 
 
 @pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (4, 5, 86, 88),

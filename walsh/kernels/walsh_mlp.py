@@ -24,9 +24,10 @@ one op only up to ``walsh_launch.MLP_MAX_LANES`` (128). In the models: walsh-h-1
 tok/s against 450,731 with the two ops (+3.3%; dense-125m 432,929: 1.08x), walsh-h-350m
 212,132 against 205,244 (+3.4%; dense-350m 180,771: 1.17x).
 
-Who calls it: ``walsh.layers.hadamard.walsh_mlp_layers`` for a SwiGLU whose gate and up are a
-group and whose down projection computes the product inside (config ``walsh_mlp``; the
-three layers on the ``triton`` path without activation quantization or bias). The naive
+Who calls it: ``walsh.layers.hadamard.mlp_one_op`` for a SwiGLU that ``fuse_mlp`` marked: gate
+and up a group, the down projection computing the product inside, no bias, hidden rows of at
+most ``walsh_launch.MLP_MAX_LANES`` lanes (config ``walsh_mlp``; the three layers on the
+``triton`` path without activation quantization). The naive
 reference with the same signature is ``walsh_mlp_naive``.
 
 Code order: naive reference, launchers, forward and backward bodies, autograd (ops),
