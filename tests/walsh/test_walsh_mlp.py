@@ -184,6 +184,43 @@ def test_fuse_mlp_marks_only_a_grouped_mlp_with_the_product_inside():
     assert not fuse_mlp(gate, up, down)  # down does not compute the product inside
 
 
+def test_the_one_op_stops_at_128_lanes():
+    """Hidden rows past ``MLP_MAX_LANES`` (the 1.3B's 172) and a down projection of another
+    block count keep the two ops; the 125M and 350M presets take the one op, the 1.3B not."""
+    from walsh.kernels.walsh_launch import MLP_MAX_LANES
+    from walsh.models import WalshLM
+    from walsh.models.presets import get_preset
+
+    wide = SwiGLU(_make(), 32, 4 * (MLP_MAX_LANES + 8), 1.0, group=True, fuse=True, one_op=True)
+    assert not wide.one_op and not any(m.in_mlp for m in (wide.gate, wide.up, wide.down))
+    edge = SwiGLU(_make(), 32, 4 * MLP_MAX_LANES, 1.0, group=True, fuse=True, one_op=True)
+    assert edge.one_op
+    gate, up = (WalshLinear(32, 64, blocks=4, impl="triton") for _ in range(2))
+    down = WalshLinear(64, 32, blocks=8, impl="triton")
+    group_layers([gate, up])
+    down.swiglu_input = True
+    assert not fuse_mlp(gate, up, down)  # 8 blocks against 4: the op's shapes do not fit
+    for name, one_op in (("125m", True), ("350m", True), ("1b3", False)):
+        with torch.device("meta"):
+            model = WalshLM(get_preset(f"walsh-h-{name}", walsh_impl="triton", n_layer=1))
+        assert model.blocks[0].mlp.one_op == one_op, name
+
+
+def test_empty_input_and_dead_gain_lanes(seed):
+    """No tokens: an empty output and zero gradients. Lanes of beta_g, beta_u exactly 0 (gate
+    and up are 0 there, no z to recover): the same results as the two ops, dbeta 0 there."""
+    leaves = _leaves(4, 0, 5, 6, 3, torch.float32)
+    out, got = _run(_split(wm.walsh_mlp), leaves, torch.zeros(0, 12, device=DEV))
+    assert out.shape == (0, 12) and all(torch.all(g == 0) for g in got[1:])
+    leaves = _leaves(4, 21, 5, 6, 3, torch.float32)
+    with torch.no_grad():
+        leaves[7][1, 2] = leaves[8][3, 0] = 0.0  # beta_g, beta_u
+    grad = torch.randn(21, 12, device=DEV)
+    assert_ops_agree(_split(wm.walsh_mlp), _split(_apart), leaves, grad, 1e-6, seed)
+    got = _run(_split(wm.walsh_mlp), leaves, grad)[1]
+    assert got[7][1, 2] == 0 and got[8][3, 0] == 0, seed
+
+
 def test_mlp_module_is_per_token():
     """The MLP mixes no tokens: a change at one position changes that position's output
     only (the chained passes' token tiles must not leak)."""
@@ -212,11 +249,11 @@ def test_model_with_and_without_the_one_op(seed):
 
 # -- full shapes on the GPU -------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("c,hidden", [(2048, 5504), (1024, 2816), (768, 2048)])
+@pytest.mark.parametrize("c,hidden", [(1024, 2752), (768, 2048)])
 def test_full_shape_compiled_cuda(c, hidden, seed):
     """At 16k tokens, bf16: the MLP as one op (eager and compiled) against the two ops apart
-    (the 1.3B FFN's 172-lane padded rows, the 350M's 88, the 125M's 64: each width has its own
-    launch, ``walsh_launch.MLP_CHAIN``)."""
+    (the 350M's 86-lane rows padded to 88, the 125M's 64: each width has its own launch,
+    ``walsh_launch.MLP_CHAIN``; the 1.3B's 172 lanes keep the two ops)."""
     make = lambda i, o, **kw: WalshLinear(i, o, blocks=32, impl="triton", ternary=True, **kw)
     ref = SwiGLU(make, c, hidden, 1.0, group=True, fuse=True).cuda()
     mlp = SwiGLU(make, c, hidden, 1.0, group=True, fuse=True, one_op=True).cuda()

@@ -140,7 +140,8 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
 # N = 16k, A = 32, bf16, CUDA graphs) over tiles 128 / 256 / 512 x 4 / 8 / 16 warps (x 1 / 3
 # stages backward), us, best against the passes apart (the group's two walsh_out and the
 # SwiGLU walsh_in; the SwiGLU dx pass and the two walsh_in + dbeta): 64 lanes (the 125M)
-# forward 105.3 against 131.7, backward 157.2 against 212.2; 88 (the 350M) 227.4 against
+# forward 105.3 against 131.7, backward 157.2 against 212.2; 88 (hidden 2816: the 350M's 86
+# lanes padded to 88 take this entry) 227.4 against
 # 237.9, 309.6 against 426.1; 176 (the 1.3B) 511.3 against 485.6, 1027.6 against 816.4, its
 # worst launches 10-15 ms (a [32, 256] slab per token and the three transforms' values spill).
 # Hence MLP_MAX_LANES: the MLP runs as one op only on hidden rows of at most that many lanes

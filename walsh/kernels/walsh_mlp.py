@@ -8,7 +8,7 @@ the transforms on either side of gate and up run as one pass over each slab
     forward:  u = walsh_in_group(x, alpha_g, alpha_u); y_g, y_u = bmm(u, W_g^T), bmm(u, W_u^T)
               gate, up, u_d = chain(y_g, y_u)          (gate, up written: the backward reads them)
               out = walsh_out(bmm(u_d, W_d^T), beta_d)
-    backward: dy_d, dbeta_d = walsh_in_gain(dout, beta_d, out); du_d, dW_d = bmm's (one pass)
+    backward: dy_d, dbeta_d = walsh_in_gain(dout, beta_d, out); du_d, dW_d = block_mm_dual
               dy_g, dy_u, dalpha_d, dbeta_g, dbeta_u = chain'(du_d, gate, up)
               du_g, dW_g and du_u, dW_u = bmm's; dx, dalpha_g, dalpha_u = the group's dx pass
 The chain moves 10 H bytes a token each way (bf16) where the passes apart moved 14 H forward
@@ -17,7 +17,8 @@ out, as the two ops apart saved.
 
 Measured on an H200 (docs/benchmarks.md, session 28; N = 16k, A = 32, bf16, CUDA graphs), the
 chained passes against the passes apart, us, forward / backward: 64 hidden lanes (the 125M)
-105.3 / 157.2 against 131.7 / 212.2; 88 (the 350M) 227.4 / 309.6 against 237.9 / 426.1; 176
+105.3 / 157.2 against 131.7 / 212.2; 88 (hidden 2816; the 350M's 86 lanes are padded to 88
+and take the same launch) 227.4 / 309.6 against 237.9 / 426.1; 176
 (the 1.3B) 511.3 / 1027.6 against 485.6 / 816.4, slower (the slab of a token's 256 padded
 lanes and the three transforms' values do not fit the registers), so ``fuse_mlp`` takes the
 one op only up to ``walsh_launch.MLP_MAX_LANES`` (128). In the models: walsh-h-125m 465,606

@@ -271,13 +271,15 @@ def fuse_mlp(gate, up, down) -> bool:
     """At build time, by the SwiGLU of these layers, after ``group_layers`` (gate, up) and
     ``fuse_swiglu`` (down): where gate and up are marked a group of two and down computes the
     product inside, none with a bias (a bias on gate or up would sit inside the chained pass),
+    down's blocks those of gate's output,
     on hidden rows of at most ``walsh_launch.MLP_MAX_LANES`` (128; the 1.3B's 172-lane rows ran
     slower chained, session 28), mark all three (``in_mlp``: ``mlp_one_op`` runs them as one
     op, ``walsh.kernels.walsh_mlp``; their ``path`` says so, and the roofline costs the chained
     passes). Returns whether it marked them."""
     ok = (getattr(gate, "in_group", 0) == 2 and getattr(up, "in_group", 0) == 2
           and getattr(down, "swiglu_input", False)
-          and all(m.bias is None for m in (gate, up, down)))
+          and all(m.bias is None for m in (gate, up, down))
+          and down.blocks == gate.blocks and down.n_in == gate.n_out)
     if ok:  # and hidden rows the chained pass runs faster than the passes apart
         from walsh.kernels.walsh_launch import MLP_MAX_LANES, row_width
 
