@@ -351,9 +351,8 @@ KERNEL_PATHS = {
 def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
     """The Triton ops compose with DeepSpeed ZeRO-3 (2 gloo ranks: parameters partitioned and
     gathered around the ops): the run completes, step 1's loss equals the PyTorch path's (same
-    init, same function, fp32), the Walsh run's (with q, k, v and gate, up grouped, and the
-    down projection computing silu(gate) * up, on leaf modules) follows it at every step, and
-    the loss falls."""
+    init, same function, fp32), the Walsh run's (with q, k, v grouped and the MLP as one op,
+    on leaf modules) follows it at every step, and the loss falls."""
     fast, twin = KERNEL_PATHS[path]
     losses = {}
     for name, overrides in (("kernels", fast), ("torch", {**fast, **twin})):
@@ -367,15 +366,18 @@ def test_kernel_paths_train_under_zero3(path, data_dir, tmp_path):
         log = finish(torchrun(write_config(tmp_path, cfg)), timeout=560)
         if name == "kernels":  # the trainer names the path it runs
             # the Walsh run's q, k, v and gate, up as groups (q and k with RoPE inside) and
-            # down with SwiGLU's product inside, on ZeRO-3's leaf modules
-            # (pipeline.parallelize); of the 2 blocks' 14 layers 10 grouped, 2 fused; the
-            # block GEMMs by the rows' width (walsh.kernels.block_matmul: rows of at most 64
-            # lanes take Triton for y, of at most 96 one pass for du and dW)
+            # down with SwiGLU's product inside, the MLP's three as one op
+            # (walsh.kernels.walsh_mlp), on ZeRO-3's leaf modules (pipeline.parallelize); of
+            # the 2 blocks' 14 layers 10 grouped, 2 fused; the block GEMMs by the rows' width
+            # (walsh.kernels.block_matmul: rows of at most 64 lanes take Triton for y, of at
+            # most 96 one pass for du and dW)
             p = "(block GEMMs y: Triton; du + dW: Triton, one pass)"
-            want = (f"4 x WalshLinear: walsh_impl=triton (grouped) (RoPE inside) {p}; 6 x "
+            m = "(the MLP as one op)"
+            want = (f"4 x WalshLinear: walsh_impl=triton (grouped) (RoPE inside) {p}; 2 x "
                     f"WalshLinear: walsh_impl=triton (grouped) {p}; 2 x WalshLinear: "
-                    f"walsh_impl=triton {p}; 2 x WalshLinear: walsh_impl=triton "
-                    f"(silu(gate) * up inside) {p}" if "walsh_impl" in fast else "14 x")
+                    f"walsh_impl=triton {p}; 4 x WalshLinear: walsh_impl=triton (grouped) {m} "
+                    f"{p}; 2 x WalshLinear: walsh_impl=triton (silu(gate) * up inside) {m} {p}"
+                    if "walsh_impl" in fast else "14 x")
             assert "[walsh] linear layers: " + want in log, log[-2000:]
             assert "walsh_impl=triton" in log or "INT8 GEMM, INT8 dx" in log, log[-2000:]
         losses[name] = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
