@@ -62,8 +62,8 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
     # walsh_out (gate and up not read back) and its dx pass to their walsh_in + dbeta (gate
     # and up read, dgate and dup never written), which then only write dy
     reads_in, dx_pass = (2, 4) if layer.swiglu_input else (share, 2 * share)
-    if layer.in_mlp:
-        reads_in, dx_pass = (0, 2) if layer.swiglu_input else (reads_in, dx_pass)
+    if layer.in_mlp and layer.swiglu_input:  # down: u_d written; du_d, gate, up read
+        reads_in, dx_pass = 0, 2
     dout_reads = 0 if layer.in_mlp and not layer.swiglu_input else 2  # dout and out
     if layer.impl == "fused":
         return [

@@ -82,17 +82,25 @@ def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: to
     return dst, column_sum(part).view(p, a, lanes)
 
 
-def group_forward(x, ws, alphas, betas, rope=None, n_rope=0):
-    """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``). The first
-    ``n_rope`` outputs rotated by ``rope`` (cos, sin) in their walsh_out pass (q and k)."""
-    p, (a, lo, _), n = len(ws), ws[0].shape, x.shape[0]
+def group_gemm(x, ws, alphas):
+    """The group's forward up to its outputs' transforms: (u [P, A, N, LIp], zero past LI
+    (``row_width``); y [P*A, N, LOp], layer k's blocks at rows k*A..(k+1)*A); shared with
+    ``walsh.kernels.walsh_mlp``, whose gate and up are such a group."""
+    p, a, n = len(ws), ws[0].shape[0], x.shape[0]
     # the weights stacked already transposed ([P*A, LIp, LOp], contiguous: the cat copies
     # either way). cuBLAS ran the transposed view at the 1.3B FFN's 2 x 32 blocks of 64 -> 176
     # lanes in 200.5 us, the contiguous copy in 143.3, bit-equal (H200, session 17; the q, k,
     # v group's 64 -> 64 lanes: 103.5 and 103.2)
     wt = torch.cat([padded_weight(w).transpose(1, 2) for w in ws])      # [P*A, LIp, LOp]
     u = walsh_in_group_raw(x, torch.stack(alphas), width=wt.shape[1])  # [P, A, N, LIp]
-    y = block_mm(u.view(p * a, n, wt.shape[1]), wt)                    # [P*A, N, LOp]
+    return u, block_mm(u.view(p * a, n, wt.shape[1]), wt)              # y [P*A, N, LOp]
+
+
+def group_forward(x, ws, alphas, betas, rope=None, n_rope=0):
+    """(outs: P x [N, A*LO], u [P, A, N, LIp]); u is zero past LI (``row_width``). The first
+    ``n_rope`` outputs rotated by ``rope`` (cos, sin) in their walsh_out pass (q and k)."""
+    a, lo = ws[0].shape[:2]
+    u, y = group_gemm(x, ws, alphas)
     return [walsh_out_raw(y[k * a:(k + 1) * a], be, a, lanes=lo,
                           rope=rope if k < n_rope else None)
             for k, be in enumerate(betas)], u

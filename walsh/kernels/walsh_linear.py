@@ -304,9 +304,9 @@ def backward_to_du(dout, w, beta, out, u, rope=None):
     fp32 dbeta [A, LO]), with dy, dbeta = walsh_in_gain(dout, beta, out), du = dy W (the padded
     weight) and dw = sum over tokens of dy^T u from the saved u, the two GEMMs in one pass over
     dy where the rows allow (``block_matmul.block_mm_dual``); shared with
-    ``walsh.kernels.walsh_group`` and ``walsh.kernels.walsh_swiglu``, whose layers end in their
-    own dx pass. ``rope``: out is RoPE-rotated and dout its gradient, both rotated back in the
-    pass."""
+    ``walsh.kernels.walsh_group``, ``walsh.kernels.walsh_swiglu`` and ``walsh.kernels.
+    walsh_mlp`` (its down layer), whose layers end in their own dx pass. ``rope``: out is
+    RoPE-rotated and dout its gradient, both rotated back in the pass."""
     a, lo, li = w.shape
     wp = padded_weight(w)                                            # [A, LOp, LIp]
     dy, dbeta = walsh_in_gain_raw(dout, beta, out, a, width=wp.shape[1], rope=rope)
