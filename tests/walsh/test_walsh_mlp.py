@@ -79,8 +79,9 @@ def test_equals_the_ops_apart(dtype, seed):
 
 
 @pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (4, 5, 86, 88),
-                                             (4, 9, 64, 64), (4, 3, 250, 256),
-                                             (4, 2, 300, 304)])  # the launch table's rows
+                                             (4, 9, 64, 64), (4, 3, 172, 176),
+                                             (4, 3, 250, 256), (4, 2, 300, 304)])
+# the launch table's rows; the backward cuts 88, 176 and wider rows into 64-lane chunks
 def test_chained_passes_write_every_output(a, n, lanes, width, seed):
     """Into NaN-poisoned buffers (fp32): the forward chain equals the two walsh_out passes and
     walsh_in on silu(gate) * up (padding lanes zero); the backward chain equals the SwiGLU dx
@@ -184,9 +185,10 @@ def test_fuse_mlp_marks_only_a_grouped_mlp_with_the_product_inside():
     assert not fuse_mlp(gate, up, down)  # down does not compute the product inside
 
 
-def test_the_one_op_stops_at_128_lanes():
-    """Hidden rows past ``MLP_MAX_LANES`` (the 1.3B's 172) and a down projection of another
-    block count keep the two ops; the 125M and 350M presets take the one op, the 1.3B not."""
+def test_the_one_op_stops_past_max_lanes():
+    """Hidden rows past ``MLP_MAX_LANES`` (256) and a down projection of another block count
+    keep the two ops; the three presets take the one op (the 1.3B's 172 lanes since session
+    29's chunked backward)."""
     from walsh.kernels.walsh_launch import MLP_MAX_LANES
     from walsh.models import WalshLM
     from walsh.models.presets import get_preset
@@ -200,7 +202,7 @@ def test_the_one_op_stops_at_128_lanes():
     group_layers([gate, up])
     down.swiglu_input = True
     assert not fuse_mlp(gate, up, down)  # 8 blocks against 4: the op's shapes do not fit
-    for name, one_op in (("125m", True), ("350m", True), ("1b3", False)):
+    for name, one_op in (("125m", True), ("350m", True), ("1b3", True)):
         with torch.device("meta"):
             model = WalshLM(get_preset(f"walsh-h-{name}", walsh_impl="triton", n_layer=1))
         assert model.blocks[0].mlp.one_op == one_op, name
@@ -249,11 +251,11 @@ def test_model_with_and_without_the_one_op(seed):
 
 # -- full shapes on the GPU -------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("c,hidden", [(1024, 2752), (768, 2048)])
+@pytest.mark.parametrize("c,hidden", [(2048, 5504), (1024, 2752), (768, 2048)])
 def test_full_shape_compiled_cuda(c, hidden, seed):
     """At 16k tokens, bf16: the MLP as one op (eager and compiled) against the two ops apart
-    (the 350M's 86-lane rows padded to 88, the 125M's 64: each width has its own launch,
-    ``walsh_launch.MLP_CHAIN``; the 1.3B's 172 lanes keep the two ops)."""
+    at the three presets' shapes (the 1.3B's 172-lane rows padded to 176, the 350M's 86 to 88,
+    the 125M's 64: each width has its own launch, ``walsh_launch.MLP_CHAIN``)."""
     make = lambda i, o, **kw: WalshLinear(i, o, blocks=32, impl="triton", ternary=True, **kw)
     ref = SwiGLU(make, c, hidden, 1.0, group=True, fuse=True).cuda()
     mlp = SwiGLU(make, c, hidden, 1.0, group=True, fuse=True, one_op=True).cuda()

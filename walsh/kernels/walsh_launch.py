@@ -132,23 +132,32 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
     # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
     if group > 1 and not in_mode and lb * bt > tile:
         warps = 2 * TILE_WARPS
-    return lb, bt, warps, stages, tokens
+    return lb, bt, warps, stages, tokens if gain else bt
 
 
 # the Walsh MLP's chained middle pass (``walsh.kernels.walsh_mlp``), keyed by (forward, padded
-# lanes): (tile, warps, pipelining stages). Swept on an H200 (session 28, docs/benchmarks.md;
-# N = 16k, A = 32, bf16, CUDA graphs) over tiles 128 / 256 / 512 x 4 / 8 / 16 warps (x 1 / 3
-# stages backward), us, best against the passes apart (the group's two walsh_out and the
-# SwiGLU walsh_in; the SwiGLU dx pass and the two walsh_in + dbeta): 64 lanes (the 125M)
-# forward 105.3 against 131.7, backward 157.2 against 212.2; 88 (hidden 2816: the 350M's 86
-# lanes padded to 88 take this entry) 227.4 against
-# 237.9, 309.6 against 426.1; 176 (the 1.3B) 511.3 against 485.6, 1027.6 against 816.4, its
-# worst launches 10-15 ms (a [32, 256] slab per token and the three transforms' values spill).
-# Hence MLP_MAX_LANES: the MLP runs as one op only on hidden rows of at most that many lanes
-# (``walsh.layers.hadamard.fuse_mlp``); the 256 entries are the sweep's best, for a direct call
-MLP_CHAIN = {(True, 256): (128, 4, 0), (True, 128): (128, 4, 0), (True, 64): (128, 4, 0),
-             (False, 256): (128, 8, 3), (False, 128): (128, 16, 3), (False, 64): (128, 8, 3)}
-MLP_MAX_LANES = 128
+# lanes): (tile, warps, pipelining stages, tokens per program of the backward, chunked). A
+# chunked entry cuts a row wider than its tile into chunks of the tile over the grid (64-lane
+# chunks of a 176-lane row are 192 lanes; ``_slab`` would give one 256-lane slab a token, 80
+# dead lanes beside three transforms' values, which spilled); otherwise ``_slab`` picks. Swept
+# on an H200 (N = 16k, A = 32, bf16, CUDA graphs; docs/benchmarks.md), us, against the passes
+# apart (the group's two walsh_out and the SwiGLU walsh_in; the SwiGLU dx pass and the two
+# walsh_in + dbeta):
+# - session 28, tiles 128 / 256 / 512 x 4 / 8 / 16 warps (x 1 / 3 stages backward): 64 lanes
+#   (the 125M) forward 105.3 against 131.7, backward 157.2 against 212.2; 88 (hidden 2816)
+#   227.4 against 237.9, 309.6 against 426.1; 176 (the 1.3B) 511.3 against 485.6, 1027.6
+#   against 816.4 (one 256-lane slab a token; its worst launches 10-15 ms);
+# - session 29, lane chunks of 32 / 64 x 1-8 tokens a slab x 2 / 4 / 8 warps x 1-4 stages x
+#   64-256 tokens a program: the backward at 176 lanes 496.3 in 64-lane chunks against 1024.2
+#   as one slab; at 88 (the 350M's 86 lanes) 331.5 against 367.6; at 64 143.1 against 156.0
+#   (one token of 64 lanes a slab, against two). The forward ran slower in chunks (176: 660.9
+#   against 507.5; 88: 356.0 against 245.6), so it keeps session 28's tiles.
+# Hence MLP_MAX_LANES (``walsh.layers.hadamard.fuse_mlp``): the MLP runs as one op on hidden
+# rows of at most that many lanes, the widest measured (the 1.3B's 176)
+MLP_CHAIN = {(True, 256): (128, 8, 3, 64, False), (True, 128): (128, 4, 3, 16, False),
+             (True, 64): (128, 8, 3, 64, False), (False, 256): (64, 8, 4, 128, True),
+             (False, 128): (64, 8, 3, 256, True), (False, 64): (64, 4, 4, 64, True)}
+MLP_MAX_LANES = 256
 
 
 def mlp_chain_params(fwd: bool, width: int) -> tuple[int, int, int, int, int]:
@@ -156,6 +165,8 @@ def mlp_chain_params(fwd: bool, width: int) -> tuple[int, int, int, int, int]:
     chained pass on block-major rows of ``width`` lanes (``MLP_CHAIN``; narrower rows take the
     64-lane entry, wider ones MAX_CHUNK's)."""
     key = min(max(triton.next_power_of_2(max(int(width), 1)), 64), MAX_CHUNK)
-    tile, warps, stages = MLP_CHAIN[(fwd, key)]
+    tile, warps, stages, tokens, chunked = MLP_CHAIN[(fwd, key)]
     lb, bt = _slab(max(width, 1), tile)
-    return lb, bt, warps, stages, GAIN_TOKENS
+    if chunked and lb > tile:
+        lb, bt = tile, 1
+    return lb, bt, warps, stages, max(tokens, bt)

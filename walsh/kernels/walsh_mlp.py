@@ -90,7 +90,7 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
         raise ValueError(f"walsh_mlp chain: block-major rows {tuple(src.shape)} cannot hold "
                          f"{lanes} lanes, or the two sources differ")
     lb, bt, warps, stages, tokens = mlp_chain_params(fwd, width)
-    iters = 1 if fwd else max(1, tokens // bt)
+    iters = max(1, tokens // bt)  # slabs a program loops over (pipelined by STAGES)
     rows = triton.cdiv(n, bt * iters)
     if out is None:
         out = [torch.empty(a, n, width, device=src.device, dtype=src.dtype)

@@ -30,7 +30,12 @@ is stored for them. Dividing by beta is as accurate as the saved z was: out roun
 once, so out / beta is z with the relative error of z rounded to the saved dtype (bf16 and fp32
 at any beta; fp16 while beta * z stays in fp16's normal range: below it, fp16's subnormals
 lose bits that z itself would have kept); the division (the GPU's fp32 divide, within 2 ulp)
-is of each program's fp32 sum, not of each element. A lane whose beta is exactly 0 has
+is of each program's fp32 sum, not of each element. With RoPE inside (q, k) the saved output
+is the rotated one, rotated back in the backward: its rounding mixes each lane with its pair
+partner, so out / beta is z up to the partner's rounding over beta, and a lane whose beta is
+far below its partner's beta * z gets a coarser dbeta (bf16, 15 tokens: a lane at beta =
+0.002 put dbeta 1.1e-2 off, relative over 24 lanes, against at most 5e-3 over 150 draws with
+no such lane; tests/walsh/test_walsh_rope.py draws beta >= 0.25). A lane whose beta is exactly 0 has
 out = 0 there and no z to recover: its dbeta is 0 (the lane stays at 0; beta starts at 1 and
 is not decayed, so training does not land on 0; a lane set to 0 by hand stays dead under
 this path, where the ``blocks``, ``dense`` and ``fused`` paths would revive it). (Before
@@ -140,7 +145,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     lb, bt, warps, stages, tokens = _launch_params(in_mode, group, width, other is not None,
                                                    up is not None, rope is not None)
     chunks = triton.cdiv(width, lb)
-    iters = 1 if other is None else max(1, tokens // bt)
+    iters = max(1, tokens // bt)  # slabs a program loops over (pipelined by stages)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:
