@@ -132,11 +132,12 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
     # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
     if group > 1 and not in_mode and lb * bt > tile:
         warps = 2 * TILE_WARPS
-    return lb, bt, warps, stages, tokens if gain else bt
+    return lb, bt, warps, stages, tokens
 
 
 # the Walsh MLP's chained middle pass (``walsh.kernels.walsh_mlp``), keyed by (forward, padded
-# lanes): (tile, warps, pipelining stages, tokens per program of the backward, chunked). A
+# lanes): (tile, warps, pipelining stages, tokens per program, chunked); a program loops over
+# its tokens' slabs, pipelined by the stages (the forward too, unlike the plain passes). A
 # chunked entry cuts a row wider than its tile into chunks of the tile over the grid (64-lane
 # chunks of a 176-lane row are 192 lanes; ``_slab`` would give one 256-lane slab a token, 80
 # dead lanes beside three transforms' values, which spilled); otherwise ``_slab`` picks. Swept
@@ -151,7 +152,14 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
 #   64-256 tokens a program: the backward at 176 lanes 496.3 in 64-lane chunks against 1024.2
 #   as one slab; at 88 (the 350M's 86 lanes) 331.5 against 367.6; at 64 143.1 against 156.0
 #   (one token of 64 lanes a slab, against two). The forward ran slower in chunks (176: 660.9
-#   against 507.5; 88: 356.0 against 245.6), so it keeps session 28's tiles.
+#   against 507.5; 88: 356.0 against 245.6) and keeps session 28's tiles, but now loops: one
+#   slab a program took 507.9 / 245.0 / 104.2 at 176 / 88 / 64 lanes, 16-256 tokens a program
+#   with 3 stages 387.5 (8 warps, 64 tokens) / 191.3 (4 warps, 16) / 99.4 (8 warps, 64).
+#   The plain passes (walsh_in, walsh_out with or without RoPE, a group's walsh_in) looping
+#   so (4 / 8 warps, 2 / 3 stages, 4 / 16 slabs a program) were slower at 24, 32 and 64 lanes
+#   (walsh_out 17.4 -> 23.7 us at 24 lanes, with RoPE 22.7 -> 52.0), but for a group of 3's
+#   walsh_in at 24 and 32 lanes (45.7 -> 43.7, 41.3 -> 39.0; 76.6 -> 77.0 at 64), too little
+#   for a rule: they keep one slab a program.
 # Hence MLP_MAX_LANES (``walsh.layers.hadamard.fuse_mlp``): the MLP runs as one op on hidden
 # rows of at most that many lanes, the widest measured (the 1.3B's 176)
 MLP_CHAIN = {(True, 256): (128, 8, 3, 64, False), (True, 128): (128, 4, 3, 16, False),

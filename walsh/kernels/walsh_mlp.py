@@ -15,15 +15,18 @@ The chain moves 10 H bytes a token each way (bf16) where the passes apart moved 
 and 22 H backward (the kernel module's doc). Saved for the backward: x, u, gate, up, u_d and
 out, as the two ops apart saved.
 
-Measured on an H200 (docs/benchmarks.md, session 28; N = 16k, A = 32, bf16, CUDA graphs), the
-chained passes against the passes apart, us, forward / backward: 64 hidden lanes (the 125M)
-105.3 / 157.2 against 131.7 / 212.2; 88 (hidden 2816; the 350M's 86 lanes are padded to 88
-and take the same launch) 227.4 / 309.6 against 237.9 / 426.1; 176
-(the 1.3B) 511.3 / 1027.6 against 485.6 / 816.4, slower (the slab of a token's 256 padded
-lanes and the three transforms' values do not fit the registers), so ``fuse_mlp`` takes the
-one op only up to ``walsh_launch.MLP_MAX_LANES`` (128). In the models: walsh-h-125m 465,606
-tok/s against 450,731 with the two ops (+3.3%; dense-125m 432,929: 1.08x), walsh-h-350m
-212,132 against 205,244 (+3.4%; dense-350m 180,771: 1.17x).
+Measured on an H200 (docs/benchmarks.md, sessions 28-29; N = 16k, A = 32, bf16, CUDA graphs),
+the chained passes against the passes apart, us, forward / backward: 64 hidden lanes (the
+125M) 99.4 / 143.1 against 131.7 / 212.2; 88 (the 350M's 86 lanes padded) 191.3 / 331.5
+against 237.9 / 426.1 (hidden 2816); 176 (the 1.3B's 172) 387.5 / 496.3 against 485.6 /
+816.4. Session 28's launch ran a token's 256 padded lanes as one slab and one slab a program:
+at 176 lanes 511.3 / 1027.6, slower than apart (the three transforms' values spilled), so the
+1.3B kept the two ops; since session 29 the backward cuts such rows into 64-lane chunks and
+the forward loops over its slabs, pipelined (``walsh_launch.MLP_CHAIN``), and ``fuse_mlp``
+takes the one op up to ``walsh_launch.MLP_MAX_LANES`` (256). In the models (session 29, one
+host): walsh-h-1b3 126,268 tok/s against 116,167 with the two ops (+8.7%; dense-1b3 63,426:
+1.99x), walsh-h-350m 219,850 (session 28: 212,132 with the one op, 205,244 with two),
+walsh-h-125m 469,074 (dense-125m 425,317: 1.10x).
 
 Who calls it: ``walsh.layers.hadamard.mlp_one_op`` for a SwiGLU that ``fuse_mlp`` marked: gate
 and up a group, the down projection computing the product inside, no bias, hidden rows of at

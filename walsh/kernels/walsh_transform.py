@@ -145,7 +145,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     lb, bt, warps, stages, tokens = _launch_params(in_mode, group, width, other is not None,
                                                    up is not None, rope is not None)
     chunks = triton.cdiv(width, lb)
-    iters = max(1, tokens // bt)  # slabs a program loops over (pipelined by stages)
+    iters = 1 if other is None else max(1, tokens // bt)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:

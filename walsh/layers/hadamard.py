@@ -15,18 +15,21 @@ others the true sum; beta starts at 1 and is not decayed, so training does not m
   (in + out) log2(A) additions, in plain PyTorch (the reference).
 - ``"dense"``: materialize the closed form [out, in] once per forward and run one GEMM (dense
   FLOPs, but one cuBLAS call; measured in docs/benchmarks.md).
-- ``"triton"``: the structured path in Triton (``walsh.kernels.walsh_linear``, one op
-  per layer for forward and one for backward): each transform is one kernel fused with its gain
-  and layout change (in the backward also with the gain's gradient), the A GEMMs one batched
-  cuBLAS call, and the ternary weight is quantized by ``walsh.kernels.ternary``; needs
-  ``triton`` and CUDA (or ``TRITON_INTERPRET=1`` on CPU). The fastest path at 2048 features
-  (walsh-h-1b3 at 1.81-1.82x the dense model on an H200), slower than ``"dense"`` at 768
-  and 1024 (docs/benchmarks.md, sessions 8-18). Layers that share an input (the model's q, k, v
-  and gate, up) run as one op (``shared_input``, config ``walsh_group``), which reads the
-  input once and writes one input gradient (``walsh.kernels.walsh_group``).
-  The MLP's down projection computes SwiGLU's silu(gate) * up in its own passes
-  (``swiglu_down``, config ``walsh_swiglu``; ``walsh.kernels.walsh_swiglu``). Attention's q and
-  k come out rotated by RoPE (``fuse_rope``, config ``walsh_rope``; the transform kernel's ROPE).
+- ``"triton"``: the structured path in Triton (``walsh.kernels.walsh_linear``, one op per layer
+  for forward and one for backward): each transform is one kernel fused with its gain and layout
+  change (in the backward also with the gain's gradient), the A GEMMs one batched call
+  (``walsh.kernels.block_matmul``: Triton on narrow rows, cuBLAS on wide), and the ternary
+  weight is quantized by ``walsh.kernels.ternary``; needs ``triton`` and CUDA (or
+  ``TRITON_INTERPRET=1`` on CPU). The fastest path at every preset width (an H200, session 29:
+  walsh-h-1b3 at 1.99x the dense model, walsh-h-125m at 1.10x; docs/benchmarks.md; slower than
+  ``"dense"`` at 768 until session 22). Layers that share an input (the model's q, k, v and
+  gate, up) run as one op (``shared_input``, config ``walsh_group``), which reads the input once
+  and writes one input gradient (``walsh.kernels.walsh_group``). The MLP's down projection
+  computes SwiGLU's silu(gate) * up in its own passes (``swiglu_down``, config ``walsh_swiglu``;
+  ``walsh.kernels.walsh_swiglu``). Attention's q and k come out rotated by RoPE (``fuse_rope``,
+  config ``walsh_rope``; the transform kernel's ROPE). With gate, up a group and the product
+  inside down, the whole MLP is one op (``fuse_mlp``, config ``walsh_mlp``;
+  ``walsh.kernels.walsh_mlp``).
 - ``"fused"``: as ``"triton"``, with the whole forward (transform, A GEMMs, transform, gains)
   in one kernel per token tile, so that the activations cross HBM once each way and only x is
   saved for the backward. Measured slower than ``"triton"`` (Triton's batched dot; see
@@ -271,11 +274,11 @@ def fuse_mlp(gate, up, down) -> bool:
     """At build time, by the SwiGLU of these layers, after ``group_layers`` (gate, up) and
     ``fuse_swiglu`` (down): where gate and up are marked a group of two and down computes the
     product inside, none with a bias (a bias on gate or up would sit inside the chained pass),
-    down's blocks those of gate's output,
-    on hidden rows of at most ``walsh_launch.MLP_MAX_LANES`` (128; the 1.3B's 172-lane rows ran
-    slower chained, session 28), mark all three (``in_mlp``: ``mlp_one_op`` runs them as one
-    op, ``walsh.kernels.walsh_mlp``; their ``path`` says so, and the roofline costs the chained
-    passes). Returns whether it marked them."""
+    down's blocks those of gate's output, on hidden rows of at most
+    ``walsh_launch.MLP_MAX_LANES`` (256, the widest measured: the 1.3B's 172 lanes, padded to
+    176, run as one op since session 29's chunked backward), mark all three (``in_mlp``:
+    ``mlp_one_op`` runs them as one op, ``walsh.kernels.walsh_mlp``; their ``path`` says so,
+    and the roofline costs the chained passes). Returns whether it marked them."""
     ok = (getattr(gate, "in_group", 0) == 2 and getattr(up, "in_group", 0) == 2
           and getattr(down, "swiglu_input", False)
           and all(m.bias is None for m in (gate, up, down))

@@ -47,9 +47,9 @@ class WalshConfig:
     walsh_swiglu: bool = True
     # with walsh_impl "triton", walsh_group and walsh_swiglu: the whole MLP (gate, up, down) as
     # one op whose transforms on either side of gate and up run as one pass each way
-    # (walsh.kernels.walsh_mlp), on hidden rows of at most 128 lanes (hidden / algebra_dim,
-    # rounded up to 8: the 125M, 350M; the 1.3B's 172 ran slower so); false runs the group op
-    # and the down op apart
+    # (walsh.kernels.walsh_mlp), on hidden rows of at most 256 lanes (hidden / algebra_dim,
+    # rounded up to 8: the three presets' 64, 88 and 176); false runs the group op and the
+    # down op apart
     walsh_mlp: bool = True
     # with walsh_impl "triton": attention's q and k rotated by RoPE inside their walsh_out pass
     # (and rotated back inside the backward's walsh_in), not by a pass of its own; false rotates
