@@ -18,7 +18,15 @@ def _group(sub, name: str, help: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as data_cli
-    from pipeline import bench_layer, bench_loss, bench_train, launch, model_cli, quickstart
+    from pipeline import (
+        bench_launch,
+        bench_layer,
+        bench_loss,
+        bench_train,
+        launch,
+        model_cli,
+        quickstart,
+    )
 
     p = argparse.ArgumentParser(
         prog="walsh",
@@ -43,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
              bench_train.add_arguments, bench_train.main)
     _command(bench, "layer", "one structured layer and its kernels against a roofline (CUDA)",
              bench_layer.add_arguments, bench_layer.main)
+    _command(bench, "launch", "the MLP's chained pass over a grid of launches (CUDA)",
+             bench_launch.add_arguments, bench_launch.main)
     _command(bench, "loss", "peak memory of the chunked vs the full cross-entropy",
              bench_loss.add_arguments, bench_loss.main)
     data_cli.register_bench(bench)  # walsh bench staging

@@ -80,8 +80,10 @@ def test_equals_the_ops_apart(dtype, seed):
 
 @pytest.mark.parametrize("a,n,lanes,width", [(32, 37, 24, 24), (4, 70, 5, 8), (4, 5, 86, 88),
                                              (4, 9, 64, 64), (4, 3, 172, 176),
-                                             (4, 3, 250, 256), (4, 2, 300, 304)])
-# the launch table's rows; the backward cuts 88, 176 and wider rows into 64-lane chunks
+                                             (2, 150, 172, 176), (4, 3, 250, 256),
+                                             (4, 2, 300, 304)])
+# the launch table's rows; the backward cuts 88, 176 and wider rows into 64-lane chunks; 150
+# tokens at 176 lanes: 3 forward programs, 2 backward rows of partial sums times 3 chunks
 def test_chained_passes_write_every_output(a, n, lanes, width, seed):
     """Into NaN-poisoned buffers (fp32): the forward chain equals the two walsh_out passes and
     walsh_in on silu(gate) * up (padding lanes zero); the backward chain equals the SwiGLU dx
@@ -107,6 +109,40 @@ def test_chained_passes_write_every_output(a, n, lanes, width, seed):
                                      (dbeta_g, want_bg), (dbeta_u, want_bu))):
         assert rel_err(got, want) < 1e-6, (k, seed)
     assert torch.all(dy_g[..., lanes:] == 0) and torch.all(dy_u[..., lanes:] == 0), seed
+
+
+def test_chain_launch_rule():
+    """(lanes per chunk, tokens per slab, warps, stages, tokens per program) by width: the
+    backward in 64-lane chunks of one token past 64 lanes (88 too, which ``_slab`` alone would
+    make one 128-lane slab), the forward's slabs as ``_slab`` makes them, each program looping
+    over several (``MLP_CHAIN``, session 29's sweeps)."""
+    from walsh.kernels.walsh_launch import mlp_chain_params
+
+    got = {(fwd, w): mlp_chain_params(fwd, w) for fwd in (True, False) for w in (24, 64, 88, 176)}
+    assert got == {(True, 24): (32, 4, 8, 3, 64), (True, 64): (64, 2, 8, 3, 64),
+                   (True, 88): (128, 1, 4, 3, 16), (True, 176): (256, 1, 8, 3, 64),
+                   (False, 24): (32, 2, 4, 4, 64), (False, 64): (64, 1, 4, 4, 64),
+                   (False, 88): (64, 1, 8, 3, 256), (False, 176): (64, 1, 8, 4, 128)}
+
+
+def test_a_given_launch_overrides_the_table(seed):
+    """``launch`` (``walsh bench launch``'s sweep) replaces the table's: a program covering 1
+    or 3 tokens writes a partial-sum row per 1 or 3 tokens (the table's covers 64), lane
+    chunks of 16 cover a 20-lane row in two programs, and every result equals the table's;
+    chunks or slabs that are not powers of two are refused."""
+    a, n, lanes, width = 4, 7, 20, 24
+    du = torch.randn(a, n, width, device=DEV)
+    gate, up = (torch.randn(n, a * lanes, device=DEV) for _ in range(2))
+    gains = [1 + 0.3 * torch.randn(a, lanes, device=DEV) for _ in range(3)]
+    want = wm._chain(False, du, None, gate, up, *gains)
+    assert want[2].shape == (1, 3 * a * lanes)  # one program: 64 tokens a program
+    for launch, rows in (((16, 1, 4, 0, 1), n), ((32, 1, 4, 0, 3), 3)):
+        got = wm._chain(False, du, None, gate, up, *gains, launch=launch)
+        assert got[2].shape == (rows, 3 * a * lanes), launch
+        assert rel_err(got[2].sum(0), want[2].sum(0)) < 1e-6, (launch, seed)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (launch, seed)
+    with pytest.raises(ValueError, match="powers of two, got 24 and 1"):
+        wm._chain(False, du, None, gate, up, *gains, launch=(24, 1, 4, 0, 1))
 
 
 def test_saves_what_the_ops_apart_saved():
@@ -186,7 +222,7 @@ def test_fuse_mlp_marks_only_a_grouped_mlp_with_the_product_inside():
 
 
 def test_the_one_op_stops_past_max_lanes():
-    """Hidden rows past ``MLP_MAX_LANES`` (256) and a down projection of another block count
+    """Hidden rows past ``MLP_MAX_LANES`` (176) and a down projection of another block count
     keep the two ops; the three presets take the one op (the 1.3B's 172 lanes since session
     29's chunked backward)."""
     from walsh.kernels.walsh_launch import MLP_MAX_LANES

@@ -138,9 +138,12 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
 # the Walsh MLP's chained middle pass (``walsh.kernels.walsh_mlp``), keyed by (forward, padded
 # lanes): (tile, warps, pipelining stages, tokens per program, chunked); a program loops over
 # its tokens' slabs, pipelined by the stages (the forward too, unlike the plain passes). A
-# chunked entry cuts a row wider than its tile into chunks of the tile over the grid (64-lane
-# chunks of a 176-lane row are 192 lanes; ``_slab`` would give one 256-lane slab a token, 80
-# dead lanes beside three transforms' values, which spilled); otherwise ``_slab`` picks. Swept
+# chunked entry cuts a row wider than its tile into chunks of the tile over the grid, where
+# ``_slab`` would make a row of between one and two tiles one slab of two tiles (88 lanes and
+# a 64-lane tile: one 128-lane slab, 872.5 us a backward against 331.5, session 29; at 176
+# lanes the 64-lane tile gives chunks either way: 192 lanes, 16 dead, against one 256-lane
+# slab a token with 80 dead beside three transforms' values, which spilled); otherwise
+# ``_slab`` picks. Swept
 # on an H200 (N = 16k, A = 32, bf16, CUDA graphs; docs/benchmarks.md), us, against the passes
 # apart (the group's two walsh_out and the SwiGLU walsh_in; the SwiGLU dx pass and the two
 # walsh_in + dbeta):
@@ -160,12 +163,14 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
 #   (walsh_out 17.4 -> 23.7 us at 24 lanes, with RoPE 22.7 -> 52.0), but for a group of 3's
 #   walsh_in at 24 and 32 lanes (45.7 -> 43.7, 41.3 -> 39.0; 76.6 -> 77.0 at 64), too little
 #   for a rule: they keep one slab a program.
+# ``walsh bench launch`` (``pipeline.bench_launch``) re-runs such a sweep on the device at hand.
 # Hence MLP_MAX_LANES (``walsh.layers.hadamard.fuse_mlp``): the MLP runs as one op on hidden
-# rows of at most that many lanes, the widest measured (the 1.3B's 176)
+# rows of at most that many lanes, the widest measured (the 1.3B's 172, padded to 176); wider
+# rows (up to the table's 256-lane key) were never timed chained, so they keep the two ops
 MLP_CHAIN = {(True, 256): (128, 8, 3, 64, False), (True, 128): (128, 4, 3, 16, False),
              (True, 64): (128, 8, 3, 64, False), (False, 256): (64, 8, 4, 128, True),
              (False, 128): (64, 8, 3, 256, True), (False, 64): (64, 4, 4, 64, True)}
-MLP_MAX_LANES = 256
+MLP_MAX_LANES = 176
 
 
 def mlp_chain_params(fwd: bool, width: int) -> tuple[int, int, int, int, int]:

@@ -19,14 +19,15 @@ Measured on an H200 (docs/benchmarks.md, sessions 28-29; N = 16k, A = 32, bf16, 
 the chained passes against the passes apart, us, forward / backward: 64 hidden lanes (the
 125M) 99.4 / 143.1 against 131.7 / 212.2; 88 (the 350M's 86 lanes padded) 191.3 / 331.5
 against 237.9 / 426.1 (hidden 2816); 176 (the 1.3B's 172) 387.5 / 496.3 against 485.6 /
-816.4. Session 28's launch ran a token's 256 padded lanes as one slab and one slab a program:
-at 176 lanes 511.3 / 1027.6, slower than apart (the three transforms' values spilled), so the
-1.3B kept the two ops; since session 29 the backward cuts such rows into 64-lane chunks and
-the forward loops over its slabs, pipelined (``walsh_launch.MLP_CHAIN``), and ``fuse_mlp``
-takes the one op up to ``walsh_launch.MLP_MAX_LANES`` (256). In the models (session 29, one
-host): walsh-h-1b3 126,268 tok/s against 116,167 with the two ops (+8.7%; dense-1b3 63,426:
+816.4 (the passes apart: session 28's figures). Session 28's launch ran a token's 256 padded
+lanes as one slab (and the forward one slab a program): at 176 lanes 511.3 / 1027.6, slower
+than apart (the three transforms' values spilled), so the 1.3B kept the two ops; since
+session 29 the backward cuts such rows into 64-lane chunks and the forward loops over its
+slabs, pipelined (``walsh_launch.MLP_CHAIN``), and ``fuse_mlp`` takes the one op up to
+``walsh_launch.MLP_MAX_LANES`` (176). In the models (session 29, the lent H200, separate
+calls): walsh-h-1b3 126,268 tok/s against 116,167 with the two ops (+8.7%; dense-1b3 63,426:
 1.99x), walsh-h-350m 219,850 (session 28: 212,132 with the one op, 205,244 with two),
-walsh-h-125m 469,074 (dense-125m 425,317: 1.10x).
+walsh-h-125m 469,074 (session 28: 465,606; dense-125m 425,317: 1.10x).
 
 Who calls it: ``walsh.layers.hadamard.mlp_one_op`` for a SwiGLU that ``fuse_mlp`` marked: gate
 and up a group, the down projection computing the product inside, no bias, hidden rows of at
@@ -73,12 +74,16 @@ def walsh_mlp_naive(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torch.
 # -- launchers --------------------------------------------------------------------------------
 def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.Tensor,
            up: torch.Tensor, beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor,
-           out: tuple[torch.Tensor, ...] | None = None
+           out: tuple[torch.Tensor, ...] | None = None,
+           launch: tuple[int, int, int, int, int] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch ``_mlp_chain_kernel``: (dst, dst1 or None, fp32 partial sums [rows, 3*A*L] or
     None). fwd: src, src1 = y_g, y_u [A, N, W]; gate, up are written; dst = u_d [A, N, W].
     Else: src = du_d [A, N, W], gate and up read; dst, dst1 = dy_g, dy_u [A, N, W].
-    ``out``: buffers for dst (and dst1), contiguous [A, N, W] (tests poison them)."""
+    ``out``: buffers for dst (and dst1), contiguous [A, N, W] (tests poison them).
+    ``launch``: (LB lanes per chunk, tokens per slab, warps, stages, tokens per program) in
+    place of the table's ``mlp_chain_params`` (``walsh bench launch`` sweeps them); LB and
+    the tokens per slab powers of two."""
     a, n, width = src.shape
     lanes = gate.shape[1] // a
     for name, t in (("gate", gate), ("up", up)):
@@ -92,7 +97,10 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
     if width < lanes or (src1 is not None and src1.shape != src.shape):
         raise ValueError(f"walsh_mlp chain: block-major rows {tuple(src.shape)} cannot hold "
                          f"{lanes} lanes, or the two sources differ")
-    lb, bt, warps, stages, tokens = mlp_chain_params(fwd, width)
+    lb, bt, warps, stages, tokens = launch or mlp_chain_params(fwd, width)
+    if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
+        raise ValueError(f"walsh_mlp chain: lanes per chunk and tokens per slab must be powers "
+                         f"of two, got {lb} and {bt}")
     iters = max(1, tokens // bt)  # slabs a program loops over (pipelined by STAGES)
     rows = triton.cdiv(n, bt * iters)
     if out is None:
@@ -123,30 +131,34 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
 
 def mlp_chain_fwd_raw(y_g: torch.Tensor, y_u: torch.Tensor, beta_g: torch.Tensor,
                       beta_u: torch.Tensor, alpha_d: torch.Tensor, lanes: int,
-                      out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                      out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      launch: tuple[int, int, int, int, int] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y_g, y_u [A, N, W] -> (gate, up [N, A*lanes] = beta * S H y, u_d [A, N, W] =
     S H (alpha_d * silu(gate) * up), zero past lanes) in one pass (no autograd); ``out``:
-    buffers for the three (contiguous)."""
+    buffers for the three (contiguous); ``launch``: as ``_chain``'s."""
     a, n = y_g.shape[:2]
     if out is None:
         gate = torch.empty(n, a * lanes, device=y_g.device, dtype=y_g.dtype)
         out = (gate, torch.empty_like(gate), None)
     gate, up, u_d = out
     u_d = _chain(True, y_g, y_u, gate, up, beta_g, beta_u, alpha_d,
-                 None if u_d is None else (u_d,))[0]
+                 None if u_d is None else (u_d,), launch)[0]
     return gate, up, u_d
 
 
 def mlp_chain_bwd_raw(du_d: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                       beta_g: torch.Tensor, beta_u: torch.Tensor, alpha_d: torch.Tensor,
-                      out: tuple[torch.Tensor, torch.Tensor] | None = None
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      launch: tuple[int, int, int, int, int] | None = None
                       ) -> tuple[torch.Tensor, ...]:
     """du_d [A, N, W], the saved gate and up [N, A*L] -> (dy_g, dy_u [A, N, W], zero past L;
     fp32 dalpha_d, dbeta_g, dbeta_u [A, L]) in one pass (no autograd); what lies past L in
-    du_d's rows reaches no result. ``out``: buffers for dy_g and dy_u."""
+    du_d's rows reaches no result. ``out``: buffers for dy_g and dy_u; ``launch``: as
+    ``_chain``'s."""
     a = du_d.shape[0]
-    dy_g, dy_u, part = _chain(False, du_d, None, gate, up, beta_g, beta_u, alpha_d, out)
+    dy_g, dy_u, part = _chain(False, du_d, None, gate, up, beta_g, beta_u, alpha_d, out,
+                              launch)
     sums = column_sum(part).view(3, a, -1)
     return dy_g, dy_u, sums[0], sums[1], sums[2]
 

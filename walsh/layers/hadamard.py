@@ -275,8 +275,8 @@ def fuse_mlp(gate, up, down) -> bool:
     ``fuse_swiglu`` (down): where gate and up are marked a group of two and down computes the
     product inside, none with a bias (a bias on gate or up would sit inside the chained pass),
     down's blocks those of gate's output, on hidden rows of at most
-    ``walsh_launch.MLP_MAX_LANES`` (256, the widest measured: the 1.3B's 172 lanes, padded to
-    176, run as one op since session 29's chunked backward), mark all three (``in_mlp``:
+    ``walsh_launch.MLP_MAX_LANES`` (176, the widest measured: the 1.3B's 172 lanes padded, run
+    as one op since session 29's chunked backward), mark all three (``in_mlp``:
     ``mlp_one_op`` runs them as one op, ``walsh.kernels.walsh_mlp``; their ``path`` says so,
     and the roofline costs the chained passes). Returns whether it marked them."""
     ok = (getattr(gate, "in_group", 0) == 2 and getattr(up, "in_group", 0) == 2

@@ -47,7 +47,7 @@ class WalshConfig:
     walsh_swiglu: bool = True
     # with walsh_impl "triton", walsh_group and walsh_swiglu: the whole MLP (gate, up, down) as
     # one op whose transforms on either side of gate and up run as one pass each way
-    # (walsh.kernels.walsh_mlp), on hidden rows of at most 256 lanes (hidden / algebra_dim,
+    # (walsh.kernels.walsh_mlp), on hidden rows of at most 176 lanes (hidden / algebra_dim,
     # rounded up to 8: the three presets' 64, 88 and 176); false runs the group op and the
     # down op apart
     walsh_mlp: bool = True
