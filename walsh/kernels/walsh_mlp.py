@@ -101,7 +101,10 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
     if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
         raise ValueError(f"walsh_mlp chain: lanes per chunk and tokens per slab must be powers "
                          f"of two, got {lb} and {bt}")
-    iters = max(1, tokens // bt)  # slabs a program loops over (pipelined by STAGES)
+    # slabs a program loops over (pipelined by STAGES), no more than the tokens fill: past them
+    # an iteration is masked whole (free on a GPU at the table's 16k tokens, where the bound
+    # never binds; the interpreter pays for each, and tests run a few tokens)
+    iters = max(1, min(tokens // bt, triton.cdiv(n, bt)))
     rows = triton.cdiv(n, bt * iters)
     if out is None:
         out = [torch.empty(a, n, width, device=src.device, dtype=src.dtype)

@@ -145,7 +145,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     lb, bt, warps, stages, tokens = _launch_params(in_mode, group, width, other is not None,
                                                    up is not None, rope is not None)
     chunks = triton.cdiv(width, lb)
-    iters = 1 if other is None else max(1, tokens // bt)
+    # a gain pass's slabs a program loops over, no more than the tokens fill (``walsh_mlp._chain``)
+    iters = 1 if other is None else max(1, min(tokens // bt, triton.cdiv(n_tok, bt)))
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:
