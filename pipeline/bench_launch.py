@@ -57,8 +57,9 @@ def pass_fn(fwd: bool, n: int, a: int, lanes: int, dev: str = "cuda"):
     up = torch.empty_like(gate)
     wm.mlp_chain_fwd_raw(y_g, y_u, bg, bu, ad, lanes, out=(gate, up, None))  # the saved pair
     bufs = [torch.empty_like(y_g) for _ in range(2)]
-    tok = 2 * gate.numel() * gate.element_size()  # gate and up, token-major
-    rows = y_g.numel() * y_g.element_size()  # one block-major [A, N, W] tensor
+    # either way three block-major [A, N, W] tensors and the token-major gate and up: forward
+    # y_g, y_u read, u_d, gate, up written; backward du_d, gate, up read, dy_g, dy_u written
+    nbytes = 3 * y_g.numel() * y_g.element_size() + 2 * gate.numel() * gate.element_size()
 
     if fwd:
         outs = (torch.empty_like(gate), torch.empty_like(up), bufs[0])
@@ -67,13 +68,13 @@ def pass_fn(fwd: bool, n: int, a: int, lanes: int, dev: str = "cuda"):
             for t in outs if poison else ():
                 t.fill_(float("nan"))
             return wm.mlp_chain_fwd_raw(y_g, y_u, bg, bu, ad, lanes, out=outs, launch=launch)
-        return run, 3 * rows + tok  # y_g, y_u read; u_d, gate, up written
+        return run, nbytes
 
     def run(launch=None, poison=False):
         for t in bufs if poison else ():
             t.fill_(float("nan"))
         return wm.mlp_chain_bwd_raw(du, gate, up, bg, bu, ad, out=tuple(bufs), launch=launch)
-    return run, 3 * rows + tok  # du_d, gate, up read; dy_g, dy_u written
+    return run, nbytes
 
 
 def launch_grid(args: argparse.Namespace, a: int, width: int):

@@ -28,6 +28,15 @@ IN_TILE, OUT_TILE, TILE_WARPS = 128, 256, 4
 # of both passes' times over their rooflines (13.5 against 15.5 at 16); walsh-h-1b3 trained
 # at the same speed with 16 and 64
 GAIN_TOKENS = 64
+
+
+def program_slabs(tokens: int, bt: int, n: int) -> int:
+    """Slabs of ``bt`` tokens a looping program covers (a gain pass, the MLP's chained pass):
+    ``tokens`` worth, but no more than ``n`` tokens fill. Past them a slab is masked whole:
+    free on a GPU at the tables' 16k tokens, where the bound never binds, but Triton's
+    interpreter pays for each, and tests run a few tokens (session 29: CI's interpreter ran
+    the chain's 64 tokens a program at 16 tokens 2x slower per call)."""
+    return max(1, min(tokens // bt, triton.cdiv(n, bt)))
 # the token loop's software-pipelining depth in the gain passes, by IN_MODE (0: the compiler's
 # default). Swept on an H200 with bf16 dots (session 11, docs/benchmarks.md; N = 16k, A = 32,
 # CUDA graphs, x roof at 24 / 64 / 96 / 172 / 192 lanes): walsh_in + dbeta with 3 stages
@@ -143,10 +152,9 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
 # a 64-lane tile: one 128-lane slab, 872.5 us a backward against 331.5, session 29; at 176
 # lanes the 64-lane tile gives chunks either way: 192 lanes, 16 dead, against one 256-lane
 # slab a token with 80 dead beside three transforms' values, which spilled); otherwise
-# ``_slab`` picks. Swept
-# on an H200 (N = 16k, A = 32, bf16, CUDA graphs; docs/benchmarks.md), us, against the passes
-# apart (the group's two walsh_out and the SwiGLU walsh_in; the SwiGLU dx pass and the two
-# walsh_in + dbeta):
+# ``_slab`` picks. Swept on an H200 (N = 16k, A = 32, bf16, CUDA graphs; docs/benchmarks.md),
+# us, against the passes apart (the group's two walsh_out and the SwiGLU walsh_in; the SwiGLU
+# dx pass and the two walsh_in + dbeta):
 # - session 28, tiles 128 / 256 / 512 x 4 / 8 / 16 warps (x 1 / 3 stages backward): 64 lanes
 #   (the 125M) forward 105.3 against 131.7, backward 157.2 against 212.2; 88 (hidden 2816)
 #   227.4 against 237.9, 309.6 against 426.1; 176 (the 1.3B) 511.3 against 485.6, 1027.6

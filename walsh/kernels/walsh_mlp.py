@@ -51,7 +51,7 @@ from walsh.kernels.block_matmul import block_mm, block_mm_dual
 from walsh.kernels.column_sum import column_sum
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 from walsh.kernels.walsh_group import group_gemm, walsh_out_group_gain_raw
-from walsh.kernels.walsh_launch import mlp_chain_params
+from walsh.kernels.walsh_launch import mlp_chain_params, program_slabs
 from walsh.kernels.walsh_linear import (
     _unpadded,
     backward_to_du,
@@ -101,10 +101,7 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
     if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
         raise ValueError(f"walsh_mlp chain: lanes per chunk and tokens per slab must be powers "
                          f"of two, got {lb} and {bt}")
-    # slabs a program loops over (pipelined by STAGES), no more than the tokens fill: past them
-    # an iteration is masked whole (free on a GPU at the table's 16k tokens, where the bound
-    # never binds; the interpreter pays for each, and tests run a few tokens)
-    iters = max(1, min(tokens // bt, triton.cdiv(n, bt)))
+    iters = program_slabs(tokens, bt, n)  # slabs a program loops over, pipelined by STAGES
     rows = triton.cdiv(n, bt * iters)
     if out is None:
         out = [torch.empty(a, n, width, device=src.device, dtype=src.dtype)

@@ -35,12 +35,12 @@ is the rotated one, rotated back in the backward: its rounding mixes each lane w
 partner, so out / beta is z up to the partner's rounding over beta, and a lane whose beta is
 far below its partner's beta * z gets a coarser dbeta (bf16, 15 tokens: a lane at beta =
 0.002 put dbeta 1.1e-2 off, relative over 24 lanes, against at most 5e-3 over 150 draws with
-no such lane; tests/walsh/test_walsh_rope.py draws beta >= 0.25). A lane whose beta is exactly 0 has
-out = 0 there and no z to recover: its dbeta is 0 (the lane stays at 0; beta starts at 1 and
-is not decayed, so training does not land on 0; a lane set to 0 by hand stays dead under
-this path, where the ``blocks``, ``dense`` and ``fused`` paths would revive it). (Before
-session 8 the sums were a third kernel reading the transform's output back, and dbeta's
-walsh_out(y) a fourth that wrote it.)
+no such lane; tests/walsh/test_walsh_rope.py draws beta >= 0.25). A lane whose beta is
+exactly 0 has out = 0 there and no z to recover: its dbeta is 0 (the lane stays at 0; beta
+starts at 1 and is not decayed, so training does not land on 0; a lane set to 0 by hand stays
+dead under this path, where the ``blocks``, ``dense`` and ``fused`` paths would revive it).
+(Before session 8 the sums were a third kernel reading the transform's output back, and
+dbeta's walsh_out(y) a fourth that wrote it.)
 
 Precision: the kernel's arithmetic (fp32 slabs, the dot's operands by input dtype) is
 described in ``walsh.kernels.walsh_transform_kernel``.
@@ -69,6 +69,7 @@ from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_trit
 from walsh.kernels.walsh_launch import (  # noqa: F401
     MAX_GROUP,
     _launch_params,
+    program_slabs,
     row_width,
 )
 
@@ -145,8 +146,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     lb, bt, warps, stages, tokens = _launch_params(in_mode, group, width, other is not None,
                                                    up is not None, rope is not None)
     chunks = triton.cdiv(width, lb)
-    # a gain pass's slabs a program loops over, no more than the tokens fill (``walsh_mlp._chain``)
-    iters = 1 if other is None else max(1, min(tokens // bt, triton.cdiv(n_tok, bt)))
+    iters = 1 if other is None else program_slabs(tokens, bt, n_tok)
     rows = triton.cdiv(n_tok, bt * iters)
     part = None
     if other is not None:
