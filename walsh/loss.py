@@ -1,10 +1,28 @@
 """Chunked (fused) linear cross-entropy that never keeps a [N, V] tensor alive.
 
-Forward: for each chunk of ``chunk`` tokens, logits_c = h_c W^T in fp32, keep only the
-log-sum-exp [N] and the loss sum. Backward: recompute logits_c, form
-g_c = (softmax - onehot) * grad / n_valid, then dh_c = g_c W and dW += g_c^T h_c. Peak extra
-memory is one [chunk, V] fp32 block instead of [N, V] logits plus their softmax (MODEL_SPEC
-section 7; the seed kept the full fp32 logits for backward).
+For each chunk of ``chunk`` tokens: logits_c = h_c W^T [c, V] in h's dtype, then one pass over
+them (``walsh.kernels.cross_entropy``'s kernel, or ``ce_chunk_naive`` in torch ops, fp32
+inside) for the log-sum-exp lse_c [c] and the loss sum and, when a gradient is wanted,
+g_c = (softmax_c - onehot) * valid / n_valid (in h's dtype); then dh_c = g_c W [c, C] and
+dW^T += h_c^T g_c [C, V] (fp32). Backward only scales the kept dh [N, C] and dW [V, C] by the
+incoming gradient (a loss weight, 1 / accumulation steps). Peak extra memory is a chunk's [chunk, V]
+logits and g (one fp32 block besides on the torch path) instead of [N, V] logits plus their
+softmax (MODEL_SPEC section 7; the seed kept
+the full fp32 logits for backward).
+
+Why the gradient in the forward (the Liger-Kernel design): the earlier form recomputed or kept
+each chunk's logits for backward, and under torch.compile it kept them (8 x [2048, 50257] bf16
+at the 125M benchmark shape, 1.6 GB) and spent four elementwise passes on each chunk (the
+log-sum-exp; exp, the one-hot, the scale and the cast in three more, with a transposed copy of
+g for dW): 5.4 of the 125M step's 34 ms on an H200, more than its four GEMMs' 5.0
+(docs/benchmarks.md, session 30). Now each chunk's logits are read by one kernel that writes
+g, and three GEMMs remain (logits, dh, dW); nothing the size of the logits outlives its chunk. The cost: dW [V, C] fp32 and dh [N, C] live from the forward to the
+backward (154 MB and 25 MB at the 125M shape), and a forward without a gradient wanted
+(evaluation, ``torch.no_grad``) skips that work entirely.
+
+torch 2.13 ships ``torch.nn.functional.linear_cross_entropy`` with chunking options (the same
+design); the GPU image this project benchmarks on has torch 2.11, without it, so this module
+stays until the pinned floor reaches 2.13.
 
 ``naive_linear_cross_entropy`` is the reference with the same signature.
 """
@@ -15,50 +33,80 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+LOSS_IMPLS = ("auto", "triton", "torch")
+
+
+def ce_chunk_naive(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
+                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's log-sum-exp and gradient: the reference of ``walsh.kernels.cross_entropy``.
+
+    logits [c, V] (any float dtype), tgt [c] long in [0, V), scale [c] fp32 -> lse [c] fp32,
+    picked [c] fp32 (the target's logit), g = (softmax - onehot(tgt)) * scale [c, V] in
+    logits' dtype (empty [0] when not ``want_grad``). In place on one fp32 [c, V] block."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)                                  # [c]
+    picked = lf.gather(1, tgt[:, None]).squeeze(1)                     # [c]
+    if not want_grad:
+        return lse, picked, logits.new_empty(0)
+    g = (lf if lf is not logits else lf.clone()).sub_(lse[:, None]).exp_()
+    g[torch.arange(tgt.shape[0], device=g.device), tgt] -= 1.0
+    return lse, picked, g.mul_(scale[:, None]).to(logits.dtype)
+
+
+def _chunk_fn(kernel: bool):
+    """The chunk pass: the Triton op, or its reference (no triton import on that path: a
+    platform without triton runs the loss in torch)."""
+    if not kernel:
+        return ce_chunk_naive
+    from walsh.kernels.cross_entropy import ce_chunk
+
+    return ce_chunk
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, ignore_index):
+    def forward(ctx, h, weight, targets, chunk, ignore_index, want_h, want_w, kernel):
         # h: [N, C] (compute dtype), weight: [V, C], targets: [N] long
         n = h.shape[0]
         w = weight.to(h.dtype)
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        valid = targets != ignore_index
-        for s in range(0, n, chunk):
-            logits = (h[s : s + chunk] @ w.T).float()  # [c, V]
-            lse_c = torch.logsumexp(logits, dim=-1)
-            tgt = targets[s : s + chunk].clamp(min=0)
-            picked = logits.gather(1, tgt[:, None]).squeeze(1)
-            total += ((lse_c - picked) * valid[s : s + chunk]).sum()
-            lse[s : s + chunk] = lse_c
-            del logits
+        valid = targets != ignore_index                                # [N]
         n_valid = valid.sum().clamp(min=1)
-        ctx.save_for_backward(h, weight, targets, lse, n_valid)
-        ctx.chunk, ctx.ignore_index = chunk, ignore_index
+        scale = valid / n_valid                                        # [N] fp32: 1/n or 0
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None               # [N, C]
+        # dW kept transposed, [C, V] fp32: h_c^T g_c reads g as the GEMM's row-major B
+        # operand, where g_c^T h_c made compile write a transposed copy of each g_c (109 us a
+        # chunk at the 125M shape); one transposing copy a step in the backward instead
+        grad_wt = (torch.zeros(weight.shape[::-1], dtype=torch.float32, device=weight.device)
+                   if want_w else None)
+        for s in range(0, n, chunk):
+            hc = h[s : s + chunk]                                      # [c, C]
+            tgt = targets[s : s + chunk].clamp(min=0)                  # [c]
+            logits = hc @ w.T                                          # [c, V], h's dtype
+            lse, picked, g = _chunk_fn(kernel)(
+                logits, tgt, scale[s : s + chunk], want_h or want_w)  # [c], [c], [c, V]
+            del logits
+            total += ((lse - picked) * valid[s : s + chunk]).sum()
+            if want_h or want_w:
+                if want_h:
+                    grad_h[s : s + chunk] = g @ w                      # [c, C]
+                if want_w:
+                    grad_wt += (hc.T @ g).float()                      # [C, V]
+                del g
+        ctx.save_for_backward(grad_h, grad_wt)
+        ctx.weight_dtype = weight.dtype
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, targets, lse, n_valid = ctx.saved_tensors
-        chunk, ignore_index = ctx.chunk, ctx.ignore_index
-        w = weight.to(h.dtype)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        scale = grad_out.float() / n_valid
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            # softmax, [c, V]; in place so only one fp32 [c, V] block is alive
-            g = (hc @ w.T).float().sub_(lse[s : s + chunk, None]).exp_()
-            valid = tc != ignore_index
-            rows = torch.arange(tc.shape[0], device=h.device)
-            g[rows, tc.clamp(min=0)] -= 1.0
-            g = g.mul_((scale * valid)[:, None]).to(h.dtype)
-            grad_h[s : s + chunk] = g @ w
-            grad_w += (g.T @ hc).float()
-            del g
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        grad_h, grad_wt = ctx.saved_tensors
+        # grad_out: [] (the loss's weight); the kept gradients are for grad_out = 1
+        dh = (grad_h * grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        dw = None
+        if grad_wt is not None:  # [C, V] -> [V, C], contiguous (DeepSpeed's buckets copy it)
+            dw = (grad_wt.T * grad_out.float()).to(ctx.weight_dtype,
+                                                    memory_format=torch.contiguous_format)
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -67,15 +115,27 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk: int = 2048,
     ignore_index: int = IGNORE_INDEX,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Mean CE of logits h @ weight.T against targets. h: [N, C], weight: [V, C], targets: [N]."""
+    """Mean CE of logits h @ weight.T against targets. h: [N, C], weight: [V, C], targets: [N].
+
+    ``impl``: "triton" (``walsh.kernels.cross_entropy``'s kernel for each chunk's log-sum-exp
+    and gradient), "torch" (its reference in torch ops), "auto" (the kernel on CUDA tensors,
+    torch elsewhere: a CPU run has no Triton to compile)."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl must be one of {LOSS_IMPLS}, got {impl!r}")
     if h.ndim != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"expected h [N, C] and targets [N], got {tuple(h.shape)}, "
                          f"{tuple(targets.shape)}")
     if torch.is_autocast_enabled(h.device.type):
         h = h.to(torch.get_autocast_dtype(h.device.type))
+    grad = torch.is_grad_enabled()
+    kernel = impl == "triton" or (impl == "auto" and h.is_cuda)
+    _chunk_fn(kernel)  # imported here, outside the traced forward
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets, chunk, ignore_index)
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk, ignore_index,
+                                         grad and h.requires_grad,
+                                         grad and weight.requires_grad, kernel)
 
 
 def naive_linear_cross_entropy(

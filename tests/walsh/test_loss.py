@@ -129,3 +129,35 @@ def test_fused_graph_keeps_no_full_logits():
     assert max(numel) <= max(N * C, V * C), fused
     # the same probe sees the [N, V] logits/log-softmax of the naive version: the test can fail
     assert N * V in [torch.Size(s).numel() for s in naive], naive
+
+
+@pytest.mark.parametrize("which", ["h", "w", "none"])
+def test_gradients_only_for_inputs_that_want_them(which):
+    """The gradients are formed in the forward only for the inputs that require them (a frozen
+    head, evaluation under ``torch.no_grad``); the loss is the same either way."""
+    h, w, targets = make_inputs(7)
+    ref, rh, rw = loss_and_grads(naive_linear_cross_entropy, h, w, targets, 8)
+    h = h.clone().requires_grad_(which == "h")
+    w = w.clone().requires_grad_(which == "w")
+    if which == "none":
+        h.requires_grad_(True)
+        with torch.no_grad():
+            loss = linear_cross_entropy(h, w, targets, chunk=8)
+        assert loss.grad_fn is None
+    else:
+        loss = linear_cross_entropy(h, w, targets, chunk=8)
+        loss.backward()
+        got, want = (h.grad, rh) if which == "h" else (w.grad, rw)
+        assert rel_err(got, want) < 1e-5
+        assert (w.grad if which == "h" else h.grad) is None
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+
+
+def test_compiled_equals_eager():
+    """Under torch.compile (as the trainer runs it) the loss and both gradients match eager."""
+    h, w, targets = make_inputs(8)
+    eager = loss_and_grads(linear_cross_entropy, h, w, targets, 8)
+    compiled = loss_and_grads(torch.compile(linear_cross_entropy, backend="aot_eager"),
+                              h, w, targets, 8)
+    for a, b in zip(eager, compiled, strict=True):
+        assert rel_err(b, a) < 1e-6

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from walsh.algebra import CD_DIMS, _is_power_of_two
 from walsh.layers.hadamard import WALSH_IMPLS
+from walsh.loss import LOSS_IMPLS
 
 ALGEBRAS = ("dense", "cayley_dickson", "walsh")
 EMBEDDINGS = ("tied", "hash")
@@ -75,6 +76,9 @@ class WalshConfig:
     hash_seed: int = 0
     embed_std: float = 0.02
     loss_chunk_tokens: int = 2048  # tokens per chunk of the fused linear cross-entropy
+    # each chunk's log-sum-exp and logits' gradient: "triton" (walsh.kernels.cross_entropy),
+    # "torch" (walsh.loss.ce_chunk_naive), "auto" (the kernel on CUDA, torch elsewhere)
+    loss_impl: str = "auto"
     # position and norm
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -102,6 +106,8 @@ class WalshConfig:
             raise bad("algebra_dim", f"cayley_dickson needs one of {CD_DIMS[1:]}, got {a}")
         if self.algebra == "walsh" and (not _is_power_of_two(a) or a < 2):
             raise bad("algebra_dim", f"walsh needs a power of two >= 2, got {a}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise bad("loss_impl", f"must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.walsh_impl not in WALSH_IMPLS:
             raise bad("walsh_impl", f"must be one of {WALSH_IMPLS}, got {self.walsh_impl!r}")
         if self.n_embd % self.n_head:

@@ -188,7 +188,7 @@ class WalshLM(nn.Module):
         """Mean chunked linear CE of h [B, T, C] on table [V, C] against targets [B, T]."""
         return linear_cross_entropy(
             h.reshape(-1, self.config.n_embd), table, targets.reshape(-1),
-            chunk=self.config.loss_chunk_tokens,
+            chunk=self.config.loss_chunk_tokens, impl=self.config.loss_impl,
         )
 
     # -- accounting -------------------------------------------------------------------------

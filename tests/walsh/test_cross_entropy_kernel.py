@@ -1,0 +1,119 @@
+"""walsh.kernels.cross_entropy (a chunk's log-sum-exp and gradient in one pass) against its
+reference ``walsh.loss.ce_chunk_naive``, and the loss on the kernel against the loss in torch:
+on CPU under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes, on CUDA where there is
+one; outputs poisoned with NaN, fresh inputs each run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DEV, TOL, rel_err
+
+pytest.importorskip("triton")
+from walsh.kernels import cross_entropy as ce  # noqa: E402
+from walsh.loss import ce_chunk_naive, linear_cross_entropy  # noqa: E402
+
+
+class _PoisonedTorch:
+    """``torch`` as the kernel module sees it, every ``empty`` / ``empty_like`` NaN-filled: an
+    output the kernel leaves unwritten shows in the result."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kw):
+        return torch.empty(*args, **kw).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kw):
+        return torch.empty_like(*args, **kw).fill_(float("nan"))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(ce, "torch", _PoisonedTorch())
+
+
+def _chunk(rows, vocab, dtype):
+    logits = (torch.randn(rows, vocab, device=DEV) * 3).to(dtype)
+    tgt = torch.randint(0, vocab, (rows,), device=DEV)
+    tgt[0] = vocab - 1  # the row's last column, in the last (masked) block
+    scale = torch.rand(rows, device=DEV)
+    scale[-1] = 0.0  # an ignored row: g all zero
+    return logits, tgt, scale
+
+
+# vocabularies below, at and past one BLOCK_V load (a row of one, one masked block, several)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (5, 7), (37, 101), (3, ce.BLOCK_V),
+                                        (4, ce.BLOCK_V + 3), (2, 2 * ce.BLOCK_V + 1)])
+def test_ce_chunk_matches_naive(rows, vocab, dtype, poisoned, seed):
+    logits, tgt, scale = _chunk(rows, vocab, dtype)
+    lse, picked, g = ce.ce_chunk_raw(logits, tgt, scale, True)
+    r_lse, r_picked, r_g = ce_chunk_naive(logits, tgt, scale, True)
+    assert lse.dtype == picked.dtype == torch.float32 and g.dtype == dtype
+    assert rel_err(lse, r_lse) < 1e-6, seed  # fp32 inside whatever the logits' dtype
+    assert torch.equal(picked, r_picked), seed  # the target's logit, read, not computed
+    if r_g.abs().max() > 0:
+        assert rel_err(g.float(), r_g.float()) < TOL[dtype], seed
+    else:  # one column: softmax 1, minus the one-hot, is 0 everywhere
+        assert torch.equal(g, r_g), seed
+    assert torch.equal(g[-1], torch.zeros_like(g[-1])), seed
+    # each row's gradient sums to scale * (1 - 1) = 0: the one-hot sits in its column
+    assert g.float().sum(1).abs().max().item() < TOL[dtype] * max(1.0, scale.max().item()), seed
+
+
+def test_ce_chunk_without_gradient(poisoned, seed):
+    logits, tgt, scale = _chunk(6, 300, torch.float32)
+    lse, picked, g = ce.ce_chunk_raw(logits, tgt, scale, False)
+    assert g.numel() == 0
+    assert rel_err(lse, torch.logsumexp(logits, -1)) < 1e-6, seed
+    assert torch.equal(picked, logits.gather(1, tgt[:, None]).squeeze(1)), seed
+
+
+def test_ce_chunk_bad_shapes_name_them():
+    logits, tgt, scale = _chunk(4, 10, torch.float32)
+    with pytest.raises(ValueError, match=r"ce_chunk: .*\(4, 10\), \(3,\)"):
+        ce.ce_chunk_raw(logits, tgt[:3], scale, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_on_the_kernel_equals_torch(dtype, seed):
+    """``impl="triton"`` against ``impl="torch"``: the loss and both gradients, chunks with a
+    partial last one and ignored targets."""
+    h = torch.randn(45, 24, device=DEV).to(dtype)
+    w = torch.randn(203, 24, device=DEV) * 0.5
+    t = torch.randint(0, 203, (45,), device=DEV)
+    t[[3, 44]] = -100
+    out = {}
+    for impl in ("triton", "torch"):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = linear_cross_entropy(hh, ww, t, chunk=16, impl=impl)
+        loss.backward()
+        out[impl] = (loss.detach().float(), hh.grad.float(), ww.grad)
+    for a, b in zip(out["triton"], out["torch"], strict=True):
+        assert rel_err(a, b) < TOL[dtype], seed
+
+
+def test_loss_impl_is_checked():
+    h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        linear_cross_entropy(h, w, t, impl="cuda")
+
+
+def test_loss_on_the_kernel_compiles(seed):
+    """Under torch.compile the kernel's op traces (its fake gives the shapes) and the loss and
+    gradients equal eager's."""
+    h = torch.randn(33, 16, device=DEV)
+    w = torch.randn(57, 16, device=DEV) * 0.5
+    t = torch.randint(0, 57, (33,), device=DEV)
+    fn = torch.compile(linear_cross_entropy, backend="aot_eager")
+    out = []
+    for f in (linear_cross_entropy, fn):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = f(hh, ww, t, chunk=8, impl="triton")
+        loss.backward()
+        out.append((loss.detach(), hh.grad, ww.grad))
+    for a, b in zip(*out, strict=True):
+        assert rel_err(b, a) < 1e-6, seed

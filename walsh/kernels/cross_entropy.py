@@ -1,0 +1,92 @@
+"""Cross-entropy's pass over one chunk of logits: the log-sum-exp and the logits' gradient.
+
+``walsh.loss.linear_cross_entropy`` forms, for each chunk of c tokens, logits [c, V] = h_c W^T
+and needs from them lse [c] (the loss) and, in training, g = (softmax - onehot(target)) *
+scale [c, V] (scale [c]: 1 / n_valid, 0 on ignored rows), which its two GEMMs read for dh and
+dW. This kernel does both in one program per row: a first loop over the row keeps a running
+max and sum of exponentials (online log-sum-exp), a second loop writes g. A row is 100 KB at
+the GPT-2 vocabulary (bf16), so the second loop finds it in L2: HBM sees the logits read
+once and g written once, 412 MB a 2048-token chunk (97 us at the H200's 4.25 TB/s).
+
+Why a kernel: compiled, the same math in torch ops ran as a log-sum-exp reduction (171 us a
+chunk, reading the row twice) and a pointwise pass for g (393 us: 4x its bytes' time), 4.5 ms
+of a 125M step's 34 on an H200 (docs/benchmarks.md, session 30).
+
+``walsh.loss.ce_chunk_naive`` is the reference with the same signature (the loss's torch
+path; it lives there so that the loss imports no triton where there is none). Code order:
+kernel, launcher, op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from walsh.kernels.registry import WIDE_NUMEL, kernel_op, wrap_triton
+from walsh.loss import ce_chunk_naive  # noqa: F401  (the reference, kept with the loss)
+
+# columns a loop iteration loads, warps a program (one row a program)
+BLOCK_V, WARPS = 4096, 8
+
+
+@triton.jit
+def _ce_chunk_kernel(x_ptr, g_ptr, lse_ptr, picked_ptr, tgt_ptr, scale_ptr, V,
+                     BLOCK_V: tl.constexpr, GRAD: tl.constexpr, WIDE: tl.constexpr):
+    """Row r: lse[r] = log sum_v exp(x[r, v]), picked[r] = x[r, tgt[r]]; with GRAD,
+    g[r, v] = (exp(x[r, v] - lse[r]) - (v == tgt[r])) * scale[r]."""
+    r = tl.program_id(0)
+    base = r.to(tl.int64) * V if WIDE else r * V
+    tgt = tl.load(tgt_ptr + r)
+    cols = tl.arange(0, BLOCK_V)                                       # [BLOCK_V]
+    m = float("-inf")                                                  # running max
+    s = 0.0                                                            # sum exp(x - m)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + cols
+        x = tl.load(x_ptr + base + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))                       # finite: v0 < V
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + r, lse)
+    tl.store(picked_ptr + r, tl.load(x_ptr + base + tgt).to(tl.float32))
+    if GRAD:
+        sc = tl.load(scale_ptr + r)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + cols
+            x = tl.load(x_ptr + base + v, mask=v < V, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - (v == tgt).to(tl.float32)) * sc
+            tl.store(g_ptr + base + v, g.to(g_ptr.dtype.element_ty), mask=v < V)
+
+
+def ce_chunk_raw(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
+                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ce_chunk_naive``'s signature and results, by ``_ce_chunk_kernel``."""
+    if logits.ndim != 2 or tgt.shape != logits.shape[:1] or scale.shape != tgt.shape:
+        raise ValueError(f"ce_chunk: expected logits [c, V], tgt [c], scale [c], got "
+                         f"{tuple(logits.shape)}, {tuple(tgt.shape)}, {tuple(scale.shape)}")
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    picked = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    g = torch.empty_like(logits) if want_grad else logits.new_empty(0)
+    if rows:
+        wrap_triton(_ce_chunk_kernel)[(rows,)](
+            logits, g, lse, picked, tgt.contiguous(), scale.float().contiguous(), vocab,
+            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)), GRAD=want_grad,
+            WIDE=logits.numel() >= WIDE_NUMEL, num_warps=WARPS)
+    return lse, picked, g
+
+
+def _ce_chunk_fake(logits, tgt, scale, want_grad):
+    rows = logits.shape[0]
+    vec = logits.new_empty(rows, dtype=torch.float32)
+    return vec, vec.new_empty(rows), (torch.empty_like(logits) if want_grad
+                                      else logits.new_empty(0))
+
+
+@kernel_op("walsh::ce_chunk", _ce_chunk_fake)
+def ce_chunk(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
+             want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel as a torch op (compile traces into it; no autograd: the loss forms g)."""
+    return ce_chunk_raw(logits, tgt, scale, want_grad)
