@@ -4,25 +4,27 @@ For each chunk of ``chunk`` tokens: logits_c = h_c W^T [c, V] in h's dtype, then
 them (``walsh.kernels.cross_entropy``'s kernel, or ``ce_chunk_naive`` in torch ops, fp32
 inside) for the log-sum-exp lse_c [c] and the loss sum and, when a gradient is wanted,
 g_c = (softmax_c - onehot) * valid / n_valid (in h's dtype); then dh_c = g_c W [c, C] and
-dW^T += h_c^T g_c [C, V] (fp32). Backward only scales the kept dh [N, C] and dW [V, C] by the
-incoming gradient (a loss weight, 1 / accumulation steps). Peak extra memory is a chunk's [chunk, V]
-logits and g (one fp32 block besides on the torch path) instead of [N, V] logits plus their
-softmax (MODEL_SPEC section 7; the seed kept
-the full fp32 logits for backward).
+dW^T += h_c^T g_c [C, V] (fp32). Backward only scales the kept dh [N, C] and dW by the
+incoming gradient (a loss weight, 1 / accumulation steps). Peak extra memory is a chunk's
+logits and g [c, V] (and one fp32 block on the torch path) instead of [N, V] logits plus
+their softmax (MODEL_SPEC section 7; the seed kept the full fp32 logits for backward).
 
-Why the gradient in the forward (the Liger-Kernel design): the earlier form recomputed or kept
-each chunk's logits for backward, and under torch.compile it kept them (8 x [2048, 50257] bf16
-at the 125M benchmark shape, 1.6 GB) and spent four elementwise passes on each chunk (the
-log-sum-exp; exp, the one-hot, the scale and the cast in three more, with a transposed copy of
-g for dW): 5.4 of the 125M step's 34 ms on an H200, more than its four GEMMs' 5.0
-(docs/benchmarks.md, session 30). Now each chunk's logits are read by one kernel that writes
-g, and three GEMMs remain (logits, dh, dW); nothing the size of the logits outlives its chunk. The cost: dW [V, C] fp32 and dh [N, C] live from the forward to the
-backward (154 MB and 25 MB at the 125M shape), and a forward without a gradient wanted
-(evaluation, ``torch.no_grad``) skips that work entirely.
+Why the gradient in the forward (Liger-Kernel's design): the earlier form formed g in the
+backward from recomputed logits; compiled, inductor kept each chunk's logits from the
+forward instead (8 x [2048, 50257] bf16 at the 125M benchmark shape, 1.6 GB) and spent four
+elementwise passes on each chunk (the log-sum-exp; the exponent, the one-hot by an indexed
+write, the scale and the cast; a transposed copy of g for dW): 5.4 ms of the 125M step's 34
+on an H200, beside its three GEMMs' 5.0. Now one pass (the kernel) reads each chunk's logits
+and writes g, dW is kept transposed so that h_c^T g_c reads g as it lies (one transposing
+copy a step in the backward), and nothing the size of the logits outlives its chunk. The
+compiled loss at the 125M shape (16k tokens, 768 -> 50257, forward + backward): 11.29 ms
+before, 10.43 with the gradient in the forward in torch ops, 9.74 with the kernel; peak 2.47
+-> 2.44 GiB (docs/benchmarks.md, session 30). The cost: dW^T [C, V] fp32 and dh [N, C] live
+from the forward to the backward (154 MB and 25 MB at that shape); a forward that wants no
+gradient (evaluation, ``torch.no_grad``, a frozen head) skips that work.
 
 torch 2.13 ships ``torch.nn.functional.linear_cross_entropy`` with chunking options (the same
-design); the GPU image this project benchmarks on has torch 2.11, without it, so this module
-stays until the pinned floor reaches 2.13.
+design in torch ops); the GPU image this project benchmarks on has torch 2.11, without it.
 
 ``naive_linear_cross_entropy`` is the reference with the same signature.
 """

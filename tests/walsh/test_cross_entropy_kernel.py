@@ -97,9 +97,13 @@ def test_loss_on_the_kernel_equals_torch(dtype, seed):
 
 
 def test_loss_impl_is_checked():
+    from walsh.models.config import WalshConfig
+
     h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
     with pytest.raises(ValueError, match="impl must be one of"):
         linear_cross_entropy(h, w, t, impl="cuda")
+    with pytest.raises(ValueError, match=r"WalshConfig.loss_impl: must be one of .*'cuda'"):
+        WalshConfig(loss_impl="cuda")
 
 
 def test_loss_on_the_kernel_compiles(seed):

@@ -4,13 +4,16 @@
 and needs from them lse [c] (the loss) and, in training, g = (softmax - onehot(target)) *
 scale [c, V] (scale [c]: 1 / n_valid, 0 on ignored rows), which its two GEMMs read for dh and
 dW. This kernel does both in one program per row: a first loop over the row keeps a running
-max and sum of exponentials (online log-sum-exp), a second loop writes g. A row is 100 KB at
-the GPT-2 vocabulary (bf16), so the second loop finds it in L2: HBM sees the logits read
-once and g written once, 412 MB a 2048-token chunk (97 us at the H200's 4.25 TB/s).
+max and sum of exponentials (online log-sum-exp), a second loop writes g. At best HBM sees the
+logits read once and g written once, 412 MB a 2048-token chunk (97 us at the H200's 4.25
+TB/s), if the second loop finds its row (100 KB at the GPT-2 vocabulary, bf16) still in L2.
 
-Why a kernel: compiled, the same math in torch ops ran as a log-sum-exp reduction (171 us a
-chunk, reading the row twice) and a pointwise pass for g (393 us: 4x its bytes' time), 4.5 ms
-of a 125M step's 34 on an H200 (docs/benchmarks.md, session 30).
+Measured on an H200 (docs/benchmarks.md, session 30), one [2048, 50257] bf16 chunk: 227.7 us
+(2.35x that roofline; the log-sum-exp alone 81.6 us), against 499.5 us for the reference
+compiled by inductor (a log-sum-exp reduction reading each row twice and a pointwise pass for
+g at 4x its bytes' time) and 1,957 us eager. The second loop likely misses L2 (programs in
+flight hold more rows than its 50 MB): a grid bounded so that the rows in flight fit is the
+next thing to try.
 
 ``walsh.loss.ce_chunk_naive`` is the reference with the same signature (the loss's torch
 path; it lives there so that the loss imports no triton where there is none). Code order:
@@ -26,8 +29,12 @@ import triton.language as tl
 from walsh.kernels.registry import WIDE_NUMEL, kernel_op, wrap_triton
 from walsh.loss import ce_chunk_naive  # noqa: F401  (the reference, kept with the loss)
 
-# columns a loop iteration loads, warps a program (one row a program)
-BLOCK_V, WARPS = 4096, 8
+# columns a loop iteration loads, warps a program (one row a program). Swept on an H200 at one
+# [2048, 50257] bf16 chunk (docs/benchmarks.md, session 30), us with the gradient / lse only:
+# 4096 x 4 warps 227.7 / 81.6 (taken), 8192 x 8 227.0 / 88.1, 4096 x 8 238.1 / 89.2 (the
+# session's model runs), 2048 x 4 241.1 / 86.4, 1024 x 4 254.3 / 99.5; 16 warps slower at
+# every width. Roofline 96.9 us (the logits read, g written)
+BLOCK_V, WARPS = 4096, 4
 
 
 @triton.jit
