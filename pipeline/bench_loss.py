@@ -1,6 +1,7 @@
 """``walsh bench loss``: peak memory and time of the chunked linear cross-entropy vs full CE.
 
-Runs forward + backward of ``walsh.loss.linear_cross_entropy`` and of the naive reference
+Runs forward + backward of ``walsh.loss.linear_cross_entropy`` (per ``--impls``: the chunk
+pass on the Triton kernel, in torch ops, or auto) and of the naive reference
 (full [N, V] logits, ``F.cross_entropy``) on random h [N, C] and a [V, C] weight, and prints
 peak memory above the inputs, time per call and the loss difference. A benchmark, not a test.
 """
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-from walsh.loss import linear_cross_entropy, naive_linear_cross_entropy
+from walsh.loss import LOSS_IMPLS, linear_cross_entropy, naive_linear_cross_entropy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--impls", nargs="+", choices=LOSS_IMPLS, default=["auto"],
+                   help="the chunk pass: triton (the kernel), torch, auto (triton on CUDA)")
 
 
 def _measure(fn, h, w, t, chunk, repeats, device) -> tuple[float, float, float]:
@@ -59,9 +62,13 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = []
     peak, ms, ref = _measure(naive_linear_cross_entropy, h, w, t, 0, args.repeats, device)
     rows.append({"impl": "full CE", "chunk": None, "peak_gib": peak, "ms": ms, "loss": ref})
-    for chunk in args.chunks:
-        peak, ms, loss = _measure(linear_cross_entropy, h, w, t, chunk, args.repeats, device)
-        rows.append({"impl": "chunked", "chunk": chunk, "peak_gib": peak, "ms": ms, "loss": loss})
+    for impl in args.impls:
+        def fn(h, w, t, chunk, impl=impl):
+            return linear_cross_entropy(h, w, t, chunk, impl=impl)
+
+        for chunk in args.chunks:
+            peak, ms, loss = _measure(fn, h, w, t, chunk, args.repeats, device)
+            rows.append({"impl": impl, "chunk": chunk, "peak_gib": peak, "ms": ms, "loss": loss})
     print(f"{'impl':<10}{'chunk':>8}{'peak GiB':>10}{'ms':>9}{'loss':>10}{'|dloss|':>10}")
     for r in rows:
         print(f"{r['impl']:<10}{str(r['chunk'] or '-'):>8}{r['peak_gib']:>10.2f}{r['ms']:>9.1f}"
