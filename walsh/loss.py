@@ -44,7 +44,9 @@ def ce_chunk_naive(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
 
     logits [c, V] (any float dtype), tgt [c] long in [0, V), scale [c] fp32 -> lse [c] fp32,
     picked [c] fp32 (the target's logit), g = (softmax - onehot(tgt)) * scale [c, V] in
-    logits' dtype (empty [0] when not ``want_grad``). In place on one fp32 [c, V] block."""
+    logits' dtype (empty [0] when not ``want_grad``). In place on one fp32 [c, V] block.
+    Targets outside [0, V) are the caller's error: ``gather`` raises here, the kernel does not
+    check (the loss clamps ``ignore_index`` rows to 0 and zeroes their scale)."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1)                                  # [c]
     picked = lf.gather(1, tgt[:, None]).squeeze(1)                     # [c]
@@ -56,8 +58,8 @@ def ce_chunk_naive(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
 
 
 def _chunk_fn(kernel: bool):
-    """The chunk pass: the Triton op, or its reference (no triton import on that path: a
-    platform without triton runs the loss in torch)."""
+    """The chunk pass: the Triton op, or its reference (whose path imports no triton, so that
+    ``impl="auto"`` runs on a CPU machine without it; CUDA builds of torch bring triton)."""
     if not kernel:
         return ce_chunk_naive
     from walsh.kernels.cross_entropy import ce_chunk
@@ -102,12 +104,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_wt = ctx.saved_tensors
-        # grad_out: [] (the loss's weight); the kept gradients are for grad_out = 1
-        dh = (grad_h * grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        # grad_out: [] (the loss's weight, e.g. 1 / accumulation steps); the kept gradients are
+        # for grad_out = 1. Scaled in fp32: a bf16 grad_out would round 1/3 to 0.33398
+        go = grad_out.float()
+        dh = (grad_h.float() * go).to(grad_h.dtype) if grad_h is not None else None
         dw = None
-        if grad_wt is not None:  # [C, V] -> [V, C], contiguous (DeepSpeed's buckets copy it)
-            dw = (grad_wt.T * grad_out.float()).to(ctx.weight_dtype,
-                                                    memory_format=torch.contiguous_format)
+        if grad_wt is not None:  # [C, V] -> [V, C]: one transposing copy, then scaled in place
+            dw = grad_wt.T.contiguous().mul_(go).to(ctx.weight_dtype)
         return dh, dw, None, None, None, None, None, None
 
 

@@ -56,14 +56,32 @@ def test_naive_reference_is_plain_cross_entropy():
     assert abs(got.item() - by_hand.item()) / by_hand.item() < 1e-5
 
 
-def test_grad_out_scale_is_respected():
-    # backward must multiply by the incoming gradient (e.g. a loss weight or 1/accum_steps)
-    h, w, targets = make_inputs(2)
-    hf = h.clone().requires_grad_(True)
-    (3.0 * linear_cross_entropy(hf, w, targets, chunk=8)).backward()
-    hn = h.clone().requires_grad_(True)
-    (3.0 * naive_linear_cross_entropy(hn, w, targets)).backward()
-    assert rel_err(hf.grad, hn.grad) < 1e-5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_out_scale_is_respected(dtype):
+    """Backward multiplies both gradients by the incoming gradient (a loss weight, 1 /
+    accumulation steps), in fp32: 1/3 is not a bf16 number, and two backward passes add."""
+    h, w, targets = make_inputs(2, dtype=dtype)
+    grads = {}
+    for name, fn in (("fused", linear_cross_entropy), ("naive", naive_linear_cross_entropy)):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        for _ in range(2):  # accumulated, as over micro steps
+            (fn(hh, ww, targets, chunk=8) / 3).backward()
+        grads[name] = (hh.grad.float(), ww.grad)
+    for got, want in zip(grads["fused"], grads["naive"], strict=True):
+        assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_bf16_input_gradient_scaled_in_fp32():
+    """dh for a bf16 h is the kept gradient times grad_out in fp32, rounded once: exactly
+    bf16(dh_1 * fp32(1/3)), where a bf16 grad_out (0.33398) would differ."""
+    h, w, targets = make_inputs(9, dtype=torch.bfloat16)
+    grads = []
+    for scale in (1.0, 3.0):
+        hh = h.clone().requires_grad_(True)
+        (linear_cross_entropy(hh, w, targets, chunk=8) / scale).backward()
+        grads.append(hh.grad)
+    want = (grads[0].float() * torch.tensor(1 / 3.0)).to(torch.bfloat16)
+    assert torch.equal(grads[1], want)
 
 
 def test_all_targets_ignored_is_finite_zero():
@@ -132,24 +150,37 @@ def test_fused_graph_keeps_no_full_logits():
 
 
 @pytest.mark.parametrize("which", ["h", "w", "none"])
-def test_gradients_only_for_inputs_that_want_them(which):
+def test_gradients_only_for_inputs_that_want_them(which, monkeypatch):
     """The gradients are formed in the forward only for the inputs that require them (a frozen
-    head, evaluation under ``torch.no_grad``); the loss is the same either way."""
+    head, evaluation under ``torch.no_grad``): nothing is kept for the others, the chunk pass
+    is asked for no gradient when neither wants one, and the loss is the same either way."""
+    import walsh.loss as wl
+
+    asked = []
+
+    def spy(logits, tgt, scale, want_grad):
+        asked.append(want_grad)
+        return naive_pass(logits, tgt, scale, want_grad)
+
+    naive_pass = wl.ce_chunk_naive
+    monkeypatch.setattr(wl, "ce_chunk_naive", spy)
     h, w, targets = make_inputs(7)
     ref, rh, rw = loss_and_grads(naive_linear_cross_entropy, h, w, targets, 8)
-    h = h.clone().requires_grad_(which == "h")
+    h = h.clone().requires_grad_(which != "w")
     w = w.clone().requires_grad_(which == "w")
     if which == "none":
-        h.requires_grad_(True)
         with torch.no_grad():
-            loss = linear_cross_entropy(h, w, targets, chunk=8)
+            loss = linear_cross_entropy(h, w, targets, chunk=8, impl="torch")
         assert loss.grad_fn is None
+        assert asked and not any(asked)
     else:
-        loss = linear_cross_entropy(h, w, targets, chunk=8)
+        loss = linear_cross_entropy(h, w, targets, chunk=8, impl="torch")
+        kept_h, kept_w = loss.grad_fn.saved_tensors
+        assert (kept_h is None) == (which == "w") and (kept_w is None) == (which == "h")
+        assert asked and all(asked)
         loss.backward()
         got, want = (h.grad, rh) if which == "h" else (w.grad, rw)
         assert rel_err(got, want) < 1e-5
-        assert (w.grad if which == "h" else h.grad) is None
     assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
 
 
@@ -157,7 +188,8 @@ def test_compiled_equals_eager():
     """Under torch.compile (as the trainer runs it) the loss and both gradients match eager."""
     h, w, targets = make_inputs(8)
     eager = loss_and_grads(linear_cross_entropy, h, w, targets, 8)
-    compiled = loss_and_grads(torch.compile(linear_cross_entropy, backend="aot_eager"),
+    compiled = loss_and_grads(torch.compile(linear_cross_entropy, backend="aot_eager",
+                                            fullgraph=True),
                               h, w, targets, 8)
     for a, b in zip(eager, compiled, strict=True):
         assert rel_err(b, a) < 1e-6

@@ -68,7 +68,8 @@ def _ce_chunk_kernel(x_ptr, g_ptr, lse_ptr, picked_ptr, tgt_ptr, scale_ptr, V,
 
 def ce_chunk_raw(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
                  want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ce_chunk_naive``'s signature and results, by ``_ce_chunk_kernel``."""
+    """``ce_chunk_naive``'s signature and results, by ``_ce_chunk_kernel``. tgt must lie in
+    [0, V): the kernel reads x[r, tgt[r]] unchecked (a check would cost a device sync)."""
     if logits.ndim != 2 or tgt.shape != logits.shape[:1] or scale.shape != tgt.shape:
         raise ValueError(f"ce_chunk: expected logits [c, V], tgt [c], scale [c], got "
                          f"{tuple(logits.shape)}, {tuple(tgt.shape)}, {tuple(scale.shape)}")
