@@ -13,6 +13,23 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+class PoisonedTorch:
+    """``torch`` as a kernel module sees it (``monkeypatch.setattr(module, "torch",
+    PoisonedTorch())``), every ``empty`` / ``empty_like`` NaN-filled: an output element or
+    partial sum the kernels leave unwritten shows in the result."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kw):
+        return torch.empty(*args, **kw).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kw):
+        return torch.empty_like(*args, **kw).fill_(float("nan"))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the relative error every float comparison in the suite uses."""
     a, b = a.detach().double(), b.detach().double()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DEV, TOL, assert_rounded_once, rel_err
+from _helpers import DEV, TOL, PoisonedTorch, assert_rounded_once, rel_err
 
 pytest.importorskip("triton")
 from walsh.kernels import block_matmul as bm  # noqa: E402
@@ -21,21 +21,9 @@ SHAPES = [(3, 37, 24, 24), (2, bm.MM_BT + 1, 5, 64), (4, bm.MM_BT - 1, 64, 7), (
           (5, 2 * bm.MM_BT + 3, 24, 40)]
 
 
-class _PoisonedTorch:
-    """``torch`` as the module sees it, but every ``torch.empty`` filled with NaN: an output
-    element or partial sum the kernels leave unwritten shows in the result."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kw):
-        return torch.empty(*args, **kw).fill_(float("nan"))
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(bm, "torch", _PoisonedTorch())
+    monkeypatch.setattr(bm, "torch", PoisonedTorch())
 
 
 def _operands(g, n, k, m, dtype, scale=1.0):

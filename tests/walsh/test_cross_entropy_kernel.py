@@ -7,32 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DEV, TOL, rel_err
+from _helpers import DEV, TOL, PoisonedTorch, rel_err
 
 pytest.importorskip("triton")
 from walsh.kernels import cross_entropy as ce  # noqa: E402
 from walsh.loss import ce_chunk_naive, linear_cross_entropy  # noqa: E402
 
 
-class _PoisonedTorch:
-    """``torch`` as the kernel module sees it, every ``empty`` / ``empty_like`` NaN-filled: an
-    output the kernel leaves unwritten shows in the result."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kw):
-        return torch.empty(*args, **kw).fill_(float("nan"))
-
-    @staticmethod
-    def empty_like(*args, **kw):
-        return torch.empty_like(*args, **kw).fill_(float("nan"))
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(ce, "torch", _PoisonedTorch())
+    monkeypatch.setattr(ce, "torch", PoisonedTorch())
 
 
 def _chunk(rows, vocab, dtype):
