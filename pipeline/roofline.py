@@ -154,10 +154,13 @@ def model_kernels(model: WalshLM, batch: int, seq_len: int) -> list[Kernel]:
     # q, k, v (and o, do in backward), writes o (dq, dk, dv)
     out += c.n_layer * [Kernel("attention fwd", 2 * n * t * d, 0, 4 * ACT * n * d),
                         Kernel("attention bwd", 4 * n * t * d, 0, 8 * ACT * n * d)]
-    # tied head + cross-entropy: logits forward, recomputed in backward, dh and dW
+    # tied head + cross-entropy (walsh.loss): the logits, dh = g W and dW^T = h^T g all in the
+    # forward (h read, W read by two GEMMs, dh written, dW^T written in fp32); the backward
+    # scales the kept dh and dW^T by the loss's gradient (read and written; dW^T [C, V] fp32
+    # transposed into [V, C]). The chunk pass over the logits (read, g written) is not counted
     v = c.vocab_size
-    out += [Kernel("LM head fwd", 2 * n * d * v, 0, ACT * (n * d + v * d)),
-            Kernel("LM head bwd", 6 * n * d * v, 0, ACT * (2 * n * d + v * d) + 4 * v * d)]
+    out += [Kernel("LM head fwd", 6 * n * d * v, 0, ACT * (2 * n * d + 2 * v * d) + 4 * v * d),
+            Kernel("LM head bwd", 0, 0, 2 * ACT * n * d + 8 * v * d)]
     return out
 
 

@@ -128,6 +128,10 @@ def test_step_roofline_sums_the_models_kernels_and_counts_attention_and_head():
     ks = model_kernels(model, 4, 256)
     names = [k.name for k in ks]
     assert names.count("attention fwd") == 2 and "LM head bwd" in names
+    # the head's three GEMMs (logits, dh, dW), all in the loss's forward (walsh.loss)
+    head = {k.name: k for k in ks if k.name.startswith("LM head")}
+    assert head["LM head fwd"].flops == 6 * 4 * 256 * 768 * 50257
+    assert head["LM head bwd"].flops == 0
     total = step_roofline_ms(model, 4, 256, 500, 2000)
     assert total == pytest.approx(sum(k.ms(500, 2000) for k in ks))
     # the structured Walsh path does a 32nd of the GEMM work: at 2048 wide its roofline is lower
