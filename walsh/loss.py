@@ -19,9 +19,11 @@ and writes g, dW is kept transposed so that h_c^T g_c reads g as it lies (one tr
 copy a step in the backward), and nothing the size of the logits outlives its chunk. The
 compiled loss at the 125M shape (16k tokens, 768 -> 50257, forward + backward): 11.29 ms
 before, 10.43 with the gradient in the forward in torch ops, 9.74 with the kernel; peak 2.47
--> 2.44 GiB (docs/benchmarks.md, session 30). The cost: dW^T [C, V] fp32 and dh [N, C] live
-from the forward to the backward (154 MB and 25 MB at that shape); a forward that wants no
-gradient (evaluation, ``torch.no_grad``, a frozen head) skips that work.
+-> 2.44 GiB (docs/benchmarks.md, session 30; measured at 733c937, before the backward's
+scaling moved to fp32 and the kernel to 4 warps, not re-timed since). The cost: dW^T
+[C, V] fp32 and dh [N, C] live from the forward to the backward (154 MB and 25 MB at that
+shape); a forward that wants no gradient (evaluation, ``torch.no_grad``, a frozen head)
+skips that work.
 
 torch 2.13 ships ``torch.nn.functional.linear_cross_entropy`` with chunking options (the same
 design in torch ops); the GPU image this project benchmarks on has torch 2.11, without it.
@@ -91,12 +93,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits, tgt, scale[s : s + chunk], want_h or want_w)  # [c], [c], [c, V]
             del logits
             total += ((lse - picked) * valid[s : s + chunk]).sum()
-            if want_h or want_w:
-                if want_h:
-                    grad_h[s : s + chunk] = g @ w                      # [c, C]
-                if want_w:
-                    grad_wt += (hc.T @ g).float()                      # [C, V]
-                del g
+            if want_h:
+                grad_h[s : s + chunk] = g @ w                          # [c, C]
+            if want_w:
+                grad_wt += (hc.T @ g).float()                          # [C, V]
+            del g
         ctx.save_for_backward(grad_h, grad_wt)
         ctx.weight_dtype = weight.dtype
         return total / n_valid

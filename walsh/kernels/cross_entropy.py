@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.registry import WIDE_NUMEL, kernel_op, wrap_triton
-from walsh.loss import ce_chunk_naive  # noqa: F401  (the reference, kept with the loss)
 
 # columns a loop iteration loads, warps a program (one row a program). Swept on an H200 at one
 # [2048, 50257] bf16 chunk (docs/benchmarks.md, session 30), us with the gradient / lse only:

@@ -30,13 +30,6 @@ IN_TILE, OUT_TILE, TILE_WARPS = 128, 256, 4
 GAIN_TOKENS = 64
 
 
-def program_slabs(tokens: int, bt: int, n: int) -> int:
-    """Slabs of ``bt`` tokens a looping program covers (a gain pass, the MLP's chained pass):
-    ``tokens`` worth, but no more than ``n`` tokens fill. Past them a slab is masked whole:
-    free on a GPU at the tables' 16k tokens, where the bound never binds, but Triton's
-    interpreter pays for each, and tests run a few tokens (session 29: CI's interpreter ran
-    the chain's 64 tokens a program at 16 tokens 2x slower per call)."""
-    return max(1, min(tokens // bt, triton.cdiv(n, bt)))
 # the token loop's software-pipelining depth in the gain passes, by IN_MODE (0: the compiler's
 # default). Swept on an H200 with bf16 dots (session 11, docs/benchmarks.md; N = 16k, A = 32,
 # CUDA graphs, x roof at 24 / 64 / 96 / 172 / 192 lanes): walsh_in + dbeta with 3 stages
@@ -96,6 +89,15 @@ def _slab(lanes: int, tile: int) -> tuple[int, int]:
     if lb > tile and (lanes % tile == 0 or lb > min(2 * tile, MAX_CHUNK)):
         lb = tile  # chunks of the tile
     return lb, max(1, tile // lb)
+
+
+def program_slabs(tokens: int, bt: int, n: int) -> int:
+    """Slabs of ``bt`` tokens a looping program covers (a gain pass, the MLP's chained pass):
+    ``tokens`` worth, but no more than ``n`` tokens fill. Past them a slab is masked whole:
+    free on a GPU at the tables' 16k tokens, where the bound never binds, but Triton's
+    interpreter pays for each, and tests run a few tokens (session 29: CI's interpreter ran
+    the chain's 64 tokens a program at 16 tokens 2x slower per call)."""
+    return max(1, min(tokens // bt, triton.cdiv(n, bt)))
 
 
 def row_width(lanes: int) -> int:
