@@ -14,6 +14,7 @@ from _helpers import DEV, TOL, PoisonedTorch, assert_rounded_once, rel_err
 
 pytest.importorskip("triton")
 from walsh.kernels import block_matmul as bm  # noqa: E402
+from walsh.kernels import column_sum as cs  # noqa: E402
 
 # (G blocks, N tokens, K lanes in, M lanes out): tokens below, at and past one BT tile, rows
 # below the tensor cores' 16, the models' 24 and 64, odd widths
@@ -157,6 +158,22 @@ def test_dispatch_rule_picks_the_kernel_by_row_width(seed):
     du, dw = bm.block_mm_dual(d4, w4, u4)
     assert torch.equal(du, torch.bmm(d4, w4)), seed            # 104 > MM_MAX_LANES: cuBLAS
     assert torch.equal(dw, torch.bmm(d4.transpose(1, 2), u4)), seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lanes", [24, bm.DUAL_MAX_LANES + 8])  # the one pass; the two GEMMs
+def test_block_mm_dual_unsummed_table_gives_the_same_dw(lanes, dtype, seed):
+    """``summed=False`` (a backward op sums its tables in one launch): du the same tensor's
+    values, and the table's column sum through ``dw_from_sum`` bit-equal to the summed dW on
+    either path (past the one pass, dW itself as a one-row fp32 table)."""
+    d, w, u = _dual_operands(3, 3 * bm.DUAL_BT + 5, 24, lanes, dtype)
+    du, dw = bm.block_mm_dual(d, w, u)
+    du2, table = bm.block_mm_dual(d, w, u, summed=False)
+    assert table.dtype == torch.float32 and table.shape[1] == dw.numel(), seed
+    assert (table.shape[0] == 1) == (lanes > bm.DUAL_MAX_LANES), seed  # splits: more than one
+    assert torch.equal(du2, du), seed
+    total = cs.column_sums([table])[0]
+    assert torch.equal(bm.dw_from_sum(total, tuple(dw.shape), dtype), dw), seed
 
 
 def test_int64_offsets_bit_equal(monkeypatch, seed):

@@ -65,3 +65,43 @@ def test_column_sum_of_no_rows_is_zeros():
 def test_column_sum_rejects_other_inputs(bad):
     with pytest.raises(ValueError, match="2-D fp32"):
         cs.column_sum(bad)
+
+
+def test_column_sums_match_fp64_per_table(seed):
+    """Tables of every kind in one call (rows past BLOCK_R, columns not a BLOCK_C multiple, a
+    table without rows, one without columns, more tables than one launch takes): each sum
+    within fp32 rounding of the fp64 sum, so no program sums another table's columns or skips
+    one of its own rows (a row off moves a column by about 100, the bound is about 0.03).
+    Not bit-equal to ``column_sum`` of the table alone on a GPU: the compiler picks each
+    kernel's in-tile reduction tree (on an H200 the last bits differed); run to run each is
+    deterministic (``test_column_sum_deterministic``)."""
+    shapes = [(300, 770), (cs.BLOCK_R + 1, cs.BLOCK_C + 1), (1, 3), (0, 5), (7, 0), (8, 18432),
+              (256, 96), (3, cs.BLOCK_C), (2, 1), (600, 33)]
+    assert len(shapes) > cs.MAX_TABLES  # two launches
+    parts = [torch.randn(r, c, device=DEV) * 100 for r, c in shapes]
+    got = cs.column_sums(parts)
+    again = cs.column_sums(parts)
+    assert [tuple(g.shape) for g in got] == [(c,) for _, c in shapes]
+    for k, (g, p) in enumerate(zip(got, parts)):
+        assert g.dtype == torch.float32
+        assert torch.equal(g, again[k]), (k, seed)
+        exact = p.double().sum(0)
+        bound = 1e-6 * p.double().abs().sum(0)
+        assert ((g.double() - exact).abs() <= bound).all(), (k, seed)
+
+
+@pytest.mark.parametrize("tables", [1, 2, cs.MAX_TABLES - 1, cs.MAX_TABLES])
+def test_column_sums_exact_on_integers(tables, seed):
+    """Every table's columns exact (small integers add exactly in any order) for each number
+    of a launch's slots in use."""
+    parts = [torch.randint(-50, 50, (5 + 97 * k, 3 + 11 * k), device=DEV).float()
+             for k in range(tables)]
+    for k, (g, p) in enumerate(zip(cs.column_sums(parts), parts)):
+        assert torch.equal(g, cs.column_sum_naive(p)), (k, seed)
+
+
+def test_column_sums_names_the_bad_table():
+    good = torch.zeros(2, 3, device=DEV)
+    with pytest.raises(ValueError, match=r"table 1 must be a 2-D fp32 tensor, got \(2, 3\) "
+                                         r"torch.float16"):
+        cs.column_sums([good, good.half()])

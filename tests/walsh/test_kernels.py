@@ -158,7 +158,7 @@ def test_triton_ops_name_their_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SCAN], env=env, capture_output=True,
                          text=True, check=True).stdout
-    walsh, linear, colsum = "_walsh_kernel", "_walsh_linear_kernel", "_column_sum_kernel"
+    walsh, linear, colsum = "_walsh_kernel", "_walsh_linear_kernel", "_column_sums_kernel"
     mm, mm_tn = "_block_mm_kernel", "_block_mm_tn_kernel"  # walsh.kernels.block_matmul
     dual = "_block_mm_dual_kernel"
     chain = "_mlp_chain_kernel"  # walsh.kernels.walsh_mlp_kernel

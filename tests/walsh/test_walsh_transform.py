@@ -20,6 +20,7 @@ from walsh.kernels import walsh_launch as wl  # noqa: E402
 from walsh.kernels import walsh_linear as wf  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.kernels.bf16_round import _bf16_values  # noqa: E402
+from walsh.kernels.column_sum import column_sum  # noqa: E402
 
 # -- Walsh-Hadamard transforms ----------------------------------------------------------------
 # Every case has >= 16 gain entries: a gain's gradient is a sum over tokens, and with a handful
@@ -105,6 +106,10 @@ def test_walsh_transform_with_gain_grad(which, a, n, lanes, tokens, dtype, seed,
     assert out is poisoned and (n == 0 or rel_err(out, ref) < TOL[dtype]), seed
     # the same inputs (bf16 values are exact in fp32 and TF32), fp32 sums either way
     assert g.shape == (a, lanes) and g.dtype == torch.float32
+    # summed=False (a backward op sums its tables in one launch): the table gives g exactly
+    table = (wt.walsh_in_gain_raw(tok, gain, fwd, a, summed=False) if which == "walsh_in"
+             else wt.walsh_out_gain_raw(blk, gain, tok, a, summed=False))[1]
+    assert torch.equal(column_sum(table).view(a, lanes), g), seed
     if n == 0:  # no tokens: a zero gradient, not the empty buffer's contents
         assert torch.equal(g, torch.zeros_like(g))
     else:

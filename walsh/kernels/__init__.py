@@ -20,7 +20,8 @@
   (reference: ``block_mm_naive``, ``block_mm_tn_naive``, ``block_mm_dual_naive``,
   torch.bmm).
 - ``walsh.kernels.column_sum``: the fixed-order sum of the gain passes' per-program partial
-  sums (reference: ``column_sum_naive``, ``part.sum(0)``).
+  sums, a backward op's tables in one launch (reference: ``column_sum_naive``,
+  ``part.sum(0)``).
 - ``walsh.kernels.int8_linear``: ternary layers with 8-bit activations on INT8 tensor cores
   (reference: ``int8_linear_naive``, the fake-quantized product).
 

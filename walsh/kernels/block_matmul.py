@@ -130,9 +130,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _first_row(g, N, WIDE: tl.constexpr):
     """Block g's first row, g * N: int64 for tensors of WIDE_NUMEL elements or more (every
     offset built on it is then int64), int32 below (cheaper index math)."""
-    if WIDE:
-        return g.to(tl.int64) * N
-    return g * N
+    # one return (a compiled kernel refuses two of different types)
+    return (g.to(tl.int64) if WIDE else g) * N
 
 
 @triton.jit
@@ -276,11 +275,12 @@ def block_mm_tn_raw(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return column_sum(part).view(g, m, k).to(d.dtype)
 
 
-def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor, summed: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one-pass Triton kernel: (du = d @ w [G, N, K] in d's dtype, dW = d^T u [G, M, K] in
     d's dtype, fp32 sums over the tokens, one rounding); ``block_mm_dual_naive``'s signature,
-    M and K up to ``DUAL_MAX_LANES``."""
+    M and K up to ``DUAL_MAX_LANES``. ``summed=False``: dW's fp32 partial table [S, G*M*K] in
+    its place (``dw_from_sum`` turns its column sum into dW)."""
     g, n, m = d.shape
     _check("block_mm_dual", "dw", d, w, (g, m), "d [G, N, M], w [G, M, K]", DUAL_MAX_LANES)
     _check("block_mm_dual", "ud", u, d, tuple(u.shape[:2]), "d [G, N, M], u [G, N, K]",
@@ -291,7 +291,8 @@ def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
                          "(u [G, N, K], w [G, M, K])")
     du = torch.empty(g, n, k, device=d.device, dtype=d.dtype)
     if n * g == 0:
-        return du, torch.zeros(g, m, k, device=d.device, dtype=d.dtype)
+        dw = torch.zeros(g, m, k, device=d.device, dtype=d.dtype)
+        return du, (dw if summed else _as_table(dw))
     d, u = d.contiguous(), u.contiguous()
     bt = DUAL_NARROW_BT if max(m, k) <= DUAL_NARROW_LANES else DUAL_BT
     tok = triton.cdiv(triton.cdiv(n, DUAL_SPLIT), bt) * bt
@@ -302,7 +303,18 @@ def block_mm_dual_raw(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
         d, w, u, du, part, n, tok, w.stride(0), w.stride(1), w.stride(2), M=m, K=k,
         BM=_width(m), BK=_width(k), BT=bt, IEEE=_ieee(d), WIDE=wide, STAGES=DUAL_STAGES,
         INTERPRETED=INTERPRETED, num_warps=DUAL_WARPS)
-    return du, column_sum(part).view(g, m, k).to(d.dtype)
+    return du, (dw_from_sum(column_sum(part), (g, m, k), d.dtype) if summed else part)
+
+
+def _as_table(dw: torch.Tensor) -> torch.Tensor:
+    """A finished dW [G, M, K] as a one-row fp32 table: its column sum is dW again, exactly."""
+    return dw.float().reshape(1, -1)
+
+
+def dw_from_sum(total: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype
+                ) -> torch.Tensor:
+    """dW's fp32 column sum [G*M*K] -> dW [G, M, K] in dtype (one rounding)."""
+    return total.view(shape).to(dtype)
 
 
 # -- dispatch: the rule of the module doc --------------------------------------------------------
@@ -333,13 +345,16 @@ def block_mm_tn(d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.bmm(d.transpose(1, 2), u)
 
 
-def block_mm_dual(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+def block_mm_dual(d: torch.Tensor, w: torch.Tensor, u: torch.Tensor, summed: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """d [G, N, M], w [G, M, K], u [G, N, K] -> (du = d @ w, dW = d^T u): one Triton pass for
-    rows of at most ``DUAL_MAX_LANES`` lanes (M and K), ``block_mm`` and ``block_mm_tn`` past."""
+    rows of at most ``DUAL_MAX_LANES`` lanes (M and K), ``block_mm`` and ``block_mm_tn`` past.
+    ``summed=False``: dW as an fp32 table whose column sum ``dw_from_sum`` takes to dW (the
+    one pass's partial sums; past it, dW itself as one row)."""
     if one_pass_du_dw(u.shape[2], d.shape[2]):
-        return block_mm_dual_raw(d, w, u)
-    return block_mm(d, w), block_mm_tn(d, u)
+        return block_mm_dual_raw(d, w, u, summed)
+    dw = block_mm_tn(d, u)
+    return block_mm(d, w), (dw if summed else _as_table(dw))
 
 
 def gemm_paths(k: int, m: int) -> str:

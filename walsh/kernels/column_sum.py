@@ -1,10 +1,12 @@
-"""Column sums of a kernel's fp32 partial results: the last step of a fused gain gradient.
+"""Column sums of kernels' fp32 partial results: the last step of the fused gain gradients.
 
-The Walsh transforms' gain passes (``walsh.kernels.walsh_transform``, ``walsh_linear``) write one
-row of partial sums per program, part [P, C] fp32 (in the transforms P = ceil(tokens /
-GAIN_TOKENS), or GAIN_NARROW_TOKENS, and C = A * L; in the one-kernel layer P = ceil(tokens /
-BLOCK_M) and C = A * LD), and the gradient is their sum over rows. Each column's rows are added
-in one program, in a fixed order, BLOCK_R rows at a time: deterministic, no atomics.
+The Walsh transforms' gain passes (``walsh.kernels.walsh_transform``, ``walsh_linear``), the
+one-pass du + dW block GEMM (``walsh.kernels.block_matmul``) and the MLP's chained backward
+(``walsh.kernels.walsh_mlp``) write one row of partial sums per program, part [P, C] fp32 (in
+the transforms P = ceil(tokens / GAIN_TOKENS), or GAIN_NARROW_TOKENS, and C = A * L; in the
+block GEMM P = the token splits and C = G * M * K), and the gradient is their sum over rows.
+Each column's rows are added in one program, in a fixed order, BLOCK_R rows at a time:
+deterministic, no atomics.
 
 Why a kernel of its own rather than ``part.sum(0)``: on an H200, inside CUDA graphs, torch's
 reduction took 5.1-5.4 us for every P = 256 partial table from C = 768 to 5,504 columns (0.8-5.6
@@ -17,7 +19,17 @@ few [BLOCK_R, BLOCK_C] tiles. Swept (docs/benchmarks.md, session 12; us at 256 x
 +0.7%): compiled, inductor traces the op bodies (``walsh.kernels.registry``) and would have
 made its own reduction kernel of ``part.sum(0)`` (not profiled).
 
-Code order: naive reference, kernel, launcher.
+Several tables in one launch (``column_sums``, up to ``MAX_TABLES``; session 31): a layer's
+backward op makes 3 to 7 tables (dbeta, dW and dalpha per layer), each of which took one
+launch of about 3.3 us on an H200 (192 launches in a walsh-h-125m step, 0.63 ms: session 30's
+profile), far more than the tables' bytes take. The backward ops now keep their tables and sum
+them all at the end, in one launch: the programs are dealt to the tables in order,
+ceil(C_k / BLOCK_C) each, and each table is summed by the same tiles in the same order as
+``column_sum`` alone would (bit-equal under the interpreter; compiled, the in-tile reduction
+tree is the compiler's choice for each kernel, and on an H200 the batched kernel's last bits
+differed from the one-table kernel's: fp32 rounding, deterministic run to run).
+
+Code order: naive reference, kernels, launchers.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ from walsh.kernels.registry import WIDE_NUMEL, wrap_triton
 # [BLOCK_R, BLOCK_C] fp32 tiles on 4 warps: the sweep's best at 256 x 768-3072 and 1,024 x 3072
 # (module doc); within 3% of the best at 256 x 5504, 0.25 us behind at 16 rows
 BLOCK_R, BLOCK_C = 512, 16
+# tables one launch takes (the kernel's argument slots; a group of three layers makes 7)
+MAX_TABLES = 8
 
 
 def column_sum_naive(part: torch.Tensor) -> torch.Tensor:
@@ -39,10 +53,11 @@ def column_sum_naive(part: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _column_sum_kernel(src_ptr, dst_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                       WIDE: tl.constexpr):
-    """dst[c] = sum_r src[r, c] for this program's BLOCK_C columns, rows in order."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)             # [BLOCK_C]
+def _table_sum(src_ptr, dst_ptr, R, C, pid, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+               WIDE: tl.constexpr):
+    """dst[c] = sum_r src[r, c] for the BLOCK_C columns of this table's program pid, rows in
+    order; src [R, C] contiguous."""
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)                          # [BLOCK_C]
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)                                 # [BLOCK_R]
@@ -53,16 +68,76 @@ def _column_sum_kernel(src_ptr, dst_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: t
     tl.store(dst_ptr + c, acc, mask=c < C)
 
 
+@triton.jit
+def _column_sums_kernel(s0, d0, r0, c0, s1, d1, r1, c1, s2, d2, r2, c2, s3, d3, r3, c3,
+                        s4, d4, r4, c4, s5, d5, r5, c5, s6, d6, r6, c6, s7, d7, r7, c7,
+                        TABLES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        WIDE: tl.constexpr):
+    """Table k's sums (s_k [r_k, c_k] -> d_k [c_k]) by programs e_{k-1} .. e_k - 1, e_k the
+    running total of ceil(c_k / BLOCK_C); slots past TABLES are never read."""
+    pid = tl.program_id(0)
+    e0 = tl.cdiv(c0, BLOCK_C)
+    if pid < e0:
+        _table_sum(s0, d0, r0, c0, pid, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 1:
+        e1 = e0 + tl.cdiv(c1, BLOCK_C)
+        if (pid >= e0) & (pid < e1):
+            _table_sum(s1, d1, r1, c1, pid - e0, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 2:
+        e2 = e1 + tl.cdiv(c2, BLOCK_C)
+        if (pid >= e1) & (pid < e2):
+            _table_sum(s2, d2, r2, c2, pid - e1, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 3:
+        e3 = e2 + tl.cdiv(c3, BLOCK_C)
+        if (pid >= e2) & (pid < e3):
+            _table_sum(s3, d3, r3, c3, pid - e2, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 4:
+        e4 = e3 + tl.cdiv(c4, BLOCK_C)
+        if (pid >= e3) & (pid < e4):
+            _table_sum(s4, d4, r4, c4, pid - e3, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 5:
+        e5 = e4 + tl.cdiv(c5, BLOCK_C)
+        if (pid >= e4) & (pid < e5):
+            _table_sum(s5, d5, r5, c5, pid - e4, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 6:
+        e6 = e5 + tl.cdiv(c6, BLOCK_C)
+        if (pid >= e5) & (pid < e6):
+            _table_sum(s6, d6, r6, c6, pid - e5, BLOCK_R, BLOCK_C, WIDE)
+    if TABLES > 7:
+        e7 = e6 + tl.cdiv(c7, BLOCK_C)
+        if (pid >= e6) & (pid < e7):
+            _table_sum(s7, d7, r7, c7, pid - e6, BLOCK_R, BLOCK_C, WIDE)
+
+
+def column_sums(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """parts[k] [P_k, C_k] fp32 -> [C_k] fp32 each, the sums over rows, ``MAX_TABLES`` tables
+    a launch (each summed as ``column_sum`` sums it alone: module doc)."""
+    for k, part in enumerate(parts):
+        if part.ndim != 2 or part.dtype != torch.float32:
+            raise ValueError(f"column_sums: table {k} must be a 2-D fp32 tensor, got "
+                             f"{tuple(part.shape)} {part.dtype}")
+    parts = [p.contiguous() for p in parts]
+    # every column written by the kernel; tables without rows sum to 0 there too
+    outs = [torch.empty(p.shape[1], device=p.device, dtype=torch.float32) for p in parts]
+    live = [(p, o) for p, o in zip(parts, outs) if p.shape[1] > 0]
+    for s in range(0, len(live), MAX_TABLES):
+        batch = live[s:s + MAX_TABLES]
+        slots = []
+        for p, o in batch:
+            slots += [p, o, p.shape[0], p.shape[1]]
+        for _ in range(MAX_TABLES - len(batch)):  # unused slots (TABLES bounds them): empties
+            # of their own, never aliases of a table (compile tracks each argument's writes)
+            slots += [batch[0][0].new_empty(0), batch[0][1].new_empty(0), 0, 0]
+        programs = sum(triton.cdiv(p.shape[1], BLOCK_C) for p, _ in batch)
+        wrap_triton(_column_sums_kernel)[(programs,)](
+            *slots, TABLES=len(batch), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            WIDE=max(p.numel() for p, _ in batch) >= WIDE_NUMEL)
+    return outs
+
+
 def column_sum(part: torch.Tensor) -> torch.Tensor:
     """part [P, C] fp32 -> [C] fp32, the sum over rows (``column_sum_naive``'s signature)."""
     if part.ndim != 2 or part.dtype != torch.float32:
         raise ValueError(f"column_sum takes a 2-D fp32 tensor, got {tuple(part.shape)} "
                          f"{part.dtype}")
-    part = part.contiguous()
-    rows, cols = part.shape
-    if rows * cols == 0:
-        return torch.zeros(cols, device=part.device, dtype=torch.float32)
-    out = torch.empty(cols, device=part.device, dtype=torch.float32)  # every column written
-    wrap_triton(_column_sum_kernel)[(triton.cdiv(cols, BLOCK_C),)](
-        part, out, rows, cols, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, WIDE=part.numel() >= WIDE_NUMEL)
-    return out
+    return column_sums([part])[0]

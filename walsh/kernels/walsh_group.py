@@ -42,11 +42,12 @@ from __future__ import annotations
 import torch
 
 from walsh.kernels.block_matmul import block_mm
-from walsh.kernels.column_sum import column_sum
+from walsh.kernels.column_sum import column_sum, column_sums
 from walsh.kernels.registry import kernel_op
 from walsh.kernels.walsh_linear import (
     _rope,
     backward_to_du,
+    layer_dw,
     padded_weight,
     walsh_linear_naive,
 )
@@ -71,15 +72,16 @@ def walsh_in_group_raw(x: torch.Tensor, alpha: torch.Tensor, width: int | None =
 
 
 def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: torch.Tensor,
-                             out: torch.Tensor | None = None
+                             out: torch.Tensor | None = None, summed: bool = True
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """dus[p] [A, N, W], alpha [P, A, L], x [N, A*L] -> (dx [N, A*L] = sum_p alpha_p * S H
     dus[p], fp32 dalpha [P, A, L] = sum over tokens of x * S H dus[p]) in one pass (no
-    autograd); what lies past L in dus' rows reaches no result."""
+    autograd); what lies past L in dus' rows reaches no result. ``summed=False``: dalpha's
+    fp32 partial table [rows, P*A*L] in its place (``walsh_transform.walsh_in_gain_raw``)."""
     p, a, lanes = alpha.shape
     dst, part = _launch(dus[0], alpha, a, lanes, x.shape[0], in_mode=False, out=out, other=x,
                         width=dus[0].shape[2], group=p, more=tuple(dus[1:]))
-    return dst, column_sum(part).view(p, a, lanes)
+    return dst, (column_sum(part).view(p, a, lanes) if summed else part)
 
 
 def group_gemm(x, ws, alphas):
@@ -109,16 +111,19 @@ def group_forward(x, ws, alphas, betas, rope=None, n_rope=0):
 def group_backward(douts, x, ws, alphas, betas, u, outs, rope=None, n_rope=0):
     """(dx, dws, fp32 dalphas [P, A, LI], fp32 dbetas): each layer's dy and dbeta as its own
     backward's (dbeta = sum dout * out / beta), its du and dw by its own GEMMs, then dx and the
-    dalphas in one pass over the P du's and x."""
-    dus, dws, dbetas = [], [], []
+    dalphas in one pass over the P du's and x; the 2P + 1 gradients' partial tables summed in
+    one launch (``column_sums``)."""
+    p, (a, lo, li) = len(ws), ws[0].shape
+    dus, tables = [], []
     for k, w in enumerate(ws):
-        du, dw, dbeta = backward_to_du(douts[k], w, betas[k], outs[k], u[k],
-                                       rope if k < n_rope else None)  # du_k [A, N, LIp]
+        du, dw_part, dbeta_part = backward_to_du(douts[k], w, betas[k], outs[k], u[k],
+                                                 rope if k < n_rope else None)  # [A, N, LIp]
         dus.append(du)
-        dws.append(dw)
-        dbetas.append(dbeta)
-    dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas), x)
-    return dx, dws, dalpha, dbetas
+        tables += [dw_part, dbeta_part]
+    dx, dalpha_part = walsh_out_group_gain_raw(dus, torch.stack(alphas), x, summed=False)
+    *sums, dalpha = column_sums([*tables, dalpha_part])
+    dws = [layer_dw(t, w, dus[0].dtype) for t, w in zip(sums[0::2], ws)]
+    return dx, dws, dalpha.view(p, a, li), [t.view(a, lo) for t in sums[1::2]]
 
 
 # -- autograd: a forward and a backward op per group (``walsh.kernels.registry``) -------------

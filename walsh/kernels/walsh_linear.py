@@ -62,7 +62,8 @@ the layer with the weight transposed and the gains swapped:
   one block GEMM (``block_matmul.block_mm_tn``, ``_weight_grad``); the three-kernel
   backward computes dw in its du pass instead (``backward_to_du``).
 Partial sums are added in a fixed order (``walsh.kernels.column_sum``; no atomics), so every
-gradient is deterministic. Nothing [N, out]-sized is saved for the backward: only x and the weight.
+gradient is deterministic; the three-kernel backward sums its three tables (dw, dbeta, dalpha)
+in one launch. Nothing [N, out]-sized is saved for the backward: only x and the weight.
 
 Precision: slabs in fp32, every dot of this kernel in TF32 for 16-bit inputs and IEEE for fp32.
 bf16 weights are exact in TF32, and u is rounded to TF32's 10 mantissa bits where the unfused
@@ -88,8 +89,8 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.bf16_round import _stored
-from walsh.kernels.block_matmul import block_mm, block_mm_dual, block_mm_tn
-from walsh.kernels.column_sum import column_sum
+from walsh.kernels.block_matmul import block_mm, block_mm_dual, block_mm_tn, dw_from_sum
+from walsh.kernels.column_sum import column_sum, column_sums
 from walsh.kernels.registry import INTERPRETED, kernel_op, wrap_triton
 from walsh.kernels.walsh_transform import (
     _hadamard,
@@ -294,24 +295,35 @@ def three_kernel_backward(dout, x, w, alpha, beta, u, out, rope=None):
     computes its gain's gradient in the same pass (``walsh_in_gain_raw``,
     ``walsh_out_gain_raw``): dbeta = sum dout * out / beta (= sum dout * S H y; 0 where beta
     is 0), dalpha = sum x * S H (W^T dy). ``rope``: out was rotated (dout is its gradient)."""
-    du, dw, dbeta = backward_to_du(dout, w, beta, out, u, rope)
-    dx, dalpha = walsh_out_gain_raw(du, alpha, x, w.shape[0])        # [N, A*LI]
-    return dx, dw, dalpha, dbeta
+    a, lo, li = w.shape
+    du, dw_part, dbeta_part = backward_to_du(dout, w, beta, out, u, rope)
+    dx, dalpha_part = walsh_out_gain_raw(du, alpha, x, a, summed=False)  # [N, A*LI]
+    dw, dbeta, dalpha = column_sums([dw_part, dbeta_part, dalpha_part])  # one launch
+    return dx, layer_dw(dw, w, du.dtype), dalpha.view(a, li), dbeta.view(a, lo)
 
 
 def backward_to_du(dout, w, beta, out, u, rope=None):
-    """The three-kernel backward up to the input transform: (du [A, N, LIp], dw [A, LO, LI],
-    fp32 dbeta [A, LO]), with dy, dbeta = walsh_in_gain(dout, beta, out), du = dy W (the padded
-    weight) and dw = sum over tokens of dy^T u from the saved u, the two GEMMs in one pass over
-    dy where the rows allow (``block_matmul.block_mm_dual``); shared with
+    """The three-kernel backward up to the input transform: (du [A, N, LIp], and the fp32
+    partial tables of dw and dbeta), with dy, dbeta = walsh_in_gain(dout, beta, out), du = dy W
+    (the padded weight) and dw = sum over tokens of dy^T u from the saved u, the two GEMMs in
+    one pass over dy where the rows allow (``block_matmul.block_mm_dual``); shared with
     ``walsh.kernels.walsh_group``, ``walsh.kernels.walsh_swiglu`` and ``walsh.kernels.
-    walsh_mlp`` (its down layer), whose layers end in their own dx pass. ``rope``: out is
-    RoPE-rotated and dout its gradient, both rotated back in the pass."""
-    a, lo, li = w.shape
+    walsh_mlp`` (its down layer), whose layers end in their own dx pass. The caller sums the
+    tables with its others in one launch (``column_sums``; dbeta's sum viewed as [A, LO], dw's
+    through ``layer_dw``). ``rope``: out is RoPE-rotated and dout its gradient, both rotated
+    back in the pass."""
     wp = padded_weight(w)                                            # [A, LOp, LIp]
-    dy, dbeta = walsh_in_gain_raw(dout, beta, out, a, width=wp.shape[1], rope=rope)
-    du, dw = block_mm_dual(dy, wp, u)                                # [A, N, LIp], [A, LOp, LIp]
-    return du, _unpadded(dw, lo, li), dbeta
+    dy, dbeta_part = walsh_in_gain_raw(dout, beta, out, w.shape[0], width=wp.shape[1],
+                                       rope=rope, summed=False)
+    du, dw_part = block_mm_dual(dy, wp, u, summed=False)             # du [A, N, LIp]
+    return du, dw_part, dbeta_part
+
+
+def layer_dw(total: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``backward_to_du``'s dw table summed ([A*LOp*LIp] fp32, the padded weight's) -> dw
+    [A, LO, LI] in dtype."""
+    a, lo, li = w.shape
+    return _unpadded(dw_from_sum(total, (a, row_width(lo), row_width(li)), dtype), lo, li)
 
 
 # -- autograd: two ops per layer (``walsh.kernels.registry``: triton ops, whose launches

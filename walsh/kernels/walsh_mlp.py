@@ -48,13 +48,13 @@ import torch.nn.functional as F
 import triton
 
 from walsh.kernels.block_matmul import block_mm, block_mm_dual
-from walsh.kernels.column_sum import column_sum
+from walsh.kernels.column_sum import column_sum, column_sums
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 from walsh.kernels.walsh_group import group_gemm, walsh_out_group_gain_raw
 from walsh.kernels.walsh_launch import mlp_chain_params, program_slabs
 from walsh.kernels.walsh_linear import (
-    _unpadded,
     backward_to_du,
+    layer_dw,
     padded_weight,
     walsh_linear_naive,
 )
@@ -175,21 +175,27 @@ def mlp_forward(x, ws, alphas, betas):
 
 def mlp_backward(dout, x, ws, alphas, betas, u, u_d, gate, up, out):
     """(dx, [dw_g, dw_u, dw_d], fp32 [dalpha_g, dalpha_u, dalpha_d], fp32 [dbeta_g, ..])."""
+    a, lh, li = ws[0].shape
     du_d, dw_d, dbeta_d = backward_to_du(dout, ws[2], betas[2], out, u_d)  # [A, N, LHp]
-    dy_g, dy_u, dalpha_d, dbeta_g, dbeta_u = mlp_chain_bwd_raw(du_d, gate, up, betas[0],
-                                                               betas[1], alphas[2])
+    # dy_g, dy_u [A, N, LHp]; chain: the fp32 table of dalpha_d, dbeta_g, dbeta_u's sums
+    dy_g, dy_u, chain = _chain(False, du_d, None, gate, up, betas[0], betas[1], alphas[2])
     # block_mm_dual called here, not through a helper shared with backward_to_du: torch finds
     # a triton_op's kernels by scanning the functions its body calls to a limited depth, and
     # one more level hid block_mm's and block_mm_tn's kernels from the op's compile cache key
     # (tests/walsh/test_kernels.py caught it)
-    dus, dws = [], []
+    dus, dw_parts = [], []
     for k, dy in enumerate((dy_g, dy_u)):
-        lh, li = ws[k].shape[1:]
-        du, dw = block_mm_dual(dy, padded_weight(ws[k]), u[k])       # [A, N, LIp], [A, LHp, LIp]
+        du, dw = block_mm_dual(dy, padded_weight(ws[k]), u[k], summed=False)  # du [A, N, LIp]
         dus.append(du)
-        dws.append(_unpadded(dw, lh, li))
-    dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas[:2]), x)
-    return dx, [*dws, dw_d], [dalpha[0], dalpha[1], dalpha_d], [dbeta_g, dbeta_u, dbeta_d]
+        dw_parts.append(dw)
+    dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas[:2]), x, summed=False)
+    # the eight gradients' tables in one launch (``column_sums``)
+    dw_g, dw_u, dw_d, dbeta_d, chain, dalpha = column_sums([*dw_parts, dw_d, dbeta_d, chain,
+                                                            dalpha])
+    dws = [layer_dw(t, w, du_d.dtype) for t, w in zip((dw_g, dw_u, dw_d), ws)]
+    chain, dalpha = chain.view(3, a, lh), dalpha.view(2, a, li)
+    return (dx, dws, [dalpha[0], dalpha[1], chain[0]],
+            [chain[1], chain[2], dbeta_d.view(a, ws[2].shape[1])])
 
 
 # -- autograd: a forward and a backward op (``walsh.kernels.registry``) -----------------------

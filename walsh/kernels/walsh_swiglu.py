@@ -48,10 +48,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from walsh.kernels.column_sum import column_sum
+from walsh.kernels.column_sum import column_sum, column_sums
 from walsh.kernels.registry import kernel_op
 from walsh.kernels.walsh_linear import (
     backward_to_du,
+    layer_dw,
     three_kernel_forward,
     walsh_linear_naive,
 )
@@ -68,26 +69,29 @@ def swiglu_linear_naive(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor,
 # -- launcher ---------------------------------------------------------------------------------
 def walsh_out_swiglu_gain_raw(du: torch.Tensor, alpha: torch.Tensor, gate: torch.Tensor,
                               up: torch.Tensor, out: torch.Tensor | None = None,
-                              out1: torch.Tensor | None = None
+                              out1: torch.Tensor | None = None, summed: bool = True
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """du [A, N, W], alpha [A, L], gate and up [N, A*L] -> (dgate, dup [N, A*L], fp32 dalpha
     [A, L]) with dh = alpha * S H du: dgate = dh * up * silu'(gate), dup = dh * silu(gate),
     dalpha = sum over tokens of silu(gate) * up * S H du, in one pass (no autograd); what lies
-    past L in du's rows reaches no result. ``out``, ``out1``: buffers for dgate and dup."""
+    past L in du's rows reaches no result. ``out``, ``out1``: buffers for dgate and dup.
+    ``summed=False``: dalpha's fp32 partial table [P, A*L] in its place."""
     a, lanes = alpha.shape
     if out1 is None:  # contiguous whatever gate's strides (the launcher checks)
         out1 = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     dgate, part = _launch(du, alpha, a, lanes, gate.shape[0], in_mode=False, out=out,
                           other=gate, width=du.shape[2], up=up.contiguous(), out1=out1)
-    return dgate, out1, column_sum(part).view(a, lanes)
+    return dgate, out1, (column_sum(part).view(a, lanes) if summed else part)
 
 
 def swiglu_backward(dout, gate, up, w, alpha, beta, u, out):
     """(dgate, dup, dw, fp32 dalpha, fp32 dbeta) from the saved u and out: the layer's own
     backward up to du (``backward_to_du``) and its dw, then one pass for dh's two products."""
-    du, dw, dbeta = backward_to_du(dout, w, beta, out, u)             # du [A, N, LIp]
-    dgate, dup, dalpha = walsh_out_swiglu_gain_raw(du, alpha, gate, up)
-    return dgate, dup, dw, dalpha, dbeta
+    a, lo, li = w.shape
+    du, dw_part, dbeta_part = backward_to_du(dout, w, beta, out, u)   # du [A, N, LIp]
+    dgate, dup, dalpha_part = walsh_out_swiglu_gain_raw(du, alpha, gate, up, summed=False)
+    dw, dbeta, dalpha = column_sums([dw_part, dbeta_part, dalpha_part])  # one launch
+    return dgate, dup, layer_dw(dw, w, du.dtype), dalpha.view(a, li), dbeta.view(a, lo)
 
 
 # -- autograd: a forward and a backward op (``walsh.kernels.registry``) -----------------------

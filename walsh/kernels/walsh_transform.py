@@ -231,29 +231,33 @@ def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
 
 def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, fwd: torch.Tensor, a: int,
                       out: torch.Tensor | None = None, width: int | None = None,
-                      rope: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      summed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * fwd / alpha)
     in one pass, fwd token-major like x (without alpha: sum x * fwd): a walsh_out's backward,
     dy and dbeta from dout = x, beta = alpha and the forward's output fwd = beta * S H y
     (lanes where beta is 0 get 0: the module doc). ``rope``: x and fwd are of a rotated
-    output (``walsh_out_raw``'s), rotated back in the pass."""
+    output (``walsh_out_raw``'s), rotated back in the pass. ``summed=False``: the sum's fp32
+    partial table [P, A*L] in its place, for a caller that sums several tables in one launch
+    (``column_sum.column_sums``)."""
     lanes = x.shape[-1] // a
     dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=fwd,
                         width=width, rope=rope)
-    return dst, column_sum(part).view(a, lanes)
+    return dst, (column_sum(part).view(a, lanes) if summed else part)
 
 
 def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, a: int,
-                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       out: torch.Tensor | None = None, summed: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_out_raw(y, scale), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
     one pass: a walsh_in's backward, dx = alpha * S H du and dalpha from du = y, alpha = scale
     and the saved input x [N, A*L]; y's rows may be wider than L (what lies past L reaches no
-    result)."""
+    result). ``summed=False``: the partial table [P, A*L] in the sum's place (as
+    ``walsh_in_gain_raw``'s)."""
     lanes = x.shape[-1] // a
     dst, part = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
                         width=y.shape[2])
-    return dst, column_sum(part).view(a, lanes)
+    return dst, (column_sum(part).view(a, lanes) if summed else part)
 
 
 # -- autograd: ops (``walsh.kernels.registry``) --------------------------------------------------
