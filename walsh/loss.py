@@ -25,6 +25,16 @@ scaling moved to fp32 and the kernel to 4 warps, not re-timed since). The cost: 
 shape); a forward that wants no gradient (evaluation, ``torch.no_grad``, a frozen head)
 skips that work.
 
+Padded vocabulary: the logits are [c, W], W the vocabulary V rounded up to ``VOCAB_ALIGN``
+(50257 -> 50304 for GPT-2's), from a weight padded with zero rows in the step's one cast of it
+to h's dtype; the chunk pass leaves the padding columns out of the softmax and writes 0 to
+their g, so the loss and both gradients are those of the [N, V] logits. Why: at V = 50257
+every [c, V] bf16 row starts at an odd element, cuBLAS wants 16-byte aligned rows, and
+compiled, inductor padded each chunk's operands itself: a copy of the logits (or of g) for
+each of the three GEMMs that read them, ~110 us a chunk at the 125M shape on an H200 (session
+31's profile). The extra 47 columns cost 0.09% of the GEMMs' work. dW^T is kept [C, W] and
+sliced to [C, V] in the backward's transposing copy.
+
 torch 2.13 ships ``torch.nn.functional.linear_cross_entropy`` with chunking options (the same
 design in torch ops); the GPU image this project benchmarks on has torch 2.11, without it.
 
@@ -38,25 +48,37 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 LOSS_IMPLS = ("auto", "triton", "torch")
+# the logits' width is the vocabulary rounded up to this (module doc: "Padded vocabulary")
+VOCAB_ALIGN = 64
+
+
+def _padded(vocab: int) -> int:
+    return -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
 
 
 def ce_chunk_naive(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
-                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   want_grad: bool, vocab: int = -1) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
     """One chunk's log-sum-exp and gradient: the reference of ``walsh.kernels.cross_entropy``.
 
-    logits [c, V] (any float dtype), tgt [c] long in [0, V), scale [c] fp32 -> lse [c] fp32,
-    picked [c] fp32 (the target's logit), g = (softmax - onehot(tgt)) * scale [c, V] in
-    logits' dtype (empty [0] when not ``want_grad``). In place on one fp32 [c, V] block.
-    Targets outside [0, V) are the caller's error: ``gather`` raises here, the kernel does not
-    check (the loss clamps ``ignore_index`` rows to 0 and zeroes their scale)."""
-    lf = logits.float()
+    logits [c, W] (any float dtype) whose first ``vocab`` columns are the vocabulary (all W
+    when -1; the rest padding, outside the softmax), tgt [c] long in [0, vocab), scale [c]
+    fp32 -> lse [c] fp32, picked [c] fp32 (the target's logit), g = (softmax - onehot(tgt)) *
+    scale [c, W] in logits' dtype, 0 on the padding (empty [0] when not ``want_grad``). In
+    place on one fp32 [c, vocab] block. Targets outside [0, vocab) are the caller's error:
+    ``gather`` raises here past W, the kernel does not check (the loss clamps
+    ``ignore_index`` rows to 0 and zeroes their scale)."""
+    width = logits.shape[1]
+    lf = logits[:, :vocab].float() if 0 <= vocab < width else logits.float()
     lse = torch.logsumexp(lf, dim=-1)                                  # [c]
     picked = lf.gather(1, tgt[:, None]).squeeze(1)                     # [c]
     if not want_grad:
         return lse, picked, logits.new_empty(0)
-    g = (lf if lf is not logits else lf.clone()).sub_(lse[:, None]).exp_()
+    # in place on lf where .float() made it a copy; fp32 logits are the caller's to keep
+    g = (lf - lse[:, None] if logits.dtype == torch.float32 else lf.sub_(lse[:, None])).exp_()
     g[torch.arange(tgt.shape[0], device=g.device), tgt] -= 1.0
-    return lse, picked, g.mul_(scale[:, None]).to(logits.dtype)
+    g = g.mul_(scale[:, None]).to(logits.dtype)                         # [c, vocab]
+    return lse, picked, F.pad(g, (0, width - g.shape[1]))               # [c, W]
 
 
 def _chunk_fn(kernel: bool):
@@ -74,32 +96,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk, ignore_index, want_h, want_w, kernel):
         # h: [N, C] (compute dtype), weight: [V, C], targets: [N] long
         n = h.shape[0]
-        w = weight.to(h.dtype)
+        vocab, width = weight.shape[0], _padded(weight.shape[0])
+        # w [W, C] in h's dtype, rows past the vocabulary zero (their logits are padding the
+        # chunk pass leaves out, and their g columns are 0)
+        w = weight.to(h.dtype) if width == vocab else F.pad(weight.to(h.dtype),
+                                                             (0, 0, 0, width - vocab))
         valid = targets != ignore_index                                # [N]
         n_valid = valid.sum().clamp(min=1)
         scale = valid / n_valid                                        # [N] fp32: 1/n or 0
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None               # [N, C]
-        # dW kept transposed, [C, V] fp32: h_c^T g_c reads g as the GEMM's row-major B
+        # dW kept transposed, [C, W] fp32: h_c^T g_c reads g as the GEMM's row-major B
         # operand, where g_c^T h_c made compile write a transposed copy of each g_c (109 us a
         # chunk at the 125M shape); one transposing copy a step in the backward instead
-        grad_wt = (torch.zeros(weight.shape[::-1], dtype=torch.float32, device=weight.device)
-                   if want_w else None)
+        grad_wt = (torch.zeros((weight.shape[1], width), dtype=torch.float32,
+                               device=weight.device) if want_w else None)
         for s in range(0, n, chunk):
             hc = h[s : s + chunk]                                      # [c, C]
             tgt = targets[s : s + chunk].clamp(min=0)                  # [c]
-            logits = hc @ w.T                                          # [c, V], h's dtype
+            logits = hc @ w.T                                          # [c, W], h's dtype
             lse, picked, g = _chunk_fn(kernel)(
-                logits, tgt, scale[s : s + chunk], want_h or want_w)  # [c], [c], [c, V]
+                logits, tgt, scale[s : s + chunk], want_h or want_w, vocab)  # g [c, W]
             del logits
             total += ((lse - picked) * valid[s : s + chunk]).sum()
             if want_h:
                 grad_h[s : s + chunk] = g @ w                          # [c, C]
             if want_w:
-                grad_wt += (hc.T @ g).float()                          # [C, V]
+                grad_wt += (hc.T @ g).float()                          # [C, W]
             del g
         ctx.save_for_backward(grad_h, grad_wt)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.vocab = weight.dtype, vocab
         return total / n_valid
 
     @staticmethod
@@ -110,8 +136,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         go = grad_out.float()
         dh = (grad_h.float() * go).to(grad_h.dtype) if grad_h is not None else None
         dw = None
-        if grad_wt is not None:  # [C, V] -> [V, C]: one transposing copy, then scaled in place
-            dw = grad_wt.T.contiguous().mul_(go).to(ctx.weight_dtype)
+        if grad_wt is not None:  # [C, W] -> [V, C]: one transposing copy, then scaled in place
+            dw = grad_wt[:, :ctx.vocab].T.contiguous().mul_(go).to(ctx.weight_dtype)
         return dh, dw, None, None, None, None, None, None
 
 

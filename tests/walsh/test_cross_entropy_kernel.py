@@ -52,6 +52,36 @@ def test_ce_chunk_matches_naive(rows, vocab, dtype, poisoned, seed):
     _assert_matches_naive(*_chunk(rows, vocab, dtype), dtype, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab,width", [(3, 1, 8), (5, 57, 64), (4, ce.BLOCK_V - 1,
+                                                                      ce.BLOCK_V + 64)])
+def test_ce_chunk_padded_vocabulary(rows, vocab, width, dtype, poisoned, seed):
+    """Logits [c, W] of which the first ``vocab`` columns count (the loss's padded head): the
+    kernel's lse, picked and g against the reference's, both against the unpadded chunk's,
+    and g exactly 0 on the padding whatever the padding's logits hold."""
+    logits, tgt, scale = _chunk(rows, vocab, dtype)
+    padded = torch.cat([logits, (torch.randn(rows, width - vocab, device=DEV) * 50).to(dtype)],
+                       dim=1)                                          # [c, W]
+    ref = ce_chunk_naive(logits, tgt, scale, True)
+    for fn in (ce.ce_chunk_raw, ce_chunk_naive):
+        lse, picked, g = fn(padded, tgt, scale, True, vocab)
+        assert g.shape == (rows, width) and g.dtype == dtype
+        assert rel_err(lse, ref[0]) < 1e-6, (fn, seed)
+        assert torch.equal(picked, ref[1]), (fn, seed)
+        if vocab > 1:
+            assert rel_err(g[:, :vocab].float(), ref[2].float()) < TOL[dtype], (fn, seed)
+        else:  # one column: softmax 1, minus the one-hot, is 0
+            assert torch.equal(g[:, :1], ref[2]), (fn, seed)
+        assert torch.equal(g[:, vocab:], torch.zeros_like(g[:, vocab:])), (fn, seed)
+    assert torch.equal(padded[:, :vocab], logits)  # the reference wrote nothing into its input
+
+
+def test_ce_chunk_vocab_past_width_named():
+    logits, tgt, scale = _chunk(2, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"vocab must lie in \[1, 8\].*got 9"):
+        ce.ce_chunk_raw(logits, tgt, scale, True, 9)
+
+
 def test_ce_chunk_int64_offsets(monkeypatch, poisoned, seed):
     """The WIDE path (int64 row offsets, taken from 2^31 elements) at a small shape."""
     monkeypatch.setattr(ce, "WIDE_NUMEL", 0)

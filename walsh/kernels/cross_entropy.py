@@ -37,12 +37,13 @@ BLOCK_V, WARPS = 4096, 4
 
 
 @triton.jit
-def _ce_chunk_kernel(x_ptr, g_ptr, lse_ptr, picked_ptr, tgt_ptr, scale_ptr, V,
+def _ce_chunk_kernel(x_ptr, g_ptr, lse_ptr, picked_ptr, tgt_ptr, scale_ptr, V, VP,
                      BLOCK_V: tl.constexpr, GRAD: tl.constexpr, WIDE: tl.constexpr):
-    """Row r: lse[r] = log sum_v exp(x[r, v]), picked[r] = x[r, tgt[r]]; with GRAD,
-    g[r, v] = (exp(x[r, v] - lse[r]) - (v == tgt[r])) * scale[r]."""
+    """Row r of x [rows, VP] (columns V.. VP-1 padding): lse[r] = log sum_{v<V} exp(x[r, v]),
+    picked[r] = x[r, tgt[r]]; with GRAD, g[r, v] = (exp(x[r, v] - lse[r]) - (v == tgt[r])) *
+    scale[r] for v < V and 0 on the padding."""
     r = tl.program_id(0)
-    base = r.to(tl.int64) * V if WIDE else r * V
+    base = r.to(tl.int64) * VP if WIDE else r * VP
     tgt = tl.load(tgt_ptr + r)
     cols = tl.arange(0, BLOCK_V)                                       # [BLOCK_V]
     m = float("-inf")                                                  # running max
@@ -58,34 +59,39 @@ def _ce_chunk_kernel(x_ptr, g_ptr, lse_ptr, picked_ptr, tgt_ptr, scale_ptr, V,
     tl.store(picked_ptr + r, tl.load(x_ptr + base + tgt).to(tl.float32))
     if GRAD:
         sc = tl.load(scale_ptr + r)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(0, VP, BLOCK_V):
             v = v0 + cols
-            x = tl.load(x_ptr + base + v, mask=v < V, other=0.0).to(tl.float32)
-            g = (tl.exp(x - lse) - (v == tgt).to(tl.float32)) * sc
-            tl.store(g_ptr + base + v, g.to(g_ptr.dtype.element_ty), mask=v < V)
+            x = tl.load(x_ptr + base + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            g = (tl.exp(x - lse) - (v == tgt).to(tl.float32)) * sc      # 0 past V: exp(-inf)
+            tl.store(g_ptr + base + v, g.to(g_ptr.dtype.element_ty), mask=v < VP)
 
 
 def ce_chunk_raw(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
-                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 want_grad: bool, vocab: int = -1) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
     """``ce_chunk_naive``'s signature and results, by ``_ce_chunk_kernel``. tgt must lie in
-    [0, V): the kernel reads x[r, tgt[r]] unchecked (a check would cost a device sync)."""
+    [0, vocab): the kernel reads x[r, tgt[r]] unchecked (a check would cost a device sync)."""
     if logits.ndim != 2 or tgt.shape != logits.shape[:1] or scale.shape != tgt.shape:
         raise ValueError(f"ce_chunk: expected logits [c, V], tgt [c], scale [c], got "
                          f"{tuple(logits.shape)}, {tuple(tgt.shape)}, {tuple(scale.shape)}")
+    rows, width = logits.shape
+    vocab = width if vocab < 0 else vocab
+    if not 0 < vocab <= width:
+        raise ValueError(f"ce_chunk: vocab must lie in [1, {width}] (the logits' width), "
+                         f"got {vocab}")
     logits = logits.contiguous()
-    rows, vocab = logits.shape
     lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
     picked = torch.empty(rows, device=logits.device, dtype=torch.float32)
     g = torch.empty_like(logits) if want_grad else logits.new_empty(0)
     if rows:
         wrap_triton(_ce_chunk_kernel)[(rows,)](
-            logits, g, lse, picked, tgt.contiguous(), scale.float().contiguous(), vocab,
-            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)), GRAD=want_grad,
+            logits, g, lse, picked, tgt.contiguous(), scale.float().contiguous(), vocab, width,
+            BLOCK_V=min(BLOCK_V, triton.next_power_of_2(width)), GRAD=want_grad,
             WIDE=logits.numel() >= WIDE_NUMEL, num_warps=WARPS)
     return lse, picked, g
 
 
-def _ce_chunk_fake(logits, tgt, scale, want_grad):
+def _ce_chunk_fake(logits, tgt, scale, want_grad, vocab=-1):
     rows = logits.shape[0]
     vec = logits.new_empty(rows, dtype=torch.float32)
     return vec, vec.new_empty(rows), (torch.empty_like(logits) if want_grad
@@ -94,6 +100,7 @@ def _ce_chunk_fake(logits, tgt, scale, want_grad):
 
 @kernel_op("walsh::ce_chunk", _ce_chunk_fake)
 def ce_chunk(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
-             want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             want_grad: bool, vocab: int = -1) -> tuple[torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
     """The kernel as a torch op (compile traces into it; no autograd: the loss forms g)."""
-    return ce_chunk_raw(logits, tgt, scale, want_grad)
+    return ce_chunk_raw(logits, tgt, scale, want_grad, vocab)
