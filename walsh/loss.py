@@ -19,10 +19,10 @@ and writes g, dW is kept transposed so that h_c^T g_c reads g as it lies (one tr
 copy a step in the backward), and nothing the size of the logits outlives its chunk. The
 compiled loss at the 125M shape (16k tokens, 768 -> 50257, forward + backward): 11.29 ms
 before, 10.43 with the gradient in the forward in torch ops, 9.74 with the kernel; peak 2.47
--> 2.44 GiB (docs/benchmarks.md, session 30; measured at 733c937, before the backward's
-scaling moved to fp32 and the kernel to 4 warps, not re-timed since). The cost: dW^T
-[C, V] fp32 and dh [N, C] live from the forward to the backward (154 MB and 25 MB at that
-shape); a forward that wants no gradient (evaluation, ``torch.no_grad``, a frozen head)
+-> 2.44 GiB (docs/benchmarks.md, session 30, at 733c937); with the padded vocabulary (below)
+9.2 -> 7.5 ms and 2.44 -> 1.43 GiB, and 7.5 -> 6.9 ms at 4,096-token chunks (session 32). The
+cost: dW^T [C, W] fp32 and dh [N, C] live from the forward to the backward (155 MB and 25 MB at
+that shape); a forward that wants no gradient (evaluation, ``torch.no_grad``, a frozen head)
 skips that work.
 
 Padded vocabulary: the logits are [c, W], W the vocabulary V rounded up to ``VOCAB_ALIGN``

@@ -12,8 +12,15 @@ Measured on an H200 (docs/benchmarks.md, session 30), one [2048, 50257] bf16 chu
 (2.35x that roofline; the log-sum-exp alone 81.6 us), against 499.5 us for the reference
 compiled by inductor (a log-sum-exp reduction reading each row twice and a pointwise pass for
 g at 4x its bytes' time) and 1,957 us eager. The second loop likely misses L2 (programs in
-flight hold more rows than its 50 MB): a grid bounded so that the rows in flight fit is the
-next thing to try.
+flight hold more rows than its 50 MB), but the launches that would keep it there measured
+slower (session 31, same chunk): a bounded grid of 132-1,056 programs striding the rows took
+236-711 us across four tile shapes, a whole row held in registers (one read of the logits)
+259-519 us; the one-row-a-program launch stands.
+
+Padded logits: the loss hands the kernel logits [c, W] whose first V columns are the
+vocabulary (W = V rounded up to 64, aligned rows for the GEMMs; ``walsh.loss``'s module doc);
+the kernel leaves columns V.. W-1 out of the log-sum-exp and writes 0 to their g. In the
+compiled 125M loss of session 32 the kernel took 205.8 us a [2048, 50304] chunk.
 
 ``walsh.loss.ce_chunk_naive`` is the reference with the same signature (the loss's torch
 path; it lives there so that the loss imports no triton where there is none). Code order:

@@ -75,7 +75,10 @@ class WalshConfig:
     hash_buckets: int = 1021
     hash_seed: int = 0
     embed_std: float = 0.02
-    loss_chunk_tokens: int = 2048  # tokens per chunk of the fused linear cross-entropy
+    # tokens per chunk of the fused linear cross-entropy: 4096 ran dense-125m and walsh-h-125m
+    # 1.7% / 2.0% faster than 2048 on an H200 (fewer, larger head GEMMs); a chunk's logits and
+    # g then hold 0.8 GB (2 x 4096 x 50304 bf16) instead of 0.4 (docs/benchmarks.md, session 32)
+    loss_chunk_tokens: int = 4096
     # each chunk's log-sum-exp and logits' gradient: "triton" (walsh.kernels.cross_entropy),
     # "torch" (walsh.loss.ce_chunk_naive), "auto" (the kernel on CUDA, torch elsewhere)
     loss_impl: str = "auto"

@@ -8,20 +8,19 @@ far fewer parameters, which ``WalshLM.num_params()`` reports.
 
 ``walsh-h-*`` runs the Walsh layers with ``walsh_impl="dense"`` (the closed form materialized
 once per step, one GEMM). All implementations compute the same function (one gradient aside, at
-a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest depends on the width
-(one H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sessions 8-29): ``"dense"`` trains at
-0.97x the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x at 24 x 2048;
-``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused kernels) at 1.10x
-at 12 x 768 (session 29, CUDA graphs, the MLP as one op; 1.08x in session 28, 1.04x in
-session 27, 0.99x in session 21 with its per-block GEMMs as Triton kernels, 0.89-0.92x in
-sessions 17-19), 1.22x at 24 x 1024 (session 29 against session 28's dense, one short run;
-350M varies by up to 20% between runs), and **1.99x at 24 x 2048** (walsh-h-1b3, session 29,
-against dense on the lent H200; 1.79-1.83x in sessions 18-27; RoPE inside q's and k's passes
-gave +1.0-2.1% of it, the MLP as one op +8.7%), where the
+a beta lane of exactly 0: ``walsh.layers.hadamard``); which is fastest depends on the width (one
+H200, bf16, 16 x 1024 tokens; docs/benchmarks.md, sessions 8-32): ``"dense"`` trains at 0.97x
+the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x at 24 x 2048;
+``walsh_impl="triton"`` (the structured path, in*out/A multiply-adds, fused kernels) at 1.12x at
+12 x 768 (session 32, CUDA graphs; 1.10x in session 29 with the MLP as one op, 1.08x in session
+28, 1.04x in session 27, 0.99x in session 21 with its per-block GEMMs as Triton kernels,
+0.89-0.92x in sessions 17-19), 1.22x at 24 x 1024 (session 29 against session 28's dense, one
+short run; 350M varies by up to 20% between runs), and **2.06x at 24 x 2048** (walsh-h-1b3,
+session 32, against dense on the lent H200; 1.99x in session 29, 1.79-1.83x in sessions 18-27;
+RoPE inside q's and k's passes gave +1.0-2.1% of it, the MLP as one op +8.7%), where the
 structure's 32x fewer GEMM FLOPs outweigh its transforms, with 40 GiB peak against the dense
-path's 36 GiB. The presets keep ``"dense"`` at every size
-so that a sweep's memory and code path do not change with the size; pass
-``walsh_impl=triton`` for the speed above.
+path's 36 GiB. The presets keep ``"dense"`` at every size so that a sweep's memory and code path
+do not change with the size; pass ``walsh_impl=triton`` for the speed above.
 
 ``walsh-h-*`` keeps head mixing off: MODEL_SPEC ties the mixing group to the algebra dim (32),
 and 12 or 16 heads are not divisible by 32. Turn it on with ``head_mix=True, head_mix_dim=4``.
