@@ -1,13 +1,13 @@
 """Chunked (fused) linear cross-entropy that never keeps a [N, V] tensor alive.
 
-For each chunk of ``chunk`` tokens: logits_c = h_c W^T [c, V] in h's dtype, then one pass over
-them (``walsh.kernels.cross_entropy``'s kernel, or ``ce_chunk_naive`` in torch ops, fp32
-inside) for the log-sum-exp lse_c [c] and the loss sum and, when a gradient is wanted,
-g_c = (softmax_c - onehot) * valid / n_valid (in h's dtype); then dh_c = g_c W [c, C] and
-dW^T += h_c^T g_c [C, V] (fp32). Backward only scales the kept dh [N, C] and dW by the
-incoming gradient (a loss weight, 1 / accumulation steps). Peak extra memory is a chunk's
-logits and g [c, V] (and one fp32 block on the torch path) instead of [N, V] logits plus
-their softmax (MODEL_SPEC section 7; the seed kept the full fp32 logits for backward).
+For each chunk of ``chunk`` tokens: logits_c = h_c W^T [c, W] in h's dtype (W: the vocabulary V
+padded, below), then one pass over them (``walsh.kernels.cross_entropy``'s kernel, or
+``ce_chunk_naive`` in torch ops, fp32 inside) for the log-sum-exp lse_c [c] and the loss sum
+and, when a gradient is wanted, g_c = (softmax_c - onehot) * valid / n_valid (in h's dtype);
+then dh_c = g_c W [c, C] and dW += g_c^T h_c [W, C] (fp32). Backward only scales the kept dh
+[N, C] and dW by the incoming gradient (a loss weight, 1 / accumulation steps). Peak extra memory is
+a chunk's logits and g [c, W] (and one fp32 block on the torch path) instead of [N, V] logits
+plus their softmax (MODEL_SPEC section 7; the seed kept the full fp32 logits for backward).
 
 Why the gradient in the forward (Liger-Kernel's design): the earlier form formed g in the
 backward from recomputed logits; compiled, inductor kept each chunk's logits from the
@@ -15,13 +15,12 @@ forward instead (8 x [2048, 50257] bf16 at the 125M benchmark shape, 1.6 GB) and
 elementwise passes on each chunk (the log-sum-exp; the exponent, the one-hot by an indexed
 write, the scale and the cast; a transposed copy of g for dW): 5.4 ms of the 125M step's 34
 on an H200, beside its three GEMMs' 5.0. Now one pass (the kernel) reads each chunk's logits
-and writes g, dW is kept transposed so that h_c^T g_c reads g as it lies (one transposing
-copy a step in the backward), and nothing the size of the logits outlives its chunk. The
+and writes g, and nothing the size of the logits outlives its chunk. The
 compiled loss at the 125M shape (16k tokens, 768 -> 50257, forward + backward): 11.29 ms
 before, 10.43 with the gradient in the forward in torch ops, 9.74 with the kernel; peak 2.47
 -> 2.44 GiB (docs/benchmarks.md, session 30, at 733c937); with the padded vocabulary (below)
 9.2 -> 7.5 ms and 2.44 -> 1.43 GiB, and 7.5 -> 6.9 ms at 4,096-token chunks (session 32). The
-cost: dW^T [C, W] fp32 and dh [N, C] live from the forward to the backward (155 MB and 25 MB at
+cost: dW [W, C] fp32 and dh [N, C] live from the forward to the backward (155 MB and 25 MB at
 that shape); a forward that wants no gradient (evaluation, ``torch.no_grad``, a frozen head)
 skips that work.
 
@@ -32,8 +31,12 @@ their g, so the loss and both gradients are those of the [N, V] logits. Why: at 
 every [c, V] bf16 row starts at an odd element, cuBLAS wants 16-byte aligned rows, and
 compiled, inductor padded each chunk's operands itself: a copy of the logits (or of g) for
 each of the three GEMMs that read them, ~110 us a chunk at the 125M shape on an H200 (session
-31's profile). The extra 47 columns cost 0.09% of the GEMMs' work. dW^T is kept [C, W] and
-sliced to [C, V] in the backward's transposing copy.
+31's profile). The extra 47 columns cost 0.09% of the GEMMs' work. Aligned, g_c^T h_c reads g
+transposed without a copy (at V = 50257 compile had copied each g_c, 109 us, so session 30
+kept dW^T [C, V] and transposed it once in the backward, 260 us): dW is kept [W, C] and its
+first V rows are the gradient. The A/B at 4,096-token chunks was within noise (C = 768: 6.92,
+7.08 -> 7.17, 7.06 ms; C = 2048: 15.91, 15.91 -> 15.89, 15.83; session 32), the profile 87 us
+less; kept as the simpler form.
 
 torch 2.13 ships ``torch.nn.functional.linear_cross_entropy`` with chunking options (the same
 design in torch ops); the GPU image this project benchmarks on has torch 2.11, without it.
@@ -106,11 +109,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = valid / n_valid                                        # [N] fp32: 1/n or 0
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None               # [N, C]
-        # dW kept transposed, [C, W] fp32: h_c^T g_c reads g as the GEMM's row-major B
-        # operand, where g_c^T h_c made compile write a transposed copy of each g_c (109 us a
-        # chunk at the 125M shape); one transposing copy a step in the backward instead
-        grad_wt = (torch.zeros((weight.shape[1], width), dtype=torch.float32,
-                               device=weight.device) if want_w else None)
+        grad_w = (torch.zeros((width, weight.shape[1]), dtype=torch.float32,
+                              device=weight.device) if want_w else None)
         for s in range(0, n, chunk):
             hc = h[s : s + chunk]                                      # [c, C]
             tgt = targets[s : s + chunk].clamp(min=0)                  # [c]
@@ -122,22 +122,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_h:
                 grad_h[s : s + chunk] = g @ w                          # [c, C]
             if want_w:
-                grad_wt += (hc.T @ g).float()                          # [C, W]
+                grad_w += (g.T @ hc).float()                           # [W, C]
             del g
-        ctx.save_for_backward(grad_h, grad_wt)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype, ctx.vocab = weight.dtype, vocab
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_wt = ctx.saved_tensors
+        grad_h, grad_w = ctx.saved_tensors
         # grad_out: [] (the loss's weight, e.g. 1 / accumulation steps); the kept gradients are
         # for grad_out = 1. Scaled in fp32: a bf16 grad_out would round 1/3 to 0.33398
         go = grad_out.float()
         dh = (grad_h.float() * go).to(grad_h.dtype) if grad_h is not None else None
         dw = None
-        if grad_wt is not None:  # [C, W] -> [V, C]: one transposing copy, then scaled in place
-            dw = grad_wt[:, :ctx.vocab].T.contiguous().mul_(go).to(ctx.weight_dtype)
+        if grad_w is not None:  # [W, C] -> [V, C]
+            dw = (grad_w[:ctx.vocab] * go).to(ctx.weight_dtype)
         return dh, dw, None, None, None, None, None, None
 
 
@@ -145,7 +145,7 @@ def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk: int = 2048,
+    chunk: int = 4096,
     ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
 ) -> torch.Tensor:
