@@ -44,7 +44,7 @@ import yaml
 
 from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, GRAD_COPY_DEFAULT
 from pipeline.metrics import device_peak_tflops
-from pipeline.parallelize import compile_blocks
+from pipeline.parallelize import COMPILE_UNITS, compile_model
 from pipeline.profiling import make_profiler, write_profile
 from pipeline.roofline import breakdown_table, step_roofline_ms
 from walsh.models import WalshLM, get_preset, presets
@@ -81,14 +81,14 @@ def add_ratios(rows: list[dict]) -> None:
 
 def bench_one(
     spec: str, overrides: dict, seq_len: int, batch: int, steps: int, warmup: int,
-    compile_model: bool, device: torch.device, dtype: torch.dtype | None,
-    compile_scope: str = "blocks", compile_mode: str | None = None,
+    compiled: bool, device: torch.device, dtype: torch.dtype | None,
+    compile_scope: str = "model", compile_mode: str | None = None,
     ceilings: tuple[float, float] | None = None, profile_dir: Path | None = None,
     grad_copy: str = GRAD_COPY_DEFAULT,
 ) -> dict:
     """One row; ``ceilings``: (bf16 TFLOP/s, GB/s) for the roofline column, or None;
     ``profile_dir``: profile ``PROFILE_STEPS`` more steps after the timed ones, written there;
-    ``grad_copy``: ``compile_blocks``'s, under CUDA graphs."""
+    ``compile_scope``: ``compile_model``'s scope; ``grad_copy``: its copy under CUDA graphs."""
     name, own = parse_spec(spec)
     cfg = get_preset(name, **{**overrides, **own})
     if cfg.block_size < seq_len:
@@ -97,12 +97,8 @@ def bench_one(
     model = WalshLM(cfg).to(device)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
-    fwd_bwd = model
-    if compile_model and compile_scope == "model":
-        fwd_bwd = torch.compile(model, mode=compile_mode)
-    elif compile_model:
-        # exactly what the trainer does (pipeline.parallelize)
-        compile_blocks(model, compile_mode, grad_copy)
+    if compiled:  # exactly what the trainer does (pipeline.parallelize)
+        compile_model(model, compile_mode, grad_copy, compile_scope)
     gen = torch.Generator(device="cpu").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
@@ -112,7 +108,7 @@ def bench_one(
     def step(i: int) -> None:
         tok = batches[i % len(batches)]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = fwd_bwd(tok[:, :-1], tok[:, 1:])
+            loss = model(tok[:, :-1], tok[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -137,7 +133,7 @@ def bench_one(
     flops = model.flops_per_token(seq_len)
     # under CUDA graphs the activations live in the graph's private pool, which
     # max_memory_allocated leaves out (it read 1.99 GiB for every 125M preset): not a figure
-    graphs = compile_model and compile_mode in CUDA_GRAPH_MODES
+    graphs = compiled and compile_mode in CUDA_GRAPH_MODES
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" and not graphs
             else float("nan"))
     roof = step_roofline_ms(model, batch, seq_len, *ceilings) if ceilings else None
@@ -154,9 +150,9 @@ def bench_one(
         print(f"# {spec} profile: {head} -> {profile_dir}", flush=True)
     return {
         "preset": spec, "overrides": {**overrides, **own}, "shape": (cfg.n_layer, cfg.n_embd),
-        "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compile_model,
-        "compile_scope": compile_scope if compile_model else None, "compile_mode": compile_mode,
-        "grad_copy": grad_copy if graphs and compile_scope == "blocks" else None,
+        "dense_bf16": cfg.algebra == "dense" and not cfg.ternary, "compile": compiled,
+        "compile_scope": compile_scope if compiled else None, "compile_mode": compile_mode,
+        "grad_copy": grad_copy if graphs else None,
         "seq_len": seq_len,
         "batch": batch, "tok_s": tokens / dt, "ms_step": 1e3 * dt, "peak_gib": peak,
         "tflops": flops * tokens / dt / 1e12, "flops_per_token": flops, "warmup_s": warm_s,
@@ -203,8 +199,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
-    p.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
-                   help="compile each transformer block (default) or the whole model")
+    p.add_argument("--compile-scope", choices=COMPILE_UNITS, default="model",
+                   help="compile the whole model's forward (default: train.compile_scope's at "
+                        "ZeRO 0-2) or each transformer block and the loss apart (ZeRO-3's)")
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")
@@ -212,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="under CUDA graphs, copy each parameter's first gradient out of the "
                         "graphs' pool all of a backward pass's at its end (pass, the "
                         "default) or each as it arrives (param): train.grad_copy's choice "
-                        "(pipeline.parallelize._own_grads); --compile-scope blocks only")
+                        "(pipeline.parallelize._own_grads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")

@@ -209,6 +209,14 @@ class TrainCfg(BaseModel):
     # docs/benchmarks.md, 2026-11-30, sessions 5-6). "default" is torch's default
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
+    # what one compiled graph covers (pipeline.parallelize.compile_model): "model" the whole
+    # forward (one graph each way: inductor fuses across the blocks' seams, and under CUDA
+    # graphs one replay each way; on an H200 walsh-h-125m +3.1% tok/s, dense-125m +2.7%, but
+    # compiling takes ~6x longer as every block is traced: 173 s against 28 for walsh-h-125m;
+    # docs/benchmarks.md, session 33); "blocks" each transformer block's forward and the
+    # loss's head apart (one graph serves all blocks; ZeRO-3's leaf modules need it); "auto"
+    # (the default): "model" at ZeRO 0-2, "blocks" at ZeRO-3
+    compile_scope: Literal["auto", "blocks", "model"] = "auto"
     # under CUDA graphs, how each parameter's first gradient of a step leaves the graphs'
     # pool (pipeline.parallelize._own_grads): "pass" copies a backward pass's all at its end,
     # one copy per dtype (the default: faster, pipeline.parallelize._PassCopy has the
@@ -218,6 +226,13 @@ class TrainCfg(BaseModel):
     peak_tflops: float | None = Field(None, gt=0)  # override of the per-device peak for MFU
     # [start, stop]: torch.profiler over those optimizer steps on rank 0 (pipeline/profiling.py)
     profile_steps: tuple[StrictInt, StrictInt] | None = None
+
+    @property
+    def compile_unit(self) -> str:
+        """``compile_scope`` resolved: "model" or "blocks"."""
+        if self.compile_scope != "auto":
+            return self.compile_scope
+        return "blocks" if self.zero_stage == 3 else "model"
 
     @property
     def cuda_graphs(self) -> bool:
@@ -330,6 +345,20 @@ class RunConfig(BaseModel):
                 f"{self.train.compile_mode!r} replays CUDA graphs, which need parameters at "
                 "fixed addresses; ZeRO-3 gathers them anew each step: use 'default' or "
                 "'max-autotune-no-cudagraphs', or train.zero_stage 0-2",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _zero3_compiles_blocks(self) -> RunConfig:
+        # ZeRO-3 gathers each block (a leaf module) by hooks around its call; a whole-model
+        # graph would trace those hooks (graph breaks at every block) and read partitioned
+        # parameters as empty tensors inside the graph
+        if self.train.compile and self.train.zero_stage == 3 and \
+                self.train.compile_scope == "model":
+            raise _KeyedError(
+                "train.compile_scope",
+                "'model' traces ZeRO-3's per-block gathers into the graph: use 'blocks' or "
+                "'auto' at train.zero_stage 3",
             )
         return self
 

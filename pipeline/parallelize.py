@@ -5,16 +5,20 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
 
 - activation checkpointing (``train.activation_checkpointing``): each block's forward is
   recomputed in backward (non-reentrant ``torch.utils.checkpoint``);
-- ``torch.compile`` (``train.compile``, in ``train.compile_mode``): each transformer block's
-  forward compiled on its own, so one graph serves all identical blocks and compile time does
-  not grow with depth, plus the loss's head (``model.head_loss``) compiled separately: eager,
-  the chunked cross-entropy costs about half of a 125M step (docs/benchmarks.md). The block's
-  forward is compiled, not its call: module hooks (ZeRO-3's gather and release) run eagerly
-  around the graph, never traced into it. Under CUDA graphs (modes "reduce-overhead",
-  "max-autotune") each parameter's first gradient of a step is copied out of the graph's
-  memory pool (``_own_grads``, by ``train.grad_copy``): all of a backward pass's at its end
-  in one copy per dtype (``"pass"``, the default: ``_PassCopy``), or each as it arrives
-  (``"param"``);
+- ``torch.compile`` (``train.compile``, in ``train.compile_mode``, over
+  ``train.compile_scope``): the model's whole forward as one graph ("model", the default at
+  ZeRO 0-2), or each transformer block's forward on its own, so that one graph serves all
+  identical blocks and compile time does not grow with depth, plus the loss's head
+  (``model.head_loss``) compiled separately ("blocks", ZeRO-3's; eager, the chunked
+  cross-entropy costs about half of a 125M step, docs/benchmarks.md). The whole forward ran
+  2.7-3.1% faster at 125M on an H200 under CUDA graphs (inductor can fuse across the blocks'
+  seams, and one graph replays each way instead of 13), for ~6x the compile time (session
+  33). Either way a forward is compiled, not a module's call: module hooks (ZeRO-3's
+  gather and release) run eagerly around the graph, never traced into it. Under CUDA graphs
+  (modes "reduce-overhead", "max-autotune") each parameter's first gradient of a step is
+  copied out of the graph's memory pool (``_own_grads``, by ``train.grad_copy``): all of a
+  backward pass's at its end in one copy per dtype (``"pass"``, the default:
+  ``_PassCopy``), or each as it arrives (``"param"``);
 - ZeRO-3: each transformer block is a DeepSpeed leaf module, the unit that is gathered and
   released whole (FSDP's usual wrapping), so that its parameters are gathered before its
   compiled forward and none of ZeRO-3's per-module hooks run inside it. The modules that run
@@ -69,22 +73,31 @@ def parallelize(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
             block.forward = _checkpointed(block.forward)
     if cfg.train.compile:
         mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-        compile_blocks(model, mode, cfg.train.grad_copy)
+        compile_model(model, mode, cfg.train.grad_copy, cfg.train.compile_unit)
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None,
-                   grad_copy: str = GRAD_COPY_DEFAULT) -> None:
-    """Compile each transformer block's forward in place (hooks stay outside the graph), plus
-    ``model.head_loss`` on its own (the trainer's and ``walsh bench train``'s one way to
-    compile, so the benchmark measures what trains); ``mode``: torch.compile's (the bench tries
-    "reduce-overhead", CUDA graphs); ``grad_copy``: how gradients leave the graphs' pool under
-    CUDA graphs (``GRAD_COPIES``; ``_own_grads``)."""
+COMPILE_UNITS = ("model", "blocks")
+
+
+def compile_model(model: nn.Module, mode: str | None = None,
+                  grad_copy: str = GRAD_COPY_DEFAULT, scope: str = "model") -> None:
+    """Compile in place (the trainer's and ``walsh bench train``'s one way to compile, so the
+    benchmark measures what trains): ``scope`` "model" the model's forward, "blocks" each
+    transformer block's forward plus ``model.head_loss`` (hooks stay outside the graphs
+    either way); ``mode``: torch.compile's (the bench tries "reduce-overhead", CUDA graphs);
+    ``grad_copy``: how gradients leave the graphs' pool under CUDA graphs (``GRAD_COPIES``;
+    ``_own_grads``)."""
     if grad_copy not in GRAD_COPIES:
         raise ValueError(f"grad_copy={grad_copy!r}: expected one of {GRAD_COPIES}")
-    for block in model.blocks:
-        block.forward = torch.compile(block.forward, mode=mode)
-    model.head_loss = torch.compile(model.head_loss, mode=mode)
+    if scope not in COMPILE_UNITS:
+        raise ValueError(f"scope={scope!r}: expected one of {COMPILE_UNITS}")
+    if scope == "model":  # the bound method, replaced on the instance: names and hooks stay
+        model.forward = torch.compile(model.forward, mode=mode)
+    else:
+        for block in model.blocks:
+            block.forward = torch.compile(block.forward, mode=mode)
+        model.head_loss = torch.compile(model.head_loss, mode=mode)
     if mode in CUDA_GRAPH_MODES:
         _own_grads(model, grad_copy)
 

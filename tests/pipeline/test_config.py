@@ -384,3 +384,19 @@ def test_compile_mode():
     assert cfg.train.compile_mode == "reduce-overhead"
     msg = error(from_dict, raw(train={"steps": 1, "compile_mode": "fast"}))
     assert "train.compile_mode" in msg and "reduce-overhead" in msg
+
+
+def test_compile_scope():
+    """``auto`` compiles the whole model at ZeRO 0-2 and the blocks at ZeRO-3, whose per-block
+    gathers a whole-model graph would trace; ``model`` at ZeRO-3 is refused, naming the key."""
+    unit = {z: from_dict(raw(train={"steps": 1, "zero_stage": z})).train.compile_unit
+            for z in (0, 1, 2, 3)}
+    assert unit == {0: "model", 1: "model", 2: "model", 3: "blocks"}
+    for z in (0, 3):
+        cfg = from_dict(raw(train={"steps": 1, "zero_stage": z, "compile_scope": "blocks"}))
+        assert cfg.train.compile_unit == "blocks"
+    msg = error(from_dict, raw(train={"steps": 1, "zero_stage": 3, "compile": True,
+                                      "compile_scope": "model"}))
+    assert "train.compile_scope" in msg and "ZeRO-3" in msg
+    msg = error(from_dict, raw(train={"steps": 1, "compile_scope": "layers"}))
+    assert "train.compile_scope" in msg and "blocks" in msg

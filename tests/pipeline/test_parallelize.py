@@ -1,6 +1,6 @@
-"""Compiled blocks (pipeline.parallelize.compile_blocks) give the eager model's gradients,
-also under CUDA graphs with gradient accumulation, where the backward graph's output pool is
-replayed over between micro steps, by either way of copying gradients out of it."""
+"""The compiled model or blocks (pipeline.parallelize.compile_model) give the eager model's
+gradients, also under CUDA graphs with gradient accumulation, where the backward graph's output
+pool is replayed over between micro steps, by either way of copying gradients out of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config_load import load
-from pipeline.parallelize import _own_grads, compile_blocks, parallelize
+from pipeline.parallelize import _own_grads, compile_model, parallelize
 from walsh.layers.hadamard import run_by_parent
 from walsh.models import WalshLM
 from walsh.models.presets import get_preset
@@ -28,9 +28,10 @@ def _accumulated_grads(model: WalshLM, batches: list[torch.Tensor]) -> list[torc
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["model", "blocks"])
 @pytest.mark.parametrize("mode,grad_copy", [(None, "param"), ("reduce-overhead", "param"),
                                             ("reduce-overhead", "pass")])
-def test_compiled_blocks_accumulate_the_eager_gradients(mode, grad_copy):
+def test_compiled_model_accumulates_the_eager_gradients(mode, grad_copy, scope):
     torch.manual_seed(0)
     # float weights (not ternary): a compiled absmean may round the scale differently and flip
     # a code, which is not what this test is about
@@ -38,14 +39,15 @@ def test_compiled_blocks_accumulate_the_eager_gradients(mode, grad_copy):
     eager = WalshLM(cfg).cuda()
     compiled = WalshLM(cfg).cuda()
     compiled.load_state_dict(eager.state_dict())
-    compile_blocks(compiled, mode, grad_copy)
+    compile_model(compiled, mode, grad_copy, scope)
     # fresh batches per micro step: a stale pool would show as the wrong sum
     batches = [torch.randint(0, cfg.vocab_size, (2, 33), device="cuda") for _ in range(3)]
     want = _accumulated_grads(eager, batches)
     got = _accumulated_grads(compiled, batches)
     for (name, _), g, w in zip(eager.named_parameters(), got, want):
         err = ((g - w).norm() / w.norm().clamp(min=1e-12)).item()
-        assert err < 1e-4, (name, mode, grad_copy, err)  # fp32: compiled kernels reorder sums only
+        # fp32: compiled kernels reorder sums only
+        assert err < 1e-4, (name, mode, grad_copy, scope, err)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -93,10 +95,25 @@ def test_grad_copy_config_names_the_key():
         load(path, ["train.grad_copy=params"])
 
 
-def test_compile_blocks_refuses_an_unknown_grad_copy():
+def test_compile_model_refuses_an_unknown_grad_copy_or_scope():
     model = WalshLM(get_preset("tiny", vocab_size=64))
     with pytest.raises(ValueError, match="grad_copy='params'"):
-        compile_blocks(model, "reduce-overhead", grad_copy="params")
+        compile_model(model, "reduce-overhead", grad_copy="params")
+    with pytest.raises(ValueError, match="scope='layers'"):
+        compile_model(model, "reduce-overhead", scope="layers")
+
+
+@pytest.mark.parametrize("stage,want", [(0, "model"), (3, "blocks")])
+def test_parallelize_compiles_by_scope(stage, want):
+    """``train.compile_scope`` "auto": the whole forward at ZeRO 0-2 (the model's forward is
+    the compiled wrapper), each block's and the loss head's at ZeRO-3 (the model's is not)."""
+    path = Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml"
+    cfg = load(path, ["train.compile=true", "model.preset=tiny", f"train.zero_stage={stage}"])
+    model = parallelize(WalshLM(cfg.walsh_config()), cfg, torch.device("cpu"))
+    compiled = {n for n, f in (("forward", model.forward), ("head_loss", model.head_loss),
+                               ("block", model.blocks[0].forward))
+                if hasattr(f, "_torchdynamo_orig_callable")}
+    assert compiled == ({"forward"} if want == "model" else {"head_loss", "block"})
 
 
 def test_own_grads_by_pass_copies_first_gradients_once_per_pass():

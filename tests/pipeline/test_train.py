@@ -268,7 +268,8 @@ def test_zero3_compiled_matches_zero0_compiled(data_dir, tmp_path, monkeypatch):
     with and without activation checkpointing, the blocks and the loss's head run as graphs
     without a break (the blocks are ZeRO-3's leaf modules, their hooks outside the graphs;
     the head gets the tied table as an argument), and the losses and validation losses equal
-    ZeRO-0's compiled run (fp32). Before, each compiled block traced ZeRO-3's per-module hooks
+    ZeRO-0's compiled run (fp32), which compiles the model's whole forward (compile_scope
+    auto), also without a break. Before, each compiled block traced ZeRO-3's per-module hooks
     (about 1,900 graph breaks in such a run) and a compiled loss read the partitioned table as
     an empty tensor."""
     monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")
@@ -283,6 +284,9 @@ def test_zero3_compiled_matches_zero0_compiled(data_dir, tmp_path, monkeypatch):
         curves[name] = [(m["step"], key, m[key]) for m in read_metrics(tmp_path / name)
                         for key in ("loss", "val_loss") if key in m]
     assert len(curves["zero0"]) == 8, curves  # 6 losses, 2 validations
+    log = logs["zero0"]
+    assert "graph break" not in log.lower() and "recompile_limit" not in log, log[-3000:]
+    assert "Recompiling function forward" in log and "function head_loss" not in log, log[-3000:]
     for name, block_fn in (("zero3", "forward"), ("zero3-ckpt", "run")):
         log = logs[name]
         assert "graph break" not in log.lower() and "recompile_limit" not in log, log[-3000:]

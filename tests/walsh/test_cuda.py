@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.parallelize import compile_blocks
+from pipeline.parallelize import compile_model
 from walsh.generate import generate
 from walsh.models import WalshLM, get_preset
 
@@ -53,12 +53,13 @@ def test_bf16_autocast_loss_and_grads_match_fp32(name):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_compiled_blocks_match_eager(name):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_model_matches_eager(name, scope):
     model = build(CASES[name]).cuda()
     idx = torch.randint(0, 1000, (2, 65), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = model(idx[:, :-1], idx[:, 1:])
-        compile_blocks(model)  # what the trainer and `walsh bench train` compile
+        compile_model(model, scope=scope)  # what the trainer and `walsh bench train` compile
         compiled = model(idx[:, :-1], idx[:, 1:])
     assert rel(compiled, eager) < 1e-2
 
