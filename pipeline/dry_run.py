@@ -20,9 +20,10 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` logits and their gradient, counted as fp32 (chunk *
   V * 4 * 2: the torch path's bound), plus the head's gradients that ``walsh.loss`` forms in
-  the forward and keeps for the backward, dW^T [C, V] fp32 and dh [B*T, C], and one more
-  [C, V] fp32 block for the largest transient beside them (a chunk's h^T g with its cast in
-  the forward, dW's transposed copy in the backward).
+  the forward and keeps for the backward, dW [W, C] fp32 (W: V padded to ``VOCAB_ALIGN``)
+  and dh [B*T, C], and one more [W, C] fp32 block for the largest transient beside them (a
+  chunk's g^T h with its cast in the forward, dW scaled by the loss's gradient in the
+  backward).
 * Walsh ``triton`` layers (three kernels) also save for the backward u [A, B*T, n_in'] with
   n_in' the lanes rounded up to 8 (16-byte rows, ``row_width`` in
   ``walsh.kernels.walsh_transform``) and their own output [B*T, out] (for dbeta). The output
@@ -54,6 +55,7 @@ import torch
 
 from pipeline.config import RunConfig, resolve_batch, resolved_precision, total_steps
 from walsh.layers.base import StructuredLinear
+from walsh.loss import padded_vocab
 from walsh.models import WalshLM
 from walsh.models.config import WalshConfig
 
@@ -131,7 +133,7 @@ def memory_estimate(
         "activations": activations,
         "working_weights": act * _working_weight_numel(model),
         "loss_chunk": (min(wc.loss_chunk_tokens, b * t) * wc.vocab_size * 4 * 2
-                       + 2 * wc.vocab_size * c * 4 + act * b * t * c),
+                       + 2 * padded_vocab(wc.vocab_size) * c * 4 + act * b * t * c),
         "walsh_saved": act * b * t * _walsh_saved_width(model, cfg.train.activation_checkpointing),
     }
     out["total"] = sum(out.values())

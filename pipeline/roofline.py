@@ -33,6 +33,7 @@ import collections
 from dataclasses import dataclass
 
 from walsh.layers import StructuredLinear, WalshLinear
+from walsh.loss import padded_vocab
 from walsh.models import WalshLM
 
 ACT = 2  # bytes per activation element (bf16)
@@ -154,11 +155,12 @@ def model_kernels(model: WalshLM, batch: int, seq_len: int) -> list[Kernel]:
     # q, k, v (and o, do in backward), writes o (dq, dk, dv)
     out += c.n_layer * [Kernel("attention fwd", 2 * n * t * d, 0, 4 * ACT * n * d),
                         Kernel("attention bwd", 4 * n * t * d, 0, 8 * ACT * n * d)]
-    # tied head + cross-entropy (walsh.loss): the logits, dh = g W and dW^T = h^T g all in the
-    # forward (h read, W read by two GEMMs, dh written, dW^T written in fp32); the backward
-    # scales the kept dh and dW^T by the loss's gradient (read and written; dW^T [C, V] fp32
-    # transposed into [V, C]). The chunk pass over the logits (read, g written) is not counted
-    v = c.vocab_size
+    # tied head + cross-entropy (walsh.loss): the logits, dh = g W and dW = g^T h all in the
+    # forward (h read, W read by two GEMMs, dh written, dW written in fp32); the backward
+    # scales the kept dh and dW by the loss's gradient (read and written; dW [W, C] fp32,
+    # the vocabulary padded to VOCAB_ALIGN rows, read into [V, C]). The chunk pass over the
+    # logits (read, g written) is not counted
+    v = padded_vocab(c.vocab_size)
     out += [Kernel("LM head fwd", 6 * n * d * v, 0, ACT * (2 * n * d + 2 * v * d) + 4 * v * d),
             Kernel("LM head bwd", 0, 0, 2 * ACT * n * d + 8 * v * d)]
     return out

@@ -55,8 +55,19 @@ LOSS_IMPLS = ("auto", "triton", "torch")
 VOCAB_ALIGN = 64
 
 
-def _padded(vocab: int) -> int:
+def padded_vocab(vocab: int) -> int:
+    """W: the logits' width for a vocabulary of ``vocab`` (rounded up to ``VOCAB_ALIGN``)."""
     return -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+
+
+def chunk_vocab(vocab: int, width: int) -> int:
+    """A chunk pass's ``vocab`` resolved (-1: the logits' whole width), checked to lie in
+    [1, width]: shared by ``ce_chunk_naive`` and the kernel's launcher."""
+    vocab = width if vocab < 0 else vocab
+    if not 0 < vocab <= width:
+        raise ValueError(f"ce_chunk: vocab must lie in [1, {width}] (the logits' width), "
+                         f"got {vocab}")
+    return vocab
 
 
 def ce_chunk_naive(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
@@ -69,10 +80,11 @@ def ce_chunk_naive(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
     fp32 -> lse [c] fp32, picked [c] fp32 (the target's logit), g = (softmax - onehot(tgt)) *
     scale [c, W] in logits' dtype, 0 on the padding (empty [0] when not ``want_grad``). In
     place on one fp32 [c, vocab] block. Targets outside [0, vocab) are the caller's error:
-    ``gather`` raises here past W, the kernel does not check (the loss clamps
+    ``gather`` raises here past vocab, the kernel does not check (the loss clamps
     ``ignore_index`` rows to 0 and zeroes their scale)."""
     width = logits.shape[1]
-    lf = logits[:, :vocab].float() if 0 <= vocab < width else logits.float()
+    vocab = chunk_vocab(vocab, width)
+    lf = logits[:, :vocab].float() if vocab < width else logits.float()
     lse = torch.logsumexp(lf, dim=-1)                                  # [c]
     picked = lf.gather(1, tgt[:, None]).squeeze(1)                     # [c]
     if not want_grad:
@@ -99,7 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk, ignore_index, want_h, want_w, kernel):
         # h: [N, C] (compute dtype), weight: [V, C], targets: [N] long
         n = h.shape[0]
-        vocab, width = weight.shape[0], _padded(weight.shape[0])
+        vocab, width = weight.shape[0], padded_vocab(weight.shape[0])
         # w [W, C] in h's dtype, rows past the vocabulary zero (their logits are padding the
         # chunk pass leaves out, and their g columns are 0)
         w = weight.to(h.dtype) if width == vocab else F.pad(weight.to(h.dtype),
@@ -174,7 +186,7 @@ def naive_linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk: int = 2048,
+    chunk: int = 4096,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Reference: full [N, V] logits, then ``F.cross_entropy`` (``chunk`` unused)."""

@@ -51,6 +51,16 @@ def test_column_sum_int64_offsets_bit_equal(monkeypatch, seed):
     assert torch.equal(cs.column_sum(part), narrow), seed
 
 
+def test_column_sums_int64_offsets_bit_equal(monkeypatch, seed):
+    """Several tables in one launch on the int64 path (forced, as above): bit-equal to the
+    int32 path's sums, table by table."""
+    parts = [torch.randn(cs.BLOCK_R + 3 * k, 5 + cs.BLOCK_C * k, device=DEV) for k in range(3)]
+    narrow = cs.column_sums(parts)
+    monkeypatch.setattr(cs, "WIDE_NUMEL", 1)
+    for k, (g, want) in enumerate(zip(cs.column_sums(parts), narrow, strict=True)):
+        assert torch.equal(g, want), (k, seed)
+
+
 def test_column_sum_is_deterministic(seed):
     part = torch.randn(257, 769, device=DEV) * 1e3
     assert torch.equal(cs.column_sum(part), cs.column_sum(part)), seed

@@ -77,9 +77,13 @@ def test_ce_chunk_padded_vocabulary(rows, vocab, width, dtype, poisoned, seed):
 
 
 def test_ce_chunk_vocab_past_width_named():
+    """The kernel and its reference refuse a vocabulary of 0 or wider than the logits alike
+    (the reference would otherwise take every column silently)."""
     logits, tgt, scale = _chunk(2, 8, torch.float32)
-    with pytest.raises(ValueError, match=r"vocab must lie in \[1, 8\].*got 9"):
-        ce.ce_chunk_raw(logits, tgt, scale, True, 9)
+    for fn in (ce.ce_chunk_raw, ce_chunk_naive):
+        for vocab in (0, 9):
+            with pytest.raises(ValueError, match=rf"vocab must lie in \[1, 8\].*got {vocab}"):
+                fn(logits, tgt, scale, True, vocab)
 
 
 def test_ce_chunk_int64_offsets(monkeypatch, poisoned, seed):

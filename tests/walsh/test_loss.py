@@ -9,7 +9,7 @@ import pytest
 import torch
 from _helpers import DEV, rel_err
 
-from walsh.loss import _padded, linear_cross_entropy, naive_linear_cross_entropy
+from walsh.loss import linear_cross_entropy, naive_linear_cross_entropy, padded_vocab
 
 N, C, V = 37, 16, 101
 
@@ -45,6 +45,36 @@ def test_fused_equals_naive_loss_and_grads(chunk):
     assert rel_err(gw, rw) < 1e-5
     # ignored rows get exactly zero gradient
     assert torch.equal(gh[targets == -100], torch.zeros_like(gh[targets == -100]))
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 63, 64, 128], ids=lambda v: f"V{v}")
+def test_fused_equals_naive_at_padded_and_unpadded_widths(vocab):
+    """Vocabularies under VOCAB_ALIGN (a 1-word one: every softmax is 1, every gradient 0),
+    and multiples of it (no padding): the padded head changes nothing a caller sees."""
+    gen = torch.Generator().manual_seed(vocab)
+    h = torch.randn(N, C, generator=gen)
+    w = torch.randn(vocab, C, generator=gen) * 0.5
+    targets = torch.randint(0, vocab, (N,), generator=gen)
+    targets[[0, N - 1]] = -100
+    loss, gh, gw = loss_and_grads(linear_cross_entropy, h, w, targets, 8)
+    ref, rh, rw = loss_and_grads(naive_linear_cross_entropy, h, w, targets, 8)
+    assert gw.shape == (vocab, C) and gh.shape == (N, C)
+    if vocab == 1:
+        assert loss.item() == 0 and not gh.any() and not gw.any()
+        return
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-5
+    assert rel_err(gh, rh) < 1e-5 and rel_err(gw, rw) < 1e-5
+
+
+def test_fused_loss_of_no_tokens_is_zero():
+    """An empty chunk list (n = 0): loss 0 and zero gradients of the inputs' shapes, where full
+    CE's mean over nothing is NaN."""
+    h = torch.randn(0, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), chunk=8)
+    loss.backward()
+    assert loss.item() == 0 and h.grad.shape == (0, C)
+    assert w.grad.shape == (V, C) and not w.grad.any()
 
 
 def test_naive_reference_is_plain_cross_entropy():
@@ -145,9 +175,9 @@ def test_fused_graph_keeps_no_full_logits():
     numel = [torch.Size(s).numel() for s in fused]
     assert fused, "nothing saved for backward at all?"
     assert N * V not in numel, f"fused loss saved an [N, V]-sized tensor: {fused}"
-    # nor anything chunk x V or larger than the inputs themselves (dW^T is kept [C, W], W the
+    # nor anything chunk x V or larger than the inputs themselves (dW is kept [W, C], W the
     # vocabulary padded to VOCAB_ALIGN)
-    assert max(numel) <= max(N * C, _padded(V) * C), fused
+    assert max(numel) <= max(N * C, padded_vocab(V) * C), fused
     # the same probe sees the [N, V] logits/log-softmax of the naive version: the test can fail
     assert N * V in [torch.Size(s).numel() for s in naive], naive
 

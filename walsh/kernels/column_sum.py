@@ -1,10 +1,13 @@
 """Column sums of kernels' fp32 partial results: the last step of the fused gain gradients.
 
 The Walsh transforms' gain passes (``walsh.kernels.walsh_transform``, ``walsh_linear``), the
-one-pass du + dW block GEMM (``walsh.kernels.block_matmul``) and the MLP's chained backward
-(``walsh.kernels.walsh_mlp``) write one row of partial sums per program, part [P, C] fp32 (in
-the transforms P = ceil(tokens / GAIN_TOKENS), or GAIN_NARROW_TOKENS, and C = A * L; in the
-block GEMM P = the token splits and C = G * M * K), and the gradient is their sum over rows.
+one-pass du + dW block GEMM (``walsh.kernels.block_matmul``), the MLP's chained backward
+(``walsh.kernels.walsh_mlp``) and the one-kernel layer (``walsh_linear``'s ``_launch``,
+``walsh_impl="fused"``, which sums its one table with ``column_sum``) write one row of
+partial sums per program, part [P, C] fp32 (in the transforms P = ceil(tokens /
+GAIN_TOKENS), or GAIN_NARROW_TOKENS, and C = A * L; in the one-kernel layer P = ceil(tokens /
+BLOCK_M); in the block GEMM P = the token splits and C = G * M * K), and the gradient is
+their sum over rows.
 Each column's rows are added in one program, in a fixed order, BLOCK_R rows at a time:
 deterministic, no atomics.
 
@@ -74,7 +77,9 @@ def _column_sums_kernel(s0, d0, r0, c0, s1, d1, r1, c1, s2, d2, r2, c2, s3, d3, 
                         TABLES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                         WIDE: tl.constexpr):
     """Table k's sums (s_k [r_k, c_k] -> d_k [c_k]) by programs e_{k-1} .. e_k - 1, e_k the
-    running total of ceil(c_k / BLOCK_C); slots past TABLES are never read."""
+    running total of ceil(c_k / BLOCK_C); slots past TABLES are never read. Written out per
+    slot: a Triton kernel takes no list of pointers, and a pointer table in memory would
+    cost each program a dependent load before its first tile."""
     pid = tl.program_id(0)
     e0 = tl.cdiv(c0, BLOCK_C)
     if pid < e0:

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from walsh.kernels.registry import WIDE_NUMEL, kernel_op, wrap_triton
+from walsh.loss import chunk_vocab
 
 # columns a loop iteration loads, warps a program (one row a program). Swept on an H200 at one
 # [2048, 50257] bf16 chunk (docs/benchmarks.md, session 30), us with the gradient / lse only:
@@ -82,10 +83,7 @@ def ce_chunk_raw(logits: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"ce_chunk: expected logits [c, V], tgt [c], scale [c], got "
                          f"{tuple(logits.shape)}, {tuple(tgt.shape)}, {tuple(scale.shape)}")
     rows, width = logits.shape
-    vocab = width if vocab < 0 else vocab
-    if not 0 < vocab <= width:
-        raise ValueError(f"ce_chunk: vocab must lie in [1, {width}] (the logits' width), "
-                         f"got {vocab}")
+    vocab = chunk_vocab(vocab, width)
     logits = logits.contiguous()
     lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
     picked = torch.empty(rows, device=logits.device, dtype=torch.float32)

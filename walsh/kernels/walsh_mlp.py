@@ -189,7 +189,8 @@ def mlp_backward(dout, x, ws, alphas, betas, u, u_d, gate, up, out):
         dus.append(du)
         dw_parts.append(dw)
     dx, dalpha = walsh_out_group_gain_raw(dus, torch.stack(alphas[:2]), x, summed=False)
-    # the eight gradients' tables in one launch (``column_sums``)
+    # the six partial tables (dW of gate, up, down; down's dbeta; the chain's gains; dalpha)
+    # summed in one launch (``column_sums``)
     dw_g, dw_u, dw_d, dbeta_d, chain, dalpha = column_sums([*dw_parts, dw_d, dbeta_d, chain,
                                                             dalpha])
     dws = [layer_dw(t, w, du_d.dtype) for t, w in zip((dw_g, dw_u, dw_d), ws)]
