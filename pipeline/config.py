@@ -46,7 +46,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # (``train.grad_copy``; pipeline.parallelize._own_grads)
 GradCopy = Literal["param", "pass"]
 GRAD_COPIES = get_args(GradCopy)
-GRAD_COPY_DEFAULT: GradCopy = "pass"  # train.grad_copy's, compile_blocks' and the bench's
+GRAD_COPY_DEFAULT: GradCopy = "pass"  # train.grad_copy's, compile_model's and the bench's
 
 
 class ConfigError(ValueError):
