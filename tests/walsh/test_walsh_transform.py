@@ -255,7 +255,7 @@ def test_walsh_transform_bf16_results_rounded_once(a, n, lanes, seed):
     """Without a gain a pass's bf16 result is the exact transform of bf16 values rounded once,
     to nearest: no further from it than its own rounding (a truncating cast, the Triton
     interpreter's, is ~2x further; ``_stored``). walsh_in, walsh_out and a dx pass's output;
-    A = 8 sums by broadcast, 16 and 32 by dot."""
+    A = 8 and A = 32 at 24 lanes mix by butterflies, A = 16 at 40 lanes by the dot."""
     ones = torch.ones(a, lanes, dtype=torch.float64, device=DEV)
     tok = torch.randn(n, a * lanes, device=DEV).to(torch.bfloat16)
     blk = torch.randn(a, n, lanes, device=DEV).to(torch.bfloat16)
@@ -265,6 +265,31 @@ def test_walsh_transform_bf16_results_rounded_once(a, n, lanes, seed):
                       (wt.walsh_out_gain_raw(blk, None, tok, a)[0], out_ref)):
         assert got.dtype == torch.bfloat16
         assert_rounded_once(got, want, seed)
+
+
+@pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 9, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_walsh_transform_butterflies_and_dot_agree(a, n, lanes, dtype, seed, monkeypatch):
+    """Both ways of mixing the blocks (``walsh_launch.use_dot``: butterflies on rows of at
+    most BUTTERFLY_MAX_LANES lanes, the dot on wider ones), each forced at the other's width:
+    walsh_in and walsh_out with their input and gain gradients against the naive reference."""
+    assert wl.use_dot(a, lanes) == (lanes > wl.BUTTERFLY_MAX_LANES)
+    for limit in (0, 1024):  # every row by the dot, every row by butterflies
+        monkeypatch.setattr(wl, "BUTTERFLY_MAX_LANES", limit)
+        assert wl.use_dot(a, lanes) == (limit == 0)
+        for which in TRANSFORMS:
+            op, _, naive, shapes = TRANSFORMS[which]
+            in_shape, _ = shapes(a, n, lanes)
+            x = torch.randn(in_shape, device=DEV).to(dtype).requires_grad_()
+            gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
+            xr, gr = (t.detach().float().requires_grad_() for t in (x, gain))
+            out, ref = op(x, gain), naive(xr, gr)
+            assert rel_err(out, ref) < TOL[dtype], (which, limit, seed)
+            g = torch.randn_like(ref).to(dtype).float()
+            (out.float() * g).sum().backward()
+            (ref * g).sum().backward()
+            assert rel_err(x.grad, xr.grad) < TOL[dtype], (which, limit, seed)
+            assert rel_err(gain.grad, gr.grad) < TOL[dtype], (which, limit, seed)
 
 
 def test_walsh_transform_slab_rule():

@@ -61,6 +61,16 @@ ROPE_NARROW_LANES, ROPE_NARROW_STAGES = 24, 1
 # 48.6 with 32 tokens, 47.2 with the narrow tile, 54.1 with both
 OUT_NARROW_LANES, OUT_NARROW_TILE = 32, 128
 GAIN_NARROW_LANES, GAIN_NARROW_TOKENS = 24, 32
+# rows of at most BUTTERFLY_MAX_LANES lanes mix their A >= 16 blocks by butterflies in
+# registers (log2(A) stages of split, add and subtract, join: ``walsh_transform_kernel.
+# _butterfly``) instead of a tensor-core dot with H; wider rows keep the dot (butterflies not
+# timed there), and A < 16 always takes butterflies. H200, N = 16k, A = 32, bf16, L2 flushed
+# (session 33, docs/benchmarks.md): at 24 lanes walsh_out + dalpha 37 -> 29 us, walsh_in +
+# dbeta 37 -> 38, the 768 -> 768 layer 0.224 -> 0.209 ms; walsh-h-125m 540,221 -> 546,976
+# tok/s (+1.25%). Compiled offline for sm_90 (triton 3.9), a [32, 8, 32] slab's transform
+# took 40 / 26 shared-memory loads / stores against the dot's 44 / 34, and no more registers.
+# The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed)
+BUTTERFLY_MAX_LANES = 32
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not
 MAX_CHUNK = 256
@@ -81,6 +91,12 @@ MAX_GROUP, GROUP_OUT_TILE = 3, 128
 # at 86, 107 at 64 (the worst 1028, 805 and 178). Narrower rows take the plain passes' launch
 SWIGLU_IN_WARPS = {256: 16, 128: 8, 64: 4}
 SWIGLU_DX = {256: (256, 16, 3), 128: (128, 4, 0), 64: (256, 8, 1)}
+
+
+def use_dot(a: int, lanes: int) -> bool:
+    """Whether a pass on rows of ``lanes`` lanes of ``a`` blocks mixes them by a tensor-core dot
+    with H (the kernels' ``USE_DOT``), or by butterflies (``BUTTERFLY_MAX_LANES``)."""
+    return a >= 16 and lanes > BUTTERFLY_MAX_LANES
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:

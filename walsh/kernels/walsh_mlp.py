@@ -51,7 +51,7 @@ from walsh.kernels.block_matmul import block_mm, block_mm_dual
 from walsh.kernels.column_sum import column_sum, column_sums
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 from walsh.kernels.walsh_group import group_gemm, walsh_out_group_gain_raw
-from walsh.kernels.walsh_launch import mlp_chain_params, program_slabs
+from walsh.kernels.walsh_launch import mlp_chain_params, program_slabs, use_dot
 from walsh.kernels.walsh_linear import (
     backward_to_du,
     layer_dw,
@@ -123,7 +123,7 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
         src.contiguous(), arg(src1), gate, up, dst, arg(dst1), beta_g.contiguous(),
         beta_u.contiguous(), alpha_d.contiguous(), arg(part, torch.float32), n, iters,
         1.0 / math.sqrt(a), A=a, LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt,
-        FWD=fwd, USE_DOT=a >= 16, IEEE=src.dtype == torch.float32,
+        FWD=fwd, USE_DOT=use_dot(a, lanes), IEEE=src.dtype == torch.float32,
         BF16_DOT=src.dtype == torch.bfloat16, INTERPRETED=INTERPRETED,
         WIDE=n * a * width >= WIDE_NUMEL, STAGES=stages, num_warps=warps)
     return dst, dst1, part

@@ -6,8 +6,9 @@ beta [A, n_out] and S = 1/sqrt(A), H the Sylvester Hadamard matrix (+-1):
     y = bmm(u, W^T)           [A, N, n_out]  the A small GEMMs (``walsh.kernels.block_matmul``)
     out = walsh_out(y, beta)  [N, A*n_out]   out[i, h n_out + j] = beta[h,j] S sum_g H[h,g] y[g,i,j]
 Each transform is one kernel pass over tiles of whole tokens: read the [A, tokens, lanes] slab
-once, scale, multiply by H on the tensor cores (``tl.dot``; A >= 16) or by broadcast sums
-(A < 16), write in the other layout.
+once, scale, multiply by H on the tensor cores (``tl.dot``; A >= 16 on rows wider than
+``walsh_launch.BUTTERFLY_MAX_LANES``) or by butterfly stages in registers (narrower rows, and
+A < 16), write in the other layout.
 The naive references (``walsh_in_naive``, ``walsh_out_naive``) are the layer's ``blocks`` path
 (``walsh.layers.hadamard``), re-exported here.
 
@@ -71,6 +72,7 @@ from walsh.kernels.walsh_launch import (  # noqa: F401
     _launch_params,
     program_slabs,
     row_width,
+    use_dot,
 )
 
 # the kernel and its helper (``_hadamard``: walsh.kernels.walsh_linear's too)
@@ -170,8 +172,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
         LOG_A=int(math.log2(a)), L=lanes, LP=width, LB=lb, BT=bt, P=group, IN_MODE=in_mode,
         HAS_SCALE=scale is not None, GAIN=other is not None, SWIGLU=up is not None,
         ROPE=rope is not None,
-        USE_DOT=a >= 16, IEEE=src.dtype == torch.float32, BF16_DOT=src.dtype == torch.bfloat16,
-        INTERPRETED=INTERPRETED, WIDE=group * n_tok * a * width >= WIDE_NUMEL,
+        USE_DOT=use_dot(a, lanes), IEEE=src.dtype == torch.float32,
+        BF16_DOT=src.dtype == torch.bfloat16, INTERPRETED=INTERPRETED,
+        WIDE=group * n_tok * a * width >= WIDE_NUMEL,
         STAGES=stages, num_warps=warps)
     return dst, part
 

@@ -8,9 +8,16 @@ gradient summed in the same pass (``GAIN``), groups of layers that share an inpu
 applied to their output (``ROPE``). The launchers, ops and the naive references are
 in ``walsh.kernels.walsh_transform``, whose module doc gives the math.
 
-Precision: the slab is held in fp32, products accumulate in fp32, and S and beta are applied in
-fp32 before the one rounding to the output dtype (the naive butterfly rounds at each of its
-log2(A) stages). The dot's operands (A >= 16) follow the input dtype:
+How the A blocks are mixed (``_transform``): rows of at most ``walsh_launch.
+BUTTERFLY_MAX_LANES`` lanes, and every row when A < 16, by log2(A) butterfly stages in fp32
+registers (session 33: at 24 lanes the dx + dalpha pass 37 -> 29 us on an H200, where the
+tensor-core dot's operand and result layouts cost shared-memory round trips); wider rows by a
+tensor-core dot with H (before session 33 rows of A < 16 summed a broadcast product instead).
+
+Precision: the slab is held in fp32, products and sums accumulate in fp32, and S and beta are
+applied in fp32 before the one rounding to the output dtype (the naive butterfly rounds at each
+of its log2(A) stages). The butterflies add fp32 values exactly as given. The dot's operands
+follow the input dtype:
 - bf16: a bf16 ``tl.dot``. H (+-1) and bf16 inputs are exact in bf16; walsh_in rounds alpha * x
   to bf16 first, as the naive path does. Before session 11 this was a TF32 dot (alpha * x kept
   10 mantissa bits); bf16 operands take fewer registers (the TF32 slabs spilled at 172 lanes),
@@ -44,10 +51,21 @@ def _hadamard(A: tl.constexpr, LOG_A: tl.constexpr):
 
 
 @triton.jit
+def _butterfly(y, A: tl.constexpr, H: tl.constexpr, M: tl.constexpr):
+    """One butterfly stage of y [A, M]: rows r and r + H of each group of 2H rows -> their sum
+    and difference. The pair axis is moved last for ``tl.split`` / ``tl.join``; where a thread
+    holds the block axis whole the moves are register renames."""
+    pairs = tl.permute(tl.reshape(y, [A // (2 * H), 2, H, M]), [0, 2, 3, 1])  # [A/2H, H, M, 2]
+    a, b = tl.split(pairs)                                                   # [A/2H, H, M]
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 3, 1, 2]), [A, M])
+
+
+@triton.jit
 def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.constexpr,
                USE_DOT: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr,
                INTERPRETED: tl.constexpr):
-    """[A, BT, LB] fp32 -> S H x along axis 0, fp32."""
+    """[A, BT, LB] fp32 -> S H x along axis 0, fp32: a tensor-core dot with H (``USE_DOT``,
+    ``walsh_launch.use_dot``), or log2(A) butterfly stages in fp32 (A <= 256)."""
     x2 = tl.reshape(x, [A, BT * LB])
     if USE_DOT:
         if BF16_DOT:  # bf16 inputs: x rounded to bf16 (+-1 is exact), fp32 accumulation
@@ -60,7 +78,11 @@ def _transform(x, h_mat, inv_sqrt_a, A: tl.constexpr, BT: tl.constexpr, LB: tl.c
         else:  # fp16 inputs: +-1 and fp16 values are exact in TF32, so TF32 loses nothing
             y = tl.dot(h_mat, x2, input_precision="tf32")
     else:
-        y = tl.sum(h_mat[:, :, None] * x2[None, :, :], axis=1)
+        y = x2
+        for s in tl.static_range(8):  # stage s pairs rows A / 2^(s+1) apart, A up to 256
+            if (A >> s) >= 2:
+                y = _butterfly(y, A, A >> (s + 1), BT * LB)
+        tl.static_assert(A <= 256, "butterflies unrolled for up to 256 blocks")
     # S cast to fp32: compiled, inductor passes Python floats as fp64
     return tl.reshape(y, [A, BT, LB]) * tl.cast(inv_sqrt_a, tl.float32)
 
