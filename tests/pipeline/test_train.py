@@ -269,12 +269,14 @@ def test_zero3_compiled_matches_zero0_compiled(data_dir, tmp_path, monkeypatch):
     without a break (the blocks are ZeRO-3's leaf modules, their hooks outside the graphs;
     the head gets the tied table as an argument), and the losses and validation losses equal
     ZeRO-0's compiled run (fp32), which compiles the model's whole forward (compile_scope
-    auto), also without a break. Before, each compiled block traced ZeRO-3's per-module hooks
+    auto), also without a break, as does ZeRO-2's (its gradient hooks outside the graph), whose
+    curve equals ZeRO-0's too. Before, each compiled block traced ZeRO-3's per-module hooks
     (about 1,900 graph breaks in such a run) and a compiled loss read the partitioned table as
     an empty tensor."""
     monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")
     logs, curves = {}, {}
-    for name, stage, ckpt in (("zero0", 0, False), ("zero3", 3, False), ("zero3-ckpt", 3, True)):
+    for name, stage, ckpt in (("zero0", 0, False), ("zero2", 2, False), ("zero3", 3, False),
+                              ("zero3-ckpt", 3, True)):
         cfg = run_config(data_dir, tmp_path / name, zero_stage=stage, steps=6, log_interval=1,
                          eval_interval=3, ckpt_interval=100, compile=True,
                          activation_checkpointing=ckpt,
@@ -284,9 +286,14 @@ def test_zero3_compiled_matches_zero0_compiled(data_dir, tmp_path, monkeypatch):
         curves[name] = [(m["step"], key, m[key]) for m in read_metrics(tmp_path / name)
                         for key in ("loss", "val_loss") if key in m]
     assert len(curves["zero0"]) == 8, curves  # 6 losses, 2 validations
-    log = logs["zero0"]
-    assert "graph break" not in log.lower() and "recompile_limit" not in log, log[-3000:]
-    assert "Recompiling function forward" in log and "function head_loss" not in log, log[-3000:]
+    for name in ("zero0", "zero2"):  # the whole forward, DeepSpeed's hooks outside it
+        log = logs[name]
+        assert "graph break" not in log.lower() and "recompile_limit" not in log, log[-3000:]
+        assert "Recompiling function forward" in log and "function head_loss" not in log, \
+            (name, log[-3000:])
+        if name == "zero2":
+            for (s0, k0, a), (s2, k2, b) in zip(curves["zero0"], curves[name], strict=True):
+                assert (s0, k0) == (s2, k2) and abs(a - b) <= 1e-5 * abs(a), (name, curves)
     for name, block_fn in (("zero3", "forward"), ("zero3-ckpt", "run")):
         log = logs[name]
         assert "graph break" not in log.lower() and "recompile_limit" not in log, log[-3000:]
