@@ -124,7 +124,8 @@ def kernel_rows(n: int, fin: int, fout: int, a: int, dev: str = "cuda"
     codes_t = codes.t().contiguous()
     gamma = torch.full((1,), 0.02, device=dev)
     return [
-        # one read of the input, one write of the output; H applied as an [A, A] tensor-core dot
+        # one read of the input, one write of the output; H applied by a tensor-core dot or,
+        # on rows of at most walsh_launch.BUTTERFLY_MAX_LANES lanes, by butterflies
         ("walsh_in", lambda: wt.walsh_in_raw(x, alpha, a, width=u.shape[2]), three["walsh_in"]),
         ("walsh_out", lambda: wt.walsh_out_raw(y, beta, a, lanes=lout), three["walsh_out"]),
         # the backward's transforms with their gains' gradients (dbeta, dalpha) in one pass

@@ -203,7 +203,7 @@ class TrainCfg(BaseModel):
     max_bad_steps: StrictInt = Field(10, gt=0)  # NaN/inf steps in a row before stopping
     run_dir: str = "runs/default"
     compile: bool = False
-    # torch.compile's mode for the blocks and the loss; "reduce-overhead" replays CUDA graphs,
+    # torch.compile's mode (for what compile_scope covers); "reduce-overhead" replays CUDA graphs,
     # which takes the per-kernel launch cost off the host (a 2-GPU walsh-h ZeRO-2 step
     # launched ~1,900 kernels; on 1 H200 it took walsh-h-125m from 249-282k to 408-416k tok/s,
     # docs/benchmarks.md, 2026-11-30, sessions 5-6). "default" is torch's default
@@ -215,7 +215,11 @@ class TrainCfg(BaseModel):
     # compiling takes ~6x longer as every block is traced: 173 s against 28 for walsh-h-125m;
     # docs/benchmarks.md, session 33); "blocks" each transformer block's forward and the
     # loss's head apart (one graph serves all blocks; ZeRO-3's leaf modules need it); "auto"
-    # (the default): "model" at ZeRO 0-2, "blocks" at ZeRO-3
+    # (the default): "model" at ZeRO-0, "blocks" at ZeRO 1-3. Why not "model" at ZeRO 1-2:
+    # its backward hands autograd every gradient at its end, so DeepSpeed's per-parameter
+    # hooks (bucketed reductions, overlap_comm) cannot overlap the backward, and full
+    # gradients live together before partitioning; per block they arrive block by block. Not
+    # measured on several GPUs; "model" may be set there
     compile_scope: Literal["auto", "blocks", "model"] = "auto"
     # under CUDA graphs, how each parameter's first gradient of a step leaves the graphs'
     # pool (pipeline.parallelize._own_grads): "pass" copies a backward pass's all at its end,
@@ -232,11 +236,11 @@ class TrainCfg(BaseModel):
         """``compile_scope`` resolved: "model" or "blocks"."""
         if self.compile_scope != "auto":
             return self.compile_scope
-        return "blocks" if self.zero_stage == 3 else "model"
+        return "model" if self.zero_stage == 0 else "blocks"
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether the compiled blocks and loss replay CUDA graphs (``CUDA_GRAPH_MODES``)."""
+        """Whether the compiled graphs replay CUDA graphs (``CUDA_GRAPH_MODES``)."""
         return self.compile and self.compile_mode in CUDA_GRAPH_MODES
 
     @field_validator("zero_options")

@@ -19,11 +19,11 @@ Memory per GPU (``memory_estimate``), in bytes, P = parameters, N = world size:
   ``triton`` layers keep only their A x n_out x n_in blocks), plus the embedding table cast
   for the tied head.
 * loss: one chunk of ``loss_chunk_tokens`` logits and their gradient, counted as fp32 (chunk *
-  V * 4 * 2: the torch path's bound), plus the head's gradients that ``walsh.loss`` forms in
-  the forward and keeps for the backward, dW [W, C] fp32 (W: V padded to ``VOCAB_ALIGN``)
-  and dh [B*T, C], and one more [W, C] fp32 block for the largest transient beside them (a
-  chunk's g^T h with its cast in the forward, dW scaled by the loss's gradient in the
-  backward).
+  W * 4 * 2, W the vocabulary V padded to ``VOCAB_ALIGN``: the torch path's bound), plus the
+  head's gradients that ``walsh.loss`` forms in the forward and keeps for the backward, dW
+  [W, C] fp32 and dh [B*T, C], and one more [W, C] fp32 block for the largest transient
+  beside them (a chunk's g^T h with its cast in the forward, dW scaled by the loss's
+  gradient in the backward).
 * Walsh ``triton`` layers (three kernels) also save for the backward u [A, B*T, n_in'] with
   n_in' the lanes rounded up to 8 (16-byte rows, ``row_width`` in
   ``walsh.kernels.walsh_transform``) and their own output [B*T, out] (for dbeta). The output
@@ -132,7 +132,7 @@ def memory_estimate(
         "optimizer": n_params * o_bytes // (n if stage >= 1 else 1),
         "activations": activations,
         "working_weights": act * _working_weight_numel(model),
-        "loss_chunk": (min(wc.loss_chunk_tokens, b * t) * wc.vocab_size * 4 * 2
+        "loss_chunk": (min(wc.loss_chunk_tokens, b * t) * padded_vocab(wc.vocab_size) * 4 * 2
                        + 2 * padded_vocab(wc.vocab_size) * c * 4 + act * b * t * c),
         "walsh_saved": act * b * t * _walsh_saved_width(model, cfg.train.activation_checkpointing),
     }

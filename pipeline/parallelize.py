@@ -7,14 +7,17 @@ before ``deepspeed.initialize`` (which adds data parallelism and ZeRO sharding):
   recomputed in backward (non-reentrant ``torch.utils.checkpoint``);
 - ``torch.compile`` (``train.compile``, in ``train.compile_mode``, over
   ``train.compile_scope``): the model's whole forward as one graph ("model", the default at
-  ZeRO 0-2), or each transformer block's forward on its own, so that one graph serves all
+  ZeRO-0), or each transformer block's forward on its own, so that one graph serves all
   identical blocks and compile time does not grow with depth, plus the loss's head
-  (``model.head_loss``) compiled separately ("blocks", ZeRO-3's; eager, the chunked
-  cross-entropy costs about half of a 125M step, docs/benchmarks.md). The whole forward ran
-  2.7-3.1% faster at 125M on an H200 under CUDA graphs (inductor can fuse across the blocks'
-  seams, and one graph replays each way instead of 13), for ~6x the compile time (session
-  33). Either way a forward is compiled, not a module's call: module hooks (ZeRO-3's
-  gather and release) run eagerly around the graph, never traced into it. Under CUDA graphs
+  (``model.head_loss``) compiled separately ("blocks", the default at ZeRO 1-3; eager, the
+  chunked cross-entropy costs about half of a 125M step, docs/benchmarks.md). The whole
+  forward ran 2.7-3.1% faster at 125M on one H200 under CUDA graphs (inductor can fuse across
+  the blocks' seams, and one graph replays each way instead of 13), for ~6x the compile time
+  (session 33); its backward returns every gradient at its end, which would keep ZeRO 1-2's
+  reductions from overlapping it (``train.compile_scope``'s comment). Either way a forward
+  is compiled, not a module's call: the compiled module's own hooks (with blocks, ZeRO-3's
+  gather and release) run eagerly around the graph; with the whole forward its submodules'
+  hooks are traced (ZeRO 0-2 registers none there). Under CUDA graphs
   (modes "reduce-overhead", "max-autotune") each parameter's first gradient of a step is
   copied out of the graph's memory pool (``_own_grads``, by ``train.grad_copy``): all of a
   backward pass's at its end in one copy per dtype (``"pass"``, the default:
@@ -84,8 +87,8 @@ def compile_model(model: nn.Module, mode: str | None = None,
                   grad_copy: str = GRAD_COPY_DEFAULT, scope: str = "model") -> None:
     """Compile in place (the trainer's and ``walsh bench train``'s one way to compile, so the
     benchmark measures what trains): ``scope`` "model" the model's forward, "blocks" each
-    transformer block's forward plus ``model.head_loss`` (hooks stay outside the graphs
-    either way); ``mode``: torch.compile's (the bench tries "reduce-overhead", CUDA graphs);
+    transformer block's forward plus ``model.head_loss`` (the compiled modules' own hooks stay
+    outside the graphs); ``mode``: torch.compile's (the bench tries "reduce-overhead", CUDA graphs);
     ``grad_copy``: how gradients leave the graphs' pool under CUDA graphs (``GRAD_COPIES``;
     ``_own_grads``)."""
     if grad_copy not in GRAD_COPIES:

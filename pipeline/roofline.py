@@ -55,7 +55,9 @@ def _walsh_kernels(layer: WalshLinear, n: int) -> list[Kernel]:
     """The structured Walsh path at n tokens: transforms, A batched GEMMs, gains."""
     i, o, a, w = layer.in_features, layer.out_features, layer.blocks, layer.weight.numel()
     g = 2 * n * i * o / a  # the A block GEMMs
-    hi, ho = 2 * a * n * i, 2 * a * n * o  # H applied as [A, A] tensor-core dots
+    # H counted as [A, A] dots (the kernels' tensor-core dot on wide rows; narrow rows, at
+    # most BUTTERFLY_MAX_LANES lanes, add and subtract A log2(A) times instead: bytes bind)
+    hi, ho = 2 * a * n * i, 2 * a * n * o
     share = 1 / max(1, layer.in_group)  # of a group's x read and dx write (one per group)
     # the input's passes: walsh_in's reads (x, or gate and up) and the dx pass's reads and
     # writes besides du (x and dx, or gate, up, dgate and dup); in the MLP's one op

@@ -143,11 +143,12 @@ def evaluate(engine, cfg: RunConfig, manifest: Manifest, rank: int, world: int, 
                          interleave=False)
     engine.eval()
     total = torch.zeros((), device=device)
-    # Under CUDA graphs (compile_mode reduce-overhead / max-autotune) the blocks share one
-    # compiled graph, and without a backward pass between calls torch's graph trees start a
-    # new generation at each block, freeing the previous block's output before the next
-    # reads it (measured on an H200: "accessing tensor output of CUDAGraphs that has been
-    # overwritten"). Evaluation is a few batches: it runs eager instead.
+    # Under CUDA graphs (compile_mode reduce-overhead / max-autotune) with the blocks compiled
+    # apart (compile_scope blocks) the blocks share one compiled graph, and without a backward
+    # pass between calls torch's graph trees start a new generation at each block, freeing the
+    # previous block's output before the next reads it (measured on an H200: "accessing
+    # tensor output of CUDAGraphs that has been overwritten"). Evaluation is a few batches: it
+    # runs eager instead, under either scope (one rule; no eval-only graph to record).
     eager = torch.compiler.set_stance("force_eager") if cfg.train.cuda_graphs \
         else contextlib.nullcontext()
     with torch.no_grad(), eager:

@@ -387,14 +387,15 @@ def test_compile_mode():
 
 
 def test_compile_scope():
-    """``auto`` compiles the whole model at ZeRO 0-2 and the blocks at ZeRO-3, whose per-block
-    gathers a whole-model graph would trace; ``model`` at ZeRO-3 is refused, naming the key."""
+    """``auto`` compiles the whole model at ZeRO-0 and the blocks at ZeRO 1-3 (whose gradient
+    reductions overlap a per-block backward; ZeRO-3's per-block gathers a whole-model graph
+    would trace); ``model`` at ZeRO-3 is refused, naming the key; each is settable elsewhere."""
     unit = {z: from_dict(raw(train={"steps": 1, "zero_stage": z})).train.compile_unit
             for z in (0, 1, 2, 3)}
-    assert unit == {0: "model", 1: "model", 2: "model", 3: "blocks"}
-    for z in (0, 3):
-        cfg = from_dict(raw(train={"steps": 1, "zero_stage": z, "compile_scope": "blocks"}))
-        assert cfg.train.compile_unit == "blocks"
+    assert unit == {0: "model", 1: "blocks", 2: "blocks", 3: "blocks"}
+    for z, scope in ((0, "blocks"), (3, "blocks"), (1, "model"), (2, "model")):
+        cfg = from_dict(raw(train={"steps": 1, "zero_stage": z, "compile_scope": scope}))
+        assert cfg.train.compile_unit == scope
     msg = error(from_dict, raw(train={"steps": 1, "zero_stage": 3, "compile": True,
                                       "compile_scope": "model"}))
     assert "train.compile_scope" in msg and "ZeRO-3" in msg

@@ -103,10 +103,10 @@ def test_compile_model_refuses_an_unknown_grad_copy_or_scope():
         compile_model(model, "reduce-overhead", scope="layers")
 
 
-@pytest.mark.parametrize("stage,want", [(0, "model"), (3, "blocks")])
+@pytest.mark.parametrize("stage,want", [(0, "model"), (2, "blocks"), (3, "blocks")])
 def test_parallelize_compiles_by_scope(stage, want):
-    """``train.compile_scope`` "auto": the whole forward at ZeRO 0-2 (the model's forward is
-    the compiled wrapper), each block's and the loss head's at ZeRO-3 (the model's is not)."""
+    """``train.compile_scope`` "auto": the whole forward at ZeRO-0 (the model's forward is the
+    compiled wrapper), each block's and the loss head's at ZeRO 1-3 (the model's is not)."""
     path = Path(__file__).parents[2] / "configs/train/cpu-smoke.yaml"
     cfg = load(path, ["train.compile=true", "model.preset=tiny", f"train.zero_stage={stage}"])
     model = parallelize(WalshLM(cfg.walsh_config()), cfg, torch.device("cpu"))

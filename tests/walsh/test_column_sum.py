@@ -53,12 +53,15 @@ def test_column_sum_int64_offsets_bit_equal(monkeypatch, seed):
 
 def test_column_sums_int64_offsets_bit_equal(monkeypatch, seed):
     """Several tables in one launch on the int64 path (forced, as above): bit-equal to the
-    int32 path's sums, table by table."""
+    int32 path's sums, table by table, and each within fp32 rounding of the fp64 sum (so a
+    fault both paths shared would show too)."""
     parts = [torch.randn(cs.BLOCK_R + 3 * k, 5 + cs.BLOCK_C * k, device=DEV) for k in range(3)]
     narrow = cs.column_sums(parts)
     monkeypatch.setattr(cs, "WIDE_NUMEL", 1)
-    for k, (g, want) in enumerate(zip(cs.column_sums(parts), narrow, strict=True)):
+    for k, (g, want, p) in enumerate(zip(cs.column_sums(parts), narrow, parts, strict=True)):
         assert torch.equal(g, want), (k, seed)
+        exact = p.double().sum(0)
+        assert ((g.double() - exact).abs() <= 1e-6 * p.double().abs().sum(0)).all(), (k, seed)
 
 
 def test_column_sum_is_deterministic(seed):

@@ -46,7 +46,9 @@ TRANSFORMS = {
 
 @pytest.mark.parametrize("which", list(TRANSFORMS))
 @pytest.mark.parametrize("a,n,lanes", GRID)
-# fp16 takes the transforms' TF32 dot, bf16 the bf16 dot, fp32 the IEEE dot
+# on rows wider than BUTTERFLY_MAX_LANES (and A >= 16) fp16 takes the transforms' TF32 dot,
+# bf16 the bf16 dot, fp32 the IEEE dot; narrower rows the butterflies
+# (test_walsh_transform_butterflies_and_dot_agree forces each path at the other's width)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_walsh_transform_forward_and_grads(which, a, n, lanes, dtype, seed):
     op, raw_op, naive, shapes = TRANSFORMS[which]

@@ -71,6 +71,7 @@ GAIN_NARROW_LANES, GAIN_NARROW_TOKENS = 24, 32
 # took 40 / 26 shared-memory loads / stores against the dot's 44 / 34, and no more registers.
 # The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed)
 BUTTERFLY_MAX_LANES = 32
+BUTTERFLY_MAX_BLOCKS = 256  # the stages the kernel unrolls (``_transform``'s static_range(8))
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
 # on 4 warps) were not
 MAX_CHUNK = 256
@@ -95,8 +96,9 @@ SWIGLU_DX = {256: (256, 16, 3), 128: (128, 4, 0), 64: (256, 8, 1)}
 
 def use_dot(a: int, lanes: int) -> bool:
     """Whether a pass on rows of ``lanes`` lanes of ``a`` blocks mixes them by a tensor-core dot
-    with H (the kernels' ``USE_DOT``), or by butterflies (``BUTTERFLY_MAX_LANES``)."""
-    return a >= 16 and lanes > BUTTERFLY_MAX_LANES
+    with H (the kernels' ``USE_DOT``), or by butterflies (``BUTTERFLY_MAX_LANES``; the kernel
+    unrolls their stages for up to ``BUTTERFLY_MAX_BLOCKS`` blocks)."""
+    return a >= 16 and (lanes > BUTTERFLY_MAX_LANES or a > BUTTERFLY_MAX_BLOCKS)
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:

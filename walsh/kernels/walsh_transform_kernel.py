@@ -16,8 +16,10 @@ tensor-core dot with H (before session 33 rows of A < 16 summed a broadcast prod
 
 Precision: the slab is held in fp32, products and sums accumulate in fp32, and S and beta are
 applied in fp32 before the one rounding to the output dtype (the naive butterfly rounds at each
-of its log2(A) stages). The butterflies add fp32 values exactly as given. The dot's operands
-follow the input dtype:
+of its log2(A) stages). The butterflies add the fp32 slab as it is, so a bf16 walsh_in's
+alpha * x is not rounded to bf16 first as on the dot (below): the two paths differ by that
+rounding, each within the tests' bounds of the naive path. The dot's operands follow the
+input dtype:
 - bf16: a bf16 ``tl.dot``. H (+-1) and bf16 inputs are exact in bf16; walsh_in rounds alpha * x
   to bf16 first, as the naive path does. Before session 11 this was a TF32 dot (alpha * x kept
   10 mantissa bits); bf16 operands take fewer registers (the TF32 slabs spilled at 172 lanes),

@@ -177,10 +177,11 @@ class WalshLM(nn.Module):
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean CE of the tied head on h [B, T, C] against targets [B, T]. The table [V, C] is
-        read here, eagerly, and passed to ``head_loss``, the part the pipeline compiles: the
-        read is outside the embedding's own forward, where a sharding wrapper may hold the
-        table partitioned and gather it only on an eager access (ZeRO-3,
-        ``pipeline.parallelize``). A hash embedding's table is rebuilt here too (eager)."""
+        read here and passed to ``head_loss``, the part the pipeline compiles when it compiles
+        the blocks apart: the read is then eager and outside the embedding's own forward, where
+        a sharding wrapper may hold the table partitioned and gather it only on an eager access
+        (ZeRO-3, ``pipeline.parallelize``). A hash embedding's table is rebuilt here too. With
+        the whole forward compiled (ZeRO 0-2) both are traced into its graph."""
         return self.head_loss(h, self.embed.table(), targets)
 
     def head_loss(self, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor
