@@ -201,7 +201,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
     p.add_argument("--compile-scope", choices=COMPILE_UNITS, default="model",
                    help="compile the whole model's forward (default: train.compile_scope's at "
-                        "ZeRO 0-2) or each transformer block and the loss apart (ZeRO-3's)")
+                        "ZeRO-0) or each transformer block and the loss apart (ZeRO 1-3's)")
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode (reduce-overhead: CUDA graphs)")

@@ -181,7 +181,7 @@ class WalshLM(nn.Module):
         the blocks apart: the read is then eager and outside the embedding's own forward, where
         a sharding wrapper may hold the table partitioned and gather it only on an eager access
         (ZeRO-3, ``pipeline.parallelize``). A hash embedding's table is rebuilt here too. With
-        the whole forward compiled (ZeRO 0-2) both are traced into its graph."""
+        the whole forward compiled (``train.compile_scope``) both are traced into its graph."""
         return self.head_loss(h, self.embed.table(), targets)
 
     def head_loss(self, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor
