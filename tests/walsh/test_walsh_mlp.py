@@ -1,9 +1,11 @@
 """The Walsh MLP as one op (walsh.kernels.walsh_mlp) against its naive reference and against
 the group op + the SwiGLU down op it replaces: forward and every gradient on odd sizes, fp32
-(1e-5) and bf16 (1e-2) relative bounds, fresh random inputs (the seed is in every failure
-message); the chained passes into NaN-poisoned buffers against the passes apart; what autograd
-keeps; opcheck and compile; the model with and without it. On CPU under TRITON_INTERPRET=1
-(tests/conftest.py); the ``gpu`` test repeats it at the models' MLP shapes, compiled.
+(1e-5) and bf16 (1e-2, or twice the naive bf16 run's error where that is larger: the three
+rounded layers meet draws whose sums cancel) relative bounds, fresh random inputs (the seed is
+in every failure message); the chained passes into NaN-poisoned buffers against the passes
+apart; what autograd keeps; opcheck and compile; the model with and without it. On CPU under
+TRITON_INTERPRET=1 (tests/conftest.py); the ``gpu`` test repeats it at the models' MLP
+shapes, compiled.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from _helpers import (
     DEV,
     TOL,
     assert_bf16_runs_agree,
+    assert_matches_naive,
     assert_models_agree,
     assert_ops_agree,
     rel_err,
@@ -58,13 +61,9 @@ def _apart(x, ws, alphas, betas):
                                           (4, 3, 6, 250, 5)])  # hidden rows of 256: chunks
 def test_forward_and_grads_match_naive(dtype, a, n, li, lh, lo, seed):
     leaves = _leaves(a, n, li, lh, lo, dtype)
-    refs = [t.detach().double().requires_grad_() for t in leaves]
     grad = torch.randn(n, a * lo, device=DEV).to(dtype).float()
-    out, got = _run(_split(wm.walsh_mlp), leaves, grad)
-    want_out, want = _run(_split(wm.walsh_mlp_naive), refs, grad.double())
-    assert out.dtype == dtype and rel_err(out, want_out) < TOL[dtype], seed
-    for k, (g, r) in enumerate(zip(got, want)):
-        assert g.dtype == dtype and g.shape == r.shape and rel_err(g, r) < TOL[dtype], (k, seed)
+    assert_matches_naive(_split(wm.walsh_mlp), _split(wm.walsh_mlp_naive), leaves, grad, dtype,
+                         seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
