@@ -29,6 +29,7 @@ A benchmark, never a test: record results in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import torch
@@ -202,17 +203,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-l2", action="store_true",
                    help="time each kernel row with L2 flushed before each call, as a model "
                    "step's kernels meet their operands (layer rows: not flushed)")
+    add_mix_argument(p)
+
+
+def add_mix_argument(p: argparse.ArgumentParser) -> None:
+    """``--transform-mix``, shared with ``walsh bench train``."""
+    p.add_argument("--transform-mix", choices=["rule", "dot", "butterflies"], default="rule",
+                   help="how the Walsh passes mix their blocks: the launch table's rule "
+                        "(butterflies on rows of at most 32 lanes, the tensor-core dot on "
+                        "wider ones), or one way at every width, to time the rule's choice "
+                        "(walsh.kernels.walsh_launch.transform_mix)")
+
+
+def mix_context(mix: str):
+    """The context that runs a benchmark under ``mix`` (nothing to import for the rule: the
+    CPU benches need no Triton)."""
+    if mix == "rule":
+        return contextlib.nullcontext()
+    from walsh.kernels.walsh_launch import transform_mix
+
+    return transform_mix(mix)
 
 
 def main(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("walsh bench layer needs a CUDA device (its kernels are Triton)")
+    with mix_context(args.transform_mix):
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     n, fin, fout, a = args.tokens, args.in_features, args.out_features, args.blocks
     bw, tflops = measure_ceilings()
     print(f"# device={torch.cuda.get_device_name()} torch={torch.__version__} N={n} "
-          f"{fin}->{fout} A={a}; measured ceilings: copy {bw:,.0f} GB/s, "
-          f"bf16 GEMM {tflops:,.0f} TFLOP/s; kernel rows with L2 "
+          f"{fin}->{fout} A={a} transform_mix={args.transform_mix}; measured ceilings: copy "
+          f"{bw:,.0f} GB/s, bf16 GEMM {tflops:,.0f} TFLOP/s; kernel rows with L2 "
           f"{'flushed' if args.flush_l2 else 'warm'}")
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if args.flush_l2 else None
     print(f"{'kernel':<24}{'ms':>9}{'roof ms':>9}{'x roof':>8}{'GB/s':>8}{'TFLOP/s':>9}")

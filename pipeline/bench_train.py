@@ -27,6 +27,11 @@ A preset may carry its own overrides: ``walsh-h-125m:walsh_impl=triton`` (severa
 ``name:k=v,k=v``), on top of the ``--set`` ones that apply to every preset; values are YAML,
 as in configs.
 
+``--transform-mix dot|butterflies`` runs every row with the Walsh passes mixing their blocks
+one way at every width (``walsh.kernels.walsh_launch.transform_mix``; the default, ``rule``,
+is the launch table's), to time that choice in the model at widths the rule was not measured
+on; the header and each JSON row name it.
+
 A benchmark, never a test: record results in docs/benchmarks.md.
 """
 
@@ -42,6 +47,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline.bench_layer import add_mix_argument, measure_ceilings, mix_context
 from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, GRAD_COPY_DEFAULT
 from pipeline.metrics import device_peak_tflops
 from pipeline.parallelize import COMPILE_UNITS, compile_model
@@ -225,6 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"after each row's timed steps, profile {PROFILE_STEPS} more and write "
                         "DIR/<preset>-<compile>/summary.txt (kernel time by name, launches by "
                         "duration) and trace.json")
+    add_mix_argument(p)
 
 
 HEADER = (f"{'preset':<34}{'compile':>8}{'tok/s':>11}{'x dense':>8}{'ms/step':>9}"
@@ -252,6 +259,11 @@ def _line(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    with mix_context(args.transform_mix):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else None
@@ -263,12 +275,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(f"# device={dev_name} torch={torch.__version__} dtype={dtype_name} "
           f"T={args.seq_len} B={args.batch} steps={args.steps} overrides={overrides} "
           f"compile_scope={args.compile_scope} compile_mode={args.compile_mode} "
-          f"grad_copy={args.grad_copy}")
+          f"grad_copy={args.grad_copy} transform_mix={args.transform_mix}")
     peak = device_peak_tflops(device, args.peak_tflops)
     ceilings = None  # (bf16 TFLOP/s, GB/s) for the roofline column
     if device.type == "cuda":
-        from pipeline.bench_layer import measure_ceilings
-
         bw, tflops = measure_ceilings()
         ceilings = (tflops, args.bandwidth_gbs or bw)
         print(f"# roofline ceilings: {ceilings[0]:,.0f} TFLOP/s bf16 (int8 twice), "
@@ -285,6 +295,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                           Path(args.profile) / profile_dir_name(spec, comp) if args.profile
                           else None, args.grad_copy)
             r["mfu"] = r["tflops"] / peak if peak else None
+            r["transform_mix"] = args.transform_mix
             rows.append(r)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the finished model is garbage now

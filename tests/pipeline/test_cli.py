@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def test_bench_train_cpu_writes_rows(tmp_path):
     ]
     assert rows[0]["tok_s"] > 0 and rows[0]["flops_per_token"] > 0
     assert rows[0]["x_dense"] is None  # no dense bf16 row of its shape in the run
+    assert rows[0]["transform_mix"] == "rule"  # the launch table's (--transform-mix)
     assert rows[0]["roof_ms"] is None  # CPU, no ceilings given: no roofline column
     # each timed step's time: as many as steps, adding up to the timed total
     step_ms = rows[0]["step_ms"]
@@ -123,8 +125,14 @@ def test_bench_train_roofline_column_from_given_ceilings(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "train", "--presets", "tiny", "--seq-len", "32", "--batch", "2", "--steps",
           "1", "--warmup", "1", "--compile", "off", "--device", "cpu", "--set", "vocab_size=256",
-          "--peak-tflops", "100", "--bandwidth-gbs", "1000", "--json", str(out)])
+          "--peak-tflops", "100", "--bandwidth-gbs", "1000", "--json", str(out),
+          "--transform-mix", "butterflies"])
     (row,) = json.loads(out.read_text())["rows"]
+    assert row["transform_mix"] == "butterflies"
+    if importlib.util.find_spec("triton"):  # the mix held for the run only
+        from walsh.kernels import walsh_launch
+
+        assert not walsh_launch.use_dot(32, 24) and walsh_launch.use_dot(32, 64)
     assert row["roof_ms"] > 0 and row["x_roof"] == pytest.approx(row["ms_step"] / row["roof_ms"])
 
 

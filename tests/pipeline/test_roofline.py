@@ -247,18 +247,21 @@ def test_rope_passes_count_where_they_run_apart(preset, impl, inside):
 @pytest.mark.gpu
 @pytest.mark.parametrize("flush", [False, True])
 def test_bench_layer_prints_every_row_cuda(flush, capsys):
-    """``walsh bench layer`` end to end at a small shape, with and without ``--flush-l2``: the
-    header says which, and every kernel row and both layer rows are printed, each kernel row
-    with its five figures (or '-' and its roofline where a flushed time sits within the
-    flush's spread; at 3 decimals a small kernel's time or roofline may print as 0.000)."""
+    """``walsh bench layer`` end to end at a small shape, with and without ``--flush-l2`` (and
+    with ``--transform-mix`` dot, then butterflies): the header says which, and every kernel
+    row and both layer rows are printed, each kernel row with its five figures (or '-' and its
+    roofline where a flushed time sits within the flush's spread; at 3 decimals a small
+    kernel's time or roofline may print as 0.000)."""
     from pipeline.bench_layer import kernel_rows
     from pipeline.cli import main
 
     argv = ["bench", "layer", "--impls", "triton", "--tokens", "2048", "--in-features", "256",
             "--out-features", "512"]
-    assert main(argv + ["--flush-l2"] * flush) == 0
+    mix = "butterflies" if flush else "dot"  # each way at every width, once
+    assert main(argv + ["--flush-l2"] * flush + ["--transform-mix", mix]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("kernel rows with L2 " + ("flushed" if flush else "warm"))
+    assert f" transform_mix={mix};" in lines[0]
     names = [name for name, _, _ in kernel_rows(8, 256, 512, 32, dev="cpu")]
     rows = {line[:24].strip(): line[24:].split() for line in lines[2:2 + len(names)]}
     assert list(rows) == names

@@ -294,6 +294,24 @@ def test_walsh_transform_butterflies_and_dot_agree(a, n, lanes, dtype, seed, mon
             assert rel_err(gain.grad, gr.grad) < TOL[dtype], (which, limit, seed)
 
 
+def test_transform_mix_forces_one_way_and_restores_the_rule():
+    """``walsh_launch.transform_mix`` (``walsh bench layer / train --transform-mix``): inside,
+    every width takes the dot (A >= 16) or butterflies (A up to BUTTERFLY_MAX_BLOCKS); on the
+    way out, by an error too, the rule is back; an unknown mix is named."""
+    rule = {(a, lanes): wl.use_dot(a, lanes) for a in (4, 32, 512) for lanes in (24, 64, 172)}
+    assert not rule[32, 24] and rule[32, 64] and rule[32, 172] and not rule[4, 172]
+    with wl.transform_mix("dot"):
+        assert all(wl.use_dot(a, lanes) == (a >= 16) for a, lanes in rule)
+    with wl.transform_mix("rule"):
+        assert {k: wl.use_dot(*k) for k in rule} == rule
+    with pytest.raises(RuntimeError, match="inside"), wl.transform_mix("butterflies"):
+        assert all(wl.use_dot(a, lanes) == (a > wl.BUTTERFLY_MAX_BLOCKS) for a, lanes in rule)
+        raise RuntimeError("inside")
+    assert {k: wl.use_dot(*k) for k in rule} == rule
+    with pytest.raises(ValueError, match="'wide'"), wl.transform_mix("wide"):
+        pass
+
+
 def test_walsh_transform_slab_rule():
     """(lanes per chunk, tokens per slab): whole tokens of next_pow2 lanes, chunks of the tile
     past it, and one two-tile chunk for a token of between one and two tiles' lanes that is no

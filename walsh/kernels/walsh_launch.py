@@ -6,6 +6,9 @@ them is ``walsh.kernels.walsh_transform._launch``.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import triton
 
 # a program's slab holds a tile of padded lanes of every block: tile // LB tokens of LB =
@@ -69,7 +72,8 @@ GAIN_NARROW_LANES, GAIN_NARROW_TOKENS = 24, 32
 # dbeta 37 -> 38, the 768 -> 768 layer 0.224 -> 0.209 ms; walsh-h-125m 540,221 -> 546,976
 # tok/s (+1.25%). Compiled offline for sm_90 (triton 3.9), a [32, 8, 32] slab's transform
 # took 40 / 26 shared-memory loads / stores against the dot's 44 / 34, and no more registers.
-# The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed)
+# The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed). `walsh bench layer` and
+# `walsh bench train --transform-mix dot|butterflies` time either way at every width
 BUTTERFLY_MAX_LANES = 32
 BUTTERFLY_MAX_BLOCKS = 256  # the stages the kernel unrolls (``_transform``'s static_range(8))
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
@@ -99,6 +103,29 @@ def use_dot(a: int, lanes: int) -> bool:
     with H (the kernels' ``USE_DOT``), or by butterflies (``BUTTERFLY_MAX_LANES``; the kernel
     unrolls their stages for up to ``BUTTERFLY_MAX_BLOCKS`` blocks)."""
     return a >= 16 and (lanes > BUTTERFLY_MAX_LANES or a > BUTTERFLY_MAX_BLOCKS)
+
+
+TRANSFORM_MIXES = ("rule", "dot", "butterflies")
+
+
+@contextlib.contextmanager
+def transform_mix(mix: str):
+    """Within the block, the passes mix their A >= 16 blocks as ``mix`` says: "rule" by
+    ``use_dot``'s rule as it stands, "dot" by the tensor-core dot at every width, "butterflies"
+    by butterflies at every width (up to ``BUTTERFLY_MAX_BLOCKS`` blocks). For ``walsh bench
+    layer`` and ``walsh bench train --transform-mix``, which time the choice at widths the rule
+    was not measured on (the 1.3B's 64 and 172 lanes), both printed in their headers; never a
+    model or training setting. Launches already traced (a compiled graph, a CUDA graph) keep
+    the mix they were traced with."""
+    global BUTTERFLY_MAX_LANES
+    if mix not in TRANSFORM_MIXES:
+        raise ValueError(f"transform mix {mix!r}: expected one of {', '.join(TRANSFORM_MIXES)}")
+    saved = BUTTERFLY_MAX_LANES
+    BUTTERFLY_MAX_LANES = {"rule": saved, "dot": 0, "butterflies": sys.maxsize}[mix]
+    try:
+        yield
+    finally:
+        BUTTERFLY_MAX_LANES = saved
 
 
 def _slab(lanes: int, tile: int) -> tuple[int, int]:
