@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 
 import torch
@@ -209,10 +210,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_mix_argument(p: argparse.ArgumentParser) -> None:
     """``--transform-mix``, shared with ``walsh bench train``."""
     p.add_argument("--transform-mix", choices=["rule", "dot", "butterflies"], default="rule",
-                   help="how the Walsh passes mix their blocks: the launch table's rule "
-                        "(butterflies on rows of at most 32 lanes, the tensor-core dot on "
-                        "wider ones), or one way at every width, to time the rule's choice "
-                        "(walsh.kernels.walsh_launch.transform_mix)")
+                   help="how walsh_impl=triton's passes mix their blocks: the launch "
+                        "table's rule (butterflies on rows of at most 32 lanes, the "
+                        "tensor-core dot on wider ones), or one way at every width, to time "
+                        "the rule's choice (walsh.kernels.walsh_launch.transform_mix; the "
+                        "fused one-kernel layer keeps its dot)")
 
 
 def mix_context(mix: str):
@@ -220,6 +222,8 @@ def mix_context(mix: str):
     CPU benches need no Triton)."""
     if mix == "rule":
         return contextlib.nullcontext()
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit(f"--transform-mix {mix}: the Walsh kernels need triton, not installed")
     from walsh.kernels.walsh_launch import transform_mix
 
     return transform_mix(mix)

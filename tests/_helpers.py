@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # the kernel tests' device and bounds: every kernel's forward and gradients against its naive
-# reference on odd sizes, fp32 to 1e-5 and 16-bit to 1e-2 relative, with fresh random inputs
+# reference on odd sizes, fp32 to 1e-5 and 16-bit to 1e-2 relative (a deep chain: or 1.5x the
+# reference's own 16-bit error, ``assert_matches_naive``), with fresh random inputs
 # each run (the ``seed`` fixture, tests/conftest.py, named in every failure message) and
 # outputs written into NaN-poisoned buffers. On CPU the kernels run under TRITON_INTERPRET=1
 # at small shapes; the tests marked ``gpu`` repeat them at the models' shapes on CUDA
@@ -68,13 +71,13 @@ def run_with_grads(fn, leaves, grad):
 
 def assert_matches_naive(fn, naive, leaves, grad, dtype, seed) -> None:
     """fn's output and every gradient against ``naive`` run in fp64 on the same leaves: within
-    TOL[dtype] relative, or for 16-bit within twice the error of ``naive`` itself run in that
-    dtype, where that is larger. A deep chain (the Walsh MLP: three layers, each rounded to
-    bf16 between its transform and GEMM) meets draws whose sums cancel: dbeta of the down
-    layer summed over 70 rows at A = 4 is off by 1.1-1.9% in ~2% of seeds in the kernel and in
-    PyTorch's own bf16 run alike, so the bound asks no more than PyTorch's 16-bit arithmetic
-    gives, and still fails a kernel that rounds worse than that (the kernel has measured at
-    0.4-1.2x the naive bf16 error)."""
+    TOL[dtype] relative, or for 16-bit within 1.5 times the error of ``naive`` itself run in
+    that dtype where that is larger (FlashAttention's tests hold a kernel to twice PyTorch's
+    own low-precision error). For a deep chain: the Walsh MLP op (three layers, rounded to
+    bf16 between transform and GEMM) at A = 4, 70 rows, was off by more than 1e-2 in 7 of 100
+    draws (at most 1.17e-2; dbeta of the down layer sums 70 rows that cancel), and in each
+    result by at most 1.02 times PyTorch's bf16 error where above 1e-2 (session 34,
+    docs/benchmarks.md). Every sign, term or leaf gone wrong is an O(1) error and fails."""
     refs = [t.detach().double().requires_grad_() for t in leaves]
     out, got = run_with_grads(fn, leaves, grad)
     want_out, want = run_with_grads(naive, refs, grad.double())
@@ -83,8 +86,9 @@ def assert_matches_naive(fn, naive, leaves, grad, dtype, seed) -> None:
     else:
         lows = [t.detach().clone().requires_grad_() for t in leaves]
         low_out, low = run_with_grads(naive, lows, grad)
-        bounds = [max(TOL[dtype], 2 * rel_err(a, b))
+        bounds = [max(TOL[dtype], 1.5 * rel_err(a, b))
                   for a, b in zip((low_out, *low), (want_out, *want))]
+        assert all(math.isfinite(b) for b in bounds), (bounds, seed)  # no vacuous bound
     assert out.dtype == dtype and rel_err(out, want_out) < bounds[0], (bounds[0], seed)
     for k, (g, r) in enumerate(zip(got, want)):
         assert g.dtype == dtype and g.shape == r.shape, (k, seed)

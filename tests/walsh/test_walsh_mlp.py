@@ -1,6 +1,6 @@
 """The Walsh MLP as one op (walsh.kernels.walsh_mlp) against its naive reference and against
 the group op + the SwiGLU down op it replaces: forward and every gradient on odd sizes, fp32
-(1e-5) and bf16 (1e-2, or twice the naive bf16 run's error where that is larger: the three
+(1e-5) and bf16 (1e-2, or 1.5x the naive bf16 run's error where that is larger: the three
 rounded layers meet draws whose sums cancel) relative bounds, fresh random inputs (the seed is
 in every failure message); the chained passes into NaN-poisoned buffers against the passes
 apart; what autograd keeps; opcheck and compile; the model with and without it. On CPU under

@@ -110,9 +110,10 @@ TRANSFORM_MIXES = ("rule", "dot", "butterflies")
 
 @contextlib.contextmanager
 def transform_mix(mix: str):
-    """Within the block, the passes mix their A >= 16 blocks as ``mix`` says: "rule" by
-    ``use_dot``'s rule as it stands, "dot" by the tensor-core dot at every width, "butterflies"
-    by butterflies at every width (up to ``BUTTERFLY_MAX_BLOCKS`` blocks). For ``walsh bench
+    """Within the block, the passes of ``walsh_impl=triton`` (``use_dot``'s callers; not the
+    fused one-kernel layer) mix their A >= 16 blocks as ``mix`` says: "rule" by ``use_dot``'s
+    rule as it stands, "dot" by the tensor-core dot at every width, "butterflies" by
+    butterflies at every width (up to ``BUTTERFLY_MAX_BLOCKS`` blocks). For ``walsh bench
     layer`` and ``walsh bench train --transform-mix``, which time the choice at widths the rule
     was not measured on (the 1.3B's 64 and 172 lanes), both printed in their headers; never a
     model or training setting. Launches already traced (a compiled graph, a CUDA graph) keep
