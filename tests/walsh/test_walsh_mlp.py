@@ -25,6 +25,7 @@ from _helpers import (
 from _helpers import run_with_grads as _run
 
 pytest.importorskip("triton")
+from walsh.kernels import walsh_launch  # noqa: E402
 from walsh.kernels import walsh_mlp as wm  # noqa: E402
 from walsh.kernels import walsh_transform as wt  # noqa: E402
 from walsh.kernels.walsh_group import walsh_group  # noqa: E402
@@ -108,6 +109,24 @@ def test_chained_passes_write_every_output(a, n, lanes, width, seed):
                                      (dbeta_g, want_bg), (dbeta_u, want_bu))):
         assert rel_err(got, want) < 1e-6, (k, seed)
     assert torch.all(dy_g[..., lanes:] == 0) and torch.all(dy_u[..., lanes:] == 0), seed
+
+
+@pytest.mark.parametrize("a,n,lanes,width", [(32, 5, 172, 176), (32, 9, 64, 64)])
+def test_chained_passes_by_butterflies_equal_the_dot(a, n, lanes, width, seed):
+    """The chained passes at A = 32 on rows the rule gives the dot (the 1.3B's 172 and 64
+    lanes), forced to butterflies (``walsh_launch.transform_mix``, as ``--transform-mix``
+    times them), against the same passes on the dot (fp32: the dot's IEEE products and the
+    butterflies' adds differ in their last bits only)."""
+    y_g, y_u, du = (torch.randn(a, n, width, device=DEV) for _ in range(3))
+    gains = [1 + 0.3 * torch.randn(a, lanes, device=DEV) for _ in range(3)]
+    runs = {}
+    for mix in ("dot", "butterflies"):
+        with walsh_launch.transform_mix(mix):
+            assert walsh_launch.use_dot(a, lanes) == (mix == "dot")
+            gate, up, u_d = wm.mlp_chain_fwd_raw(y_g, y_u, *gains, lanes)
+            runs[mix] = (gate, up, u_d, *wm.mlp_chain_bwd_raw(du, gate, up, *gains))
+    for k, (got, want) in enumerate(zip(runs["butterflies"], runs["dot"])):
+        assert rel_err(got, want) < 1e-6, (k, seed)
 
 
 def test_chain_launch_rule():
