@@ -70,8 +70,11 @@ GAIN_NARROW_LANES, GAIN_NARROW_TOKENS = 24, 32
 # timed there), and A < 16 always takes butterflies. H200, N = 16k, A = 32, bf16, L2 flushed
 # (session 33, docs/benchmarks.md): at 24 lanes walsh_out + dalpha 37 -> 29 us, walsh_in +
 # dbeta 37 -> 38, the 768 -> 768 layer 0.224 -> 0.209 ms; walsh-h-125m 540,221 -> 546,976
-# tok/s (+1.25%). Compiled offline for sm_90 (triton 3.9), a [32, 8, 32] slab's transform
-# took 40 / 26 shared-memory loads / stores against the dot's 44 / 34, and no more registers.
+# tok/s (+1.25%) with the MLP's chained pass (``walsh_mlp``) left on its dot: the rule moves
+# that pass too, not timed (session 34's offline compile: its 24-lane backward spills 8
+# bytes against the dot's 96). Compiled offline for sm_90 (triton 3.9), a [32, 8, 32] slab's
+# transform took 40 / 26 shared-memory loads / stores against the dot's 44 / 34, and no more
+# registers.
 # The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed). `walsh bench layer` and
 # `walsh bench train --transform-mix dot|butterflies` time either way at every width
 BUTTERFLY_MAX_LANES = 32
