@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 
 import torch
@@ -222,9 +221,10 @@ def mix_context(mix: str):
     CPU benches need no Triton)."""
     if mix == "rule":
         return contextlib.nullcontext()
-    if importlib.util.find_spec("triton") is None:
-        raise SystemExit(f"--transform-mix {mix}: the Walsh kernels need triton, not installed")
-    from walsh.kernels.walsh_launch import transform_mix
+    try:
+        from walsh.kernels.walsh_launch import transform_mix
+    except ImportError as e:  # triton (Linux only), as walsh_impl=triton reports it
+        raise SystemExit(f"--transform-mix {mix} needs the triton package: {e}") from e
 
     return transform_mix(mix)
 

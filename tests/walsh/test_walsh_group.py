@@ -57,21 +57,22 @@ def test_group_forward_and_grads_match_naive(p, dtype, a, n, li, lo, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_on_the_dot_matches_naive(dtype, seed, monkeypatch):
+def test_group_on_the_dot_matches_naive(dtype, seed):
     """The group's passes with the blocks mixed by the tensor-core dot, which the grid above
-    meets only past BUTTERFLY_MAX_LANES lanes (on a GPU): forced at 24 lanes."""
-    monkeypatch.setattr(walsh_launch, "BUTTERFLY_MAX_LANES", 0)
-    p, a, n, li, lo = 3, 32, 21, 24, 8
-    assert walsh_launch.use_dot(a, li) and walsh_launch.use_dot(a, lo)
-    leaves = _group(p, a, n, li, lo, dtype)
-    refs = [t.detach().float().requires_grad_() for t in leaves]
-    grads = [torch.randn(n, a * lo, device=DEV).to(dtype).float() for _ in range(p)]
-    outs, got = _run(wg.walsh_group, leaves, p, grads)
-    want_outs, want = _run(wg.walsh_group_naive, refs, p, grads)
-    for o, r in zip(outs, want_outs):
-        assert rel_err(o, r) < TOL[dtype], seed
-    for k, (g, r) in enumerate(zip(got, want)):
-        assert rel_err(g, r) < TOL[dtype], (k, seed)
+    meets only past BUTTERFLY_MAX_LANES lanes (on a GPU): forced at 24 lanes
+    (``walsh_launch.transform_mix``)."""
+    with walsh_launch.transform_mix("dot"):
+        p, a, n, li, lo = 3, 32, 21, 24, 8
+        assert walsh_launch.use_dot(a, li) and walsh_launch.use_dot(a, lo)
+        leaves = _group(p, a, n, li, lo, dtype)
+        refs = [t.detach().float().requires_grad_() for t in leaves]
+        grads = [torch.randn(n, a * lo, device=DEV).to(dtype).float() for _ in range(p)]
+        outs, got = _run(wg.walsh_group, leaves, p, grads)
+        want_outs, want = _run(wg.walsh_group_naive, refs, p, grads)
+        for o, r in zip(outs, want_outs):
+            assert rel_err(o, r) < TOL[dtype], seed
+        for k, (g, r) in enumerate(zip(got, want)):
+            assert rel_err(g, r) < TOL[dtype], (k, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

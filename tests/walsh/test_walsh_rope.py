@@ -72,10 +72,11 @@ def test_passes_rotate_and_rotate_back(a, lanes, width, d, t, b, seed):
     assert rel_err(dy, want_dy) < 1e-6 and rel_err(dbeta, want_dbeta) < 1e-6, seed
 
 
-def test_rope_passes_on_the_dot_and_on_butterflies_agree(seed, monkeypatch):
+def test_rope_passes_on_the_dot_and_on_butterflies_agree(seed):
     """walsh_out with RoPE and its backward pass (fp32), the blocks mixed by the tensor-core
-    dot (forced at 8 lanes, where the rule takes butterflies): within fp32 rounding of the
-    butterflies' results, and walsh_out against RoPE of the naive transform."""
+    dot (forced at 8 lanes by ``walsh_launch.transform_mix``, where the rule takes
+    butterflies): within fp32 rounding of the butterflies' results, and walsh_out against
+    RoPE of the naive transform."""
     a, lanes, width, d, t, b = 32, 8, 8, 16, 7, 2
     n = t * b
     cos, sin = _tables(t, d, offset=3)
@@ -84,16 +85,16 @@ def test_rope_passes_on_the_dot_and_on_butterflies_agree(seed, monkeypatch):
     dout = torch.randn(n, a * lanes, device=DEV)
     lanes_rope = _lanes(cos, sin, a * lanes)
     runs = []
-    for limit in (walsh_launch.BUTTERFLY_MAX_LANES, 0):
-        monkeypatch.setattr(walsh_launch, "BUTTERFLY_MAX_LANES", limit)
-        assert walsh_launch.use_dot(a, lanes) == (limit == 0)
-        out = wt.walsh_out_raw(y, beta, a, lanes=lanes, rope=lanes_rope)
-        runs.append((out, *wt.walsh_in_gain_raw(dout, beta, out, a, width=width,
-                                                rope=lanes_rope)))
+    for mix in ("butterflies", "dot"):  # the rule's at 8 lanes, then the dot forced
+        with walsh_launch.transform_mix(mix):
+            assert walsh_launch.use_dot(a, lanes) == (mix == "dot")
+            out = wt.walsh_out_raw(y, beta, a, lanes=lanes, rope=lanes_rope)
+            runs.append((out, *wt.walsh_in_gain_raw(dout, beta, out, a, width=width,
+                                                    rope=lanes_rope)))
     want = _rotate(wt.walsh_out_naive(y[..., :lanes], beta), cos, sin)
     assert rel_err(runs[1][0], want) < 1e-6, seed
-    for k, (dot, bf) in enumerate(zip(*runs)):
-        assert rel_err(dot, bf) < 1e-6, (k, seed)
+    for k, (bf, dot) in enumerate(zip(*runs)):
+        assert rel_err(bf, dot) < 1e-6, (k, seed)
 
 
 def test_fp16_tables_for_bf16_data(seed):

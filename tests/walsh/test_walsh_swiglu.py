@@ -57,18 +57,19 @@ def test_forward_and_grads_match_naive(dtype, a, n, li, lo, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_on_the_dot_matches_naive(dtype, seed, monkeypatch):
+def test_on_the_dot_matches_naive(dtype, seed):
     """The passes with the blocks mixed by the tensor-core dot, which the grid above meets
-    only past BUTTERFLY_MAX_LANES lanes (on a GPU): forced at 24 lanes."""
-    monkeypatch.setattr(walsh_launch, "BUTTERFLY_MAX_LANES", 0)
-    leaves = _leaves(32, 21, 24, 8, dtype)
-    refs = [t.detach().float().requires_grad_() for t in leaves]
-    grad = torch.randn(21, 32 * 8, device=DEV).to(dtype).float()
-    out, got = _run(ws.swiglu_linear, leaves, grad)
-    want_out, want = _run(ws.swiglu_linear_naive, refs, grad)
-    assert rel_err(out, want_out) < TOL[dtype], seed
-    for k, (g, r) in enumerate(zip(got, want)):
-        assert rel_err(g, r) < TOL[dtype], (k, seed)
+    only past BUTTERFLY_MAX_LANES lanes (on a GPU): forced at 24 lanes
+    (``walsh_launch.transform_mix``)."""
+    with walsh_launch.transform_mix("dot"):
+        leaves = _leaves(32, 21, 24, 8, dtype)
+        refs = [t.detach().float().requires_grad_() for t in leaves]
+        grad = torch.randn(21, 32 * 8, device=DEV).to(dtype).float()
+        out, got = _run(ws.swiglu_linear, leaves, grad)
+        want_out, want = _run(ws.swiglu_linear_naive, refs, grad)
+        assert rel_err(out, want_out) < TOL[dtype], seed
+        for k, (g, r) in enumerate(zip(got, want)):
+            assert rel_err(g, r) < TOL[dtype], (k, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -271,27 +271,28 @@ def test_walsh_transform_bf16_results_rounded_once(a, n, lanes, seed):
 
 @pytest.mark.parametrize("a,n,lanes", [(32, 37, 24), (16, 9, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_walsh_transform_butterflies_and_dot_agree(a, n, lanes, dtype, seed, monkeypatch):
+def test_walsh_transform_butterflies_and_dot_agree(a, n, lanes, dtype, seed):
     """Both ways of mixing the blocks (``walsh_launch.use_dot``: butterflies on rows of at
-    most BUTTERFLY_MAX_LANES lanes, the dot on wider ones), each forced at the other's width:
-    walsh_in and walsh_out with their input and gain gradients against the naive reference."""
+    most BUTTERFLY_MAX_LANES lanes, the dot on wider ones), each forced at the other's width
+    (``walsh_launch.transform_mix``): walsh_in and walsh_out with their input and gain
+    gradients against the naive reference."""
     assert wl.use_dot(a, lanes) == (lanes > wl.BUTTERFLY_MAX_LANES)
-    for limit in (0, 1024):  # every row by the dot, every row by butterflies
-        monkeypatch.setattr(wl, "BUTTERFLY_MAX_LANES", limit)
-        assert wl.use_dot(a, lanes) == (limit == 0)
-        for which in TRANSFORMS:
-            op, _, naive, shapes = TRANSFORMS[which]
-            in_shape, _ = shapes(a, n, lanes)
-            x = torch.randn(in_shape, device=DEV).to(dtype).requires_grad_()
-            gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
-            xr, gr = (t.detach().float().requires_grad_() for t in (x, gain))
-            out, ref = op(x, gain), naive(xr, gr)
-            assert rel_err(out, ref) < TOL[dtype], (which, limit, seed)
-            g = torch.randn_like(ref).to(dtype).float()
-            (out.float() * g).sum().backward()
-            (ref * g).sum().backward()
-            assert rel_err(x.grad, xr.grad) < TOL[dtype], (which, limit, seed)
-            assert rel_err(gain.grad, gr.grad) < TOL[dtype], (which, limit, seed)
+    for mix in ("dot", "butterflies"):  # every row by the dot, every row by butterflies
+        with wl.transform_mix(mix):
+            assert wl.use_dot(a, lanes) == (mix == "dot")
+            for which in TRANSFORMS:
+                op, _, naive, shapes = TRANSFORMS[which]
+                in_shape, _ = shapes(a, n, lanes)
+                x = torch.randn(in_shape, device=DEV).to(dtype).requires_grad_()
+                gain = (1 + 0.3 * torch.randn(a, lanes, device=DEV)).to(dtype).requires_grad_()
+                xr, gr = (t.detach().float().requires_grad_() for t in (x, gain))
+                out, ref = op(x, gain), naive(xr, gr)
+                assert rel_err(out, ref) < TOL[dtype], (which, mix, seed)
+                g = torch.randn_like(ref).to(dtype).float()
+                (out.float() * g).sum().backward()
+                (ref * g).sum().backward()
+                assert rel_err(x.grad, xr.grad) < TOL[dtype], (which, mix, seed)
+                assert rel_err(gain.grad, gr.grad) < TOL[dtype], (which, mix, seed)
 
 
 def test_transform_mix_forces_one_way_and_restores_the_rule():
