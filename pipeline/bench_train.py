@@ -3,7 +3,7 @@
 For each preset (and each compile setting asked for) this builds the model with fp32 master
 weights, runs ``--warmup`` untimed steps, then ``--steps`` timed steps under bf16 autocast
 (fp32 on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory (CUDA only,
-and nan under CUDA graphs, whose pool the allocator's peak leaves out) and the model's own FLOPs
+and nan under CUDA graphs, whose pool the allocator's peak leaves out; null in ``--json``) and the model's own FLOPs
 per token, the MFU against the device's bf16 dense peak, each row's speed as a multiple of the
 dense bf16 preset of the same shape when the run has one (``x dense``; the kernel issue's goals
 are stated that way), and the step's roofline time from each kernel's FLOPs and bytes over the
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import time
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from data_prep.manifest import atomic_write_bytes
 from pipeline.bench_layer import add_mix_argument, measure_ceilings, mix_context
 from pipeline.config import CUDA_GRAPH_MODES, GRAD_COPIES, GRAD_COPY_DEFAULT
 from pipeline.metrics import device_peak_tflops
@@ -309,6 +311,19 @@ def _run(args: argparse.Namespace) -> list[dict]:
     for r in rows:
         print(_line(r))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev_name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        doc = {"device": dev_name, "torch": torch.__version__, "rows": _strict(rows)}
+        atomic_write_bytes(Path(args.json), json.dumps(doc, indent=1, allow_nan=False).encode())
     return rows
+
+
+def _strict(value):
+    """``value`` with every non-finite float made None: JSON has no NaN (Python's json module
+    writes one, which jq and most other readers refuse), and a row's peak memory is NaN where
+    it was not measured (CPU, CUDA graphs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

@@ -82,6 +82,10 @@ def test_parse_overrides_types():
 MIX = "butterflies" if importlib.util.find_spec("triton") else "rule"
 
 
+def _no_nan(name):
+    raise ValueError(f"{name} in JSON")
+
+
 def test_bench_train_cpu_writes_rows(tmp_path):
     out = tmp_path / "bench.json"
     main([
@@ -89,10 +93,11 @@ def test_bench_train_cpu_writes_rows(tmp_path):
         "--warmup", "1", "--compile", "off", "--device", "cpu", "--set", "vocab_size=256",
         "--json", str(out),
     ])
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text(), parse_constant=_no_nan)["rows"]  # strict JSON
     assert [(r["preset"], r["compile"], r["batch"], r["seq_len"]) for r in rows] == [
         ("tiny", False, 2, 32)
     ]
+    assert rows[0]["peak_gib"] is None  # not measured on CPU: null, not NaN
     assert rows[0]["tok_s"] > 0 and rows[0]["flops_per_token"] > 0
     assert rows[0]["x_dense"] is None  # no dense bf16 row of its shape in the run
     assert rows[0]["transform_mix"] == "rule"  # the launch table's (--transform-mix)
