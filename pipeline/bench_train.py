@@ -1,18 +1,18 @@
 """``walsh bench train``: time forward + backward + AdamW step on random tokens.
 
 For each preset (and each compile setting asked for) this builds the model with fp32 master
-weights, runs ``--warmup`` untimed steps, then ``--steps`` timed steps under bf16 autocast
-(fp32 on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory (CUDA only,
-and nan under CUDA graphs, whose pool the allocator's peak leaves out; null in ``--json``) and
-the model's own FLOPs per token, the MFU against the device's bf16 dense peak, each row's
-speed as a multiple of the dense bf16 preset of the same shape when the run has one (``x dense``; the kernel issue's goals
-are stated that way), and the step's roofline time from each kernel's FLOPs and bytes over the
-measured ceilings (``roof ms``, ``pipeline.roofline``: a lower bound that leaves out the
-elementwise passes) with the measured step over it (``x roof``), and ``spread``: the slowest
-timed step over the median one (each step timed by CUDA events, no sync between steps; a
-spread over 1.25 is reported with the steps' times, as warm-up work leaking into the timed
-steps looks like that). Random tokens are fine: the
-cost of these layers does not depend on the data.
+weights, runs ``--warmup`` untimed steps, then ``--steps`` timed steps under bf16 autocast (fp32
+on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory (CUDA only, and nan
+under CUDA graphs, whose pool the allocator's peak leaves out; null in ``--json``) and the
+model's own FLOPs per token, the MFU against the device's bf16 dense peak, each row's speed as a
+multiple of the dense bf16 preset of the same shape when the run has one (``x dense``; the
+kernel issue's goals are stated that way), and the step's roofline time from each kernel's FLOPs
+and bytes over the measured ceilings (``roof ms``, ``pipeline.roofline``: a lower bound that
+leaves out the elementwise passes) with the measured step over it (``x roof``), and ``spread``:
+the slowest timed step over the median one (each step timed by CUDA events, no sync between
+steps; a spread over 1.25 is reported with the steps' times, as warm-up work leaking into the
+timed steps looks like that). Random tokens are fine: the cost of these layers does not depend
+on the data.
 
 ``--profile DIR`` profiles two more steps of each row (``pipeline.profiling.write_profile``: the
 kernels by time, each top kernel's launches by duration, and, where the run has ceilings, the
