@@ -75,8 +75,16 @@ GAIN_NARROW_LANES, GAIN_NARROW_TOKENS = 24, 32
 # bytes against the dot's 96). Compiled offline for sm_90 (triton 3.9), a [32, 8, 32] slab's
 # transform took 40 / 26 shared-memory loads / stores against the dot's 44 / 34, and no more
 # registers.
-# The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed). `walsh bench layer` and
-# `walsh bench train --transform-mix dot|butterflies` time either way at every width
+# The 350M's 32 lanes share the 24-lane slab [32, 8, 32] (not timed). Wider rows (session 35,
+# same bench, us dot -> butterflies): 64 lanes (2048 -> 2048) walsh_out + dalpha 79 -> 66,
+# walsh_out 38 -> 36, walsh_in 37 -> 36, the layer 0.478 -> 0.464 ms; 172 lanes mixed:
+# walsh_in 123 -> 114 and walsh_in + dbeta 201 -> 196, but walsh_out 128 -> 150 and walsh_out
+# + dalpha 270 -> 294 (layers 0.904 -> 0.909, 1.174 -> 1.180 ms). walsh-h-1b3 (blocks
+# compiled, no CUDA graphs, one machine) trained at 128,948 / 129,134 tok/s with this rule,
+# 129,091 with butterflies up to 64 lanes, 129,046 with butterflies everywhere: within noise,
+# so the rule stays; the 125M's 64-lane MLP rows under butterflies were timed only on a noisy
+# machine without CUDA graphs (inconclusive). `walsh bench layer` and `walsh bench train
+# --transform-mix dot|butterflies` time either way at every width
 BUTTERFLY_MAX_LANES = 32
 BUTTERFLY_MAX_BLOCKS = 256  # the stages the kernel unrolls (``_transform``'s static_range(8))
 # the widest one-chunk slab (``_slab``): 256 lanes were measured; 512 (an fp32 [32, 512] slab
@@ -189,7 +197,10 @@ def _launch_params(in_mode: bool, group: int, width: int, gain: bool, swiglu: bo
     # result and P sums of that width: with 4 warps it spilled (H200, P = 2: 628 us, against
     # 423 us with 8). At the presets' widths 4 warps were faster (3 x 64 lanes 149 against
     # 181 us, 3 x 24 78 against 98) or within 4% (2 x 64: 117 against 113); single layers'
-    # passes with 8 warps were at most 7% faster and up to 32% slower (session 16)
+    # passes with 8 warps were at most 7% faster and up to 32% slower (session 16). Session 35
+    # timed the 125M's group dx passes (24-lane rows, butterflies, whose 4-warp build spills
+    # when compiled offline) at 8 warps in the model: walsh-h-125m 424,601 / 429,650 tok/s
+    # against 440,940 / 435,583 with 4 (compiled blocks, no CUDA graphs, one machine)
     if group > 1 and not in_mode and lb * bt > tile:
         warps = 2 * TILE_WARPS
     return lb, bt, warps, stages, tokens

@@ -16,7 +16,8 @@ the dense preset at 12 x 768 (CUDA graphs) and 24 x 1024, and 1.00x at 24 x 2048
 28, 1.04x in session 27, 0.99x in session 21 with its per-block GEMMs as Triton kernels,
 0.89-0.92x in sessions 17-19), 1.22x at 24 x 1024 (session 29 against session 28's dense, one
 short run; 350M varies by up to 20% between runs), and **2.06x at 24 x 2048** (walsh-h-1b3,
-session 32, against dense on the lent H200; 1.99x in session 29, 1.79-1.83x in sessions 18-27;
+session 32, against dense on the lent H200; 2.03x in session 35 with the whole forward
+compiled; 1.99x in session 29, 1.79-1.83x in sessions 18-27;
 RoPE inside q's and k's passes gave +1.0-2.1% of it, the MLP as one op +8.7%), where the
 structure's 32x fewer GEMM FLOPs outweigh its transforms, with 40 GiB peak against the dense
 path's 36 GiB. The presets keep ``"dense"`` at every size so that a sweep's memory and code path
