@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.roofline import Kernel, linear_kernels
+from walsh.kernels import TRANSFORM_MIXES
 from walsh.layers import TernaryLinear, WalshLinear
 
 
@@ -208,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_mix_argument(p: argparse.ArgumentParser) -> None:
     """``--transform-mix``, shared with ``walsh bench train``."""
-    p.add_argument("--transform-mix", choices=["rule", "dot", "butterflies"], default="rule",
+    p.add_argument("--transform-mix", choices=TRANSFORM_MIXES, default="rule",
                    help="how walsh_impl=triton's passes mix their blocks: the launch "
                         "table's rule (butterflies on rows of at most 32 lanes, the "
                         "tensor-core dot on wider ones), or one way at every width, to time "

@@ -32,3 +32,7 @@ Importing a submodule needs ``triton``. Kernels run on CUDA tensors, or on CPU t
 ``TRITON_INTERPRET=1`` (how CI tests them); which path a layer takes is a config value
 (``walsh_impl``), never an environment switch.
 """
+
+# how ``walsh_impl=triton``'s passes mix their blocks (``walsh_launch.transform_mix``): named
+# here, where nothing imports triton, so that the benches' CLI can offer them without it
+TRANSFORM_MIXES = ("rule", "dot", "butterflies")

@@ -11,6 +11,8 @@ import sys
 
 import triton
 
+from walsh.kernels import TRANSFORM_MIXES
+
 # a program's slab holds a tile of padded lanes of every block: tile // LB tokens of LB =
 # next_pow2(L) lanes, or one token's lanes in chunks of the tile when L > tile; a token of
 # between one and two tiles' lanes and no whole number of tiles is one chunk of two tiles, up
@@ -115,8 +117,6 @@ def use_dot(a: int, lanes: int) -> bool:
     unrolls their stages for up to ``BUTTERFLY_MAX_BLOCKS`` blocks)."""
     return a >= 16 and (lanes > BUTTERFLY_MAX_LANES or a > BUTTERFLY_MAX_BLOCKS)
 
-
-TRANSFORM_MIXES = ("rule", "dot", "butterflies")
 
 
 @contextlib.contextmanager
