@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
              bench_train.add_arguments, bench_train.main)
     _command(bench, "layer", "one structured layer and its kernels against a roofline (CUDA)",
              bench_layer.add_arguments, bench_layer.main)
-    _command(bench, "launch", "the MLP's chained pass over a grid of launches (CUDA)",
+    _command(bench, "launch", "one Walsh pass over a grid of launches and block mixes (CUDA)",
              bench_launch.add_arguments, bench_launch.main)
     _command(bench, "loss", "peak memory of the chunked vs the full cross-entropy",
              bench_loss.add_arguments, bench_loss.main)

@@ -1,6 +1,7 @@
 """``walsh bench launch``'s sweep on CPU (Triton's interpreter, tiny shapes): the table's launch
-first, the grid's launches as given and checked against it; times come from a stand-in clock
-(the command itself needs CUDA and is not a test)."""
+first, the grid's launches as given and checked against it, for the MLP's chained pass and the
+transform kernel's passes, under each block mix; times come from a stand-in clock (the command
+itself needs CUDA and is not a test)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from walsh.kernels.walsh_launch import mlp_chain_params
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(tokens=5, blocks=4, lanes=86, chunks=[0, 64, 32], slab_tokens=[1, 2],
-                warps=[4], stages=[0], loop_tokens=[1, 4], device=DEV)
+    base = dict(kind="chain", group=1, mixes=["rule"], tokens=5, blocks=4, lanes=86,
+                chunks=[0, 64, 32], slab_tokens=[1, 2], warps=[4], stages=[0],
+                loop_tokens=[1, 4], device=DEV)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -29,13 +31,13 @@ def test_sweep_runs_the_table_then_every_launch(fwd):
         return 0.001 * (10 - len(calls)) if len(calls) > 1 else 0.5
 
     rows, roof = bl.sweep(fwd, _args(), 1000.0, clock)
-    assert rows[0][1] == mlp_chain_params(fwd, 88) and rows[0][2] == 0.0
+    assert rows[0][1:] == ("rule", mlp_chain_params(fwd, 88), 0.0)
     # chunks 0 (the whole row padded: 128), 64, 32 x slabs of 1, 2 tokens x programs of 1, 4
     # tokens, less the program smaller than its slab: 9 launches, fastest (the last timed) first
     grid = [(lb, bt, 4, 0, t) for lb in (128, 64, 32) for bt in (1, 2) for t in (1, 4)
             if t >= bt]
-    assert [r[1] for r in rows[1:]] == grid[::-1]
-    assert len(calls) == 10 and all(r[2] <= bl.MATCH for r in rows)
+    assert [r[2] for r in rows[1:]] == grid[::-1]
+    assert len(calls) == 10 and all(r[3] <= bl.MATCH for r in rows)
     width_bytes = 4 * 5 * 88 * 2  # one [A, N, W] bf16 tensor
     assert roof == pytest.approx((3 * width_bytes + 2 * 5 * 4 * 86 * 2) / 1e12 * 1e3)
 
@@ -44,8 +46,9 @@ def test_grid_skips_slabs_past_the_limit_and_programs_below_their_slab():
     args = _args(blocks=32, chunks=[0, 256], slab_tokens=[1, 2, 4], loop_tokens=[1, 2])
     got = list(bl.launch_grid(args, 32, 176))
     # 32 blocks x 2 tokens x 256 lanes = 16384 fp32 elements is the limit (4-token slabs pass
-    # it); a program of 1 token cannot hold a slab of 2; chunk 0 is the row padded to 256
-    assert got == [(256, 1, 4, 0, 1), (256, 1, 4, 0, 2), (256, 2, 4, 0, 2)] * 2
+    # it); a program of 1 token cannot hold a slab of 2; chunk 0 is the row padded to 256, the
+    # same launches as chunk 256's, each timed once
+    assert got == [(256, 1, 4, 0, 1), (256, 1, 4, 0, 2), (256, 2, 4, 0, 2)]
 
 
 def test_a_launch_with_other_results_is_an_error(monkeypatch):
@@ -61,5 +64,68 @@ def test_a_launch_with_other_results_is_an_error(monkeypatch):
         return out
 
     monkeypatch.setattr(wm, "mlp_chain_bwd_raw", off_by_one_launch)
-    with pytest.raises(RuntimeError, match=r"launch \(32, 1, 4, 0, 1\) gives other results"):
+    with pytest.raises(RuntimeError,
+                       match=r"launch \(32, 1, 4, 0, 1\) \(rule\) gives other results"):
         bl.sweep(False, _args(), 1000.0, lambda fn: (fn(), 1.0)[1])
+
+
+def _clock(calls):
+    """A stand-in for the CUDA-graph timer: the first call "takes" 0.5 ms, each later one less
+    than the one before (so the sweep's rows come back in reverse order of timing)."""
+    def clock(fn):
+        fn()
+        calls.append(1)
+        return 0.5 if len(calls) == 1 else 0.001 * (100 - len(calls))
+    return clock
+
+
+@pytest.mark.parametrize("kind,group", [("walsh_in", 1), ("walsh_in", 2), ("walsh_out", 1),
+                                        ("walsh_in_gain", 1), ("walsh_out_gain", 1),
+                                        ("walsh_out_gain", 3)])
+def test_transform_pass_sweep_runs_the_table_then_every_launch(kind, group):
+    from walsh.kernels.walsh_launch import _launch_params
+
+    calls = []
+    args = _args(kind=kind, group=group, lanes=6, chunks=[0, 4], slab_tokens=[1, 2],
+                 loop_tokens=[1, 4])
+    rows, roof = bl.sweep(None, args, 1000.0, _clock(calls))
+    gain = kind.endswith("_gain")
+    table = _launch_params(kind in ("walsh_in", "walsh_in_gain"), group, 8, gain, False)
+    assert rows[0][1:] == ("rule", table, 0.0)
+    # chunks 0 (the row of 6 lanes padded to 8) and 4 x slabs of 1, 2 tokens; the gain passes
+    # also x programs of 1, 4 tokens (not below their slab), the others one slab a program
+    grid = [(lb, bt, 4, 0, t) for lb in (8, 4) for bt in (1, 2)
+            for t in ((1, 4) if gain else (bt,)) if t >= bt]
+    assert table not in grid  # (else it would be left out of the grid's rows)
+    assert [r[2] for r in rows[1:]] == grid[::-1] and len(calls) == 1 + len(grid)
+    assert all(r[1] == "rule" and r[3] <= bl.MATCH for r in rows)
+    tok, blk = 5 * 4 * 6 * 2, 4 * 5 * 8 * 2  # bytes of x [N, A*L] and of y [A, N, W], bf16
+    want = {"walsh_in": tok + group * blk, "walsh_out": blk + tok,
+            "walsh_in_gain": 2 * tok + blk, "walsh_out_gain": group * blk + 2 * tok}[kind]
+    assert roof == pytest.approx(want / 1e12 * 1e3)
+
+
+def test_sweep_under_each_block_mix():
+    """Each mix's grid is checked against that mix's own table launch; the dot's differs from
+    the rule's butterflies at 6 lanes (it rounds alpha * x to bf16; a pass whose transform
+    reads bf16 data as it is, as dx + dalpha's, sums 16 bf16 terms exactly either way),
+    butterflies' equals it bit for bit (the same kernel)."""
+    args = _args(kind="walsh_in_gain", blocks=16, lanes=6, chunks=[0], slab_tokens=[1],
+                 loop_tokens=[4], mixes=["dot", "butterflies"])
+    rows, _ = bl.sweep(None, args, 1000.0, _clock([]))
+    got = {(r[1], r[2]): r[3] for r in rows[1:]}
+    assert rows[0][1] == "rule" and len(rows) == 5  # the rule's table, then 2 x (table, grid)
+    table = rows[0][2]
+    assert 0 < got[("dot", table)] <= bl.MIX_MATCH
+    assert got[("butterflies", table)] == 0.0
+    assert got[("dot", (8, 1, 4, 0, 4))] <= bl.MATCH  # against the dot's table launch
+
+
+def test_a_launch_that_is_not_a_power_of_two_is_refused():
+    import torch
+
+    from walsh.kernels.walsh_transform import walsh_in_raw
+
+    x = torch.randn(3, 4 * 6, device=DEV)
+    with pytest.raises(ValueError, match="powers of two, got 6 and 1"):
+        walsh_in_raw(x, None, 4, launch=(6, 1, 4, 0, 1))

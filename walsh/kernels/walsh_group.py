@@ -63,24 +63,27 @@ def walsh_group_naive(x: torch.Tensor, ws: list[torch.Tensor], alphas: list[torc
 
 # -- launchers --------------------------------------------------------------------------------
 def walsh_in_group_raw(x: torch.Tensor, alpha: torch.Tensor, width: int | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, launch: tuple | None = None
+                       ) -> torch.Tensor:
     """x [N, A*L], alpha [P, A, L] -> u [P, A, N, width]: walsh_in_raw with each alpha, in one
-    pass over x (no autograd; lanes past L zeros)."""
+    pass over x (no autograd; lanes past L zeros); ``launch``: as ``walsh_transform.
+    _launch``'s."""
     p, a, lanes = alpha.shape
     return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, width=width,
-                   group=p)[0]
+                   group=p, launch=launch)[0]
 
 
 def walsh_out_group_gain_raw(dus: list[torch.Tensor], alpha: torch.Tensor, x: torch.Tensor,
-                             out: torch.Tensor | None = None, summed: bool = True
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             out: torch.Tensor | None = None, summed: bool = True,
+                             launch: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dus[p] [A, N, W], alpha [P, A, L], x [N, A*L] -> (dx [N, A*L] = sum_p alpha_p * S H
     dus[p], fp32 dalpha [P, A, L] = sum over tokens of x * S H dus[p]) in one pass (no
     autograd); what lies past L in dus' rows reaches no result. ``summed=False``: dalpha's
-    fp32 partial table [rows, P*A*L] in its place (``walsh_transform.walsh_in_gain_raw``)."""
+    fp32 partial table [rows, P*A*L] in its place (``walsh_transform.walsh_in_gain_raw``);
+    ``launch``: as ``walsh_transform._launch``'s."""
     p, a, lanes = alpha.shape
     dst, part = _launch(dus[0], alpha, a, lanes, x.shape[0], in_mode=False, out=out, other=x,
-                        width=dus[0].shape[2], group=p, more=tuple(dus[1:]))
+                        width=dus[0].shape[2], group=p, more=tuple(dus[1:]), launch=launch)
     return dst, (column_sum(part).view(p, a, lanes) if summed else part)
 
 

@@ -104,7 +104,8 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
             in_mode: bool, out: torch.Tensor | None = None, other: torch.Tensor | None = None,
             width: int | None = None, group: int = 1, more: tuple[torch.Tensor, ...] = (),
             up: torch.Tensor | None = None, out1: torch.Tensor | None = None,
-            rope: tuple[torch.Tensor, torch.Tensor] | None = None
+            rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+            launch: tuple[int, int, int, int, int] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dst, fp32 partial sums [rows, group * A*L] of the gain gradient or None without
     ``other``); ``width``: the block-major tensors' row width (>= lanes; default lanes);
@@ -115,7 +116,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     (else, with a scale), which then writes dgate to dst and dup to ``out1``. ``rope``: fp32 (or
     fp16) per-lane (cos, sin) [T, A*L] of a rotated output (``rope_lanes``; the kernel's ROPE):
     walsh_out rotates its result; walsh_in with the gain (its backward) rotates dout and the
-    saved output back."""
+    saved output back. ``launch``: (LB lanes per chunk, tokens per slab, warps, stages, tokens
+    per program of a gain pass) in place of the table's ``_launch_params`` (``walsh bench
+    launch --pass`` sweeps them); LB and the tokens per slab powers of two."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
             in_mode and (more or (group > 1 and other is not None))):
         raise ValueError(f"a group of {group} layers (at most {MAX_GROUP}) needs one source "
@@ -145,8 +148,11 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    lb, bt, warps, stages, tokens = _launch_params(in_mode, group, width, other is not None,
-                                                   up is not None, rope is not None)
+    lb, bt, warps, stages, tokens = launch or _launch_params(
+        in_mode, group, width, other is not None, up is not None, rope is not None)
+    if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
+        raise ValueError(f"walsh transform launch: lanes per chunk and tokens per slab must be "
+                         f"powers of two, got {lb} and {bt}")
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else program_slabs(tokens, bt, n_tok)
     rows = triton.cdiv(n_tok, bt * iters)
@@ -213,53 +219,56 @@ def _check(name: str, t: torch.Tensor, scale: torch.Tensor) -> None:
 
 def walsh_in_raw(x: torch.Tensor, alpha: torch.Tensor | None, a: int,
                  out: torch.Tensor | None = None, width: int | None = None,
-                 up: torch.Tensor | None = None) -> torch.Tensor:
+                 up: torch.Tensor | None = None, launch: tuple | None = None) -> torch.Tensor:
     """[N, A*L] -> [A, N, width] (no autograd; width >= L, default L, lanes past L zeros);
     ``out``: a buffer to write into (tests poison it); ``up`` [N, A*L]: transform silu(x) * up
-    instead of x (``walsh.kernels.walsh_swiglu``)."""
+    instead of x (``walsh.kernels.walsh_swiglu``); ``launch``: as ``_launch``'s."""
     lanes = x.shape[-1] // a
     return _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, width=width,
-                   up=up)[0]
+                   up=up, launch=launch)[0]
 
 
 def walsh_out_raw(y: torch.Tensor, beta: torch.Tensor | None, a: int,
                   out: torch.Tensor | None = None, lanes: int | None = None,
-                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  launch: tuple | None = None) -> torch.Tensor:
     """[A, N, W] -> [N, A*L] from the first L = ``lanes`` (default W) lanes of each row (no
-    autograd); ``rope``: per-lane (cos, sin) [T, A*L] (``rope_lanes``), the result rotated."""
+    autograd); ``rope``: per-lane (cos, sin) [T, A*L] (``rope_lanes``), the result rotated;
+    ``launch``: as ``_launch``'s."""
     lanes = y.shape[2] if lanes is None else lanes
     return _launch(y, beta, a, lanes, y.shape[1], in_mode=False, out=out, width=y.shape[2],
-                   rope=rope)[0]
+                   rope=rope, launch=launch)[0]
 
 
 def walsh_in_gain_raw(x: torch.Tensor, alpha: torch.Tensor | None, fwd: torch.Tensor, a: int,
                       out: torch.Tensor | None = None, width: int | None = None,
                       rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      summed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      summed: bool = True, launch: tuple | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_in_raw(x, alpha, width=width), fp32 [A, L] sum over tokens of x * fwd / alpha)
     in one pass, fwd token-major like x (without alpha: sum x * fwd): a walsh_out's backward,
     dy and dbeta from dout = x, beta = alpha and the forward's output fwd = beta * S H y
     (lanes where beta is 0 get 0: the module doc). ``rope``: x and fwd are of a rotated
     output (``walsh_out_raw``'s), rotated back in the pass. ``summed=False``: the sum's fp32
     partial table [P, A*L] in its place, for a caller that sums several tables in one launch
-    (``column_sum.column_sums``)."""
+    (``column_sum.column_sums``). ``launch``: as ``_launch``'s."""
     lanes = x.shape[-1] // a
     dst, part = _launch(x, alpha, a, lanes, x.shape[0], in_mode=True, out=out, other=fwd,
-                        width=width, rope=rope)
+                        width=width, rope=rope, launch=launch)
     return dst, (column_sum(part).view(a, lanes) if summed else part)
 
 
 def walsh_out_gain_raw(y: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor, a: int,
-                       out: torch.Tensor | None = None, summed: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       out: torch.Tensor | None = None, summed: bool = True,
+                       launch: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(walsh_out_raw(y, scale), fp32 [A, L] sum over tokens of x * walsh_out_raw(y, None)) in
     one pass: a walsh_in's backward, dx = alpha * S H du and dalpha from du = y, alpha = scale
     and the saved input x [N, A*L]; y's rows may be wider than L (what lies past L reaches no
     result). ``summed=False``: the partial table [P, A*L] in the sum's place (as
-    ``walsh_in_gain_raw``'s)."""
+    ``walsh_in_gain_raw``'s); ``launch``: as ``_launch``'s."""
     lanes = x.shape[-1] // a
     dst, part = _launch(y, scale, a, lanes, y.shape[1], in_mode=False, out=out, other=x,
-                        width=y.shape[2])
+                        width=y.shape[2], launch=launch)
     return dst, (column_sum(part).view(a, lanes) if summed else part)
 
 
