@@ -19,16 +19,17 @@ backward; ``--group`` P: the group's). ``--mixes`` also sweeps how the passes mi
 variants of the passes. To change an entry, edit the table and record the run in
 docs/benchmarks.md.
 
-Each launch runs on the same random inputs as the table's and must give its outputs (the
-pass's result, and its gain sums) within ``MATCH`` relative of the table's launch under the
-same mix: a launch that covers other tokens per program sums the gain gradients in another
-order, and nothing else may differ; another mix may differ by the dot's bf16 operands, within
-``MIX_MATCH``. Launches whose fp32 slab (A x tokens per slab x lanes per chunk) passes
-``MAX_SLAB`` elements are skipped (at 32 blocks and 256 lanes one token's slab spilled
-already); launches that fail to compile (out of shared memory) are reported and skipped.
-Timing: CUDA graphs (``pipeline.bench_layer``'s ``_graph_ms``), L2 warm, or flushed before
-each call (``--flush-l2``, as ``walsh bench layer``'s: a 768-feature pass's operands fit the
-H200's L2).
+Each launch runs on the same random inputs as the table's and must give its outputs (the pass's
+result, and its gain sums) within ``MATCH`` relative of the table's launch under the same mix
+(the result buffers are filled with NaN first, so an entry a launch leaves unwritten shows; the
+gain's fp32 partial table is the launcher's own allocation and is not): a launch that covers
+other tokens per program sums the gain gradients in another order, and nothing else may differ;
+another mix may differ by the dot's bf16 operands, within ``MIX_MATCH``. Launches whose fp32
+slab (A x tokens per slab x lanes per chunk) passes ``MAX_SLAB`` elements are skipped (at 32
+blocks and 256 lanes one token's slab spilled already); launches that fail to compile (out of
+shared memory) are reported and skipped. Timing: CUDA graphs (``pipeline.bench_layer``'s
+``_graph_ms``), L2 warm, or flushed before each call (``--flush-l2``, as ``walsh bench
+layer``'s: a 768-feature pass's operands fit the H200's L2).
 
 Shapes: N = ``--tokens`` rows, A = ``--blocks``, rows of ``--lanes`` lanes (the presets at A =
 32: 24, 32 and 64 lanes for the model width, 64, 86 and 172 for the MLP's hidden rows; padded to
@@ -110,9 +111,11 @@ def transform_fn(kind: str, group: int, n: int, a: int, lanes: int, dev: str = "
     gains = (1 + 0.1 * torch.randn(group, a, lanes, device=dev)).to(bf)
     gain = gains[0] if group == 1 else gains
     in_mode = kind in ("walsh_in", "walsh_in_gain")
-    tok, blk = x.numel() * 2, ys[0].numel() * 2  # bytes of a token-major, a block-major tensor
-    # each operand read or written once: walsh_in x -> P u; walsh_out y -> out; walsh_in_gain
-    # dout, out -> dy; walsh_out_gain P du, x -> dx (the gain's fp32 partial sums left out)
+    # bytes of a token-major tensor and of a block-major one without its padded lanes (as
+    # pipeline.roofline counts them, so both benches' "x roof" agree); each operand read or
+    # written once: walsh_in x -> P u; walsh_out y -> out; walsh_in_gain dout, out -> dy;
+    # walsh_out_gain P du, x -> dx (the gain's fp32 partial sums left out)
+    tok = blk = x.numel() * 2
     nbytes = {"walsh_in": tok + group * blk, "walsh_out": blk + tok,
               "walsh_in_gain": 2 * tok + blk, "walsh_out_gain": group * blk + 2 * tok}[kind]
     table = _launch_params(in_mode, group, width, kind.endswith("_gain"), False)
@@ -137,20 +140,27 @@ def transform_fn(kind: str, group: int, n: int, a: int, lanes: int, dev: str = "
 
 def launch_grid(args: argparse.Namespace, a: int, width: int, loops: bool = True):
     """The launches to time: (lanes per chunk, tokens per slab, warps, stages, tokens per
-    program); a chunk of 0 stands for the whole row padded to a power of two. A pass that
-    does not loop (``loops`` False: the transforms without a gain) covers one slab a
-    program, whatever ``--loop-tokens`` says."""
+    program); a chunk of 0 stands for the whole row padded to a power of two, and chunks wider
+    than that are left out (their extra lanes all masked). A pass that does not loop (``loops``
+    False: the transforms without a gain) covers one slab a program without pipelining,
+    whatever ``--loop-tokens`` and ``--stages`` say (``no_loop``). Each launch once."""
     import triton
 
-    seen = set()
+    seen, row = set(), triton.next_power_of_2(width)
     for lb, bt, warps, stages, tokens in itertools.product(
             args.chunks, args.slab_tokens, args.warps, args.stages, args.loop_tokens):
-        lb = lb or triton.next_power_of_2(width)
-        tokens = tokens if loops else bt
-        launch = (lb, bt, warps, stages, tokens)
-        if a * bt * lb <= MAX_SLAB and tokens >= bt and launch not in seen:
+        lb = lb or row
+        launch = (lb, bt, warps, stages, tokens) if loops else no_loop((lb, bt, warps, 0, 0))
+        if a * bt * lb <= MAX_SLAB and launch[4] >= bt and lb <= row and launch not in seen:
             seen.add(launch)
             yield launch
+
+
+def no_loop(launch: tuple[int, int, int, int, int]) -> tuple[int, int, int, int, int]:
+    """A launch of a pass that does not loop, as its kernel runs it: one slab a program (the
+    tokens per program are the slab's) and no pipelining stages (the table's 0)."""
+    lb, bt, warps, _, _ = launch
+    return lb, bt, warps, 0, bt
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -165,10 +175,12 @@ def _mix(mix: str):
 
 
 def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time_ms):
-    """[(ms, mix, launch, rel err)] of the table's launch under the rule (first) and of the
-    grid's launches under each of ``args.mixes`` (each mix's table launch among them), fastest
-    first after the first, and the pass's roofline ms; ``fwd``: the chain's direction (None
-    for the other passes); ``time_ms(thunk)`` times one call."""
+    """[(ms, mix, launch, rel err)] of the table's launch under the rule (first), then of each
+    mix's table launch (mixes other than the rule) and the grid's launches under each of
+    ``args.mixes``, fastest first (times <= 0, which a flushed timing gives within its noise,
+    last), and the pass's roofline ms; ``fwd``: the chain's direction (None for the other
+    passes); ``time_ms(thunk)`` times one call. A gain pass's time includes the sum of its
+    partial table (``summed=True``; the models sum several in one launch)."""
     from walsh.kernels.walsh_transform import row_width
 
     n, a, lanes, kind = args.tokens, args.blocks, args.lanes, args.kind
@@ -177,9 +189,10 @@ def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time
     else:
         run, nbytes, table = transform_fn(kind, args.group, n, a, lanes, args.device)
     loops = kind == "chain" or kind.endswith("_gain")
+    table = table if loops else no_loop(table)  # as the grid writes it, to be found there
     rule = [t.clone() for t in run(poison=True)]
     rows = [(time_ms(run), "rule", table, 0.0)]
-    for mix in args.mixes:
+    for mix in dict.fromkeys(args.mixes):  # each once, in order
         with _mix(mix):
             ref = rule
             if mix != "rule":  # this mix's own table launch: the reference of its launches
@@ -204,7 +217,7 @@ def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time
                                        f"table's {table} (relative error {err:.2e} > {MATCH})")
                 rows.append((time_ms(lambda launch=launch: run(launch)), mix, launch, err))
     roof_ms = nbytes / (bandwidth_gbs * 1e9) * 1e3
-    return rows[:1] + sorted(rows[1:], key=lambda r: r[0]), roof_ms
+    return rows[:1] + sorted(rows[1:], key=lambda r: (r[0] <= 0, r[0])), roof_ms
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -234,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gain passes)")
     p.add_argument("--flush-l2", action="store_true",
                    help="time each launch with L2 flushed before each call")
-    p.add_argument("--top", type=int, default=8, help="launches printed per direction")
+    p.add_argument("--top", type=int, default=8, help="launches printed per pass (direction)")
     p.add_argument("--device", default="cuda")
 
 
@@ -246,6 +259,10 @@ def main(args: argparse.Namespace) -> None:
     if not 1 <= args.group <= 3 or (args.group > 1 and args.kind not in GROUP_PASSES):
         raise SystemExit(f"--group {args.group}: 1, or 2-3 with --pass "
                          f"{' or '.join(GROUP_PASSES)}")
+    bad = [v for v in args.chunks + args.slab_tokens if v < 0 or v & (v - 1)]
+    if bad or 0 in args.slab_tokens:
+        raise SystemExit(f"--chunks and --slab-tokens: powers of two (a chunk of 0: the whole "
+                         f"row), got {bad or [0]}")
     bw, _ = measure_ceilings()
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if args.flush_l2 else None
 
@@ -263,5 +280,6 @@ def main(args: argparse.Namespace) -> None:
               f"slab, warps, stages, tokens per program)")
         for k, (ms, mix, launch, err) in enumerate(rows[:args.top + 1]):
             tag = "table" if k == 0 else f"#{k}"
-            print(f"  {tag:<6}{ms * 1e3:>9.1f} us {ms / roof:>6.2f}x roof  {mix:<12}{launch}"
-                  f"  err {err:.1e}", flush=True)
+            t = (f"{ms * 1e3:>9.1f} us {ms / roof:>6.2f}x roof" if ms > 0
+                 else f"{'-':>9} us {'-':>6}x roof")  # within the flushed timing's noise
+            print(f"  {tag:<6}{t}  {mix:<12}{launch}  err {err:.1e}", flush=True)
