@@ -2,7 +2,7 @@
 
 For each preset (and each compile setting asked for) this builds the model with fp32 master
 weights, runs ``--warmup`` untimed steps, then ``--steps`` timed steps under bf16 autocast (fp32
-on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory (CUDA only, and nan
+on CPU unless ``--dtype bf16``), and prints tokens/s, ms/step, peak memory (CUDA only, and "-"
 under CUDA graphs, whose pool the allocator's peak leaves out; null in ``--json``) and the
 model's own FLOPs per token, the MFU against the device's bf16 dense peak, each row's speed as a
 multiple of the dense bf16 preset of the same shape when the run has one (``x dense``; the
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import time
@@ -143,7 +142,7 @@ def bench_one(
     # max_memory_allocated leaves out (it read 1.99 GiB for every 125M preset): not a figure
     graphs = compiled and compile_mode in CUDA_GRAPH_MODES
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" and not graphs
-            else float("nan"))
+            else None)
     roof = step_roofline_ms(model, batch, seq_len, *ceilings) if ceilings else None
     if profile_dir is not None:
         with make_profiler(device.type == "cuda") as prof:
@@ -255,8 +254,9 @@ def _line(r: dict) -> str:
     mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
     roof = f"{r['roof_ms']:.1f}" if r.get("roof_ms") else "-"
     x_roof = f"{r['x_roof']:.2f}" if r.get("x_roof") else "-"
+    peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
     return (f"{r['preset']:<34}{str(r['compile']):>8}{r['tok_s']:>11,.0f}{ratio:>8}"
-            f"{r['ms_step']:>9.1f}{r['tflops']:>9.1f}{mfu:>6}{r['peak_gib']:>9.2f}"
+            f"{r['ms_step']:>9.1f}{r['tflops']:>9.1f}{mfu:>6}{peak:>9}"
             f"{r['warmup_s']:>9.1f}{roof:>8}{x_roof:>7}{r['spread']:>7.2f}")
 
 
@@ -311,19 +311,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
     for r in rows:
         print(_line(r))
     if args.json:
-        doc = {"device": dev_name, "torch": torch.__version__, "rows": _strict(rows)}
+        # strict JSON (no NaN, which jq and most readers refuse): what was not measured is None
+        doc = {"device": dev_name, "torch": torch.__version__, "rows": rows}
         atomic_write_bytes(Path(args.json), json.dumps(doc, indent=1, allow_nan=False).encode())
     return rows
-
-
-def _strict(value):
-    """``value`` with every non-finite float made None: JSON has no NaN (Python's json module
-    writes one, which jq and most other readers refuse), and a row's peak memory is NaN where
-    it was not measured (CPU, CUDA graphs)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
