@@ -39,7 +39,6 @@ Shapes: N = ``--tokens`` rows, A = ``--blocks``, rows of ``--lanes`` lanes (the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 
 import torch
@@ -111,13 +110,13 @@ def transform_fn(kind: str, group: int, n: int, a: int, lanes: int, dev: str = "
     gains = (1 + 0.1 * torch.randn(group, a, lanes, device=dev)).to(bf)
     gain = gains[0] if group == 1 else gains
     in_mode = kind in ("walsh_in", "walsh_in_gain")
-    # bytes of a token-major tensor and of a block-major one without its padded lanes (as
-    # pipeline.roofline counts them, so both benches' "x roof" agree); each operand read or
-    # written once: walsh_in x -> P u; walsh_out y -> out; walsh_in_gain dout, out -> dy;
-    # walsh_out_gain P du, x -> dx (the gain's fp32 partial sums left out)
-    tok = blk = x.numel() * 2
-    nbytes = {"walsh_in": tok + group * blk, "walsh_out": blk + tok,
-              "walsh_in_gain": 2 * tok + blk, "walsh_out_gain": group * blk + 2 * tok}[kind]
+    # each operand read or written once, N x A*L bf16 elements each (block-major ones without
+    # their padded lanes, as pipeline.roofline counts them, so both benches' "x roof" agree):
+    # walsh_in x -> P u; walsh_out y -> out; walsh_in_gain dout, out -> dy; walsh_out_gain P
+    # du, x -> dx (the gain's fp32 partial sums left out)
+    operands = {"walsh_in": 1 + group, "walsh_out": 2, "walsh_in_gain": 3,
+                "walsh_out_gain": group + 2}[kind]
+    nbytes = operands * x.numel() * x.element_size()
     table = _launch_params(in_mode, group, width, kind.endswith("_gain"), False)
     if in_mode:
         dst = torch.empty(*(() if group == 1 else (group,)), a, n, width, device=dev, dtype=bf)
@@ -168,12 +167,6 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _mix(mix: str):
-    from walsh.kernels.walsh_launch import transform_mix
-
-    return transform_mix(mix) if mix != "rule" else contextlib.nullcontext()
-
-
 def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time_ms):
     """[(ms, mix, launch, rel err)] of the table's launch under the rule (first), then of each
     mix's table launch (mixes other than the rule) and the grid's launches under each of
@@ -181,6 +174,7 @@ def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time
     last), and the pass's roofline ms; ``fwd``: the chain's direction (None for the other
     passes); ``time_ms(thunk)`` times one call. A gain pass's time includes the sum of its
     partial table (``summed=True``; the models sum several in one launch)."""
+    from pipeline.bench_layer import mix_context
     from walsh.kernels.walsh_transform import row_width
 
     n, a, lanes, kind = args.tokens, args.blocks, args.lanes, args.kind
@@ -193,7 +187,7 @@ def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time
     rule = [t.clone() for t in run(poison=True)]
     rows = [(time_ms(run), "rule", table, 0.0)]
     for mix in dict.fromkeys(args.mixes):  # each once, in order
-        with _mix(mix):
+        with mix_context(mix):
             ref = rule
             if mix != "rule":  # this mix's own table launch: the reference of its launches
                 ref = [t.clone() for t in run(poison=True)]
@@ -207,6 +201,8 @@ def sweep(fwd: bool | None, args: argparse.Namespace, bandwidth_gbs: float, time
                     continue  # timed above
                 try:
                     got = run(launch, poison=True)
+                except ValueError:  # a launch the launcher refuses (checked_launch): the args'
+                    raise
                 except Exception as e:  # out of resources: report, keep sweeping
                     print(f"#   {mix} {launch}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:100]}")
@@ -259,10 +255,6 @@ def main(args: argparse.Namespace) -> None:
     if not 1 <= args.group <= 3 or (args.group > 1 and args.kind not in GROUP_PASSES):
         raise SystemExit(f"--group {args.group}: 1, or 2-3 with --pass "
                          f"{' or '.join(GROUP_PASSES)}")
-    bad = [v for v in args.chunks + args.slab_tokens if v < 0 or v & (v - 1)]
-    if bad or 0 in args.slab_tokens:
-        raise SystemExit(f"--chunks and --slab-tokens: powers of two (a chunk of 0: the whole "
-                         f"row), got {bad or [0]}")
     bw, _ = measure_ceilings()
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if args.flush_l2 else None
 

@@ -143,3 +143,11 @@ def test_times_within_the_flushed_timings_noise_rank_last():
     args = _args(kind="walsh_out", lanes=6, chunks=[0, 4, 2], slab_tokens=[1])
     rows, _ = bl.sweep(None, args, 1000.0, lambda fn: (fn(), next(times))[1])
     assert [r[0] for r in rows] == [0.5, 0.002, 0.003, -0.001]
+
+
+def test_a_grid_launch_the_launcher_refuses_stops_the_sweep():
+    """A chunk that is not a power of two is a wrong argument, not a launch out of resources:
+    the launcher's error reaches the user instead of a skipped row."""
+    args = _args(kind="walsh_out", lanes=6, chunks=[6], slab_tokens=[1])
+    with pytest.raises(ValueError, match=r"launch \(6, 1, 4, 0, 1\): lanes per chunk"):
+        bl.sweep(None, args, 1000.0, _clock([]))

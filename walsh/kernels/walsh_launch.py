@@ -243,6 +243,18 @@ MLP_CHAIN = {(True, 256): (128, 8, 3, 64, False), (True, 128): (128, 4, 3, 16, F
 MLP_MAX_LANES = 176
 
 
+def checked_launch(launch: tuple[int, int, int, int, int], kernel: str
+                   ) -> tuple[int, int, int, int, int]:
+    """A launch given in place of a table's (``walsh bench launch`` sweeps them): (LB lanes per
+    chunk, tokens per slab, warps, stages, tokens per program), LB and the tokens per slab
+    powers of two (the kernels' tl.arange extents)."""
+    lb, bt = launch[:2]
+    if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
+        raise ValueError(f"{kernel} launch {tuple(launch)}: lanes per chunk and tokens per slab "
+                         f"must be powers of two, got {lb} and {bt}")
+    return launch
+
+
 def mlp_chain_params(fwd: bool, width: int) -> tuple[int, int, int, int, int]:
     """(LB lanes per chunk, tokens per slab, warps, stages, tokens per program) of the MLP's
     chained pass on block-major rows of ``width`` lanes (``MLP_CHAIN``; narrower rows take the

@@ -51,7 +51,7 @@ from walsh.kernels.block_matmul import block_mm, block_mm_dual
 from walsh.kernels.column_sum import column_sum, column_sums
 from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_triton
 from walsh.kernels.walsh_group import group_gemm, walsh_out_group_gain_raw
-from walsh.kernels.walsh_launch import mlp_chain_params, program_slabs, use_dot
+from walsh.kernels.walsh_launch import checked_launch, mlp_chain_params, program_slabs, use_dot
 from walsh.kernels.walsh_linear import (
     backward_to_du,
     layer_dw,
@@ -82,8 +82,8 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
     Else: src = du_d [A, N, W], gate and up read; dst, dst1 = dy_g, dy_u [A, N, W].
     ``out``: buffers for dst (and dst1), contiguous [A, N, W] (tests poison them).
     ``launch``: (LB lanes per chunk, tokens per slab, warps, stages, tokens per program) in
-    place of the table's ``mlp_chain_params`` (``walsh bench launch`` sweeps them); LB and
-    the tokens per slab powers of two."""
+    place of the table's ``mlp_chain_params`` (``walsh bench launch`` sweeps them;
+    ``walsh_launch.checked_launch``)."""
     a, n, width = src.shape
     lanes = gate.shape[1] // a
     for name, t in (("gate", gate), ("up", up)):
@@ -97,10 +97,8 @@ def _chain(fwd: bool, src: torch.Tensor, src1: torch.Tensor | None, gate: torch.
     if width < lanes or (src1 is not None and src1.shape != src.shape):
         raise ValueError(f"walsh_mlp chain: block-major rows {tuple(src.shape)} cannot hold "
                          f"{lanes} lanes, or the two sources differ")
-    lb, bt, warps, stages, tokens = launch or mlp_chain_params(fwd, width)
-    if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
-        raise ValueError(f"walsh_mlp chain: lanes per chunk and tokens per slab must be powers "
-                         f"of two, got {lb} and {bt}")
+    lb, bt, warps, stages, tokens = (checked_launch(launch, "walsh_mlp chain") if launch
+                                     else mlp_chain_params(fwd, width))
     iters = program_slabs(tokens, bt, n)  # slabs a program loops over, pipelined by STAGES
     rows = triton.cdiv(n, bt * iters)
     if out is None:

@@ -70,6 +70,7 @@ from walsh.kernels.registry import INTERPRETED, WIDE_NUMEL, kernel_op, wrap_trit
 from walsh.kernels.walsh_launch import (  # noqa: F401
     MAX_GROUP,
     _launch_params,
+    checked_launch,
     program_slabs,
     row_width,
     use_dot,
@@ -118,7 +119,7 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     walsh_out rotates its result; walsh_in with the gain (its backward) rotates dout and the
     saved output back. ``launch``: (LB lanes per chunk, tokens per slab, warps, stages, tokens
     per program of a gain pass) in place of the table's ``_launch_params`` (``walsh bench
-    launch --pass`` sweeps them); LB and the tokens per slab powers of two."""
+    launch --pass`` sweeps them; ``walsh_launch.checked_launch``)."""
     if not 1 <= group <= MAX_GROUP or (not in_mode and len(more) != group - 1) or (
             in_mode and (more or (group > 1 and other is not None))):
         raise ValueError(f"a group of {group} layers (at most {MAX_GROUP}) needs one source "
@@ -148,11 +149,9 @@ def _launch(src: torch.Tensor, scale: torch.Tensor | None, a: int, lanes: int, n
     dst = torch.empty(shape, device=src.device, dtype=src.dtype) if out is None else out
     if dst.shape != shape or not dst.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor, got {tuple(dst.shape)}")
-    lb, bt, warps, stages, tokens = launch or _launch_params(
-        in_mode, group, width, other is not None, up is not None, rope is not None)
-    if lb < 1 or lb & (lb - 1) or bt < 1 or bt & (bt - 1):
-        raise ValueError(f"walsh transform launch: lanes per chunk and tokens per slab must be "
-                         f"powers of two, got {lb} and {bt}")
+    lb, bt, warps, stages, tokens = (
+        checked_launch(launch, "walsh transform") if launch else _launch_params(
+            in_mode, group, width, other is not None, up is not None, rope is not None))
     chunks = triton.cdiv(width, lb)
     iters = 1 if other is None else program_slabs(tokens, bt, n_tok)
     rows = triton.cdiv(n_tok, bt * iters)
